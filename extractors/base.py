@@ -1,0 +1,160 @@
+"""One small extractor class per backbone, behind one interface, found through one registry.
+
+Adding a modality (say pose) is a new file with a class decorated by `@register("pose", "name")`
+and an import line in `extractors/__init__.py`; the CLI, the cache and the models pick it up.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from extractors.config import ExtractionConfig
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights could not be found or downloaded; the message names the file and the flag."""
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """Where pretrained weights come from.
+
+    weights_dir: a local folder searched first (`--weights-dir`); files keep their public names.
+    offline: never touch the network (also on when HF_HUB_OFFLINE=1 or TRANSFORMERS_OFFLINE=1).
+    """
+
+    weights_dir: Path | None = None
+    offline: bool = False
+
+    @property
+    def is_offline(self) -> bool:
+        return (
+            self.offline
+            or os.environ.get("HF_HUB_OFFLINE") == "1"
+            or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+        )
+
+
+class Extractor:
+    """A frozen backbone turning a batch of segments into one feature vector per segment.
+
+    Subclasses set `modality`, `name`, `input_kind`, `version`, and implement `__init__`
+    (build the network, random or pretrained, on `device`, in eval mode) and `embed`.
+
+    input_kind "frames": `embed` receives uint8 RGB frames shaped (B, F, H, W, 3) on the CPU,
+    already resized at decode time so the short side is `config.decode_short_side`; the extractor
+    does its own crop / resize / normalisation on its device.
+    input_kind "audio": `embed` receives a list of B mono float32 waveforms at
+    `config.audio_sample_rate` Hz, one per segment (lengths may differ by a few samples).
+
+    `embed` returns float32 (B, feature_dim) on the CPU. It runs under torch.no_grad(); on CUDA the
+    heavy parts may use bf16 autocast, but results are returned in float32.
+    """
+
+    modality: ClassVar[str]
+    name: ClassVar[str]
+    input_kind: ClassVar[str]  # "frames" | "audio"
+    version: ClassVar[str] = "1"
+
+    feature_dim: int
+    device: torch.device
+
+    def __init__(
+        self, config: ExtractionConfig, device: torch.device, weights: WeightsSource
+    ) -> None:
+        self.config = config
+        self.device = device
+        self.weights = weights
+
+    @classmethod
+    def check_weights(cls, config: ExtractionConfig, weights: WeightsSource) -> None:
+        """Raise WeightsUnavailableError before any video is touched if weights cannot be had.
+
+        Called for pretrained runs only. The default does nothing (for weight-free extractors).
+        """
+
+    def embed(self, batch: torch.Tensor | list[np.ndarray]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """What is recorded in config.json and the manifest about this extractor."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "feature_dim": self.feature_dim,
+            "weights": self.config.weights,
+            "arch_size": self.config.arch_size,
+            "random_weights": self.config.random_weights,
+        }
+
+
+REGISTRY: dict[tuple[str, str], type[Extractor]] = {}
+
+
+def register(modality: str, name: str):
+    """Class decorator adding an extractor to the registry under (modality, name)."""
+
+    def add(cls: type[Extractor]) -> type[Extractor]:
+        key = (modality, name)
+        if key in REGISTRY:
+            raise ValueError(f"extractor {key} registered twice")
+        cls.modality, cls.name = modality, name
+        REGISTRY[key] = cls
+        return cls
+
+    return add
+
+
+def available_backbones() -> dict[str, list[str]]:
+    """{modality: [backbone names]} in registration order."""
+    out: dict[str, list[str]] = {}
+    for modality, name in REGISTRY:
+        out.setdefault(modality, []).append(name)
+    return out
+
+
+def extractor_class(modality: str, name: str) -> type[Extractor]:
+    try:
+        return REGISTRY[(modality, name)]
+    except KeyError:
+        choices = available_backbones().get(modality)
+        if choices is None:
+            raise ValueError(
+                f"unknown modality {modality!r}; known: {sorted(available_backbones())}"
+            ) from None
+        raise ValueError(f"unknown {modality} backbone {name!r}; choose from {choices}") from None
+
+
+def build_extractors(
+    config: ExtractionConfig, device: torch.device, weights: WeightsSource
+) -> dict[str, Extractor]:
+    """Check every pretrained weight first, then build the extractors, one per modality."""
+    classes = {m: extractor_class(m, config.backbones[m]) for m in config.modalities}
+    if not config.random_weights:
+        for cls in classes.values():
+            cls.check_weights(config, weights)
+    extractors = {}
+    for modality, cls in classes.items():
+        # Random weights are seeded per modality so that adding a modality leaves the others unchanged.
+        torch.manual_seed(config.seed * 1_000_003 + zlib.crc32(modality.encode()))
+        extractors[modality] = cls(config, device, weights)
+    return extractors
+
+
+def find_local_file(weights: WeightsSource, filename: str) -> Path | None:
+    """The file in --weights-dir, or torch hub's checkpoint cache, if present."""
+    candidates = []
+    if weights.weights_dir is not None:
+        candidates.append(Path(weights.weights_dir) / filename)
+    candidates.append(Path(torch.hub.get_dir()) / "checkpoints" / filename)
+    for path in candidates:
+        if path.is_file():
+            return path
+    return None
