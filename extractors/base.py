@@ -158,3 +158,30 @@ def find_local_file(weights: WeightsSource, filename: str) -> Path | None:
         if path.is_file():
             return path
     return None
+
+
+def checkpoint_path(weights: WeightsSource, url: str) -> Path:
+    """A torch checkpoint file by its public URL: --weights-dir or torch hub's cache, else downloaded
+    into the hub cache (unless offline). Raises WeightsUnavailableError naming the file and the flag."""
+    filename = url.rsplit("/", 1)[-1]
+    path = find_local_file(weights, filename)
+    if path is not None:
+        return path
+    where = f"--weights-dir ({weights.weights_dir})" if weights.weights_dir else "--weights-dir (not given)"
+    if weights.is_offline:
+        raise WeightsUnavailableError(
+            f"{filename} is in neither {where} nor torch hub's cache, and offline mode forbids "
+            f"downloading it from {url}; put the file in a folder and pass --weights-dir DIR"
+        )
+    target = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # torchvision names its files <name>-<sha256 prefix>.pth; the prefix is checked like torchvision does.
+    match = torch.hub.HASH_REGEX.search(filename)
+    try:
+        torch.hub.download_url_to_file(url, str(target), hash_prefix=match.group(1) if match else None)
+    except Exception as exc:  # network errors come in many types; all mean the same here
+        raise WeightsUnavailableError(
+            f"could not download {filename} from {url} ({exc}); put the file in a folder and pass "
+            "--weights-dir DIR"
+        ) from exc
+    return target

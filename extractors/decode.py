@@ -1,0 +1,205 @@
+"""Decoding (decord) and segmentation: video file -> time-aligned segments of frames and audio.
+
+Frames are resized to `decode_short_side` inside the decoder and read a batch of segments at a time,
+so a 10-minute 1080p video never sits in memory. Every segment's span is kept in frame indices and in
+seconds (from the container's timestamps), and the audio window of a segment is cut from exactly that
+span, so all modalities share the same T and the same time axis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from extractors.config import ExtractionConfig
+
+
+class DecodeError(RuntimeError):
+    """A video cannot be decoded or segmented; the message is one line, fit for the manifest."""
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else type(exc).__name__
+    return first[:300]
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    path: Path
+    fps: float
+    frame_count: int
+    duration_s: float
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class SegmentPlan:
+    """Which source frames feed each segment, and the span each segment covers.
+
+    frame_indices: (T, clips_per_segment * clip_frames) source frame indices fed to frame backbones;
+    clips_per_segment is 1 for the rg protocol, K 8-frame clips per window for fs1000.
+    start_frame/end_frame: (T,) the span [start, end) of source frames; start_s/end_s the same in s.
+    """
+
+    frame_indices: np.ndarray
+    clips_per_segment: int
+    clip_frames: int
+    start_frame: np.ndarray
+    end_frame: np.ndarray
+    start_s: np.ndarray
+    end_s: np.ndarray
+
+    @property
+    def num_segments(self) -> int:
+        return int(self.frame_indices.shape[0])
+
+    def to_dict(self) -> dict[str, list]:
+        return {
+            "start_frame": self.start_frame.tolist(),
+            "end_frame": self.end_frame.tolist(),
+            "start_s": [round(float(t), 6) for t in self.start_s],
+            "end_s": [round(float(t), 6) for t in self.end_s],
+        }
+
+
+def _decoder_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """(width, height) with the short side at `short_side`, aspect kept, both even."""
+    scale = short_side / min(width, height)
+    new_w = max(short_side, int(round(width * scale / 2)) * 2)
+    new_h = max(short_side, int(round(height * scale / 2)) * 2)
+    return new_w, new_h
+
+
+class VideoFrames:
+    """An open video: metadata, and frames read on demand at decode size."""
+
+    def __init__(self, path: Path, decode_short_side: int) -> None:
+        import decord  # imported here so that modules which only plan segments need no decord
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DecodeError(f"no such file: {self.path}")
+        size = self.path.stat().st_size
+        if size == 0:
+            raise DecodeError("empty file (0 bytes)")
+        try:
+            probe = decord.VideoReader(str(self.path), num_threads=1)
+            width, height = probe[0].shape[1], probe[0].shape[0]
+            frame_count = len(probe)
+            fps = float(probe.get_avg_fps())
+            # Container timestamps (seconds) keep the time axis right for unusual or variable rates.
+            self._timestamps = probe.get_frame_timestamp(np.arange(frame_count)).astype(np.float64)
+            del probe
+            out_w, out_h = _decoder_size(width, height, decode_short_side)
+            self._reader = decord.VideoReader(str(self.path), width=out_w, height=out_h, num_threads=0)
+        except DecodeError:
+            raise
+        except Exception as exc:  # decord raises its own error types, sometimes plain RuntimeError
+            raise DecodeError(f"cannot decode video: {_one_line(exc)}") from None
+        if frame_count <= 0 or not np.isfinite(fps) or fps <= 0:
+            raise DecodeError(f"no decodable video frames (frames={frame_count}, fps={fps})")
+        duration = float(self._timestamps[-1, 1]) if frame_count else 0.0
+        self.info = VideoInfo(self.path, fps, frame_count, duration, width, height)
+
+    def plan(self, config: ExtractionConfig) -> SegmentPlan:
+        return plan_segments(self.info.frame_count, self.info.fps, config, self._timestamps)
+
+    def read(self, frame_indices: np.ndarray) -> np.ndarray:
+        """uint8 (N, H, W, 3) frames at decode size for the given source indices."""
+        flat = np.asarray(frame_indices).reshape(-1)
+        try:
+            frames = self._reader.get_batch(flat.tolist()).asnumpy()
+        except Exception as exc:
+            raise DecodeError(
+                f"decode error in frames {int(flat.min())}-{int(flat.max())}: {_one_line(exc)}"
+            ) from None
+        return frames.reshape(*np.shape(frame_indices), *frames.shape[1:])
+
+
+def plan_segments(
+    frame_count: int,
+    fps: float,
+    config: ExtractionConfig,
+    timestamps: np.ndarray | None = None,
+) -> SegmentPlan:
+    """Segment boundaries for a video of `frame_count` frames at `fps`.
+
+    rg: non-overlapping windows of segment_frames * frame_stride source frames (every
+    frame_stride-th frame is used), remainder dropped.
+    fs1000: windows of window_seconds every hop_seconds; each holds K = frames_per_window // clip_frames
+    consecutive clips of clip_frames frames, starting at the window's first frame.
+    `timestamps` (frame_count, 2) start/end seconds per frame; index / fps when absent.
+    """
+    if timestamps is None:
+        starts = np.arange(frame_count) / fps
+        timestamps = np.stack([starts, starts + 1.0 / fps], axis=1)
+
+    if config.protocol == "rg":
+        span = config.segment_frames * config.frame_stride
+        num = frame_count // span
+        seg_start = np.arange(num) * span
+        offsets = np.arange(config.segment_frames) * config.frame_stride
+        indices = seg_start[:, None] + offsets[None, :]
+        clips, clip_frames = 1, config.segment_frames
+        seg_end = seg_start + span
+    else:  # fs1000
+        frames_per_window = int(round(config.window_seconds * fps))
+        clips = frames_per_window // config.clip_frames
+        hop = config.hop_seconds * fps
+        if clips == 0:
+            num = 0
+        else:
+            num = max(0, int(np.floor((frame_count - frames_per_window) / hop)) + 1)
+        seg_start = np.round(np.arange(num) * hop).astype(np.int64)
+        seg_start = seg_start[seg_start + frames_per_window <= frame_count]
+        num = len(seg_start)
+        indices = seg_start[:, None] + np.arange(clips * config.clip_frames)[None, :]
+        clip_frames = config.clip_frames
+        seg_end = seg_start + frames_per_window
+
+    indices = indices.astype(np.int64).reshape(num, clips * clip_frames)
+    seg_start = seg_start.astype(np.int64)
+    seg_end = seg_end.astype(np.int64)
+    start_s = timestamps[seg_start, 0] if num else np.zeros(0)
+    end_s = timestamps[seg_end - 1, 1] if num else np.zeros(0)
+    return SegmentPlan(indices, clips, clip_frames, seg_start, seg_end, start_s, end_s)
+
+
+def load_audio(path: Path, sample_rate: int) -> np.ndarray | None:
+    """The whole audio track, mono float32 at `sample_rate`; None when the file has no audio track.
+
+    A missing track is the "audio missing" case, not an error. Other decoding failures raise.
+    """
+    import decord
+
+    try:
+        reader = decord.AudioReader(str(path), sample_rate=sample_rate, mono=True)
+    except decord.DECORDError as exc:
+        if "audio stream" in str(exc).lower():
+            return None
+        raise DecodeError(f"cannot decode audio: {_one_line(exc)}") from None
+    except Exception as exc:
+        raise DecodeError(f"cannot decode audio: {_one_line(exc)}") from None
+    samples = reader[:].asnumpy()
+    return np.ascontiguousarray(samples.reshape(-1), dtype=np.float32)
+
+
+def audio_windows(waveform: np.ndarray, plan: SegmentPlan, sample_rate: int) -> list[np.ndarray]:
+    """One waveform per segment, cut from exactly the segment's time span.
+
+    Each window has the nominal length round(duration * rate); a track that ends early is
+    zero-padded so every segment of a video has the same audio length.
+    """
+    windows = []
+    for start_s, end_s in zip(plan.start_s, plan.end_s):
+        first = int(round(start_s * sample_rate))
+        length = int(round((end_s - start_s) * sample_rate))
+        window = waveform[first : first + length]
+        if len(window) < length:
+            window = np.pad(window, (0, length - len(window)))
+        windows.append(window)
+    return windows

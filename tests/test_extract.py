@@ -1,0 +1,263 @@
+"""The extract stage on real generated clips: segmentation, alignment, cache, resume, bad input, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from extractors.base import WeightsSource, build_extractors
+from extractors.config import ExtractionConfig
+from extractors.decode import VideoFrames, audio_windows, load_audio, plan_segments
+from manifests.cache import FeatureCache
+from pipeline.cli import main
+from pipeline.extract import Claims, discover_videos, extract_videos, prepare_cache
+from pipeline.samples import ClipSpec, write_clip
+from tests.conftest import tiny_config
+
+CPU = torch.device("cpu")
+
+
+def run_extract(videos, out, config, **kwargs):
+    extractors = build_extractors(config, CPU, WeightsSource())
+    cache = prepare_cache(out, config, extractors)
+    return cache, extract_videos(discover_videos(videos), cache, extractors, config, progress=False, **kwargs)
+
+
+def good_only(clip_folder, tmp_path):
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for name in ("good.mp4", "wide.mov"):
+        shutil.copy(clip_folder / name, folder / name)
+    return folder
+
+
+# --------------------------------------------------------------------------- segmentation
+
+
+def test_rg_segments_drop_the_remainder_and_honour_the_stride():
+    config = ExtractionConfig(segment_frames=32, frame_stride=2)
+    plan = plan_segments(200, 25.0, config)
+    assert plan.num_segments == 3  # 200 // 64
+    assert plan.frame_indices.shape == (3, 32)
+    assert plan.frame_indices[1, :3].tolist() == [64, 66, 68]
+    assert plan.start_frame.tolist() == [0, 64, 128] and plan.end_frame.tolist() == [64, 128, 192]
+    assert plan.start_s[1] == pytest.approx(64 / 25) and plan.end_s[1] == pytest.approx(128 / 25)
+
+
+def test_fs1000_windows_hop_two_seconds_with_eight_frame_clips():
+    config = ExtractionConfig(protocol="fs1000")
+    plan = plan_segments(25 * 12, 25.0, config)  # 12 s: windows start at 0, 2, 4, 6 s
+    assert plan.num_segments == 4
+    assert plan.clips_per_segment == 125 // 8 and plan.clip_frames == 8
+    assert plan.start_s.tolist() == pytest.approx([0, 2, 4, 6])
+    assert plan.end_s.tolist() == pytest.approx([5, 7, 9, 11])
+    assert plan_segments(25 * 4, 25.0, config).num_segments == 0  # shorter than one window
+
+
+def test_audio_windows_cover_exactly_the_segment_spans(clip_folder):
+    config = ExtractionConfig(segment_frames=8)
+    video = VideoFrames(clip_folder / "good.mp4", 64)
+    plan = video.plan(config)
+    waveform = load_audio(clip_folder / "good.mp4", 16000)
+    windows = audio_windows(waveform, plan, 16000)
+    assert len(windows) == plan.num_segments == 80 // 8
+    assert all(len(w) == round(8 / 25 * 16000) for w in windows)
+    # the second window starts where the second segment starts
+    first_sample = int(round(plan.start_s[1] * 16000))
+    np.testing.assert_array_equal(windows[1][:100], waveform[first_sample : first_sample + 100])
+
+
+def test_no_audio_track_is_missing_not_an_error(clip_folder):
+    assert load_audio(clip_folder / "sub" / "good.mp4", 16000) is None
+
+
+def test_frames_are_resized_at_decode_time(clip_folder):
+    video = VideoFrames(clip_folder / "wide.mov", 64)
+    frames = video.read(np.array([[0, 1], [2, 3]]))
+    assert frames.shape == (2, 2, 64, 170, 3) and frames.dtype == np.uint8
+    assert video.info.fps == pytest.approx(30.0) and video.info.frame_count == 60
+
+
+def test_video_ids_are_unique_across_subfolders(clip_folder):
+    ids = [s.video_id for s in discover_videos(clip_folder)]
+    assert "good" in ids and "sub/good" in ids and len(ids) == len(set(ids))
+    assert "ünï cødé" in ids
+
+
+# --------------------------------------------------------------------------- the whole stage
+
+
+@pytest.fixture(scope="module")
+def extracted(clip_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cache")
+    return run_extract(clip_folder, out, tiny_config())
+
+
+def test_every_video_gets_a_row_and_bad_ones_a_reason(extracted):
+    cache, summary = extracted
+    records = {r.video_id: r for r in cache.records()}
+    assert set(records) == {"good", "sub/good", "wide", "ünï cødé", "short", "empty", "notvideo", "audioonly"}
+    assert {v for v, r in records.items() if r.status == "done"} == {"good", "sub/good", "wide", "ünï cødé"}
+    assert "too short" in records["short"].error
+    assert "empty" in records["empty"].error
+    assert "cannot decode video" in records["notvideo"].error
+    assert records["audioonly"].status == "failed"
+    assert all("\n" not in r.error for r in records.values() if r.error)
+    assert len(summary.failed) == 4
+
+
+def test_modalities_share_T_and_missing_audio_is_recorded(extracted):
+    cache, _ = extracted
+    dims = cache.feature_dims
+    for video_id in ("good", "wide", "sub/good"):
+        features = cache.load_features(video_id)
+        record = cache.read_record(video_id)
+        assert {f.shape[0] for f in features.values()} == {record.num_segments}
+        for modality, array in features.items():
+            assert array.shape[1] == dims[modality] and array.dtype == np.float32
+            assert np.isfinite(array).all()
+    assert cache.read_record("good").num_segments == 10  # 80 frames / 8
+    assert cache.read_record("wide").num_segments == 7  # 60 frames / 8
+    no_audio = cache.read_record("sub/good")
+    assert no_audio.modalities["audio"].status == "missing"
+    assert set(cache.load_features("sub/good")) == {"rgb", "flow"}
+    assert not cache.feature_path("sub/good", "audio").exists()
+
+
+def test_cache_layout_config_and_manifest(extracted):
+    cache, _ = extracted
+    config = json.loads((cache.root / "config.json").read_text())
+    assert cache.root.name == tiny_config().config_hash() == config["config_hash"]
+    assert config["random_weights"] is True and "RANDOM" in config["note"]
+    assert all(e["random_weights"] for e in config["extractors"].values())
+    np.load(cache.feature_path("good", "rgb"), allow_pickle=False)
+    manifest = cache.manifest()
+    assert {"video_id", "path", "size_bytes", "fingerprint", "fps", "frame_count", "duration_s", "T",
+            "rgb_status", "audio_shape", "error", "random_weights", "started_at"} <= set(manifest.columns)
+    assert (cache.root / "manifest.csv").is_file()
+    segments = cache.read_record("good").segments
+    assert segments["start_frame"][:2] == [0, 8] and segments["end_s"][0] == pytest.approx(8 / 25)
+
+
+def test_rerun_does_nothing_that_is_done(extracted, clip_folder):
+    cache, _ = extracted
+    before = {r.video_id: r.finished_at for r in cache.records()}
+    extractors = build_extractors(tiny_config(), CPU, WeightsSource())
+    summary = extract_videos(discover_videos(clip_folder), cache, extractors, tiny_config(), progress=False)
+    assert sorted(summary.skipped) == ["good", "sub/good", "wide", "ünï cødé"]
+    assert len(summary.failed) == 4  # unchanged bad files are reported again, not retried
+    assert {r.video_id: r.finished_at for r in cache.records()} == before
+
+
+def test_changed_file_is_extracted_again(clip_folder, tmp_path):
+    folder = good_only(clip_folder, tmp_path)
+    config = tiny_config(modalities=("rgb",), backbones={"rgb": "vst"})
+    cache, _ = run_extract(folder, tmp_path / "out", config)
+    old = cache.load_features("good")["rgb"]
+    write_clip(ClipSpec("good", 0.1, seconds=1.6, seed=9), folder / "good.mp4")
+    cache, summary = run_extract(folder, tmp_path / "out", config)
+    assert summary.skipped == ["wide"]
+    new = cache.load_features("good")["rgb"]
+    assert new.shape[0] == 5 and old.shape[0] == 10
+
+
+class Interrupt(BaseException):
+    """Stands in for Ctrl-C / a kill: not an Exception, so nothing may swallow it."""
+
+
+@pytest.mark.parametrize("crash_after_calls", [1, 3], ids=["inside-first-video", "between-videos"])
+def test_interrupted_run_finishes_with_identical_features(clip_folder, tmp_path, crash_after_calls):
+    folder = good_only(clip_folder, tmp_path)
+    config = tiny_config(modalities=("rgb", "audio"), backbones={"rgb": "vst", "audio": "ast"})
+    reference, _ = run_extract(folder, tmp_path / "reference", config, batch_segments=4)
+
+    extractors = build_extractors(config, CPU, WeightsSource())
+    cache = prepare_cache(tmp_path / "crashed", config, extractors)
+    real_embed, calls = extractors["rgb"].embed, {"n": 0}
+
+    def crashing_embed(batch):
+        calls["n"] += 1
+        if calls["n"] > crash_after_calls:
+            raise Interrupt()
+        return real_embed(batch)
+
+    extractors["rgb"].embed = crashing_embed
+    with pytest.raises(Interrupt):
+        extract_videos(discover_videos(folder), cache, extractors, config, batch_segments=4, progress=False)
+    finished = {r.video_id for r in cache.records()}
+    assert finished == ({"good"} if crash_after_calls == 3 else set())  # good: 10 segments = 3 calls
+    assert not list((cache.root / "claims").iterdir())  # claims released on the way out
+
+    cache, summary = run_extract(folder, tmp_path / "crashed", config, batch_segments=4)
+    assert not summary.failed
+    for video_id in ("good", "wide"):
+        expected, got = reference.load_features(video_id), cache.load_features(video_id)
+        for modality in expected:
+            np.testing.assert_array_equal(got[modality], expected[modality])
+
+
+def test_stale_claim_of_a_killed_process_is_taken_over(clip_folder, tmp_path):
+    folder = good_only(clip_folder, tmp_path)
+    config = tiny_config(modalities=("rgb",), backbones={"rgb": "vst"})
+    extractors = build_extractors(config, CPU, WeightsSource())
+    cache = prepare_cache(tmp_path / "out", config, extractors)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    claims = Claims(cache)
+    stale = claims._path("good")
+    stale.write_text(json.dumps({"video_id": "good", "host": claims.host, "pid": dead.pid}))
+    live = claims._path("wide")
+    live.write_text(json.dumps({"video_id": "wide", "host": claims.host, "pid": os.getppid()}))
+    summary = extract_videos(discover_videos(folder), cache, extractors, config, progress=False)
+    assert [r.video_id for r in summary.records] == ["good"]
+    assert summary.claimed_elsewhere == ["wide"]  # a live process holds it: left alone
+
+
+def test_random_backbones_are_seeded(clip_folder, tmp_path):
+    folder = good_only(clip_folder, tmp_path)
+    config = tiny_config(modalities=("flow",), backbones={"flow": "farneback"})
+    first, _ = run_extract(folder, tmp_path / "a", config)
+    second, _ = run_extract(folder, tmp_path / "b", config)
+    other, _ = run_extract(folder, tmp_path / "c", tiny_config(modalities=("flow",), backbones={"flow": "farneback"}, seed=1))
+    a, b, c = (x.load_features("wide")["flow"] for x in (first, second, other))
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_exit_codes_and_summary(clip_folder, tmp_path, capsys):
+    tiny = ["--backbones", "random", "--arch-size", "tiny", "--segment-frames", "8", "--quiet"]
+    folder = good_only(clip_folder, tmp_path)
+    assert main(["extract", "--videos", str(folder), "--out", str(tmp_path / "ok"), "--modalities", "rgb", *tiny]) == 0
+    out = capsys.readouterr().out
+    assert "2 extracted" in out and "0 failed" in out
+    shutil.copy(clip_folder / "empty.mp4", folder / "empty.mp4")
+    assert main(["extract", "--videos", str(folder), "--out", str(tmp_path / "ok"), "--modalities", "rgb", *tiny]) == 1
+    assert "empty file" in capsys.readouterr().out
+    empty_folder = tmp_path / "nothing"
+    empty_folder.mkdir()
+    assert main(["extract", "--videos", str(empty_folder), "--out", str(tmp_path / "x"), *tiny]) == 2
+    assert main(["extract", "--videos", str(folder), "--out", str(tmp_path / "x"), "--modalities", "smell", *tiny]) == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["extract", "--videos", str(tmp_path / "does-not-exist"), "--out", str(tmp_path / "x")])
+    assert exc.value.code == 2
+
+
+def test_missing_weights_stop_before_any_video(clip_folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no cached hub checkpoints
+    folder = good_only(clip_folder, tmp_path)
+    code = main(["extract", "--videos", str(folder), "--out", str(tmp_path / "out"), "--modalities", "rgb",
+                 "--offline", "--weights-dir", str(tmp_path / "no-weights"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "--weights-dir" in err and "swin3d_b" in err
+    assert not list((tmp_path / "out").rglob("record.json"))
