@@ -185,3 +185,22 @@ def checkpoint_path(weights: WeightsSource, url: str) -> Path:
             "--weights-dir DIR"
         ) from exc
     return target
+
+
+def hf_model_source(weights: WeightsSource, hub_id: str) -> str:
+    """Where from_pretrained should look: `<weights_dir>/<repo name>` when that folder exists, else the hub id."""
+    if weights.weights_dir is not None:
+        folder = Path(weights.weights_dir) / hub_id.split("/")[-1]
+        if folder.is_dir():
+            return str(folder)
+    return hub_id
+
+
+def hf_weights_unavailable(weights: WeightsSource, hub_id: str, exc: Exception) -> WeightsUnavailableError:
+    """The error for a Hugging Face model that from_pretrained could not find or download."""
+    folder = hub_id.split("/")[-1]
+    how = "offline and not in the Hugging Face cache" if weights.is_offline else f"download failed: {exc}"
+    return WeightsUnavailableError(
+        f"{hub_id} weights are not available ({how}); save the model folder as DIR/{folder} "
+        f"(e.g. `hf download {hub_id} --local-dir DIR/{folder}`) and pass --weights-dir DIR"
+    )

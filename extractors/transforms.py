@@ -1,0 +1,81 @@
+"""Frame preparation shared by the frame backbones: checks, centre crops, resizing, normalisation.
+
+Crops are specified in pixels at the protocol's reference short side of 256 (DESIGN.md section 2:
+short side 256, centre crop 224 x 300, ...). Frames decoded at another short side get the same crop
+scaled to their size, so the field of view never depends on the decode resolution; the crop is then
+resized to the backbone's input size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+REFERENCE_SHORT_SIDE = 256
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def as_frames(batch: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """Validate a frame batch: uint8 RGB shaped (B, F, H, W, 3)."""
+    frames = torch.from_numpy(batch) if isinstance(batch, np.ndarray) else batch
+    if not isinstance(frames, torch.Tensor) or frames.dtype != torch.uint8:
+        kind = f"{type(batch).__name__} {getattr(batch, 'dtype', '')}"
+        raise TypeError(f"frames must be a uint8 tensor, got {kind}")
+    if frames.ndim != 5 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be shaped (B, F, H, W, 3), got {tuple(frames.shape)}")
+    if frames.shape[0] == 0 or frames.shape[1] == 0:
+        raise ValueError(f"empty frame batch {tuple(frames.shape)}")
+    return frames
+
+
+def centre_crop_box(height: int, width: int, crop: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(top, left, crop height, crop width) of a reference-size crop scaled to this frame, clamped to it."""
+    scale = min(height, width) / REFERENCE_SHORT_SIDE
+    crop_h = min(height, max(1, round(crop[0] * scale)))
+    crop_w = min(width, max(1, round(crop[1] * scale)))
+    return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
+
+
+def crop_resize(
+    frames: torch.Tensor, crop: tuple[int, int], size: int, device: torch.device
+) -> torch.Tensor:
+    """uint8 (B, F, H, W, 3) -> float (B, F, 3, size, size) in [0, 255] on `device`.
+
+    The crop happens on uint8 before the copy to the device, so only the needed pixels travel.
+    """
+    frames = as_frames(frames)
+    batch, num_frames, height, width, _ = frames.shape
+    top, left, crop_h, crop_w = centre_crop_box(height, width, crop)
+    x = frames[:, :, top : top + crop_h, left : left + crop_w].to(device, non_blocking=True)
+    x = x.reshape(batch * num_frames, crop_h, crop_w, 3).permute(0, 3, 1, 2).float()
+    if (crop_h, crop_w) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return x.reshape(batch, num_frames, 3, size, size)
+
+
+def normalise(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """Pixels in [0, 255] with channels on dim -3 -> (x / 255 - mean) / std."""
+    mean_t = torch.tensor(mean, device=x.device, dtype=x.dtype).view(3, 1, 1)
+    std_t = torch.tensor(std, device=x.device, dtype=x.dtype).view(3, 1, 1)
+    return (x / 255.0 - mean_t) / std_t
+
+
+def uniform_frame_indices(num_frames: int, count: int) -> torch.Tensor:
+    """`count` indices spread evenly over `num_frames` (the centre of each of `count` equal bins)."""
+    return ((torch.arange(count, dtype=torch.float64) + 0.5) * num_frames / count).long()
+
+
+def dummy_frames(num_frames: int, short_side: int = REFERENCE_SHORT_SIDE) -> torch.Tensor:
+    """One all-grey clip at the decode size, with the 300/224 aspect the RGB crop needs."""
+    width = round(short_side * 300 / 224)
+    return torch.full((1, num_frames, short_side, width, 3), 128, dtype=torch.uint8)
+
+
+def count_flops(fn, *args) -> float:
+    """FLOPs of one call as counted by torch's FlopCounterMode (matmuls, convolutions, attention)."""
+    with FlopCounterMode(display=False) as counter:
+        fn(*args)
+    return float(counter.get_total_flops())
