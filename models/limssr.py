@@ -1,0 +1,468 @@
+"""LIMSSR: LLM-driven sequence-to-score reasoning for incomplete multimodal AQA (DESIGN.md section 4).
+
+A causal LLM (frozen, with LoRA adapters) reads one sequence per sample:
+
+    [pad ...] prompt naming available/missing modalities
+    <m1_start> T projected features of m1 (or <m1_missing> x T) <m1_end>   (available modalities first)
+    ...
+    <fusion_0> ... <fusion_{K-1}>
+
+LMRF turns the last-layer states at the K fusion tokens into the main score; MDA pools each modality's
+span into a second, auxiliary score; the final score is a learned mix of the two.
+
+Sequences are left padded: the prompt is the only part whose length varies, so every modality span and
+fusion token sits after a common prompt block and each sample's positions are simple offsets from it.
+Position ids count only real tokens, so a sample's output does not depend on how much padding it gets.
+
+Token embeddings: the pretrained vocabulary stays frozen; the new marker tokens (start/end/missing per
+modality, K fusion tokens) are added to the tokenizer and read from `new_token_embeddings`, a trainable
+parameter owned by this module, so a checkpoint stores only those rows. The LLM is loaded through
+AutoModel (the decoder without its LM head): only hidden states are used, so the LM head would cost a
+vocabulary-sized projection per position for nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from itertools import product
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.losses import hardest_triplet_loss
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+MODALITY_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
+
+
+@dataclass
+class LIMSSRConfig:
+    modalities: list[str]
+    feature_dims: dict[str, int]
+    llm: str = "Qwen/Qwen2.5-0.5B"  # hub id or local folder holding weights + tokenizer
+    lora_r: int = 8
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    num_fusion_tokens: int = 4
+    head_hidden: int = 256  # width of the refinement / regressor MLPs
+    mda_heads: int = 4  # heads of the self-attention across modality vectors; must divide the LLM width
+    dropout: float = 0.1
+    margin: float = 1.0  # hardest-triplet margin
+    task_weight: float = 10.0
+    alpha: float = 1.0  # hardest-triplet weight
+    consistency_weight: float = 1.0
+    initial_mix: float = 0.7  # starting weight of the main (LMRF) score in the final score
+    gradient_checkpointing: bool = False
+    torch_dtype: str = "float32"  # dtype of the LLM; projections and heads always run in float32
+
+    def __post_init__(self) -> None:
+        if not self.modalities or len(set(self.modalities)) != len(self.modalities):
+            raise ValueError(f"modalities must be non-empty and unique, got {self.modalities}")
+        for name in self.modalities:
+            if not MODALITY_NAME.match(name):
+                raise ValueError(f"modality name {name!r} must be a letter followed by letters, digits, _ or -")
+            if name not in self.feature_dims:
+                raise ValueError(f"feature_dims has no entry for modality {name!r}: {self.feature_dims}")
+        if self.num_fusion_tokens < 1:
+            raise ValueError(f"num_fusion_tokens must be >= 1, got {self.num_fusion_tokens}")
+        if not 0.0 < self.initial_mix < 1.0:
+            raise ValueError(f"initial_mix must lie strictly between 0 and 1, got {self.initial_mix}")
+        if self.torch_dtype not in DTYPES:
+            raise ValueError(f"torch_dtype must be one of {sorted(DTYPES)}, got {self.torch_dtype!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LIMSSRConfig":
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown LIMSSR config fields {unknown}")
+        return cls(**data)
+
+    @classmethod
+    def training_defaults(cls) -> dict[str, Any]:
+        # DESIGN.md section 4. The papers give no epoch count for LIMSSR; 100 epochs at batch 8 is about
+        # 2,500 steps on an RG-sized split (~200 training clips): enough for heads trained from scratch
+        # plus LoRA, which adapts far faster than MCMoE's from-scratch 270-560 epochs, and a few minutes
+        # per run for Qwen2.5-0.5B on one GPU. Validation-based selection guards against the tail.
+        return {
+            "optimizer": "adamw",
+            "lr": 2e-4,
+            "weight_decay": 1e-4,
+            "batch_size": 8,
+            "epochs": 100,
+            "warmup_epochs": 5,
+            "min_lr_ratio": 0.1,
+            "grad_clip": 1.0,
+            "mask_policy": "any",
+        }
+
+
+def build_prompt(available: list[str], missing: list[str]) -> str:
+    """The text the LLM reads before the modality spans."""
+    return (
+        "Judge the quality of this performance. "
+        f"Available modalities: {', '.join(available)}. "
+        f"Missing modalities: {', '.join(missing) if missing else 'none'}."
+    )
+
+
+def marker_tokens(modalities: list[str], num_fusion_tokens: int) -> list[str]:
+    """New special tokens, in the row order of `new_token_embeddings`: start/end/missing per modality,
+    then the fusion tokens."""
+    tokens = [f"<{name}_{role}>" for name in modalities for role in ("start", "end", "missing")]
+    return tokens + [f"<fusion_{k}>" for k in range(num_fusion_tokens)]
+
+
+def _looks_like_folder(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or Path(name).expanduser().exists()
+
+
+def load_llm(name: str, dtype: torch.dtype) -> tuple[Any, nn.Module]:
+    """Tokenizer and decoder (no LM head) of a hub id or local folder, honouring offline mode."""
+    from transformers import AutoModel, AutoTokenizer
+
+    hint = (
+        "pass a local folder holding the model's config, weights and tokenizer with --llm FOLDER "
+        "(for a tiny random test model: python -m models.tiny_llm FOLDER)"
+    )
+    if _looks_like_folder(name):
+        folder = Path(name).expanduser()
+        if not folder.is_dir():
+            raise FileNotFoundError(f"LLM folder {folder} does not exist; {hint}")
+        source, local_only = str(folder), True
+    else:
+        flags = (os.environ.get(key, "").lower() for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+        offline = any(flag in ("1", "true", "yes") for flag in flags)
+        source, local_only = name, offline
+    try:
+        # transformers does not pass local_files_only on to its adapter-config lookup: say it twice
+        model = AutoModel.from_pretrained(
+            source, local_files_only=local_only, adapter_kwargs={"local_files_only": local_only}, dtype=dtype
+        )
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+    except (OSError, ValueError) as exc:  # transformers reports a missing tokenizer file as ValueError
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FileNotFoundError(
+            f"could not load the LLM {name!r} (weights, config or tokenizer missing: {reason}); {hint}"
+        ) from exc
+    return tokenizer, model
+
+
+@dataclass
+class SequenceLayout:
+    """Where everything sits in one batch of PCMI sequences (all tensors indexed by sample first)."""
+
+    token_ids: Tensor  # (B, L) tokenizer ids: padding, prompt, markers; feature slots hold <m_missing>
+    marker_rows: Tensor  # (B, L) row of new_token_embeddings for marker positions, -1 elsewhere
+    attention_mask: Tensor  # (B, L) 1 for real tokens, 0 for left padding
+    position_ids: Tensor  # (B, L) positions counted over real tokens only
+    prompt_lengths: Tensor  # (B,)
+    start_positions: Tensor  # (B, M) position of <m_start>, modalities in config order
+    content_positions: Tensor  # (B, M, T) positions of each modality's T feature (or MISSING) slots
+    end_positions: Tensor  # (B, M) position of <m_end>
+    fusion_positions: Tensor  # (B, K)
+
+
+def _projection(in_dim: int, hidden: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv1d(in_dim, hidden, 1),
+        nn.BatchNorm1d(hidden),
+        nn.ReLU(inplace=True),
+        nn.Dropout(dropout),
+        nn.Conv1d(hidden, hidden, 1),
+        nn.BatchNorm1d(hidden),
+    )
+
+
+def _regressor(in_dim: int, hidden: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, 1))
+
+
+class LIMSSR(nn.Module):
+    def __init__(self, config: LIMSSRConfig) -> None:
+        super().__init__()
+        from peft import LoraConfig, get_peft_model
+
+        self.config = config
+        self.modalities = list(config.modalities)
+        num_modalities, num_fusion = len(self.modalities), config.num_fusion_tokens
+        self.tokenizer, base = load_llm(config.llm, DTYPES[config.torch_dtype])
+
+        pretrained_rows = len(self.tokenizer)
+        self.new_tokens = marker_tokens(self.modalities, num_fusion)
+        self.tokenizer.add_tokens(self.new_tokens, special_tokens=True)
+        new_ids = self.tokenizer.convert_tokens_to_ids(self.new_tokens)
+        if len(set(new_ids)) != len(new_ids) or self.tokenizer.unk_token_id in new_ids:
+            raise ValueError(f"the tokenizer of {config.llm!r} did not give each marker token its own id")
+        # Qwen-style embedding matrices have spare rows; grow only when the new ids do not fit.
+        if base.get_input_embeddings().num_embeddings < len(self.tokenizer):
+            base.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
+        self.hidden_size = hidden = base.get_input_embeddings().embedding_dim
+        if hidden % config.mda_heads:
+            raise ValueError(f"mda_heads={config.mda_heads} must divide the LLM hidden size {hidden}")
+
+        # New rows start as draws from the pretrained vocabulary's per-dimension statistics, so the
+        # frozen layers see ordinary-looking tokens; distinct draws keep the K fusion tokens apart.
+        vocabulary = base.get_input_embeddings().weight.detach()[:pretrained_rows].float()
+        self.new_token_embeddings = nn.Parameter(
+            vocabulary.mean(0) + vocabulary.std(0) * torch.randn(len(self.new_tokens), hidden)
+        )
+        del vocabulary
+        self.register_buffer("start_ids", torch.tensor(new_ids[0 : 3 * num_modalities : 3]), persistent=False)
+        self.register_buffer("end_ids", torch.tensor(new_ids[1 : 3 * num_modalities : 3]), persistent=False)
+        self.register_buffer("missing_ids", torch.tensor(new_ids[2 : 3 * num_modalities : 3]), persistent=False)
+        self.register_buffer("fusion_ids", torch.tensor(new_ids[3 * num_modalities :]), persistent=False)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
+        self._prompt_ids: dict[tuple[bool, ...], list[int]] = {}
+
+        if config.gradient_checkpointing:
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        base.config.use_cache = False
+        lora = LoraConfig(
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=list(config.lora_targets),
+            bias="none",
+        )
+        self.llm = get_peft_model(base, lora)  # freezes every base weight, adds trainable adapters
+
+        self.projections = nn.ModuleDict(
+            {name: _projection(config.feature_dims[name], hidden, config.dropout) for name in self.modalities}
+        )
+        # LMRF
+        self.fusion_logits = nn.Parameter(torch.zeros(num_fusion))
+        self.fusion_norm = nn.LayerNorm(hidden)
+        self.refine_delta = nn.Sequential(
+            nn.Linear(hidden + num_modalities, config.head_hidden),
+            nn.GELU(),
+            nn.Dropout(config.dropout),
+            nn.Linear(config.head_hidden, hidden),
+        )
+        self.refine_gate = nn.Linear(hidden + num_modalities, hidden)
+        self.main_regressor = _regressor(hidden, config.head_hidden, config.dropout)
+        # MDA
+        self.modality_norms = nn.ModuleDict({name: nn.LayerNorm(hidden) for name in self.modalities})
+        self.modality_attention = nn.MultiheadAttention(
+            hidden, config.mda_heads, dropout=config.dropout, batch_first=True
+        )
+        self.modality_gate = nn.Linear(hidden, 1)
+        self.missing_confidence = nn.Linear(hidden, 1)
+        self.aux_regressor = _regressor(hidden, config.head_hidden, config.dropout)
+        # sigmoid(mix_logit) is the weight of the main score: always in (0, 1)
+        self.mix_logit = nn.Parameter(torch.tensor(math.log(config.initial_mix / (1 - config.initial_mix))))
+
+    # ------------------------------------------------------------------ sequence construction
+
+    def prompt_ids(self, available: tuple[bool, ...]) -> list[int]:
+        """Token ids of the prompt for one availability pattern (config modality order), cached."""
+        if available not in self._prompt_ids:
+            names = [name for name, here in zip(self.modalities, available) if here]
+            absent = [name for name, here in zip(self.modalities, available) if not here]
+            encoded = self.tokenizer(build_prompt(names, absent), add_special_tokens=False)
+            self._prompt_ids[available] = encoded["input_ids"]
+        return self._prompt_ids[available]
+
+    def sequence_length(self, num_steps: int) -> int:
+        """Longest LLM sequence for T = num_steps: prompt + M * (T + 2) + K over every availability pattern."""
+        num_modalities = len(self.modalities)
+        longest_prompt = max(
+            len(self.prompt_ids(pattern)) for pattern in product((True, False), repeat=num_modalities) if any(pattern)
+        )
+        return longest_prompt + num_modalities * (num_steps + 2) + self.config.num_fusion_tokens
+
+    def build_sequence(self, available: Tensor, num_steps: int) -> SequenceLayout:
+        """Token ids, masks and per-sample positions for a batch with availability `available` (B, M)."""
+        device = self.new_token_embeddings.device
+        batch, num_modalities = available.shape
+        prompts = [self.prompt_ids(tuple(row)) for row in available.tolist()]
+        prompt_block = max(len(ids) for ids in prompts)
+        span = num_steps + 2
+        tail = num_modalities * span + self.config.num_fusion_tokens
+        length = prompt_block + tail
+
+        token_ids = torch.full((batch, length), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros(batch, length, dtype=torch.long)
+        for row, ids in enumerate(prompts):
+            token_ids[row, prompt_block - len(ids) : prompt_block] = torch.tensor(ids)
+            attention_mask[row, prompt_block - len(ids) :] = 1
+        token_ids, attention_mask = token_ids.to(device), attention_mask.to(device)
+        marker_rows = torch.full_like(token_ids, -1)
+
+        available = available.to(device)
+        # stable sort: available modalities first, each group in config order
+        order = torch.argsort((~available).to(torch.int8), dim=1, stable=True)  # (B, M) modality per slot
+        slot = torch.argsort(order, dim=1)  # (B, M) slot of each modality
+        steps = torch.arange(num_steps, device=device)
+        start_positions = prompt_block + slot * span
+        content_positions = start_positions[..., None] + 1 + steps
+        end_positions = start_positions + num_steps + 1
+        fusion_slots = torch.arange(self.config.num_fusion_tokens, device=device)
+        fusion_positions = (prompt_block + num_modalities * span + fusion_slots).expand(batch, -1)
+
+        rows = torch.arange(batch, device=device)[:, None]
+        modality_rows = torch.arange(num_modalities, device=device).expand(batch, -1)
+        content_rows = (3 * modality_rows + 2)[..., None].expand(-1, -1, num_steps)
+        token_ids[rows, start_positions] = self.start_ids.expand(batch, -1)
+        token_ids[rows, end_positions] = self.end_ids.expand(batch, -1)
+        token_ids[rows[..., None], content_positions] = self.missing_ids[:, None].expand(batch, -1, num_steps)
+        token_ids[rows, fusion_positions] = self.fusion_ids.expand(batch, -1)
+        marker_rows[rows, start_positions] = 3 * modality_rows
+        marker_rows[rows, end_positions] = 3 * modality_rows + 1
+        marker_rows[rows[..., None], content_positions] = content_rows
+        marker_rows[rows, fusion_positions] = 3 * num_modalities + fusion_slots
+
+        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+        return SequenceLayout(
+            token_ids=token_ids,
+            marker_rows=marker_rows,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            prompt_lengths=torch.tensor([len(ids) for ids in prompts], device=device),
+            start_positions=start_positions,
+            content_positions=content_positions,
+            end_positions=end_positions,
+            fusion_positions=fusion_positions,
+        )
+
+    def _embed(self, layout: SequenceLayout, features: dict[str, Tensor], available: Tensor) -> Tensor:
+        text = self.llm.get_input_embeddings()(layout.token_ids).float()
+        markers = self.new_token_embeddings[layout.marker_rows.clamp(min=0)]
+        embeds = torch.where((layout.marker_rows >= 0)[..., None], markers, text)
+        for index, name in enumerate(self.modalities):
+            rows = available[:, index].nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            # only available samples go through the projection: zero-filled absent ones would skew BatchNorm
+            projected = self.projections[name](features[name][rows].transpose(1, 2)).transpose(1, 2)
+            positions = layout.content_positions[rows, index]
+            embeds = embeds.index_put((rows[:, None].expand_as(positions), positions), projected)
+        return embeds
+
+    # ------------------------------------------------------------------ forward / loss
+
+    def _check_inputs(self, features: dict[str, Tensor], available: Tensor) -> int:
+        if available.dtype != torch.bool or available.dim() != 2 or available.shape[1] != len(self.modalities):
+            raise ValueError(
+                f"available must be a (B, {len(self.modalities)}) bool tensor, "
+                f"got {tuple(available.shape)} {available.dtype}"
+            )
+        if not available.any(dim=1).all():
+            raise ValueError("every sample needs at least one available modality")
+        shapes = {}
+        for name in self.modalities:
+            if name not in features:
+                raise ValueError(f"features has no entry for modality {name!r} (zeros are expected where it is absent)")
+            tensor = features[name]
+            dim = self.config.feature_dims[name]
+            if tensor.dim() != 3 or tensor.shape[0] != available.shape[0] or tensor.shape[2] != dim:
+                expected = f"(B={available.shape[0]}, T, {dim})"
+                raise ValueError(f"features[{name!r}] must be {expected}, got {tuple(tensor.shape)}")
+            shapes[name] = tensor.shape[1]
+        if len(set(shapes.values())) != 1:
+            raise ValueError(f"all modalities need the same number of time steps, got {shapes}")
+        return next(iter(shapes.values()))
+
+    def forward(self, features: dict[str, Tensor], available: Tensor) -> dict[str, Tensor]:
+        num_steps = self._check_inputs(features, available)
+        available = available.to(self.new_token_embeddings.device)
+        layout = self.build_sequence(available, num_steps)
+        embeds = self._embed(layout, features, available)
+        llm_dtype = self.llm.get_input_embeddings().weight.dtype
+        hidden = self.llm(
+            inputs_embeds=embeds.to(llm_dtype),
+            attention_mask=layout.attention_mask,
+            position_ids=layout.position_ids,
+            use_cache=False,
+        ).last_hidden_state.float()
+        batch, _, width = hidden.shape
+        mask = available.float()
+
+        # LMRF: weighted fusion tokens -> mask-aware refinement -> main score
+        fusion_states = hidden.gather(1, layout.fusion_positions[..., None].expand(-1, -1, width))  # (B, K, H)
+        fused = self.fusion_norm((fusion_states * self.fusion_logits.softmax(0)[:, None]).sum(1))
+        refine_input = torch.cat([fused, mask], dim=1)
+        fused = fused + torch.sigmoid(self.refine_gate(refine_input)) * self.refine_delta(refine_input)
+        main = torch.sigmoid(self.main_regressor(fused)).squeeze(1)
+
+        # MDA: per-modality span means -> attention across modalities -> confidence-weighted gate -> aux
+        num_modalities, num_steps = layout.content_positions.shape[1:]
+        positions = layout.content_positions.reshape(batch, -1, 1).expand(-1, -1, width)
+        spans = hidden.gather(1, positions).view(batch, num_modalities, num_steps, width).mean(2)
+        spans = torch.stack([self.modality_norms[name](spans[:, i]) for i, name in enumerate(self.modalities)], 1)
+        attended, _ = self.modality_attention(spans, spans, spans, need_weights=False)
+        spans = spans + attended
+        # an imputed (missing) modality is trusted only as far as its learned confidence says
+        imputed_confidence = torch.sigmoid(self.missing_confidence(spans)).squeeze(2)
+        confidence = torch.where(available, torch.ones_like(mask), imputed_confidence)
+        weights = self.modality_gate(spans).squeeze(2).softmax(1) * confidence
+        weights = weights / weights.sum(1, keepdim=True)
+        aux = torch.sigmoid(self.aux_regressor((weights[..., None] * spans).sum(1))).squeeze(1)
+
+        mix = torch.sigmoid(self.mix_logit)
+        return {
+            "score": mix * main + (1 - mix) * aux,
+            "main": main,
+            "aux": aux,
+            "fusion_states": fusion_states,
+            "modality_weights": weights,
+            "mix": mix,
+        }
+
+    def loss(
+        self, out: dict[str, Tensor], target: Tensor, present: Tensor, available: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """10 * MSE(final, target) + alpha * hardest triplet over fusion tokens + MSE(main, aux).
+
+        LIMSSR has no reconstruction-type terms, so `present` (which modalities exist in the data) is
+        accepted for the shared contract and unused; what the model saw is `available`, already in `out`.
+        """
+        config = self.config
+        task = F.mse_loss(out["score"], target)
+        triplet = hardest_triplet_loss(out["fusion_states"], margin=config.margin)
+        consistency = F.mse_loss(out["main"], out["aux"])
+        total = config.task_weight * task + config.alpha * triplet + config.consistency_weight * consistency
+        return total, {"task": task.detach(), "triplet": triplet.detach(), "consistency": consistency.detach()}
+
+    # ------------------------------------------------------------------ saving
+
+    def _is_saved(self, key: str) -> bool:
+        return not key.startswith("llm.") or "lora_" in key
+
+    def state_to_save(self) -> dict[str, Tensor]:
+        """LoRA adapters, the new token rows, projections and heads: never the frozen base LLM."""
+        return {key: value.detach() for key, value in self.state_dict().items() if self._is_saved(key)}
+
+    def load_saved_state(self, state: dict[str, Tensor]) -> None:
+        """Put `state_to_save()` output back onto a model freshly built from the same config."""
+        expected = {key for key in self.state_dict() if self._is_saved(key)}
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            raise ValueError(
+                f"saved LIMSSR state does not match this model (base LLM {self.config.llm!r}): "
+                f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+            )
+        try:
+            self.load_state_dict(state, strict=False)
+        except RuntimeError as exc:
+            raise ValueError(
+                f"saved LIMSSR state has the wrong shapes for base LLM {self.config.llm!r}: {exc}"
+            ) from None
+
+
+def build_limssr(config: LIMSSRConfig | dict[str, Any]) -> LIMSSR:
+    if isinstance(config, dict):
+        config = LIMSSRConfig.from_dict(config)
+    return LIMSSR(config)
