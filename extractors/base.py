@@ -18,7 +18,11 @@ import torch
 from extractors.config import ExtractionConfig
 
 
-class WeightsUnavailableError(RuntimeError):
+class BackboneUnavailableError(RuntimeError):
+    """A backbone cannot run on this machine (weights or a library missing); the message says how to fix it."""
+
+
+class WeightsUnavailableError(BackboneUnavailableError):
     """Pretrained weights could not be found or downloaded; the message names the file and the flag."""
 
 

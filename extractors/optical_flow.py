@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torchvision.models.optical_flow import Raft_Large_Weights, raft_large, raft_small
 
-from extractors.base import WeightsSource, checkpoint_path
+from extractors.base import BackboneUnavailableError, WeightsSource, checkpoint_path
 from extractors.config import ExtractionConfig
 from extractors.transforms import crop_resize
 
@@ -116,7 +116,7 @@ class FarnebackFlow(OpenCVFlow):
 
 def require_tvl1() -> None:
     if not hasattr(cv2, "optflow"):
-        raise RuntimeError(
+        raise BackboneUnavailableError(
             f"--flow tvl1 needs OpenCV's contrib module cv2.optflow, which this OpenCV ({cv2.__version__}) "
             "lacks: replace opencv-python with opencv-contrib-python (or opencv-python-headless with "
             "opencv-contrib-python-headless) of the same version, or use --flow farneback or --flow raft"

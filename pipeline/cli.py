@@ -111,7 +111,7 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_extract(args: argparse.Namespace) -> int:
-    from extractors.base import WeightsSource, WeightsUnavailableError, build_extractors
+    from extractors.base import BackboneUnavailableError, WeightsSource, build_extractors
     from manifests.cache import CacheError
     from pipeline.devices import resolve_device
     from pipeline.extract import discover_videos, extract_videos, prepare_cache
@@ -128,7 +128,7 @@ def _run_extract(args: argparse.Namespace) -> int:
     try:
         extractors = build_extractors(config, device, weights)
         cache = prepare_cache(args.out, config, extractors)
-    except (WeightsUnavailableError, CacheError) as exc:
+    except (BackboneUnavailableError, CacheError) as exc:
         raise UsageError(str(exc)) from None
     if config.random_weights:
         print("NOTE: random-weight backbones: these features are for smoke tests, not for scoring.", file=sys.stderr)
@@ -157,27 +157,237 @@ def print_extract_summary(summary, cache) -> None:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    raise NotImplementedError  # written by the training helper
+    parser = sub.add_parser(
+        "train",
+        help="train a scorer on cached features (MCMoE or LIMSSR)",
+        description="Train on a feature cache and a labels CSV (video_id,score[,split]). The best epoch "
+        "is chosen on a validation split carved from the training data (--val-fraction, or split=val "
+        "rows); rows with split=test are never used. Values come from the model's defaults, then "
+        "--preset, then the flags. Writes a run folder: run.json, model_config.json, "
+        "extraction_config.json, best.safetensors + best.json, train_log.csv, last/ (resume state). "
+        "Exit 0: trained; 1: stopped by a non-finite loss (the last good state is kept); 2: usage error.",
+    )
+    io = parser.add_argument_group("inputs and output")
+    io.add_argument("--features", type=Path, help="feature cache (its --out folder or one configuration folder)")
+    io.add_argument("--labels", type=Path, help="labels CSV: video_id,score and optionally split (train/val/test)")
+    io.add_argument("--out", type=Path, required=True, help="run folder to create (or continue with --resume)")
+    io.add_argument("--model", choices=["mcmoe", "limssr"], help="scorer (default: mcmoe)")
+    io.add_argument("--preset", choices=["rg", "fisv", "fs1000"],
+                    help="published settings of a benchmark (clip_num, score range, epochs, lr, ...)")
+    io.add_argument("--action", help="RG apparatus (Ball, Clubs, Hoop, Ribbon) or score type (TES, PCS, ...) of --preset")
+    opt = parser.add_argument_group("optimisation (default: the model's, then the preset's)")
+    opt.add_argument("--epochs", type=int)
+    opt.add_argument("--lr", type=float, help="peak learning rate")
+    opt.add_argument("--batch-size", type=int)
+    opt.add_argument("--optimizer", choices=["adam", "adamw"])
+    opt.add_argument("--weight-decay", type=float)
+    opt.add_argument("--warmup-epochs", type=int, help="linear warm-up epochs before the cosine decay")
+    opt.add_argument("--min-lr-ratio", type=float, help="the cosine decays to this fraction of --lr")
+    opt.add_argument("--grad-clip", type=float, help="max gradient norm (0: off)")
+    opt.add_argument("--mask-policy", choices=["incomplete", "any"],
+                     help="training availability masks per sample: incomplete = a non-empty subset that is "
+                     "never the full set (the reference protocol), any = every non-empty subset")
+    dat = parser.add_argument_group("data")
+    dat.add_argument("--clip-num", type=int, help="segments per sample: random crop in training, centre crop "
+                     "otherwise, zero padding when shorter (default: preset, else the longest training video)")
+    dat.add_argument("--score-range", type=float, help="labels are divided by this (default: preset, else the "
+                     "largest training label; recorded in run.json)")
+    dat.add_argument("--val-fraction", type=float, help="validation share of the training rows when the labels "
+                     "have no split=val rows (default: 0.2; 0 keeps the last epoch)")
+    dat.add_argument("--seed", type=int, help="seeds initialisation, splits, crops and masks (default: 0)")
+    dat.add_argument("--train-missing", metavar="MOD=RATE,...",
+                     help="simulate incomplete training data: hide each modality from that share of the "
+                     "training/validation videos, drawn once with --seed (e.g. audio=0.5,flow=0.3)")
+    dat.add_argument("--ignore-unlabelled", action="store_true", default=None,
+                     help="allow cache videos that the labels file does not mention")
+    mod = parser.add_argument_group("model settings (default: the model's, then the preset's)")
+    mod.add_argument("--hidden", type=int, help="MCMoE hidden size d")
+    mod.add_argument("--dropout", type=float)
+    mod.add_argument("--alpha", type=float, help="weight of the triplet / diversity loss")
+    mod.add_argument("--position-encoding", action=argparse.BooleanOptionalAction, default=None,
+                     help="MCMoE sinusoidal position encoding in the STEM")
+    mod.add_argument("--llm", help="LIMSSR: hub id or local folder of the causal LLM")
+    mod.add_argument("--ablation", action="append", default=[], metavar="NAME",
+                     help="MCMoE ablation: baseline, no-stem, no-agmg, no-moe, no-cfm, no-recon, no-align, "
+                     "no-div (repeatable)")
+    mod.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
+                     help="any other model-config field, VALUE as JSON (repeatable)")
+    run = parser.add_argument_group("running")
+    run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in --out exactly where its last finished epoch left it")
+    run.add_argument("--stop-after-epochs", type=int, metavar="N",
+                     help="stop after N epochs of this invocation (continue later with --resume)")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    raise NotImplementedError  # written by the training helper
+    import json
+
+    from manifests.cache import CacheError
+    from pipeline import data
+    from pipeline import train as training
+    from pipeline.labels import LabelError
+
+    overrides = {k: getattr(args, k) for k in (
+        "epochs", "lr", "batch_size", "optimizer", "weight_decay", "warmup_epochs", "min_lr_ratio",
+        "grad_clip", "mask_policy", "clip_num", "score_range", "val_fraction", "seed", "ignore_unlabelled",
+    )}
+    try:
+        if args.train_missing is not None:
+            overrides["train_missing"] = data.parse_missing_rates(args.train_missing)
+        model_flags = {k: getattr(args, k) for k in training.FLAG_FIELDS}
+        run_json = args.out / training.RUN_JSON
+        if args.resume and run_json.is_file():
+            # The run's recorded settings are authoritative; flags may only repeat them.
+            config = training.TrainConfig.from_dict(json.loads(run_json.read_text())["config"])
+            preset = None if config.preset is None else training.get_preset(config.preset, config.action)
+            options = training.model_options_from_flags(config.model, model_flags, args.ablation, args.model_option)
+            given = {k: v for k, v in overrides.items() if v is not None}
+            given.update({k: str(getattr(args, k)) for k in ("features", "labels") if getattr(args, k) is not None})
+            given.update({k: getattr(args, k) for k in ("model", "preset", "action") if getattr(args, k) is not None})
+            changed = {k: v for k, v in given.items() if getattr(config, k) != v}
+            changed.update({f"model.{k}": v for k, v in options.items() if config.model_options.get(k) != v})
+            if changed:
+                raise UsageError(f"--resume continues {args.out} with its recorded settings; these flags differ: {changed}")
+        else:
+            if args.features is None or args.labels is None:
+                raise UsageError("--features and --labels are required (except with --resume of an existing run)")
+            model = args.model or "mcmoe"
+            options = training.model_options_from_flags(model, model_flags, args.ablation, args.model_option)
+            config, preset = training.resolve_config(
+                args.features, args.labels, args.out, model, args.preset, args.action, overrides, options,
+            )
+        result = training.train(
+            config, preset, resume=args.resume, device=args.device, progress=not args.quiet,
+            stop_after_epochs=args.stop_after_epochs,
+        )
+    except training.NonFiniteLossError as exc:
+        print(f"pipeline train: {exc}", file=sys.stderr)
+        return EXIT_FAILURES
+    except (LabelError, CacheError, training.TrainError, ValueError, FileNotFoundError) as exc:
+        raise UsageError(str(exc)) from None
+    if result.finished:
+        print(f"run: {result.run_dir}  best epoch: {result.best.get('epoch')}  "
+              f"val rho: {result.best.get('val_rho')}  val MSE: {result.best.get('val_mse')}")
+        print(f"next: pipeline evaluate --run {result.run_dir} --labels TEST.csv")
+    else:
+        print(f"run: {result.run_dir}  stopped after epoch {result.epochs_done}; continue with "
+              f"pipeline train --out {result.run_dir} --resume")
+    return EXIT_OK
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
-    raise NotImplementedError  # written by the training helper
+    parser = sub.add_parser(
+        "evaluate",
+        help="the paper's Table 1 row for a run: rho / MSE per modality combination + Average",
+        description="Evaluate a run's chosen checkpoint (selected on validation, never on these labels) "
+        "on every non-empty modality combination: Spearman rho and MSE on the original score scale, "
+        "and the Average over the incomplete ones (Fisher-z mean of rho, mean of MSE). Prints the "
+        "table and writes it as CSV and JSON, with per-video predictions.",
+    )
+    parser.add_argument("--run", type=existing_path, required=True, help="run folder made by `pipeline train`")
+    parser.add_argument("--labels", type=existing_path, required=True, help="labels CSV of the test videos")
+    parser.add_argument("--features", type=Path,
+                        help="feature cache (default: the one the run was trained on; another must be made the same way)")
+    parser.add_argument("--split", choices=["test", "all"], default="test",
+                        help="with a split column, evaluate its test rows (default) or every row")
+    parser.add_argument("--out", type=Path,
+                        help="write OUT.csv, OUT.json and OUT.predictions.csv (suffix ignored; "
+                        "default: RUN/evaluation/<labels name>)")
+    parser.add_argument("--plot", type=Path, metavar="FILE.png", help="draw predicted vs true scores per setting")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=32, help="(default: %(default)s)")
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    raise NotImplementedError  # written by the training helper
+    from manifests.cache import CacheError
+    from pipeline import data, evaluate
+    from pipeline.labels import LabelError, check_against_cache, read_labels
+
+    try:
+        run = evaluate.load_run(args.run, args.device)
+        cache = run.open_features(args.features)
+        labels = read_labels(args.labels)
+        if labels.splits is not None and args.split == "test":
+            ids = labels.ids_in_split("test")
+            if not ids:
+                raise UsageError(f"{args.labels} has a split column but no split=test rows; pass --split all")
+        else:
+            ids = labels.video_ids
+        check_against_cache(labels, cache, ids, require_all_labelled=False)
+        samples = data.load_samples(cache, ids, labels.scores)
+    except (LabelError, CacheError, evaluate.RunError, ValueError, FileNotFoundError) as exc:
+        raise UsageError(str(exc)) from None
+    overlap = sorted(set(ids) & run.trained_ids)
+    if overlap:
+        print(f"WARNING: {len(overlap)} of these videos were used in training or validation "
+              f"(e.g. {overlap[0]}); the numbers below are not a held-out test", file=sys.stderr)
+    best = run.best
+    print(f"{run.model_name} run {run.directory}: checkpoint of epoch {best.get('epoch')} chosen on "
+          f"{run.info.get('selected_on', 'validation')} (val rho {best.get('val_rho')}); evaluated on "
+          f"{len(samples)} videos of {args.labels}, which played no part in choosing it", file=sys.stderr)
+    evaluation = run.evaluate(samples, batch_size=args.batch_size)
+    print(evaluate.format_table(evaluation))
+    base = args.out.with_suffix("") if args.out else run.directory / "evaluation" / args.labels.stem
+    csv_path, json_path = evaluate.write_evaluation(base, run, evaluation, args.labels, args.split, overlap)
+    print(f"wrote {csv_path}, {json_path}", file=sys.stderr)
+    if args.plot:
+        evaluate.plot_predictions(args.plot, evaluation, f"{run.model_name}: {run.directory.name} on {args.labels.name}")
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return EXIT_OK
 
 
 def _add_import_features(sub: argparse._SubParsersAction) -> None:
-    raise NotImplementedError  # written by the training helper
+    parser = sub.add_parser(
+        "import-features",
+        help="convert the published RG / Fis-V / FS1000 feature sets into a feature cache + labels",
+        description="Convert released features into this project's cache, manifest and labels, so "
+        "`train` and `evaluate` run on them unchanged. --format pamfn (RG, Fis-V): "
+        "{Name}_rgb_VST.npy, {Name}_flow_I3D.npy, {Name}_audio_AST.npy dictionaries and train.txt / "
+        "test.txt; one cache configuration per RG apparatus. --format skating-mixer (FS1000): one .npy "
+        "per video in three folders and label files `name TES PCS SS TR PE CO IN pcs_factor`. Labels "
+        "are written as <cache>/labels/<target>.csv with split train/test. SECURITY: the pamfn "
+        "dictionaries are pickled Python objects, and reading them unpickles them (numpy "
+        "allow_pickle=True), which can run code hidden in a file: import only files from a source you "
+        "trust. This command is the only place the project unpickles anything.",
+    )
+    parser.add_argument("--format", choices=["pamfn", "skating-mixer"], required=True)
+    parser.add_argument("--root", type=existing_path, required=True, help="folder of the released features")
+    parser.add_argument("--out", type=Path, required=True, help="cache folder to write")
+    parser.add_argument("--action", help="pamfn: import only this set (Ball, Clubs, Hoop, Ribbon or FISV)")
+    parser.add_argument("--labels-dir", type=existing_path,
+                        help="pamfn: folder of train.txt / test.txt (default: --root, then its parent)")
+    for modality, folder in (("rgb", "output_feature_fs1000_new"), ("flow", "i3d_avg_clip8_5s_fs1000"),
+                             ("audio", "ast_feature_fs1000_new")):
+        parser.add_argument(f"--{modality}-dir", help=f"skating-mixer: {modality} folder under --root (default: {folder})")
+    parser.add_argument("--train-labels", help="skating-mixer: training label file (default: train_fs1000_new.txt)")
+    parser.add_argument("--test-labels", help="skating-mixer: test label file (default: val_fs1000_new.txt)")
 
 
 def _run_import_features(args: argparse.Namespace) -> int:
-    raise NotImplementedError  # written by the training helper
+    from manifests.cache import CacheError
+    from pipeline import importers
+
+    try:
+        if args.format == "pamfn":
+            imported = importers.import_pamfn(args.root, args.out, args.action, args.labels_dir)
+        else:
+            dirs = {m: getattr(args, f"{m}_dir") for m in ("rgb", "flow", "audio") if getattr(args, f"{m}_dir")}
+            files = {s: getattr(args, f"{s}_labels") for s in ("train", "test") if getattr(args, f"{s}_labels")}
+            imported = importers.import_skating_mixer(args.root, args.out, dirs, files)
+    except (importers.FeatureImportError, CacheError) as exc:
+        raise UsageError(str(exc)) from None
+    for item in imported:
+        print(f"{item.name}: {item.num_videos} videos -> {item.cache.root}")
+        for warning in item.warnings:
+            print(f"  warning: {warning}", file=sys.stderr)
+        dataset = item.name.split("/")[0]
+        for target, path in item.labels.items():
+            print(f"  labels {target}: {path}")
+            print(f"    pipeline train --features {item.cache.root} --labels {path} "
+                  f"--out runs/{dataset}-{target.lower()} --preset {dataset} --action {target}")
+    return EXIT_OK
 
 
 # ============================================================================ score / demo

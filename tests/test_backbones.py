@@ -19,6 +19,7 @@ from extractors import (
     available_backbones,
     build_extractors,
 )
+from extractors.base import BackboneUnavailableError
 from extractors.audio_ast import ast_config, time_positions
 from extractors.flow_i3d import I3D_FLOW_URL
 from extractors.i3d import inception_i3d
@@ -199,7 +200,7 @@ def test_flow_is_clipped_to_20_pixels_and_scaled_to_unit_range():
 
 def test_tvl1_without_opencv_contrib_says_what_to_install(monkeypatch):
     monkeypatch.delattr(cv2, "optflow", raising=False)
-    with pytest.raises(RuntimeError, match="opencv-contrib-python"):
+    with pytest.raises(BackboneUnavailableError, match="opencv-contrib-python"):
         build_extractors(tiny_config("flow", "tvl1"), CPU, WeightsSource())
 
 
