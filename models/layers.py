@@ -1,0 +1,104 @@
+"""Small building blocks shared by the scorers in this package."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def sinusoidal_position_encoding(
+    length: int, dim: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """The fixed (length, dim) encoding of "Attention is all you need": sin on even, cos on odd features."""
+    position = torch.arange(length, device=device, dtype=torch.float32).unsqueeze(1)
+    frequency = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    encoding = torch.zeros(length, dim, device=device, dtype=torch.float32)
+    encoding[:, 0::2] = torch.sin(position * frequency)
+    encoding[:, 1::2] = torch.cos(position * frequency)[:, : dim // 2]
+    return encoding.to(dtype)
+
+
+def _momentum_factor(norm: nn.BatchNorm1d) -> float:
+    if norm.momentum is None:  # cumulative moving average, as nn.BatchNorm1d does
+        return 1.0 / float(norm.num_batches_tracked)
+    return norm.momentum
+
+
+class MaskedBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics come only from the rows selected by `rows`.
+
+    Every row is normalised, but only the selected rows decide the mean and variance (and the running
+    statistics). This keeps a row's values out of every other row's output: the features of a modality a
+    sample is not allowed to use must not reach another sample's score through the batch statistics.
+    `rows` is (B,) or, to select per channel, (B, C); None (or eval mode) is plain BatchNorm1d.
+    """
+
+    def forward(self, x: Tensor, rows: Tensor | None = None) -> Tensor:
+        if rows is None or not self.training or not self.track_running_stats:
+            return super().forward(x)
+        if rows.dim() == 1:
+            rows = rows.unsqueeze(1)
+        weight = rows.to(x.dtype).expand(x.shape[0], x.shape[1])
+        if x.dim() == 3:
+            weight = weight.unsqueeze(2)
+        reduce_dims = [0] + list(range(2, x.dim()))
+        positions = x.shape[2] if x.dim() == 3 else 1
+        count = weight.sum(0).reshape(-1) * positions  # (C,)
+        safe_count = count.clamp_min(1.0)
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        mean = (x * weight).sum(reduce_dims) / safe_count
+        centred = x - mean.view(shape)
+        var = (centred.square() * weight).sum(reduce_dims) / safe_count
+        out = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            momentum = _momentum_factor(self)
+            # A channel with no selected row keeps its running statistics.
+            factor = torch.where(count > 0, momentum, 0.0).to(mean.dtype)
+            unbiased = var * count / (count - 1).clamp_min(1.0)
+            self.running_mean.mul_(1 - factor).add_(factor * mean)
+            self.running_var.mul_(1 - factor).add_(factor * unbiased)
+        return out
+
+
+def batch_norm_per_group(x: Tensor, norm: nn.BatchNorm1d) -> Tensor:
+    """Apply `norm` to x (G, B, C, T) as if it were called on each of the G groups in turn.
+
+    Each group gets its own batch statistics, and the running statistics end where G successive calls
+    would leave them, so one call over stacked groups gives the numbers of G separate calls.
+    """
+    groups, batch, channels, length = x.shape
+    if not norm.training or not norm.track_running_stats:
+        flat = F.batch_norm(
+            x.reshape(groups * batch, channels, length), norm.running_mean, norm.running_var,
+            norm.weight, norm.bias, False, 0.0, norm.eps,
+        )
+        return flat.view_as(x)
+    var, mean = torch.var_mean(x, dim=(1, 3), unbiased=False, keepdim=True)
+    out = (x - mean) * torch.rsqrt(var + norm.eps)
+    if norm.affine:
+        out = out * norm.weight.view(1, 1, -1, 1) + norm.bias.view(1, 1, -1, 1)
+    with torch.no_grad():
+        count = batch * length
+        mean, var = mean.view(groups, channels), var.view(groups, channels) * count / max(count - 1, 1)
+        if norm.momentum is None:  # cumulative average: replay the G updates one by one
+            for g in range(groups):
+                norm.num_batches_tracked.add_(1)
+                factor = _momentum_factor(norm)
+                norm.running_mean.mul_(1 - factor).add_(factor * mean[g])
+                norm.running_var.mul_(1 - factor).add_(factor * var[g])
+        else:
+            # G exponential updates in a row: old * (1-m)^G + sum_g m (1-m)^(G-1-g) * stat_g
+            momentum = norm.momentum
+            norm.num_batches_tracked.add_(groups)
+            decay = (1 - momentum) ** torch.arange(groups - 1, -1, -1, device=x.device, dtype=mean.dtype)
+            share = (momentum * decay).unsqueeze(1)
+            norm.running_mean.mul_((1 - momentum) ** groups).add_((share * mean).sum(0))
+            norm.running_var.mul_((1 - momentum) ** groups).add_((share * var).sum(0))
+    return out

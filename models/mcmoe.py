@@ -1,0 +1,398 @@
+"""MCMoE: Missing Completion with Mixture of Experts (AAAI 2026), for any number of named modalities.
+
+    features (B, T, C_m) per modality
+      -> projection P^m                      (per modality)
+      -> STEM: one Transformer encoder       (shared, each modality on its own; modalities stacked on batch)
+      -> AGMG: missing modalities generated  (per-sample masks: key padding hides what a sample lacks)
+      -> MoE: every expert on every modality (one grouped conv), soft router per time step -> F^m
+      -> CFM: concatenated F^m -> H (B, T, d)
+      -> grade decoder: N prototypes read H  -> grade weights -> score in [0, 1]
+
+Availability is per sample. A modality a sample may not use never reaches its score, nor (through
+batch statistics) any other sample's score: it only serves as the target of L_recon / L_align.
+
+Where this departs from the published code (DESIGN.md section 3 describes the model):
+- per-sample masks instead of one mask per batch; with one mask per batch the masking gives the same
+  numbers as generating from the available modalities alone;
+- the grade prototypes get the position encoding of their grade index (the published code indexes the
+  encoding by the sample's position in the batch, so a score depended on where a video sat in it);
+- projection batch statistics come only from samples that may use the modality (see `forward`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from models.layers import MaskedBatchNorm1d, batch_norm_per_group, sinusoidal_position_encoding
+from models.losses import hardest_triplet_loss, masked_modality_mean
+
+LOSS_TERMS = ("task", "div", "recon", "align")  # the keys of MCMoE.loss's terms, in this order
+
+
+@dataclass
+class MCMoEConfig:
+    """Architecture, loss weights and ablation switches. Defaults are the published settings.
+
+    Ablations (DESIGN.md Table 3): switch off use_stem / use_agmg / use_moe / use_cfm / use_recon /
+    use_align / use_div. Without AGMG a missing modality stays zeros; without MoE F^m is the completed
+    sequence; without CFM the F^m are summed. `baseline` switches off STEM, AGMG, MoE, CFM, L_recon and
+    L_align at once: the projected available features are summed and read by the grade decoder,
+    trained with L_div + L_task.
+    """
+
+    modalities: list[str]
+    feature_dims: dict[str, int]
+    hidden: int = 256
+    encoder_layers: int = 3
+    encoder_heads: int = 2
+    decoder_layers: int = 3
+    decoder_heads: int = 2
+    feedforward_ratio: int = 3  # feed-forward width = ratio * hidden, in the STEM and the decoder
+    generator_layers: int = 2
+    generator_heads: int = 4
+    dropout: float = 0.3
+    num_grades: int = 4
+    position_encoding: bool = False  # sinusoidal encoding on the STEM input (the RG setting turns it on)
+    margin: float = 1.0
+    recon_weight: float = 1.0
+    align_weight: float = 1.0
+    div_weight: float = 1.0  # alpha in the paper
+    task_weight: float = 10.0
+    use_stem: bool = True
+    use_agmg: bool = True
+    use_moe: bool = True
+    use_cfm: bool = True
+    use_recon: bool = True
+    use_align: bool = True
+    use_div: bool = True
+    baseline: bool = False
+
+    def __post_init__(self) -> None:
+        self.modalities = list(self.modalities)
+        if not self.modalities:
+            raise ValueError("MCMoEConfig needs at least one modality")
+        if len(set(self.modalities)) != len(self.modalities):
+            raise ValueError(f"modality names repeat: {self.modalities}")
+        missing = [m for m in self.modalities if m not in self.feature_dims]
+        if missing:
+            raise ValueError(f"feature_dims lacks modalities {missing}")
+        self.feature_dims = {m: int(self.feature_dims[m]) for m in self.modalities}
+        small = {m: c for m, c in self.feature_dims.items() if c < 2}
+        if small:
+            raise ValueError(f"feature dims must be >= 2, got {small}")
+        if self.hidden % 2:
+            raise ValueError(f"hidden must be even (experts use hidden/2), got {self.hidden}")
+        for name in ("encoder_heads", "decoder_heads", "generator_heads"):
+            if self.hidden % getattr(self, name):
+                raise ValueError(f"hidden {self.hidden} is not divisible by {name}={getattr(self, name)}")
+        if self.num_grades < 2:
+            raise ValueError(f"num_grades must be >= 2 (grade values are (n-1)/(N-1)), got {self.num_grades}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.baseline:
+            self.use_stem = self.use_agmg = self.use_moe = self.use_cfm = False
+            self.use_recon = self.use_align = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MCMoEConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown MCMoEConfig fields {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def training_defaults(cls) -> dict[str, Any]:
+        """Optimiser and schedule of the published code; presets override lr and epochs."""
+        return {
+            "optimizer": "adam", "lr": 2e-4, "weight_decay": 1e-4, "batch_size": 32, "epochs": 300,
+            "warmup_epochs": 0, "min_lr_ratio": 0.01, "grad_clip": None, "mask_policy": "incomplete",
+        }
+
+
+class Projection(nn.Module):
+    """1x1 Conv1d C -> C/2, BN, ReLU, 1x1 Conv1d C/2 -> d, BN; batch statistics from `rows` only."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        inner = in_dim // 2
+        self.conv1 = nn.Conv1d(in_dim, inner, 1)
+        self.norm1 = MaskedBatchNorm1d(inner)
+        self.conv2 = nn.Conv1d(inner, out_dim, 1)
+        self.norm2 = MaskedBatchNorm1d(out_dim)
+
+    def forward(self, x: Tensor, rows: Tensor | None = None) -> Tensor:  # (B, T, C) -> (B, T, d)
+        x = F.relu(self.norm1(self.conv1(x.transpose(1, 2)), rows))
+        return self.norm2(self.conv2(x), rows).transpose(1, 2)
+
+
+class ModalityGenerator(nn.Module):
+    """AGMG: a zero query attends (stacked cross-attention) to the available modalities, then a gate."""
+
+    def __init__(self, hidden: int, heads: int, layers: int):
+        super().__init__()
+        self.attention = nn.ModuleList(nn.MultiheadAttention(hidden, heads, batch_first=True) for _ in range(layers))
+        self.gate = nn.Linear(2 * hidden, hidden)
+
+    def forward(self, context: Tensor, hide: Tensor, length: int) -> Tensor:
+        """context (B, S, d): other modalities' sequences joined in time; hide (B, S): True = ignore."""
+        # The zero query is the same at every time step and the attention has no dropout, so every step
+        # computes the same output: attending from one step and repeating it gives the full sequence.
+        query = context.new_zeros(context.shape[0], 1, context.shape[2])
+        for attention in self.attention:
+            query = attention(query, context, context, key_padding_mask=hide, need_weights=False)[0]
+        generated = query.squeeze(1)  # its time-mean, too
+        keep = (~hide).unsqueeze(-1).to(context.dtype)
+        context_mean = (context * keep).sum(1) / keep.sum(1)
+        gate = torch.sigmoid(self.gate(torch.cat([generated, context_mean], -1)))
+        return (gate * generated).unsqueeze(1).expand(-1, length, -1)
+
+
+class ExpertBank(nn.Module):
+    """One temporal expert per modality (Conv1d d -> d/2 k3, BN, GELU, Conv1d d/2 -> d k1, BN).
+
+    The experts are stored side by side (expert k owns channel block k of every layer), so applying all
+    of them is one convolution and one grouped convolution instead of separate passes.
+    """
+
+    def __init__(self, hidden: int, count: int):
+        super().__init__()
+        self.count, self.hidden, self.inner = count, hidden, hidden // 2
+        self.conv1 = nn.Conv1d(hidden, count * self.inner, 3, padding=1)
+        self.norm1 = MaskedBatchNorm1d(count * self.inner)
+        self.conv2 = nn.Conv1d(count * self.inner, count * hidden, 1, groups=count)
+        self.norm2 = MaskedBatchNorm1d(count * hidden)
+
+    def all_pairs(self, x: Tensor) -> Tensor:
+        """x (M, B, T, d) -> (M, B, E, T, d): expert e applied to modality m.
+
+        Batch statistics are taken per (expert, modality) pair, as separate expert calls would.
+        """
+        groups, batch, length, hidden = x.shape
+        h = self.conv1(x.reshape(groups * batch, length, hidden).transpose(1, 2))
+        h = F.gelu(batch_norm_per_group(h.view(groups, batch, -1, length), self.norm1))
+        y = self.conv2(h.view(groups * batch, -1, length))
+        y = batch_norm_per_group(y.view(groups, batch, -1, length), self.norm2)
+        return y.view(groups, batch, self.count, hidden, length).transpose(-1, -2)
+
+    def own(self, x: Tensor, rows: Tensor) -> Tensor:
+        """x (M, B, T, d) -> (M, B, T, d): expert m applied to modality m only; rows (B, M) pick the
+        samples whose statistics count (a modality absent from a sample's data must not count)."""
+        groups, batch, length, hidden = x.shape
+        stacked = x.permute(1, 0, 3, 2).reshape(batch, groups * hidden, length)
+        h = F.conv1d(stacked, self.conv1.weight, self.conv1.bias, padding=1, groups=groups)
+        h = F.gelu(self.norm1(h, rows.repeat_interleave(self.inner, dim=1)))
+        y = self.norm2(self.conv2(h), rows.repeat_interleave(hidden, dim=1))
+        return y.view(batch, groups, hidden, length).permute(1, 0, 3, 2)
+
+
+class MCMoE(nn.Module):
+    """The scorer; follows the contract in models/__init__.py (forward -> dict with "score", loss)."""
+
+    def __init__(self, config: MCMoEConfig):
+        super().__init__()
+        self.config = config
+        self.modalities = list(config.modalities)
+        d, count = config.hidden, len(config.modalities)
+        feedforward = config.feedforward_ratio * d
+
+        self.projections = nn.ModuleDict({m: Projection(config.feature_dims[m], d) for m in self.modalities})
+        self.stem = None
+        if config.use_stem:
+            layer = nn.TransformerEncoderLayer(d, config.encoder_heads, feedforward, config.dropout, batch_first=True)
+            self.stem = nn.TransformerEncoder(
+                layer, config.encoder_layers, norm=nn.LayerNorm(d), enable_nested_tensor=False
+            )
+        self.generators = None
+        if config.use_agmg and count > 1:  # one modality leaves nothing to generate from
+            self.generators = nn.ModuleList(
+                ModalityGenerator(d, config.generator_heads, config.generator_layers) for _ in range(count)
+            )
+        self.experts = self.router = None
+        if config.use_moe:
+            self.experts = ExpertBank(d, count)
+            self.router = nn.Sequential(nn.Linear(d, d // 2), nn.GELU(), nn.Linear(d // 2, count))
+        self.fusion = None
+        if config.use_cfm:
+            self.fusion = nn.Sequential(
+                nn.Conv1d(count * d, 2 * d, 1), nn.BatchNorm1d(2 * d), nn.ReLU(),
+                nn.Conv1d(2 * d, d, 1), nn.BatchNorm1d(d),
+            )
+        layer = nn.TransformerDecoderLayer(d, config.decoder_heads, feedforward, config.dropout, batch_first=True)
+        self.decoder = nn.TransformerDecoder(layer, config.decoder_layers, norm=nn.LayerNorm(d))
+        self.grade_prototypes = nn.Parameter(torch.randn(config.num_grades, d))
+        self.head = nn.Linear(d, config.num_grades)
+        self.register_buffer("grade_values", torch.linspace(0, 1, config.num_grades), persistent=False)
+        # The published Transformer initialises every weight matrix of its encoder and decoder this way.
+        for module in (self.stem, self.decoder):
+            if module is not None:
+                for p in module.parameters():
+                    if p.dim() > 1:
+                        nn.init.xavier_uniform_(p)
+
+    # ------------------------------------------------------------------ inputs
+
+    def _check_inputs(
+        self, features: dict[str, Tensor], available: Tensor, present: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        unknown = sorted(set(features) - set(self.modalities))
+        missing = [m for m in self.modalities if m not in features]
+        if unknown or missing:
+            raise ValueError(
+                f"features must hold exactly the modalities {self.modalities}: missing {missing}, unexpected {unknown}"
+            )
+        first = features[self.modalities[0]]
+        if first.dim() != 3:
+            raise ValueError(f"features[{self.modalities[0]!r}] must be (B, T, C), got {tuple(first.shape)}")
+        batch, length = first.shape[:2]
+        for m in self.modalities:
+            want = (batch, length, self.config.feature_dims[m])
+            if tuple(features[m].shape) != want:
+                raise ValueError(f"features[{m!r}] has shape {tuple(features[m].shape)}, expected {want}")
+        want = (batch, len(self.modalities))
+        if tuple(available.shape) != want:
+            raise ValueError(
+                f"available must be (B, M) = {want} in order {self.modalities}, got {tuple(available.shape)}"
+            )
+        available = available.to(device=first.device, dtype=torch.bool)
+        empty = (~available.any(1)).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"samples {empty} have no available modality")
+        if present is None:  # absent modalities arrive as zeros
+            present = torch.stack([features[m].ne(0).flatten(1).any(1) for m in self.modalities], 1)
+        elif tuple(present.shape) != want:
+            raise ValueError(f"present must be (B, M) = {want}, got {tuple(present.shape)}")
+        return available, present.to(device=first.device, dtype=torch.bool)
+
+    # ------------------------------------------------------------------ stages
+
+    def _encode(self, projected: Tensor) -> Tensor:
+        """STEM on (M, B, T, d): one call with the modalities stacked on the batch axis."""
+        groups, batch, length, d = projected.shape
+        x = projected.reshape(groups * batch, length, d)
+        if self.config.position_encoding:
+            x = x + sinusoidal_position_encoding(length, d, x.device, x.dtype)
+        return self.stem(x).view(groups, batch, length, d)
+
+    def _complete(self, real: Tensor, available: Tensor) -> tuple[Tensor, Tensor]:
+        """Replace every unavailable (modality, sample) of real (M, B, T, d) by its generated sequence.
+
+        Each generator runs on the whole batch: the key padding mask hides, per sample, its own modality
+        and the ones the sample lacks. No gather/scatter of rows, so no host sync and nothing that
+        deterministic CUDA mode refuses.
+        """
+        groups, batch, length, d = real.shape
+        keep = available.T[:, :, None, None]
+        visible = torch.where(keep, real, 0.0)
+        generated = []
+        for m, generator in enumerate(self.generators):
+            others = [j for j in range(groups) if j != m]
+            context = visible[others].transpose(0, 1).reshape(batch, -1, d)
+            # Samples that have modality m discard this output; hiding nothing keeps their softmax finite.
+            hide = ~available[:, others] & ~available[:, m, None]
+            generated.append(generator(context, hide.repeat_interleave(length, dim=1), length))
+        generated = torch.where(keep, 0.0, torch.stack(generated))
+        return torch.where(keep, real, generated), generated
+
+    def forward(
+        self, features: dict[str, Tensor], available: Tensor, present: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """features {modality: (B, T, C_m)}, available (B, M) bool -> dict with "score" (B,) in [0, 1].
+
+        present (B, M), optional: which modalities exist in the data; it only decides which samples the
+        loss targets' batch statistics come from. Default: the modalities whose features are not all zero.
+        """
+        available, present = self._check_inputs(features, available, present)
+        cfg = self.config
+        # Projection statistics come from the samples that may use the modality; where none may, the
+        # projection only feeds loss targets, so every sample that has the modality counts.
+        stat_rows = torch.where(available.any(0, keepdim=True), available, present)
+        projected = torch.stack(
+            [self.projections[m](features[m], stat_rows[:, i]) for i, m in enumerate(self.modalities)]
+        )
+        real = self._encode(projected) if self.stem is not None else projected
+        out: dict[str, Tensor] = {"real": real.transpose(0, 1)}
+        if self.generators is not None:
+            completed, generated = self._complete(real, available)
+            out["generated"] = generated.transpose(0, 1)
+        else:
+            completed = torch.where(available.T[:, :, None, None], real, 0.0)
+
+        if self.experts is not None:
+            expert_out = self.experts.all_pairs(completed)  # (M, B, E, T, d)
+            weights = torch.softmax(self.router(completed), dim=-1)  # (M, B, T, E)
+            fused = torch.einsum("mbte,mbetd->mbtd", weights, expert_out)
+            out["fused"] = fused.transpose(0, 1)
+            out["own_expert"] = self.experts.own(real, present).transpose(0, 1)
+        else:
+            fused = completed
+
+        groups, batch, length, d = fused.shape
+        if self.fusion is not None:
+            stacked = fused.permute(1, 0, 3, 2).reshape(batch, groups * d, length)
+            memory = self.fusion(stacked).transpose(1, 2)
+        else:
+            memory = fused.sum(0)
+
+        queries = self.grade_prototypes + sinusoidal_position_encoding(
+            cfg.num_grades, d, memory.device, memory.dtype
+        )
+        patterns = self.decoder(queries.expand(batch, -1, -1), memory)
+        logits = torch.diagonal(self.head(patterns), dim1=-2, dim2=-1)  # grade n reads output n
+        grade_weights = torch.sigmoid(logits)
+        grade_weights = grade_weights / grade_weights.sum(1, keepdim=True)
+        out["score"] = grade_weights @ self.grade_values
+        out["grade_weights"] = grade_weights
+        out["grade_patterns"] = patterns
+        return out
+
+    # ------------------------------------------------------------------ losses
+
+    def loss(
+        self, out: dict[str, Tensor], target: Tensor, present: Tensor, available: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """total = w_recon L_recon + w_align L_align + alpha L_div + w_task L_task.
+
+        L_recon: MSE(generated, real) for every modality a sample had to impute (not available) and
+        that exists in its data (present); mean over those samples per modality, summed over modalities
+        (the published code sums one MSE per generated modality).
+        L_align: KL(softmax(R^m) || softmax(F^m)) over the feature axis for every modality present in the
+        sample's data, imputed or not (the published code aligns all modalities); R^m is the modality's
+        own expert on its real sequence. Element-wise mean, as the published code's kl_div, per modality
+        over the present samples, summed over modalities.
+        A modality absent from a sample's data contributes nothing to either term.
+        """
+        cfg = self.config
+        score = out["score"]
+        present = present.to(device=score.device, dtype=torch.bool)
+        available = available.to(device=score.device, dtype=torch.bool)
+        zero = score.new_zeros(())
+        task = F.mse_loss(score, target.to(score))
+        div = hardest_triplet_loss(out["grade_patterns"], cfg.margin) if cfg.use_div else zero
+        recon = zero
+        if cfg.use_recon and "generated" in out:
+            error = (out["generated"] - out["real"]).square().mean((2, 3))
+            recon = masked_modality_mean(error, present & ~available)
+        align = zero
+        if cfg.use_align and "fused" in out:
+            log_fused = torch.log_softmax(out["fused"], -1)
+            log_own = torch.log_softmax(out["own_expert"], -1)
+            kl = F.kl_div(log_fused, log_own, reduction="none", log_target=True).mean((2, 3))
+            align = masked_modality_mean(kl, present)
+        total = cfg.task_weight * task + cfg.div_weight * div + cfg.recon_weight * recon + cfg.align_weight * align
+        return total, dict(zip(LOSS_TERMS, (v.detach() for v in (task, div, recon, align))))
+
+
+def mcmoe(modalities: list[str], feature_dims: dict[str, int], **overrides: Any) -> MCMoE:
+    """Build MCMoE for the given modalities, e.g. mcmoe(["rgb", "flow", "audio"], {...}, position_encoding=True)."""
+    return MCMoE(MCMoEConfig(modalities=list(modalities), feature_dims=dict(feature_dims), **overrides))

@@ -1,0 +1,155 @@
+"""Judges' scores: a CSV `video_id,score[,split]`, checked line by line before any training starts.
+
+`split` (optional) is one of train / val / test. `train` never uses test rows; `evaluate` uses only
+them when the column is there. Every problem is reported with the file and the line (line 1 is the
+header), all of them at once, so a user fixes the file in one pass.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from manifests.cache import DONE, FeatureCache
+
+REQUIRED_COLUMNS = ("video_id", "score")
+SPLITS = ("train", "val", "test")
+MAX_LISTED = 10  # problems listed in one error message before "... and N more"
+
+
+class LabelError(ValueError):
+    """The labels file, or its match with the feature cache, is wrong; the message names file and lines."""
+
+
+@dataclass
+class Labels:
+    path: Path
+    scores: dict[str, float]  # video_id -> score, in file order
+    lines: dict[str, int]  # video_id -> line number in the file
+    splits: dict[str, str] | None = None  # video_id -> train / val / test, when the column exists
+    extra_columns: list[str] = field(default_factory=list)
+
+    @property
+    def video_ids(self) -> list[str]:
+        return list(self.scores)
+
+    def ids_in_split(self, *names: str) -> list[str]:
+        if self.splits is None:
+            return list(self.scores)
+        return [v for v in self.scores if self.splits[v] in names]
+
+    def where(self, video_id: str) -> str:
+        return f"{self.path} line {self.lines[video_id]}"
+
+
+def _raise_all(path: Path, problems: list[str]) -> None:
+    shown = problems[:MAX_LISTED]
+    more = len(problems) - len(shown)
+    text = "\n".join(f"  {p}" for p in shown) + (f"\n  ... and {more} more" if more else "")
+    raise LabelError(f"{path}: {len(problems)} problem(s):\n{text}")
+
+
+def read_labels(path: str | Path) -> Labels:
+    """Parse and check a labels CSV: header, ids, numeric finite scores, no duplicates, valid splits."""
+    path = Path(path).expanduser()
+    try:
+        handle = path.open(newline="", encoding="utf-8-sig")
+    except OSError as exc:
+        raise LabelError(f"cannot read labels file {path}: {exc.strerror}") from None
+    with handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header is None:
+            raise LabelError(f"{path} is empty; expected a header line `video_id,score[,split]`")
+        header = [h.strip() for h in header]
+        missing = [c for c in REQUIRED_COLUMNS if c not in header]
+        if missing:
+            raise LabelError(
+                f"{path} line 1: header {','.join(header)!r} lacks column(s) {missing}; "
+                "expected `video_id,score` and optionally `split`"
+            )
+        index = {name: header.index(name) for name in header}
+        has_split = "split" in index
+        scores: dict[str, float] = {}
+        lines: dict[str, int] = {}
+        splits: dict[str, str] = {}
+        problems: list[str] = []
+        for row in reader:
+            line = reader.line_num
+            if not row or all(not cell.strip() for cell in row):
+                continue  # blank lines are harmless
+            if len(row) < len(header):
+                problems.append(f"line {line}: {len(row)} field(s), the header has {len(header)}")
+                continue
+            video_id = row[index["video_id"]].strip()
+            text = row[index["score"]].strip()
+            if not video_id:
+                problems.append(f"line {line}: empty video_id")
+                continue
+            try:
+                score = float(text)
+            except ValueError:
+                problems.append(f"line {line}: score {text!r} of {video_id!r} is not a number")
+                continue
+            if not math.isfinite(score):
+                problems.append(f"line {line}: score {text!r} of {video_id!r} is not finite")
+                continue
+            if video_id in scores:
+                problems.append(f"line {line}: duplicate video_id {video_id!r} (first on line {lines[video_id]})")
+                continue
+            if has_split:
+                split = row[index["split"]].strip().lower()
+                if split not in SPLITS:
+                    problems.append(f"line {line}: split {split!r} of {video_id!r} is not one of {SPLITS}")
+                    continue
+                splits[video_id] = split
+            scores[video_id] = score
+            lines[video_id] = line
+    if problems:
+        _raise_all(path, problems)
+    if not scores:
+        raise LabelError(f"{path} has a header but no labelled videos")
+    extra = [h for h in header if h not in (*REQUIRED_COLUMNS, "split")]
+    return Labels(path, scores, lines, splits if has_split else None, extra)
+
+
+def check_against_cache(
+    labels: Labels,
+    cache: FeatureCache,
+    video_ids: list[str] | None = None,
+    require_all_labelled: bool = True,
+) -> dict[str, list[str]]:
+    """Match labelled ids with the cache; returns {video_id: present modalities} for `video_ids`.
+
+    Errors (all listed at once): a labelled id with no record, a failed record, or no modality at all
+    ("ids without features"); with `require_all_labelled`, cache videos the file does not mention
+    ("features without labels": usually a truncated or wrong labels file).
+    """
+    wanted = labels.video_ids if video_ids is None else video_ids
+    records = {r.video_id: r for r in cache.records()}
+    problems = []
+    present: dict[str, list[str]] = {}
+    for video_id in wanted:
+        record = records.get(video_id)
+        where = f"line {labels.lines[video_id]}"
+        if record is None:
+            problems.append(f"{where}: video {video_id!r} has no features in {cache.root}")
+        elif record.status != DONE:
+            problems.append(f"{where}: video {video_id!r} failed extraction ({record.error or 'no reason recorded'})")
+        elif not record.present_modalities():
+            problems.append(f"{where}: video {video_id!r} has every modality missing in {cache.root}")
+        else:
+            present[video_id] = [m for m in cache.modalities if m in record.present_modalities()]
+    if problems:
+        _raise_all(labels.path, problems)
+    if require_all_labelled:
+        unlabelled = sorted(set(records) - set(labels.scores))
+        if unlabelled:
+            shown = ", ".join(unlabelled[:MAX_LISTED]) + (" ..." if len(unlabelled) > MAX_LISTED else "")
+            raise LabelError(
+                f"{labels.path}: {len(unlabelled)} video(s) in the feature cache {cache.root} have no label "
+                f"({shown}). Label them, list held-out videos with split=test, or pass --ignore-unlabelled."
+            )
+    return present

@@ -1,0 +1,108 @@
+"""The published benchmark settings (DESIGN.md section 3), as data.
+
+A preset carries two kinds of values:
+- dataset facts, used by every model: clip_num (segments per sample) and the score range labels are
+  divided by;
+- MCMoE's published optimisation and model settings (epochs, lr, alpha, ...), applied only when the
+  model is MCMoE; other models keep their own defaults (LIMSSR: DESIGN.md section 4).
+Every value is overridable by the matching `pipeline train` flag.
+
+FS1000's PCS labels are divided by the factor in the label file's last column; that happens when the
+labels are imported (`pipeline import-features --format skating-mixer`), so the PCS preset's range
+(60) applies to the already-divided values (`pcs_factor_divided` records it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Preset:
+    dataset: str  # rg | fisv | fs1000
+    target: str  # action (RG) or score type (Fis-V, FS1000)
+    clip_num: int
+    score_range: float
+    epochs: int
+    lr: float
+    alpha: float  # weight of L_div
+    position_encoding: bool
+    batch_size: int = 32
+    optimizer: str = "adam"
+    weight_decay: float = 1e-4
+    min_lr_ratio: float = 0.01  # cosine decay to 1% of lr
+    warmup_epochs: int = 0
+    dropout: float = 0.3
+    hidden: int = 256
+    pcs_factor_divided: bool = False
+
+    # The MCMoEConfig fields these settings feed (alpha is its L_div weight, div_weight).
+    MODEL_FIELDS = {"alpha": "div_weight", "position_encoding": "position_encoding", "dropout": "dropout", "hidden": "hidden"}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def data_overrides(self) -> dict[str, Any]:
+        return {"clip_num": self.clip_num, "score_range": self.score_range}
+
+    def training_overrides(self, model: str) -> dict[str, Any]:
+        if model != "mcmoe":
+            return {}
+        return {
+            "epochs": self.epochs,
+            "lr": self.lr,
+            "batch_size": self.batch_size,
+            "optimizer": self.optimizer,
+            "weight_decay": self.weight_decay,
+            "min_lr_ratio": self.min_lr_ratio,
+            "warmup_epochs": self.warmup_epochs,
+        }
+
+    def model_overrides(self, model: str) -> dict[str, Any]:
+        if model != "mcmoe":
+            return {}
+        return {field: getattr(self, name) for name, field in self.MODEL_FIELDS.items()}
+
+
+def _rg(action: str, epochs: int) -> Preset:
+    return Preset("rg", action, clip_num=68, score_range=25.0, epochs=epochs, lr=2e-4, alpha=1.0, position_encoding=True)
+
+
+def _fisv(score: str, score_range: float, epochs: int) -> Preset:
+    # The reference README runs Fis-V with position encoding on, like RG.
+    return Preset("fisv", score, clip_num=124, score_range=score_range, epochs=epochs, lr=2e-4, alpha=0.5, position_encoding=True)
+
+
+def _fs1000(score: str, score_range: float, epochs: int) -> Preset:
+    return Preset(
+        "fs1000", score, clip_num=95, score_range=score_range, epochs=epochs, lr=1e-4, alpha=1.0,
+        position_encoding=False, pcs_factor_divided=(score == "PCS"),
+    )
+
+
+PRESETS: dict[str, dict[str, Preset]] = {
+    "rg": {a: _rg(a, e) for a, e in [("Ball", 410), ("Clubs", 560), ("Hoop", 270), ("Ribbon", 300)]},
+    "fisv": {s: _fisv(s, r, e) for s, r, e in [("TES", 45.0, 460), ("PCS", 40.0, 510)]},
+    "fs1000": {
+        s: _fs1000(s, r, e)
+        for s, r, e in [
+            ("TES", 130.0, 360), ("PCS", 60.0, 460), ("SS", 10.0, 360), ("TR", 10.0, 210),
+            ("PE", 10.0, 520), ("CO", 10.0, 520), ("IN", 10.0, 390),
+        ]
+    },
+}
+
+
+def get_preset(name: str, target: str | None) -> Preset:
+    """The preset for a dataset and an action / score type (`--preset rg --action Ball`)."""
+    try:
+        targets = PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}") from None
+    if target is None:
+        raise ValueError(f"--preset {name} needs --action, one of {list(targets)}")
+    matches = [t for t in targets if t.lower() == target.lower()]
+    if not matches:
+        raise ValueError(f"preset {name!r} has no action/score type {target!r}; choose from {list(targets)}")
+    return targets[matches[0]]

@@ -1,0 +1,663 @@
+"""`pipeline train`: fit a scorer on cached features, select on validation, resume exactly.
+
+Run folder (everything JSON, CSV or safetensors; nothing is unpickled when loading it):
+
+    RUN/
+      run.json                 TrainConfig, preset, score range / clip_num and where they came from,
+                               modalities, feature dims, the cache and labels used, the splits,
+                               simulated missingness, parameter count, how the checkpoint was chosen
+      model_config.json        {"model": name, "config": config.to_dict()}
+      extraction_config.json   the feature cache's config.json, so scoring re-extracts identically
+      best.safetensors         the weights of the epoch chosen on validation (its metadata repeats best.json)
+      best.json                that epoch, its validation metrics, per-setting validation metrics
+      train_log.csv            one row per finished epoch
+      last/                    resume state after the last finished epoch: model.safetensors,
+                               optimizer.safetensors, rng.safetensors, state.json (written last)
+
+The learning rate follows a per-epoch schedule: linear warm-up over `warmup_epochs`, then cosine decay
+to `min_lr_ratio * lr`; it is a pure function of the epoch, so the "scheduler state" is the epoch.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from manifests.cache import FeatureCache, atomic_write_bytes, atomic_write_json
+from models import build_model, config_class
+from models.checkpoint import (
+    load_model_state,
+    load_tensors,
+    model_state,
+    save_model_config,
+    save_tensors,
+)
+from pipeline import data
+from pipeline.devices import resolve_device
+from pipeline.evaluate import call_model, evaluate_samples, load_run, predict  # noqa: F401 (load_run: re-exported)
+from pipeline.labels import LabelError, Labels, check_against_cache, read_labels
+from pipeline.metrics import mse, spearman_rho
+from pipeline.presets import Preset, get_preset
+
+RUN_JSON, BEST_JSON, LOG_CSV, EXTRACTION_JSON = "run.json", "best.json", "train_log.csv", "extraction_config.json"
+BEST_WEIGHTS, LAST_DIR = "best.safetensors", "last"
+OPTIMIZERS = ("adam", "adamw")
+TRAINING_KEYS = (
+    "optimizer", "lr", "weight_decay", "batch_size", "epochs",
+    "warmup_epochs", "min_lr_ratio", "grad_clip", "mask_policy",
+)
+SELECTION = "best epoch on the validation split (Spearman rho, ties by lower MSE); the test set is never used"
+
+
+class TrainError(RuntimeError):
+    """Training cannot start or continue; the message says why and what to do."""
+
+
+class NonFiniteLossError(TrainError):
+    """The loss became NaN/inf; the last good state and the best checkpoint were kept."""
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run, resolved: model defaults < preset < flags."""
+
+    features: str
+    labels: str
+    out: str
+    model: str = "mcmoe"
+    preset: str | None = None
+    action: str | None = None
+    optimizer: str = "adam"
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    batch_size: int = 32
+    epochs: int = 100
+    warmup_epochs: int = 0
+    min_lr_ratio: float = 0.01
+    grad_clip: float = 0.0  # max gradient norm; 0 = off
+    mask_policy: str = "incomplete"
+    clip_num: int | None = None  # None: the longest training video
+    score_range: float | None = None  # None: the largest training label
+    val_fraction: float = 0.2
+    seed: int = 0
+    train_missing: dict[str, float] = field(default_factory=dict)
+    ignore_unlabelled: bool = False
+    model_options: dict[str, Any] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)  # setting -> where its value came from
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, payload: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in payload.items() if k in known})
+
+    def validate(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.mask_policy not in data.MASK_POLICIES:
+            raise ValueError(f"--mask-policy must be one of {data.MASK_POLICIES}, got {self.mask_policy!r}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0 or self.warmup_epochs < 0:
+            raise ValueError("--lr must be > 0; --weight-decay, --grad-clip, --warmup-epochs >= 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.clip_num is not None and self.clip_num < 1:
+            raise ValueError(f"--clip-num must be >= 1, got {self.clip_num}")
+        if self.score_range is not None and not self.score_range > 0:
+            raise ValueError(f"--score-range must be > 0, got {self.score_range}")
+
+
+def resolve_config(
+    features: str,
+    labels: str,
+    out: str,
+    model: str = "mcmoe",
+    preset: str | None = None,
+    action: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    model_options: dict[str, Any] | None = None,
+) -> tuple[TrainConfig, Preset | None]:
+    """Merge the model's training defaults, the preset and explicit values (`overrides`, flag names
+    with underscores; `model_options`, model-config field names), recording each value's source."""
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    chosen = get_preset(preset, action) if preset else None
+    defaults = config_class(model).training_defaults()
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+
+    def put(layer: dict[str, Any], source: str) -> None:
+        for key, value in layer.items():
+            values[key] = value
+            sources[key] = source
+
+    put({k: defaults[k] for k in TRAINING_KEYS if k in defaults}, f"{model} defaults")
+    if values.get("grad_clip") is None:
+        values["grad_clip"] = 0.0  # None in a model's defaults means no clipping
+    options: dict[str, Any] = {}
+    if chosen is not None:
+        where = f"preset {chosen.dataset}/{chosen.target}"
+        put(chosen.data_overrides(), where)
+        put(chosen.training_overrides(model), where)
+        for key, value in chosen.model_overrides(model).items():
+            options[key] = value
+            sources[f"model.{key}"] = where
+    put(overrides, "flag")
+    for key, value in (model_options or {}).items():
+        options[key] = value
+        sources[f"model.{key}"] = "flag"
+    absolute = lambda path: str(Path(path).expanduser().resolve())  # noqa: E731 (a resumed run may start elsewhere)
+    config = TrainConfig(
+        features=absolute(features), labels=absolute(labels), out=str(out), model=model,
+        preset=preset, action=chosen.target if chosen else action,
+        model_options=options, sources=sources,
+        **{k: v for k, v in values.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}},
+    )
+    config.validate()
+    return config, chosen
+
+
+# `--ablation NAME` -> model-config settings (MCMoE, DESIGN.md Table 3).
+ABLATIONS = {
+    "baseline": {"baseline": True},
+    "no-stem": {"use_stem": False},
+    "no-agmg": {"use_agmg": False},
+    "no-moe": {"use_moe": False},
+    "no-cfm": {"use_cfm": False},
+    "no-recon": {"use_recon": False},
+    "no-align": {"use_align": False},
+    "no-div": {"use_div": False},
+}
+# Flag names -> model-config fields, first one the model has (MCMoE calls alpha div_weight).
+FLAG_FIELDS = {
+    "hidden": ("hidden",),
+    "dropout": ("dropout",),
+    "alpha": ("div_weight", "alpha"),
+    "position_encoding": ("position_encoding",),
+    "llm": ("llm",),
+}
+
+
+def model_options_from_flags(model: str, flags: dict[str, Any], ablations: list[str], extra: list[str]) -> dict[str, Any]:
+    """Model-config settings from the generic flags, --ablation names and --model-option KEY=VALUE
+    (VALUE read as JSON when it parses, else as a string)."""
+    known = {f.name for f in dataclasses.fields(config_class(model))}
+    options: dict[str, Any] = {}
+    for flag, value in flags.items():
+        if value is None:
+            continue
+        fields = [f for f in FLAG_FIELDS[flag] if f in known]
+        if not fields:
+            raise ValueError(f"--{flag.replace('_', '-')} does not apply to model {model!r}")
+        options[fields[0]] = value
+    for name in ablations:
+        if name not in ABLATIONS:
+            raise ValueError(f"--ablation {name!r}: choose from {sorted(ABLATIONS)}")
+        options.update(ABLATIONS[name])
+    for item in extra:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--model-option {item!r} is not KEY=VALUE")
+        try:
+            options[key.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            options[key.strip()] = text
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"model {model!r} has no setting(s) {unknown}; its settings are {sorted(known - {'modalities', 'feature_dims'})}")
+    return options
+
+
+def lr_at(config: TrainConfig, epoch: int) -> float:
+    """Learning rate of epoch `epoch` (0-based): linear warm-up, then cosine to min_lr_ratio * lr."""
+    if epoch < config.warmup_epochs:
+        return config.lr * (epoch + 1) / config.warmup_epochs
+    span = max(1, config.epochs - config.warmup_epochs)
+    progress = (epoch - config.warmup_epochs) / span
+    floor = config.min_lr_ratio
+    return config.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def build_model_config(model: str, modalities: list[str], feature_dims: dict[str, int], options: dict[str, Any]):
+    cls = config_class(model)
+    known = {f.name for f in dataclasses.fields(cls)} - {"modalities", "feature_dims"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"model {model!r} has no setting(s) {unknown}; its settings are {sorted(known)}")
+    return cls(modalities=list(modalities), feature_dims=dict(feature_dims), **options)
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class TrainData:
+    cache: FeatureCache
+    labels: Labels
+    modalities: list[str]
+    feature_dims: dict[str, int]
+    train: list[data.Sample]
+    val: list[data.Sample]
+    clip_num: int
+    clip_num_source: str
+    score_range: float
+    score_range_source: str
+    hidden: dict[str, list[str]]  # simulated missingness: video -> hidden modalities
+    absent: dict[str, list[str]]  # genuinely absent in the data: video -> modalities
+    ignored_test: int
+
+
+def prepare_data(config: TrainConfig, log: Callable[[str], None]) -> TrainData:
+    """Read and check labels against the cache, split, hide simulated-missing modalities, load features."""
+    cache = FeatureCache.open(config.features)
+    modalities, feature_dims = cache.modalities, cache.feature_dims
+    labels = read_labels(config.labels)
+    splits = labels.splits or {}
+    usable = labels.ids_in_split("train", "val")
+    ignored_test = len(labels.video_ids) - len(usable)
+    if not usable:
+        raise LabelError(f"{labels.path}: no rows with split train or val")
+    present = check_against_cache(labels, cache, usable, require_all_labelled=not config.ignore_unlabelled)
+    negative = [v for v in usable if labels.scores[v] < 0]
+    if negative:
+        raise LabelError(
+            f"{labels.where(negative[0])}: score {labels.scores[negative[0]]} of {negative[0]!r} is negative; "
+            "the models predict score / score_range in [0, 1]"
+        )
+    if labels.splits is not None and any(splits[v] == "val" for v in usable):
+        train_ids = sorted(v for v in usable if splits[v] == "train")
+        val_ids = sorted(v for v in usable if splits[v] == "val")
+    else:
+        train_ids, val_ids = data.split_train_val(usable, config.val_fraction, config.seed)
+    if len(train_ids) < 2:
+        raise LabelError(f"{labels.path}: {len(train_ids)} training video(s); at least 2 are needed")
+    if not val_ids:
+        log("warning: no validation split (--val-fraction 0): the last epoch is kept, nothing is selected")
+
+    unknown = sorted(set(config.train_missing) - set(modalities))
+    if unknown:
+        raise ValueError(f"--train-missing names {unknown}, which are not modalities of the cache {modalities}")
+    hidden = data.draw_train_missing(present, config.train_missing, config.seed) if config.train_missing else {}
+    absent = {v: [m for m in modalities if m not in present[v]] for v in usable if len(present[v]) < len(modalities)}
+    train = data.load_samples(cache, train_ids, labels.scores, hidden)
+    val = data.load_samples(cache, val_ids, labels.scores, hidden)
+
+    if config.score_range is not None:
+        score_range = float(config.score_range)
+        source = config.sources.get("score_range", "flag")
+    else:
+        score_range = max(labels.scores[v] for v in train_ids)
+        source = f"largest training label ({len(train_ids)} videos)"
+        if score_range <= 0:
+            raise LabelError(f"{labels.path}: every training score is 0; pass --score-range")
+    too_high = [v for v in train_ids if labels.scores[v] > score_range]
+    if too_high:
+        log(f"warning: {len(too_high)} training score(s) exceed the score range {score_range} "
+            f"(e.g. {too_high[0]!r}: {labels.scores[too_high[0]]}); predictions cannot reach them")
+    if config.clip_num is not None:
+        clip_num, clip_source = int(config.clip_num), config.sources.get("clip_num", "flag")
+    else:
+        clip_num, clip_source = max(s.length for s in train), "longest training video"
+    return TrainData(
+        cache, labels, modalities, feature_dims, train, val, clip_num, clip_source,
+        score_range, source, hidden, absent, ignored_test,
+    )
+
+
+# --------------------------------------------------------------------------- resume state
+
+
+def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors, meta = {}, {}
+    for param_id, slots in state["state"].items():
+        for name, value in slots.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{param_id}.{name}"] = value.detach().to("cpu").contiguous().clone()
+            else:
+                meta.setdefault(str(param_id), {})[name] = value
+    return tensors, {"param_groups": state["param_groups"], "non_tensor_state": meta}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        param_id, name = key.split(".", 1)
+        state.setdefault(int(param_id), {})[name] = value
+    for param_id, slots in meta["non_tensor_state"].items():
+        state.setdefault(int(param_id), {}).update(slots)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _rng_tensors(generator: torch.Generator) -> dict[str, torch.Tensor]:
+    tensors = {"torch": torch.get_rng_state(), "data": generator.get_state()}
+    if torch.cuda.is_available():
+        for index, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda{index}"] = state
+    return tensors
+
+
+def _python_numpy_rng() -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+    }
+
+
+def _restore_rng(tensors: dict[str, torch.Tensor], states: dict[str, Any], generator: torch.Generator) -> None:
+    torch.set_rng_state(tensors["torch"])
+    generator.set_state(tensors["data"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda")]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def save_resume_state(run_dir: Path, model, optimizer, generator, epoch: int, best: dict[str, Any]) -> None:
+    """Write last/ as a whole: a new folder, then swapped in by renames, so a kill never leaves a mix."""
+    new, final, old = run_dir / f"{LAST_DIR}.new", run_dir / LAST_DIR, run_dir / f"{LAST_DIR}.old"
+    shutil.rmtree(new, ignore_errors=True)
+    new.mkdir()
+    save_tensors(new / "model.safetensors", model_state(model))
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    save_tensors(new / "optimizer.safetensors", opt_tensors)
+    save_tensors(new / "rng.safetensors", _rng_tensors(generator))
+    atomic_write_json(
+        new / "state.json",  # written last: its presence marks the folder complete
+        {"epoch": epoch, "optimizer": opt_meta, "rng": _python_numpy_rng(), "best": best,
+         "scheduler": {"kind": "per-epoch warm-up + cosine", "next_epoch": epoch}},
+    )
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    new.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_resume_state(run_dir: Path) -> Path | None:
+    """last/, or the complete half of an interrupted swap."""
+    for name in (LAST_DIR, f"{LAST_DIR}.new", f"{LAST_DIR}.old"):
+        if (run_dir / name / "state.json").is_file():
+            return run_dir / name
+    return None
+
+
+def load_resume_state(folder: Path, model, optimizer, generator) -> dict[str, Any]:
+    state = json.loads((folder / "state.json").read_text())
+    weights, _ = load_tensors(folder / "model.safetensors")
+    load_model_state(model, weights)
+    opt_tensors, _ = load_tensors(folder / "optimizer.safetensors")
+    optimizer.load_state_dict(_unflatten_optimizer(opt_tensors, state["optimizer"]))
+    rng_tensors, _ = load_tensors(folder / "rng.safetensors")
+    _restore_rng(rng_tensors, state["rng"], generator)
+    return state
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    epochs_done: int
+    finished: bool  # False when stopped by stop_after_epochs
+    best: dict[str, Any]
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def _is_better(rho: float, error: float, best: dict[str, Any]) -> bool:
+    """Higher validation rho wins (undefined rho counts as lowest); equal rho: lower MSE."""
+    if not best:
+        return True
+    rho = -2.0 if math.isnan(rho) else rho
+    best_rho = -2.0 if best["val_rho"] is None else best["val_rho"]
+    if rho != best_rho:
+        return rho > best_rho
+    best_mse = math.inf if best["val_mse"] is None else best["val_mse"]
+    return error < best_mse
+
+
+def _write_log(path: Path, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    columns = list(rows[0])
+    for row in rows[1:]:
+        columns += [c for c in row if c not in columns]
+    lines = [",".join(columns)] + [",".join("" if row.get(c) is None else str(row.get(c)) for c in columns) for row in rows]
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+
+
+def _read_log(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _run_info(config: TrainConfig, preset: Preset | None, bundle: TrainData, counts: tuple[int, int], seq_len) -> dict[str, Any]:
+    return {
+        "config": config.to_dict(),
+        "preset": preset.to_dict() if preset else None,
+        "model": config.model,
+        "modalities": bundle.modalities,
+        "feature_dims": bundle.feature_dims,
+        "clip_num": bundle.clip_num,
+        "clip_num_source": bundle.clip_num_source,
+        "score_range": bundle.score_range,
+        "score_range_source": bundle.score_range_source,
+        "seed": config.seed,
+        "features": str(bundle.cache.root.resolve()),
+        "feature_config_hash": bundle.cache.config_hash,
+        "labels": str(Path(config.labels).expanduser().resolve()),
+        "selection": SELECTION if bundle.val else "no validation split: the last epoch",
+        "selected_on": "validation" if bundle.val else "none (last epoch)",
+        "splits": {
+            "train": [s.video_id for s in bundle.train],
+            "val": [s.video_id for s in bundle.val],
+            "test_rows_ignored": bundle.ignored_test,
+        },
+        "absent_in_data": bundle.absent,
+        "train_missing": {"rates": config.train_missing, "hidden": bundle.hidden,
+                          "applies_to": "training and validation videos (both are training data)"},
+        "num_parameters": counts[0],
+        "num_trainable_parameters": counts[1],
+        "sequence_length": seq_len,
+        "random_weight_features": bundle.cache.random_weights,
+        "torch_version": torch.__version__,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def train(
+    config: TrainConfig,
+    preset: Preset | None = None,
+    resume: bool = False,
+    device: str = "auto",
+    progress: bool = True,
+    stop_after_epochs: int | None = None,
+    log: Callable[[str], None] = _stderr,
+) -> TrainResult:
+    """Train (or continue) the run in `config.out`; see the module docstring for what it writes."""
+    config.validate()
+    run_dir = Path(config.out).expanduser()
+    if resume:
+        if not (run_dir / RUN_JSON).is_file():
+            raise TrainError(f"--resume: {run_dir} holds no run ({RUN_JSON} is missing)")
+        stored = json.loads((run_dir / RUN_JSON).read_text())["config"]
+        mine = config.to_dict()
+        differ = sorted(k for k in mine if k not in ("sources", "out") and stored.get(k) != mine[k])
+        if differ:
+            raise TrainError(
+                f"--resume: settings differ from the run in {run_dir}: "
+                + "; ".join(f"{k}: run {stored.get(k)!r}, now {mine[k]!r}" for k in differ)
+            )
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise TrainError(f"{run_dir} already holds files; pass --resume to continue that run or choose another --out")
+
+    torch_device = resolve_device(device)
+    bundle = prepare_data(config, log)
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+
+    model_config = build_model_config(config.model, bundle.modalities, bundle.feature_dims, config.model_options)
+    model = build_model(config.model, model_config).to(torch_device)
+    counts = count_parameters(model)
+    seq_len = model.sequence_length(bundle.clip_num) if hasattr(model, "sequence_length") else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    optimizer = optimizer_cls(params, lr=config.lr, weight_decay=config.weight_decay)
+
+    log(f"{config.model}: {counts[0]:,} parameters ({counts[1]:,} trainable)"
+        + (f"; LLM sequence length {seq_len} at clip_num {bundle.clip_num}" if seq_len else ""))
+    log(f"data: {len(bundle.train)} train / {len(bundle.val)} val videos, modalities {bundle.modalities}, "
+        f"clip_num {bundle.clip_num} ({bundle.clip_num_source}), score range {bundle.score_range:g} "
+        f"({bundle.score_range_source}); batch {config.batch_size}, {config.epochs} epochs, mask policy "
+        f"{config.mask_policy}" + (f", {bundle.ignored_test} test rows left out" if bundle.ignored_test else ""))
+    if config.warmup_epochs >= config.epochs:
+        log(f"warning: --warmup-epochs {config.warmup_epochs} >= --epochs {config.epochs}: the peak lr is never reached")
+    if bundle.cache.random_weights:
+        log("note: these features come from RANDOM-WEIGHT backbones; scores trained on them mean nothing")
+
+    info = _run_info(config, preset, bundle, counts, seq_len)
+    start_epoch, best, rows = 0, {}, []
+    if resume:
+        recorded = json.loads((run_dir / RUN_JSON).read_text())
+        if recorded["splits"]["train"] != info["splits"]["train"] or recorded["splits"]["val"] != info["splits"]["val"]:
+            raise TrainError(f"--resume: the labels or features changed since the run started ({run_dir / RUN_JSON})")
+        folder = find_resume_state(run_dir)
+        if folder is None:
+            log(f"--resume: {run_dir} has no finished epoch yet; starting from epoch 1")
+        else:
+            state = load_resume_state(folder, model, optimizer, generator)
+            start_epoch, best = int(state["epoch"]), state["best"]
+            log(f"resuming {run_dir} after epoch {start_epoch} of {config.epochs}")
+        rows = [r for r in _read_log(run_dir / LOG_CSV) if int(r["epoch"]) <= start_epoch]
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_dir / RUN_JSON, info)
+        save_model_config(run_dir, config.model, model)
+        atomic_write_json(run_dir / EXTRACTION_JSON, bundle.cache.read_config())
+
+    sizes = (bundle.modalities, bundle.feature_dims, bundle.clip_num)
+    epochs_run = 0
+    for epoch in range(start_epoch, config.epochs):
+        if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
+            log(f"stopped after epoch {epoch} as asked; continue with --resume")
+            return TrainResult(run_dir, epoch, False, best)
+        lr = lr_at(config, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        model.train()
+        sums: dict[str, float] = {}
+        seen = 0
+        train_pred, train_true = [], []
+        batches = data.training_batches(bundle.train, *sizes, config.batch_size, generator)
+        # Updated by hand: a wrapped iterator would close the bar before the validation numbers arrive.
+        bar = tqdm(total=math.ceil(len(bundle.train) / config.batch_size), desc=f"epoch {epoch + 1}/{config.epochs}",
+                   file=sys.stderr, disable=not progress, dynamic_ncols=True, leave=True)
+        try:
+            for index, batch in enumerate(batches):
+                available = data.draw_training_masks(batch.present, config.mask_policy, generator)
+                batch = batch.to(torch_device)
+                available = available.to(torch_device)
+                # Present-but-masked modalities keep their real features: they are the targets of
+                # reconstruction-type losses; the model itself looks only at `available`.
+                out = call_model(model, batch.features, available, batch.present)
+                target = batch.score / bundle.score_range
+                total, terms = model.loss(out, target, batch.present, available)
+                if not torch.isfinite(total):
+                    kept = (f"the state after epoch {start_epoch + epochs_run} is kept in {run_dir / LAST_DIR}"
+                            if find_resume_state(run_dir) else "no epoch had finished, so no state was saved")
+                    if best:
+                        kept += f"; the best checkpoint (epoch {best['epoch']}) is {run_dir / BEST_WEIGHTS}"
+                    described = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+                    raise NonFiniteLossError(
+                        f"non-finite loss {total.item()} at epoch {epoch + 1}, batch {index + 1} ({described}); "
+                        f"training stopped: {kept}. Try a lower --lr or --grad-clip."
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                if config.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+                optimizer.step()
+                size = len(batch.video_ids)
+                seen += size
+                for key, value in {"loss": total.detach(), **terms}.items():
+                    sums[key] = sums.get(key, 0.0) + float(value) * size
+                train_pred.append(out["score"].detach().float().cpu() * bundle.score_range)
+                train_true.append(batch.score.cpu())
+                bar.set_postfix({k: f"{v / seen:.3g}" for k, v in sums.items()}, refresh=False)
+                bar.update(1)
+
+            row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr}
+            row.update({k: v / seen for k, v in sums.items()})
+            row["train_rho"] = spearman_rho(torch.cat(train_pred).numpy(), torch.cat(train_true).numpy())
+            if bundle.val:
+                predicted = predict(model, bundle.val, *sizes, device=torch_device, batch_size=config.batch_size)
+                truth = np.array([s.score for s in bundle.val])
+                row["val_rho"] = spearman_rho(predicted * bundle.score_range, truth)
+                row["val_mse"] = mse(predicted * bundle.score_range, truth)
+                # validation first: a narrow terminal cuts the end of the line
+                bar.set_postfix({"val_rho": f"{row['val_rho']:.3f}", "val_mse": f"{row['val_mse']:.3g}",
+                                 **{k: f"{v / seen:.3g}" for k, v in sums.items()}})
+            else:
+                row["val_rho"], row["val_mse"] = None, None
+        finally:
+            bar.close()
+
+        rows.append(row)
+        if not bundle.val or _is_better(row["val_rho"], row["val_mse"], best):
+            best = {"epoch": epoch + 1, "val_rho": _finite_or_none(row["val_rho"]), "val_mse": _finite_or_none(row["val_mse"])}
+            save_tensors(run_dir / BEST_WEIGHTS, model_state(model), {"best": best, "model": config.model})
+            atomic_write_json(run_dir / BEST_JSON, {**best, "selection": info["selection"]})
+        save_resume_state(run_dir, model, optimizer, generator, epoch + 1, best)
+        _write_log(run_dir / LOG_CSV, rows)
+        epochs_run += 1
+
+    if not best:
+        raise TrainError(f"{run_dir}: no epoch finished")
+    if bundle.val:
+        # Per-setting validation metrics of the chosen weights (2^M - 1 forward passes over val, once).
+        weights, _ = load_tensors(run_dir / BEST_WEIGHTS)
+        load_model_state(model, weights)
+        evaluation = evaluate_samples(model, bundle.val, *sizes, bundle.score_range, torch_device, config.batch_size)
+        atomic_write_json(run_dir / BEST_JSON, {**best, "selection": info["selection"], "val_settings": evaluation.to_dict()})
+    shown = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    log(f"done: best epoch {best['epoch']}"
+        + (f" (val rho {shown(best['val_rho'])}, val MSE {shown(best['val_mse'])})" if bundle.val else "")
+        + f"; run folder {run_dir}")
+    return TrainResult(run_dir, config.epochs, True, best)

@@ -1,0 +1,107 @@
+"""Labels CSV validation: every problem reported with the file and line, before any training."""
+
+from __future__ import annotations
+
+import pytest
+
+from manifests.cache import FAILED, VideoRecord
+from pipeline.labels import LabelError, check_against_cache, read_labels
+from tests.synthetic import write_labels, write_synthetic_cache
+
+
+def write(tmp_path, text: str, name: str = "labels.csv"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_reads_scores_splits_and_line_numbers(tmp_path):
+    path = write(tmp_path, "video_id,score,split\na,1.5,train\n\nb,2,VAL\nc,3e1,test\n")
+    labels = read_labels(path)
+    assert labels.scores == {"a": 1.5, "b": 2.0, "c": 30.0}
+    assert labels.splits == {"a": "train", "b": "val", "c": "test"}
+    assert labels.lines == {"a": 2, "b": 4, "c": 5}
+    assert labels.ids_in_split("train", "val") == ["a", "b"]
+    assert labels.where("c") == f"{path} line 5"
+
+
+def test_without_split_column_every_row_is_usable(tmp_path):
+    labels = read_labels(write(tmp_path, "score,video_id,judge\n7,x,anna\n8,y,bob\n"))
+    assert labels.splits is None and labels.ids_in_split("test") == ["x", "y"]
+    assert labels.extra_columns == ["judge"]
+
+
+def test_missing_column_names_the_header_line(tmp_path):
+    with pytest.raises(LabelError, match=r"line 1: .*lacks column\(s\) \['score'\]"):
+        read_labels(write(tmp_path, "video_id,points\na,1\n"))
+
+
+def test_every_bad_row_is_reported_with_its_line(tmp_path):
+    text = (
+        "video_id,score,split\n"
+        "a,1,train\n"  # 2 ok
+        "b,abc,train\n"  # 3 not a number
+        "c,nan,train\n"  # 4 not finite
+        "d,inf,train\n"  # 5 not finite
+        "a,2,train\n"  # 6 duplicate of line 2
+        "e,3,holdout\n"  # 7 bad split
+        ",4,train\n"  # 8 empty id
+        "f\n"  # 9 too few fields
+    )
+    path = write(tmp_path, text)
+    with pytest.raises(LabelError) as caught:
+        read_labels(path)
+    message = str(caught.value)
+    assert str(path) in message and "7 problem(s)" in message
+    for expected in (
+        "line 3: score 'abc' of 'b' is not a number",
+        "line 4: score 'nan' of 'c' is not finite",
+        "line 5: score 'inf' of 'd' is not finite",
+        "line 6: duplicate video_id 'a' (first on line 2)",
+        "line 7: split 'holdout'",
+        "line 8: empty video_id",
+        "line 9: 1 field(s)",
+    ):
+        assert expected in message
+
+
+def test_empty_files_and_missing_files(tmp_path):
+    with pytest.raises(LabelError, match="is empty"):
+        read_labels(write(tmp_path, ""))
+    with pytest.raises(LabelError, match="no labelled videos"):
+        read_labels(write(tmp_path, "video_id,score\n", "header_only.csv"))
+    with pytest.raises(LabelError, match="cannot read labels file"):
+        read_labels(tmp_path / "nope.csv")
+
+
+@pytest.fixture()
+def small_cache(tmp_path):
+    made = write_synthetic_cache(tmp_path / "cache", num_videos=5, absent={"vid001": ["audio"]})
+    return made
+
+
+def test_cache_match_gives_present_modalities(tmp_path, small_cache):
+    labels = read_labels(write_labels(tmp_path / "l.csv", small_cache.scores))
+    present = check_against_cache(labels, small_cache.cache)
+    assert present["vid000"] == ["rgb", "flow", "audio"]
+    assert present["vid001"] == ["rgb", "flow"]
+
+
+def test_ids_without_features_name_their_lines(tmp_path, small_cache):
+    record = small_cache.cache.read_record("vid002")
+    small_cache.cache.write_record(VideoRecord(**{**record.__dict__, "status": FAILED, "error": "decode error"}))
+    scores = {**small_cache.scores, "ghost": 1.0}
+    labels = read_labels(write_labels(tmp_path / "l.csv", scores))
+    with pytest.raises(LabelError) as caught:
+        check_against_cache(labels, small_cache.cache)
+    message = str(caught.value)
+    assert "line 7: video 'ghost' has no features" in message
+    assert "line 4: video 'vid002' failed extraction (decode error)" in message
+
+
+def test_features_without_labels_is_an_error_unless_ignored(tmp_path, small_cache):
+    scores = {k: v for k, v in small_cache.scores.items() if k not in ("vid003", "vid004")}
+    labels = read_labels(write_labels(tmp_path / "l.csv", scores))
+    with pytest.raises(LabelError, match=r"2 video\(s\) in the feature cache .* have no label \(vid003, vid004\)"):
+        check_against_cache(labels, small_cache.cache)
+    assert set(check_against_cache(labels, small_cache.cache, require_all_labelled=False)) == set(scores)
