@@ -9,6 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import pandas as pd
+
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
 
 
@@ -241,10 +243,11 @@ def _run_train(args: argparse.Namespace) -> int:
         if args.resume and run_json.is_file():
             # The run's recorded settings are authoritative; flags may only repeat them.
             config = training.TrainConfig.from_dict(json.loads(run_json.read_text())["config"])
+            config.out = str(args.out)  # the folder may have moved since
             preset = None if config.preset is None else training.get_preset(config.preset, config.action)
             options = training.model_options_from_flags(config.model, model_flags, args.ablation, args.model_option)
             given = {k: v for k, v in overrides.items() if v is not None}
-            given.update({k: str(getattr(args, k)) for k in ("features", "labels") if getattr(args, k) is not None})
+            given.update({k: str(getattr(args, k).expanduser().resolve()) for k in ("features", "labels") if getattr(args, k) is not None})
             given.update({k: getattr(args, k) for k in ("model", "preset", "action") if getattr(args, k) is not None})
             changed = {k: v for k, v in given.items() if getattr(config, k) != v}
             changed.update({f"model.{k}": v for k, v in options.items() if config.model_options.get(k) != v})
@@ -293,8 +296,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--split", choices=["test", "all"], default="test",
                         help="with a split column, evaluate its test rows (default) or every row")
     parser.add_argument("--out", type=Path,
-                        help="write OUT.csv, OUT.json and OUT.predictions.csv (suffix ignored; "
-                        "default: RUN/evaluation/<labels name>)")
+                        help="write OUT.csv, OUT.json and OUT.predictions.csv (a .csv/.json suffix is "
+                        "dropped; default: RUN/evaluation/eval-<labels name>)")
     parser.add_argument("--plot", type=Path, metavar="FILE.png", help="draw predicted vs true scores per setting")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=32, help="(default: %(default)s)")
@@ -324,12 +327,14 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         print(f"WARNING: {len(overlap)} of these videos were used in training or validation "
               f"(e.g. {overlap[0]}); the numbers below are not a held-out test", file=sys.stderr)
     best = run.best
-    print(f"{run.model_name} run {run.directory}: checkpoint of epoch {best.get('epoch')} chosen on "
-          f"{run.info.get('selected_on', 'validation')} (val rho {best.get('val_rho')}); evaluated on "
-          f"{len(samples)} videos of {args.labels}, which played no part in choosing it", file=sys.stderr)
+    chosen = (f"chosen on the validation split (val rho {best['val_rho']:.3f})"
+              if best.get("val_rho") is not None else "the last epoch (no validation split)")
+    print(f"{run.model_name} run {run.directory}: checkpoint of epoch {best.get('epoch')}, {chosen}; "
+          f"evaluated on {len(samples)} videos of {args.labels}"
+          + ("" if overlap else ", which played no part in training or choosing it"), file=sys.stderr)
     evaluation = run.evaluate(samples, batch_size=args.batch_size)
     print(evaluate.format_table(evaluation))
-    base = args.out.with_suffix("") if args.out else run.directory / "evaluation" / args.labels.stem
+    base = args.out or run.directory / "evaluation" / f"eval-{args.labels.stem}"
     csv_path, json_path = evaluate.write_evaluation(base, run, evaluation, args.labels, args.split, overlap)
     print(f"wrote {csv_path}, {json_path}", file=sys.stderr)
     if args.plot:
@@ -394,19 +399,81 @@ def _run_import_features(args: argparse.Namespace) -> int:
 
 
 def _add_score(sub: argparse._SubParsersAction) -> None:
-    raise NotImplementedError  # written by the lead
+    parser = sub.add_parser(
+        "score",
+        help="score new clips end to end with a trained run",
+        description="Extract the clips exactly as the run's training features were extracted (reusing "
+        "features of clips already extracted), then score them with the run's model. A modality a clip "
+        "lacks (e.g. no audio track) is imputed and reported. The table goes to stdout (and to --out); "
+        "logs and progress to stderr. Exit 0: all clips scored; 1: some clips failed (they get a row "
+        "with the error); 2: usage error.",
+    )
+    parser.add_argument("clips", nargs="+", type=Path, help="video files and/or folders of videos")
+    parser.add_argument("--run", type=existing_path, required=True, help="run folder made by `pipeline train`")
+    parser.add_argument("--out", type=Path, help="also write the scores to FILE.csv or FILE.json (with per-grade weights)")
+    parser.add_argument("--features", type=Path,
+                        help="feature cache to reuse and extend (refused unless made exactly like the run's); "
+                        "default: the run's training cache is reused read-only and new clips go to RUN/score_cache")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")
+    parser.add_argument("--weights-dir", type=Path, help="folder with pretrained backbone weights (see extract --help)")
+    parser.add_argument("--offline", action="store_true", help="never download backbone weights")
+    parser.add_argument("--batch-segments", type=int, default=8, help="segments per backbone call (default: %(default)s)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _run_score(args: argparse.Namespace) -> int:
-    raise NotImplementedError  # written by the lead
+    from extractors.base import BackboneUnavailableError, WeightsSource
+    from manifests.cache import CacheError
+    from pipeline.devices import resolve_device
+    from pipeline.evaluate import RunError
+    from pipeline.score import ScoreError, collect_clips, score_clips, write_scores
+
+    if args.out is not None and args.out.suffix.lower() not in (".csv", ".json"):
+        raise UsageError(f"--out must end in .csv or .json, got {args.out}")
+    clips = collect_clips(args.clips)
+    if not clips:
+        raise UsageError(f"no video files among {[str(c) for c in args.clips]}")
+    try:
+        device = resolve_device(args.device)
+        results = score_clips(
+            clips, args.run, device=device, features=args.features,
+            weights=WeightsSource(weights_dir=args.weights_dir, offline=args.offline),
+            batch_segments=args.batch_segments, progress=not args.quiet,
+        )
+    except (ScoreError, RunError, CacheError, BackboneUnavailableError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    table = pd.DataFrame([r.row() for r in results]).drop(columns=["grade_weights"]).astype(object).fillna("")
+    print(table.to_string(index=False))
+    if args.out is not None:
+        write_scores(args.out, results)
+        print(f"wrote {args.out}", file=sys.stderr)
+    return EXIT_FAILURES if any(r.error for r in results) else EXIT_OK
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    raise NotImplementedError  # written by the lead
+    parser = sub.add_parser(
+        "demo",
+        help="run the whole flow on built-in sample clips (random-weight backbones)",
+        description="Make a dozen short sample clips (some without audio) with labels, then run extract "
+        "(random-weight backbones), train (MCMoE), evaluate and score, as the commands a user would "
+        "type. Everything goes under --out. The numbers are NOT accuracy claims.",
+    )
+    parser.add_argument("--out", type=Path, default=Path("demo_output"), help="output folder (default: %(default)s)")
+    parser.add_argument("--clips", type=int, default=14, help="labelled sample clips (default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=30, help="MCMoE training epochs (default: %(default)s)")
+    parser.add_argument("--arch-size", choices=["tiny", "full"], default="tiny",
+                        help="backbone sizes; full is the real architectures, slow on a CPU (default: %(default)s)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    raise NotImplementedError  # written by the lead
+    from pipeline.demo import DemoSettings, run_demo
+
+    if args.clips < 6:
+        raise UsageError("--clips must be at least 6 (training, validation and test clips are carved from them)")
+    settings = DemoSettings(clips=args.clips, epochs=args.epochs, arch_size=args.arch_size)
+    return run_demo(args.out, settings, device=args.device, progress=not args.quiet)
 
 
 # ============================================================================ wiring

@@ -428,7 +428,7 @@ class _Extraction:
         try:
             if self.frame_modalities and chunks[0].frames is not None:
                 frames = np.concatenate([c.frames for c in chunks])
-                count, clips = frames.shape[0], self.config.clip_frames
+                count, clips = frames.shape[0], self.config.frames_per_clip
                 clip_batch = torch.from_numpy(frames.reshape(-1, clips, *frames.shape[2:]))
                 for modality in self.frame_modalities:
                     embedded = self.extractors[modality].embed(clip_batch)

@@ -1,0 +1,182 @@
+"""Extraction speed: decode, audio, each backbone alone, and end to end.
+
+    python benchmarks/bench_extract.py                       # synthetic 25 fps clips, full-size random backbones
+    python benchmarks/bench_extract.py --videos DIR --backbones pretrained --device cuda --json out.json
+
+Reports segments/s and x-real-time (seconds of video per second of wall time) for every stage. On a
+GPU it also measures the bf16 matmul rate and compares each backbone's time with its FLOP count
+divided by that rate (the "FLOP bound"; the goal is within 2.5x of it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from extractors.base import WeightsSource, build_extractors  # noqa: E402
+from extractors.config import ExtractionConfig  # noqa: E402
+from extractors.decode import VideoFrames, audio_windows, load_audio  # noqa: E402
+from pipeline.devices import resolve_device  # noqa: E402
+from pipeline.extract import discover_videos, extract_videos, prepare_cache  # noqa: E402
+from pipeline.samples import ClipSpec, write_clip  # noqa: E402
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: torch.device, repeats: int = 1):
+    result = fn()  # warm-up (kernel selection, lazy init)
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        result = fn()
+    synchronize(device)
+    return (time.perf_counter() - start) / repeats, result
+
+
+def matmul_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    seconds, _ = timed(lambda: a @ b, device, repeats=20)
+    return 2 * 8192**3 / seconds / 1e12
+
+
+def make_clips(folder: Path, count: int, seconds: float, width: int, height: int) -> None:
+    for index in range(count):
+        spec = ClipSpec(f"bench{index}", 0.5, seconds=seconds, width=width, height=height, seed=index)
+        write_clip(spec, folder / f"bench{index}.mp4")
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--videos", type=Path, help="folder of videos (default: generated clips)")
+    parser.add_argument("--clips", type=int, default=2, help="generated clips (default: %(default)s)")
+    parser.add_argument("--seconds", type=float, default=6.0, help="generated clip length (default: %(default)s)")
+    parser.add_argument("--size", default="640x360", help="generated clip WxH (default: %(default)s)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--backbones", default="random", choices=["random", "pretrained"])
+    parser.add_argument("--arch-size", default="full", choices=["full", "tiny"])
+    parser.add_argument("--modalities", default="rgb,flow,audio")
+    parser.add_argument("--rgb", default="vst")
+    parser.add_argument("--flow", default=None, help="default: raft on GPU, farneback on CPU")
+    parser.add_argument("--audio", default="ast")
+    parser.add_argument("--batch-segments", type=int, default=8)
+    parser.add_argument("--weights-dir", type=Path)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+
+    device = resolve_device(args.device)
+    modalities = tuple(args.modalities.split(","))
+    flow = args.flow or ("raft" if device.type == "cuda" else "farneback")
+    names = {"rgb": args.rgb, "flow": flow, "audio": args.audio}
+    config = ExtractionConfig(modalities=modalities, backbones={m: names[m] for m in modalities},
+                              weights=args.backbones, arch_size=args.arch_size)
+    work = Path(tempfile.mkdtemp(prefix="bench_extract_"))
+    videos = args.videos
+    if videos is None:
+        width, height = map(int, args.size.split("x"))
+        videos = work / "videos"
+        make_clips(videos, args.clips, args.seconds, width, height)
+    sources = discover_videos(videos)
+    extractors = build_extractors(config, device, WeightsSource(weights_dir=args.weights_dir))
+
+    # decode + audio, per video
+    decode_s = audio_s = 0.0
+    video_seconds = 0.0
+    segments = 0
+    sample_batch = sample_audio = None
+    for source in sources:
+        video = VideoFrames(source.path, config.decode_short_side)
+        plan = video.plan(config)
+        video_seconds += video.info.duration_s
+        segments += plan.num_segments
+        start = time.perf_counter()
+        for first in range(0, plan.num_segments, args.batch_segments):
+            frames = video.read(plan.frame_indices[first : first + args.batch_segments])
+            if sample_batch is None or len(frames) > len(sample_batch):
+                sample_batch = frames
+        decode_s += time.perf_counter() - start
+        start = time.perf_counter()
+        waveform = load_audio(source.path, config.audio_sample_rate)
+        if waveform is not None:
+            windows = audio_windows(waveform, plan, config.audio_sample_rate)
+            sample_audio = sample_audio or windows[: args.batch_segments]
+        audio_s += time.perf_counter() - start
+
+    rows = [("decode frames", decode_s, segments), ("decode audio", audio_s, segments)]
+    peak_tflops = matmul_tflops(device)
+    flops_rows = {}
+    for modality, extractor in extractors.items():
+        if extractor.input_kind == "frames":
+            clips = sample_batch.reshape(-1, config.frames_per_clip, *sample_batch.shape[2:])
+            batch = torch.from_numpy(np.ascontiguousarray(clips))
+        elif sample_audio:
+            batch = sample_audio
+        else:
+            continue
+        seconds, _ = timed(lambda: extractor.embed(batch), device, repeats=2)
+        per_segment = seconds / len(batch)
+        rows.append((f"{modality}: {extractor.name}", per_segment * segments, segments))
+        with FlopCounterMode(display=False) as counter:
+            extractor.embed(batch)
+        flops = counter.get_total_flops() / len(batch)
+        bound = flops / (peak_tflops * 1e12) if peak_tflops else None
+        flops_rows[modality] = {"gflops_per_segment": flops / 1e9, "seconds_per_segment": per_segment,
+                                "flop_bound_seconds": bound,
+                                "ratio_to_flop_bound": per_segment / bound if bound else None}
+
+    cache = prepare_cache(work / "cache", config, extractors)
+    start = time.perf_counter()
+    extract_videos(sources, cache, extractors, config, batch_segments=args.batch_segments, progress=False)
+    synchronize(device)
+    rows.append(("end to end", time.perf_counter() - start, segments))
+
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU x{torch.get_num_threads()} threads"
+    print(f"device: {device_name}; {len(sources)} videos, {video_seconds:.1f} s of video, {segments} segments; "
+          f"backbones: {config.backbones} ({config.weights}, {config.arch_size}); commit {git_commit()}")
+    if peak_tflops:
+        print(f"measured bf16 matmul rate: {peak_tflops:.0f} TFLOP/s")
+    print(f"{'stage':28s} {'seconds':>9s} {'segments/s':>11s} {'x real time':>12s}")
+    results = []
+    for name, seconds, count in rows:
+        rate = count / seconds if seconds else float("inf")
+        realtime = video_seconds / seconds if seconds else float("inf")
+        print(f"{name:28s} {seconds:9.2f} {rate:11.2f} {realtime:12.2f}")
+        results.append({"stage": name, "seconds": seconds, "segments_per_s": rate, "x_real_time": realtime})
+    for modality, info in flops_rows.items():
+        ratio = info["ratio_to_flop_bound"]
+        print(f"{modality}: {info['gflops_per_segment']:.1f} GFLOP/segment"
+              + (f", {ratio:.2f}x its FLOP bound" if ratio else ""))
+    if args.json:
+        args.json.write_text(json.dumps({"device": device_name, "commit": git_commit(), "config": config.to_dict(),
+                                         "video_seconds": video_seconds, "segments": segments,
+                                         "matmul_tflops": peak_tflops, "stages": results, "flops": flops_rows},
+                                        indent=2))
+
+
+if __name__ == "__main__":
+    main()

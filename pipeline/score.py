@@ -1,0 +1,174 @@
+"""The score stage: new clips -> the run's exact extraction -> the run's model -> scores.
+
+Backbones and the scorer are loaded once per invocation and every clip's segments go through the
+backbones together. A clip already extracted with the run's configuration (found by its content
+fingerprint, in the run's own training cache or in the score cache) is not extracted again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from extractors.base import WeightsSource, build_extractors
+from extractors.config import ExtractionConfig
+from manifests.cache import DONE, CacheError, FeatureCache, VideoRecord, atomic_write_bytes, atomic_write_json
+from pipeline.data import Sample
+from pipeline.extract import VIDEO_EXTENSIONS, VideoSource, extract_videos, file_fingerprint, prepare_cache
+from pipeline.evaluate import Run, RunError, load_run
+
+
+class ScoreError(RuntimeError):
+    """The run and the clips or caches cannot be used together; the message says why."""
+
+
+@dataclass
+class ClipScore:
+    clip: str
+    score: float | None = None  # on the original scale
+    present: list[str] = field(default_factory=list)  # modalities the clip has
+    imputed: list[str] = field(default_factory=list)  # modalities the model generated for it
+    grade_weights: list[float] | None = None
+    error: str | None = None
+    video_id: str | None = None
+
+    def row(self) -> dict:
+        return {
+            "clip": self.clip,
+            "score": None if self.score is None else round(self.score, 4),
+            "present": ",".join(self.present),
+            "imputed": ",".join(self.imputed),
+            "grade_weights": None if self.grade_weights is None else [round(w, 4) for w in self.grade_weights],
+            "error": self.error,
+        }
+
+
+def collect_clips(inputs: list[Path]) -> list[Path]:
+    """Files as given, folders expanded to the videos under them, in order, without repeats."""
+    clips: list[Path] = []
+    for item in inputs:
+        item = Path(item).expanduser()
+        if item.is_dir():
+            clips += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
+        else:
+            clips.append(item)
+    seen, unique = set(), []
+    for clip in clips:
+        if clip.resolve() not in seen:
+            seen.add(clip.resolve())
+            unique.append(clip)
+    return unique
+
+
+def run_extraction_config(run: Run) -> ExtractionConfig:
+    """The extraction configuration the run was trained on, which new clips must go through."""
+    recorded = run.extraction_config
+    if recorded.get("source") != "extract" or "extraction" not in recorded:
+        raise ScoreError(
+            f"run {run.directory} was trained on features imported from {recorded.get('source')!r}, whose "
+            "extraction this project cannot repeat on raw clips; train on features made by "
+            "`pipeline extract` to score raw videos"
+        )
+    return ExtractionConfig.from_dict(recorded["extraction"])
+
+
+def _fingerprint_index(caches: list[FeatureCache]) -> dict[str, tuple[FeatureCache, VideoRecord]]:
+    index = {}
+    for cache in caches:
+        for record in cache.records():
+            if record.status == DONE and record.fingerprint:
+                index.setdefault(record.fingerprint, (cache, record))
+    return index
+
+
+def score_clips(
+    clips: list[Path],
+    run_dir: Path,
+    *,
+    device: torch.device,
+    features: Path | None = None,
+    weights: WeightsSource = WeightsSource(),
+    batch_segments: int = 8,
+    progress: bool = True,
+) -> list[ClipScore]:
+    """Score every clip with the run's model; a clip that fails gets a row with its error."""
+    run = load_run(run_dir, device)
+    config = run_extraction_config(run)
+
+    # Where features come from: --features if given (checked), else the run's own cache is consulted
+    # read-only and new clips go to <run>/score_cache, so scoring never mixes into training data.
+    lookup: list[FeatureCache] = []
+    if features is not None:
+        target = run.open_features(features)  # refuses features made differently
+    else:
+        target = FeatureCache(run.directory / "score_cache" / config.config_hash())
+        try:
+            lookup.append(run.open_features())
+        except (CacheError, RunError, OSError):
+            pass  # the training cache moved or is gone: only reuse is lost
+    results = [ClipScore(clip=str(clip)) for clip in clips]
+    known = _fingerprint_index(lookup + ([target] if (target.root / "config.json").is_file() else []))
+
+    to_extract: list[VideoSource] = []
+    queued: dict[str, str] = {}  # fingerprint -> video id, for clips queued in this call
+    located: dict[int, tuple[FeatureCache, str]] = {}
+    for index, clip in enumerate(clips):
+        if not clip.is_file():
+            results[index].error = f"no such file: {clip}"
+            continue
+        _, fingerprint = file_fingerprint(clip)
+        if fingerprint in known:
+            cache, record = known[fingerprint]
+            located[index] = (cache, record.video_id)
+        elif fingerprint in queued:  # the same file given twice: extract it once
+            located[index] = (target, queued[fingerprint])
+        else:
+            video_id = queued[fingerprint] = f"{clip.stem}-{fingerprint[:8]}"
+            to_extract.append(VideoSource(video_id, clip))
+            located[index] = (target, video_id)
+
+    if to_extract:
+        extractors = build_extractors(config, device, weights)
+        target = prepare_cache(target.root.parent, config, extractors) if features is None else target
+        extract_videos(to_extract, target, extractors, config, batch_segments=batch_segments, progress=progress)
+        del extractors
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    samples, where = [], []
+    for index, (cache, video_id) in located.items():
+        record = cache.read_record(video_id)
+        if record is None or record.status != DONE:
+            results[index].error = (record.error if record else None) or "extraction did not finish"
+            continue
+        features_of_clip = {m: a for m, a in cache.load_features(video_id).items() if m in run.modalities}
+        if not features_of_clip:
+            results[index].error = f"none of the run's modalities {run.modalities} could be extracted"
+            continue
+        results[index].video_id = video_id
+        results[index].present = [m for m in run.modalities if m in features_of_clip]
+        results[index].imputed = [m for m in run.modalities if m not in features_of_clip]
+        samples.append(Sample(video_id, features_of_clip))
+        where.append(index)
+
+    if samples:
+        predictions = run.predict(samples)
+        for index, (score, grades) in zip(where, predictions):
+            results[index].score, results[index].grade_weights = score, grades
+    return results
+
+
+def write_scores(path: Path, results: list[ClipScore]) -> None:
+    """CSV or JSON by extension, atomically; grade weights as one column per grade in CSV."""
+    rows = [r.row() for r in results]
+    if path.suffix.lower() == ".json":
+        atomic_write_json(path, rows)
+        return
+    flat = []
+    for row in rows:
+        weights = row.pop("grade_weights") or []
+        flat.append({**row, **{f"grade_{i + 1}_weight": w for i, w in enumerate(weights)}})
+    atomic_write_bytes(path, pd.DataFrame(flat).to_csv(index=False).encode())

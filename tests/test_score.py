@@ -1,0 +1,117 @@
+"""`pipeline score` and `pipeline demo` end to end through the CLI, on generated clips."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import pandas as pd
+import pytest
+
+from manifests.cache import FeatureCache
+from pipeline.cli import main
+from pipeline.samples import ClipSpec, sample_set, score_of, write_clip
+
+TINY_EXTRACT = ["--backbones", "random", "--arch-size", "tiny", "--flow", "farneback",
+                "--segment-frames", "8", "--device", "cpu", "--quiet"]
+TINY_TRAIN = ["--epochs", "2", "--batch-size", "4", "--hidden", "32", "--device", "cpu", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """extract -> train (2 epochs) on 8 labelled clips; returns the folders and an unseen clip without audio."""
+    root = tmp_path_factory.mktemp("e2e")
+    videos = root / "videos"
+    with open(root / "labels.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["video_id", "score", "split"])
+        for index, spec in enumerate(sample_set(8, seed=3)):
+            write_clip(ClipSpec(spec.name, spec.quality, seconds=1.5, with_audio=spec.with_audio, seed=spec.seed),
+                       videos / f"{spec.name}.mp4")
+            writer.writerow([spec.name, score_of(spec.quality), "test" if index >= 6 else "train"])
+    assert main(["extract", "--videos", str(videos), "--out", str(root / "cache"), *TINY_EXTRACT]) == 0
+    assert main(["train", "--features", str(root / "cache"), "--labels", str(root / "labels.csv"),
+                 "--out", str(root / "run"), *TINY_TRAIN]) == 0
+    unseen = write_clip(ClipSpec("unseen", 0.6, seconds=1.2, with_audio=False, seed=77), root / "new" / "unseen.mp4")
+    return root, unseen
+
+
+def test_evaluate_prints_the_table_row(trained, capsys):
+    root, _ = trained
+    assert main(["evaluate", "--run", str(root / "run"), "--labels", str(root / "labels.csv"), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "{v,f,a}" in out and "Average" in out
+
+
+def test_score_imputes_missing_audio_and_writes_csv(trained, capsys):
+    root, unseen = trained
+    out_csv = root / "scores.csv"
+    code = main(["score", str(unseen), "--run", str(root / "run"), "--out", str(out_csv), "--device", "cpu", "--quiet"])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "unseen.mp4" in table
+    rows = pd.read_csv(out_csv)
+    assert rows.loc[0, "present"] == "rgb,flow" and rows.loc[0, "imputed"] == "audio"
+    assert 0 <= rows.loc[0, "score"]
+    grade_columns = [c for c in rows.columns if c.startswith("grade_")]
+    assert len(grade_columns) == 4 and rows[grade_columns].sum(axis=1).iloc[0] == pytest.approx(1, abs=1e-3)
+    # the new clip went to the run's score cache, not into the training cache
+    assert any(r.video_id.startswith("unseen-") for r in FeatureCache.open(root / "run" / "score_cache").records())
+    assert not any(r.video_id.startswith("unseen") for r in FeatureCache.open(root / "cache").records())
+
+
+def test_score_reuses_training_features_and_reports_bad_clips(trained, capsys, tmp_path):
+    root, _ = trained
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00" * 1000)
+    out_json = tmp_path / "scores.json"
+    code = main(["score", str(root / "videos" / "clip07.mp4"), str(broken), "--run", str(root / "run"),
+                 "--out", str(out_json), "--device", "cpu", "--quiet"])
+    assert code == 1  # one clip failed, the other was still scored
+    rows = json.loads(out_json.read_text())
+    assert rows[0]["score"] is not None and rows[0]["error"] is None and len(rows[0]["grade_weights"]) == 4
+    assert rows[1]["score"] is None and "cannot decode video" in rows[1]["error"]
+    # clip07 was found in the training cache by its fingerprint: only the broken clip was extracted
+    score_cache = FeatureCache.open(root / "run" / "score_cache")
+    assert not any(r.video_id.startswith("clip07") for r in score_cache.records())
+
+
+def test_score_refuses_features_made_differently(trained, capsys, tmp_path):
+    root, unseen = trained
+    other = tmp_path / "other"
+    assert main(["extract", "--videos", str(unseen.parent), "--out", str(other), *TINY_EXTRACT,
+                 "--segment-frames", "16"]) == 0  # the later flag wins: a different segment length
+    capsys.readouterr()
+    code = main(["score", str(unseen), "--run", str(root / "run"), "--features", str(other), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "different extraction configuration" in err and "run:" in err and "features:" in err
+
+    # the same configuration, but claiming pretrained backbones: refused as well, saying so
+    pretend = tmp_path / "pretend"
+    shutil.copytree(FeatureCache.open(root / "cache").root, pretend / "cache")
+    config = json.loads((pretend / "cache" / "config.json").read_text())
+    config["random_weights"] = False
+    (pretend / "cache" / "config.json").write_text(json.dumps(config))
+    code = main(["score", str(unseen), "--run", str(root / "run"), "--features", str(pretend / "cache"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and "pretrained backbone weights" in err and "RANDOM weights" in err
+
+
+def test_score_usage_errors(trained, tmp_path, capsys):
+    root, unseen = trained
+    assert main(["score", str(unseen), "--run", str(root / "run"), "--out", str(tmp_path / "x.txt")]) == 2
+    assert main(["score", str(tmp_path), "--run", str(root / "run")]) == 2  # a folder without videos
+    with pytest.raises(SystemExit) as exc:
+        main(["score", str(unseen), "--run", str(tmp_path / "no-run")])
+    assert exc.value.code == 2
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--clips", "6", "--epochs", "1", "--device", "cpu", "--quiet"]) == 0
+    out = capsys.readouterr()
+    assert "RANDOM WEIGHTS" in out.err and "Demo finished" in out.out
+    assert (tmp_path / "demo" / "scores.csv").is_file() and (tmp_path / "demo" / "test_predictions.png").is_file()
+    scores = pd.read_csv(tmp_path / "demo" / "scores.csv")
+    assert scores.loc[0, "imputed"] == "audio"
