@@ -154,7 +154,7 @@ def plan_segments(
             num = 0
         else:
             num = max(0, int(np.floor((frame_count - frames_per_window) / hop)) + 1)
-        seg_start = np.round(np.arange(num) * hop).astype(np.int64)
+        seg_start = np.floor(np.arange(num) * hop + 0.5).astype(np.int64)  # round half up, evenly
         seg_start = seg_start[seg_start + frames_per_window <= frame_count]
         num = len(seg_start)
         indices = seg_start[:, None] + np.arange(clips * config.clip_frames)[None, :]

@@ -258,8 +258,11 @@ class FeatureCache:
         return sorted(out, key=lambda r: r.video_id)
 
     def manifest(self) -> pd.DataFrame:
-        rows = [r.table_row() for r in self.records()]
-        return pd.DataFrame(rows)
+        table = pd.DataFrame([r.table_row() for r in self.records()])
+        for column in ("size_bytes", "frame_count", "T"):  # stay integers even with failed (empty) rows
+            if column in table:
+                table[column] = table[column].astype("Int64")
+        return table
 
     def write_manifest(self) -> Path:
         path = self.root / MANIFEST_NAME

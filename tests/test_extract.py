@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -261,3 +262,46 @@ def test_missing_weights_stop_before_any_video(clip_folder, tmp_path, capsys, mo
     assert code == 2
     assert "--weights-dir" in err and "swin3d_b" in err
     assert not list((tmp_path / "out").rglob("record.json"))
+
+
+def test_fs1000_averages_the_clips_of_each_window(clip_folder, tmp_path):
+    folder = good_only(clip_folder, tmp_path)
+    config = tiny_config(protocol="fs1000", window_seconds=1.0, hop_seconds=0.5, clip_frames=8,
+                         modalities=("rgb", "audio"), backbones={"rgb": "vst", "audio": "ast"})
+    cache, summary = run_extract(folder, tmp_path / "out", config)
+    assert not summary.failed
+    record = cache.read_record("good")  # 80 frames at 25 fps: 25-frame windows every 12.5 frames
+    assert record.num_segments == 5
+    assert record.segments["start_s"] == pytest.approx([0, 0.52, 1.0, 1.52, 2.0])
+    features = cache.load_features("good")
+    assert features["rgb"].shape[0] == features["audio"].shape[0] == 5
+
+    # window 1 = frames 13..36: three 8-frame clips through the backbone, averaged
+    extractor = build_extractors(config, CPU, WeightsSource())["rgb"]
+    video = VideoFrames(clip_folder / "good.mp4", config.decode_short_side)
+    frames = video.read(np.arange(13, 37).reshape(3, 8))
+    expected = extractor.embed(torch.from_numpy(frames)).mean(dim=0).numpy()
+    np.testing.assert_allclose(features["rgb"][1], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_two_processes_on_one_output_split_the_work(clip_folder, tmp_path):
+    folder = tmp_path / "videos"
+    for index, name in enumerate(["good.mp4", "wide.mov", "sub/good.mp4", "ünï cødé.mkv"] * 2):
+        target = folder / f"copy{index}" / Path(name).name
+        target.parent.mkdir(parents=True)
+        shutil.copy(clip_folder / name, target)
+    command = [sys.executable, "-m", "pipeline.cli", "extract", "--videos", str(folder), "--out", str(tmp_path / "out"),
+               "--modalities", "rgb", "--backbones", "random", "--arch-size", "tiny", "--segment-frames", "8",
+               "--batch-segments", "2", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    workers = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) for _ in range(2)]
+    outputs = [w.communicate(timeout=300) for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], [o[1].decode()[-2000:] for o in outputs]
+    cache = FeatureCache.open(tmp_path / "out")
+    records = cache.records()
+    assert len(records) == 8 and all(r.status == "done" for r in records)
+    reference, _ = run_extract(folder, tmp_path / "single", tiny_config(modalities=("rgb",), backbones={"rgb": "vst"}))
+    for record in records:
+        np.testing.assert_array_equal(cache.load_features(record.video_id)["rgb"],
+                                      reference.load_features(record.video_id)["rgb"])
+    assert len(cache.manifest()) == 8
