@@ -47,7 +47,7 @@ def masked_modality_mean(values: Tensor, mask: Tensor) -> Tensor:
     """Sum over modalities of the mean over the samples where `mask` holds.
 
     values, mask: (B, M). A modality with no selected sample adds exactly nothing; unselected entries
-    never reach the result or its gradient, even when they are not finite.
+    never reach the result and get a zero gradient, even when they are not finite.
     """
     selected = torch.where(mask, values, 0.0)
     count = mask.sum(0).clamp_min(1).to(values.dtype)

@@ -311,6 +311,11 @@ class MCMoE(nn.Module):
 
         present (B, M), optional: which modalities exist in the data; it only decides which samples the
         loss targets' batch statistics come from. Default: the modalities whose features are not all zero.
+
+        Also returned: grade_weights (B, N), grade_patterns (B, N, d), and for the loss, all (B, M, T, d):
+        real (every modality's own STEM sequence, computed whether available or not: targets only),
+        generated (AGMG output; zeros where the sample has the modality), fused (F^m), own_expert (R^m).
+        Components switched off leave their keys out.
         """
         available, present = self._check_inputs(features, available, present)
         cfg = self.config

@@ -1,0 +1,381 @@
+"""Training-speed benchmark: one epoch's wall time and peak memory at the RG setting.
+
+    python benchmarks/bench_train.py                      # CPU, and CUDA when visible
+    python benchmarks/bench_train.py --batches 2 --device cpu --json bench.json
+
+RG setting: 68 segments, batch 32, synthetic features of the real shapes (rgb 1024, flow 1024,
+audio 768), every step a forward, loss, backward and Adam update with per-sample training masks.
+Each (model, variant, device) runs in its own process so its peak memory is its own: CUDA reports
+torch's peak allocation, CPU the process's peak resident set (which includes ~0.3-0.5 GiB of torch
+itself; `rss_before_mib` is the resident set after setup, before the first step).
+
+MCMoE is timed twice: the model as written (modalities stacked for the STEM, all experts in one
+grouped convolution, generators attending from one query step) and a straightforward per-modality loop
+over the same parameters (the structure of the published code: one STEM call per modality, M x M
+expert calls, full-length generator queries). Before timing, both are run once on the same batch and
+must give the same score, loss, gradients and running statistics.
+
+On a machine shared with other work single epochs swing by several times, so the speed-up comes from
+a separate paired run: the variants take turns step by step in one process on the same batches, and
+the median per-step time ratio is reported. Epoch time and peak memory come from each variant's own
+process (the fastest of --repeats epochs).
+
+Each model has one section below: a `setup_<model>(variant, ...)` that returns one training step and
+its batches, an optional equivalence check, and an entry in BENCHES; the driver at the bottom knows
+nothing model-specific.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models.layers import sinusoidal_position_encoding  # noqa: E402
+from models.mcmoe import MCMoE, mcmoe  # noqa: E402
+
+RG_DIMS = {"rgb": 1024, "flow": 1024, "audio": 768}
+RG_CLIPS = 68
+
+
+def incomplete_masks(batch: int, modalities: int, generator: torch.Generator) -> torch.Tensor:
+    """One non-empty proper subset of the modalities per sample (the default training policy)."""
+    codes = torch.randint(1, 2**modalities - 1, (batch,), generator=generator)
+    return (codes.unsqueeze(1) >> torch.arange(modalities)) & 1 == 1
+
+
+def synthetic_batches(dims: dict[str, int], batches: int, batch_size: int, clips: int, device: torch.device,
+                      seed: int = 0) -> list[tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(batches):
+        features = {m: torch.randn(batch_size, clips, c, generator=generator).to(device) for m, c in dims.items()}
+        available = incomplete_masks(batch_size, len(dims), generator).to(device)
+        target = torch.rand(batch_size, generator=generator).to(device)
+        out.append((features, available, target))
+    return out
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    # VmHWM starts afresh at exec; ru_maxrss on Linux carries the parent's peak over into a child.
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# =============================================================================== MCMoE
+
+
+def _expert(bank, index: int, x: torch.Tensor) -> torch.Tensor:
+    """Expert `index` of an ExpertBank alone on x (B, T, d), through its own slices of the weights."""
+    inner, hidden = bank.inner, bank.hidden
+    a, b = index * inner, (index + 1) * inner
+    c, e = index * hidden, (index + 1) * hidden
+    n1, n2 = bank.norm1, bank.norm2
+    h = F.conv1d(x.transpose(1, 2), bank.conv1.weight[a:b], bank.conv1.bias[a:b], padding=1)
+    h = F.batch_norm(h, n1.running_mean[a:b], n1.running_var[a:b], n1.weight[a:b], n1.bias[a:b],
+                     n1.training, n1.momentum, n1.eps)
+    h = F.gelu(h)
+    y = F.conv1d(h, bank.conv2.weight[c:e], bank.conv2.bias[c:e])
+    y = F.batch_norm(y, n2.running_mean[c:e], n2.running_var[c:e], n2.weight[c:e], n2.bias[c:e],
+                     n2.training, n2.momentum, n2.eps)
+    return y.transpose(1, 2)
+
+
+def mcmoe_loop_forward(model: MCMoE, features: dict[str, torch.Tensor], available: torch.Tensor,
+                       present: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The same model written as a plain loop over modalities, as the published code is structured.
+
+    Same parameters and the same outputs as `model(...)`; used as the speed baseline and as an
+    independent check of the batched code.
+    """
+    available, present = model._check_inputs(features, available, present)
+    cfg, names = model.config, model.modalities
+    count = len(names)
+    stat_rows = torch.where(available.any(0, keepdim=True), available, present)
+    real = []
+    for i, m in enumerate(names):
+        x = model.projections[m](features[m], stat_rows[:, i])
+        if model.stem is not None:
+            if cfg.position_encoding:
+                x = x + sinusoidal_position_encoding(x.shape[1], x.shape[2], x.device, x.dtype)
+            x = model.stem(x)
+        real.append(x)
+    batch, length, d = real[0].shape
+
+    completed, generated = [], []
+    for i in range(count):
+        keep = available[:, i, None, None]
+        if model.generators is None:
+            completed.append(torch.where(keep, real[i], 0.0))
+            continue
+        others = [j for j in range(count) if j != i]
+        context = torch.cat([torch.where(available[:, j, None, None], real[j], 0.0) for j in others], 1)
+        hide = torch.cat([(~available[:, j, None]).expand(batch, length) for j in others], 1)
+        hide = hide & ~available[:, i, None]  # rows that keep modality i discard the result: keep it finite
+        query = real[i].new_zeros(batch, length, d)
+        generator = model.generators[i]
+        for attention in generator.attention:
+            query = attention(query, context, context, key_padding_mask=hide, need_weights=False)[0]
+        seen = (~hide).unsqueeze(-1).to(context.dtype)
+        context_mean = (context * seen).sum(1) / seen.sum(1)
+        gate = torch.sigmoid(generator.gate(torch.cat([query.mean(1), context_mean], -1)))
+        made = torch.where(keep, 0.0, gate.unsqueeze(1) * query)
+        generated.append(made)
+        completed.append(torch.where(keep, real[i], made))
+
+    out: dict[str, torch.Tensor] = {"real": torch.stack(real, 1)}
+    if generated:
+        out["generated"] = torch.stack(generated, 1)
+    if model.experts is not None:
+        fused = []
+        for x in completed:
+            expert_out = [_expert(model.experts, k, x) for k in range(count)]
+            weights = torch.softmax(model.router(x), dim=-1)
+            fused.append(sum(weights[..., k, None] * expert_out[k] for k in range(count)))
+        own = []
+        for i in range(count):
+            rows = present[:, i].nonzero().flatten()
+            values = real[i].new_zeros(batch, length, d)
+            if rows.numel():
+                values = values.index_copy(0, rows, _expert(model.experts, i, real[i][rows]))
+            own.append(values)
+        out["fused"], out["own_expert"] = torch.stack(fused, 1), torch.stack(own, 1)
+    else:
+        fused = completed
+    if model.fusion is not None:
+        memory = model.fusion(torch.cat(fused, -1).transpose(1, 2)).transpose(1, 2)
+    else:
+        memory = sum(fused)
+    queries = model.grade_prototypes + sinusoidal_position_encoding(cfg.num_grades, d, memory.device, memory.dtype)
+    patterns = model.decoder(queries.expand(batch, -1, -1), memory)
+    grade_weights = torch.sigmoid(torch.diagonal(model.head(patterns), dim1=-2, dim2=-1))
+    grade_weights = grade_weights / grade_weights.sum(1, keepdim=True)
+    out.update(score=grade_weights @ model.grade_values, grade_weights=grade_weights, grade_patterns=patterns)
+    return out
+
+
+MCMOE_VARIANTS: dict[str, Callable] = {
+    "batched": lambda model, features, available: model(features, available),
+    "loop": mcmoe_loop_forward,
+}
+
+
+def check_mcmoe_loop_matches(model: MCMoE, features: dict[str, torch.Tensor], available: torch.Tensor,
+                             target: torch.Tensor, tolerance: float = 1e-4) -> dict[str, float]:
+    """Run one training step's forward + backward both ways (dropout off) and compare everything.
+
+    Returns the largest absolute differences (gradients: relative to the model's largest gradient
+    entry); raises AssertionError past `tolerance`.
+    """
+    config = copy.deepcopy(model.config)
+    config.dropout = 0.0
+    batched = MCMoE(config).to(target.device)
+    batched.load_state_dict(model.state_dict())
+    looped = copy.deepcopy(batched)
+    batched.train(), looped.train()
+    present = torch.ones_like(available)
+    outs, totals = [], []
+    # Compare in full float32: cuDNN convolutions default to TF32, which rounds the two differently.
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        for net, forward in ((batched, MCMOE_VARIANTS["batched"]), (looped, mcmoe_loop_forward)):
+            out = forward(net, features, available)
+            total, _ = net.loss(out, target, present, available)
+            total.backward()
+            outs.append(out)
+            totals.append(total)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    diffs = {
+        "score": (outs[0]["score"] - outs[1]["score"]).abs().max().item(),
+        "loss": (totals[0] - totals[1]).abs().item(),
+    }
+    grads_a = dict(batched.named_parameters())
+    worst, scale = 0.0, 0.0
+    for name, p in looped.named_parameters():
+        # A parameter left without gradient by one implementation counts as a zero gradient.
+        g_a = grads_a[name].grad if grads_a[name].grad is not None else torch.zeros_like(p)
+        g_b = p.grad if p.grad is not None else torch.zeros_like(p)
+        worst = max(worst, (g_a - g_b).abs().max().item())
+        scale = max(scale, g_b.abs().max().item())
+    worst /= max(scale, 1e-12)  # relative to the largest gradient entry of the model
+    diffs["grad_relative"] = worst
+    buffers_a = dict(batched.named_buffers())
+    # num_batches_tracked is left out: the loop's functional batch norm does not count calls, and with a
+    # fixed momentum the count changes nothing.
+    diffs["running_stats"] = max(
+        (buffers_a[name] - b).abs().max().item()
+        for name, b in looped.named_buffers() if not name.endswith("num_batches_tracked")
+    )
+    for key, value in diffs.items():
+        assert value <= tolerance, f"batched and loop MCMoE differ in {key}: {value:.3g} > {tolerance:g}"
+    return diffs
+
+
+def setup_mcmoe(variant: str, device: torch.device, batches: int, batch_size: int, clips: int,
+                seed: int = 0) -> tuple[Callable[[Any], float], list[Any], int]:
+    """One MCMoE training step (forward, loss, backward, Adam) for `variant`, its batches, its size."""
+    torch.manual_seed(seed)
+    model = mcmoe(list(RG_DIMS), RG_DIMS, position_encoding=True).to(device).train()
+    data = synthetic_batches(RG_DIMS, batches, batch_size, clips, device, seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-4, weight_decay=1e-4)
+    forward = MCMOE_VARIANTS[variant]
+    present = torch.ones(batch_size, len(RG_DIMS), dtype=torch.bool, device=device)
+
+    def step(batch) -> float:
+        features, available, target = batch
+        out = forward(model, features, available)
+        total, _ = model.loss(out, target, present, available)
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        return float(total)  # a trainer reads the loss every step; this also waits for the GPU
+
+    return step, data, sum(p.numel() for p in model.parameters())
+
+
+def check_mcmoe(device: torch.device, batch_size: int, clips: int) -> dict[str, float]:
+    torch.manual_seed(0)
+    model = mcmoe(list(RG_DIMS), RG_DIMS, position_encoding=True).to(device)
+    features, available, target = synthetic_batches(RG_DIMS, 1, batch_size, clips, device, seed=1)[0]
+    return check_mcmoe_loop_matches(model, features, available, target)
+
+
+# =============================================================================== driver
+
+# model -> (variants, setup, equivalence check or None). setup(variant, device, batches, batch_size,
+# clips) returns (step(batch) -> loss, batches, parameter count). Speed-ups are relative to the last
+# variant.
+BENCHES: dict[str, tuple[tuple[str, ...], Callable, Callable | None]] = {
+    "mcmoe": (("batched", "loop"), setup_mcmoe, check_mcmoe),
+}
+
+
+def time_epoch(model: str, variant: str, device: torch.device, batches: int, batch_size: int,
+               clips: int) -> dict[str, Any]:
+    """One untimed warm-up step (allocator, kernels, optimiser state), then `batches` timed steps."""
+    step, data, parameters = BENCHES[model][1](variant, device, batches + 1, batch_size, clips)
+    rss_before = peak_memory_mib(torch.device("cpu"))
+    step(data[0])
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    step_s = []
+    start = time.perf_counter()
+    for batch in data[1:]:
+        began = time.perf_counter()
+        loss = step(batch)
+        step_s.append(time.perf_counter() - began)
+    return {
+        "wall_s": time.perf_counter() - start, "step_s": step_s, "peak_mib": peak_memory_mib(device),
+        "rss_before_mib": rss_before if device.type == "cpu" else None, "final_loss": loss,
+        "parameters": parameters,
+    }
+
+
+def time_paired(model: str, device: torch.device, batches: int, batch_size: int, clips: int) -> dict[str, Any]:
+    """All variants in one process, taking turns step by step on the same batches.
+
+    Whatever else loads the machine then hits every variant alike; the median of the per-step time
+    ratios is the speed-up.
+    """
+    variants = BENCHES[model][0]
+    setups = {v: BENCHES[model][1](v, device, batches + 1, batch_size, clips) for v in variants}
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for index in range(batches + 1):
+        for variant, (step, data, _) in setups.items():
+            began = time.perf_counter()
+            step(data[index])
+            if index:  # the first round warms up
+                times[variant].append(time.perf_counter() - began)
+    base = times[variants[-1]]
+    return {v: statistics.median(b / t for b, t in zip(base, times[v])) for v in variants}
+
+
+def run_child(args: argparse.Namespace, job: str, device: str) -> dict[str, Any]:
+    command = [sys.executable, __file__, "--child", job, "--device", device, "--batches", str(args.batches),
+               "--batch-size", str(args.batch_size), "--clips", str(args.clips)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{job} on {device} failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(BENCHES), choices=list(BENCHES))
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: CPU, plus CUDA when a GPU is visible")
+    parser.add_argument("--batches", type=int, default=8, help="training steps per timed epoch")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--clips", type=int, default=RG_CLIPS, help="segments per video")
+    parser.add_argument("--repeats", type=int, default=1, help="epochs per variant; the fastest is reported")
+    parser.add_argument("--skip-check", action="store_true", help="do not compare the variants' numbers")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child:  # "model:variant" times an epoch, "model" the variants in turns
+        model, _, variant = args.child.partition(":")
+        sizes = (torch.device(args.device), args.batches, args.batch_size, args.clips)
+        result = time_epoch(model, variant, *sizes) if variant else time_paired(model, *sizes)
+        print(json.dumps(result))
+        return result
+
+    if args.device == "auto":
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    else:
+        devices = [args.device]
+    report: dict[str, Any] = {
+        "setting": {"batches": args.batches, "batch_size": args.batch_size, "clips": args.clips,
+                    "repeats": args.repeats, "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "results": [], "checks": [],
+    }
+    for model in args.models:
+        variants, _, check = BENCHES[model]
+        for device in devices:
+            if check is not None and not args.skip_check:
+                diffs = check(torch.device(device), args.batch_size, args.clips)
+                report["checks"].append({"model": model, "device": device, **diffs})
+            speedups = run_child(args, model, device)
+            for variant in variants:
+                epochs = [run_child(args, f"{model}:{variant}", device) for _ in range(args.repeats)]
+                best = min(epochs, key=lambda r: r["wall_s"])
+                report["results"].append({
+                    **best, "model": model, "variant": variant, "device": device,
+                    "median_step_ms": 1000 * statistics.median(best["step_s"]),
+                    "all_wall_s": [r["wall_s"] for r in epochs], "speedup": speedups[variant],
+                })
+
+    print(f"{'model':8} {'variant':8} {'device':6} {'epoch s':>8} {'step ms':>8} {'peak MiB':>9} {'speed-up':>9}")
+    for row in report["results"]:
+        print(f"{row['model']:8} {row['variant']:8} {row['device']:6} {row['wall_s']:8.2f} "
+              f"{row['median_step_ms']:8.0f} {row['peak_mib']:9.0f} {row['speedup']:8.2f}x")
+    for row in report["checks"]:
+        print(f"{row['model']} on {row['device']}: batched == loop (max |diff| score {row['score']:.1e}, "
+              f"loss {row['loss']:.1e}, relative grad {row['grad_relative']:.1e})")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,381 @@
+"""MCMoE: shapes, per-sample masks, leakage, loss terms, gradient flow, ablations, parameter count."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from models import build_model, config_class
+from models.layers import MaskedBatchNorm1d, batch_norm_per_group, sinusoidal_position_encoding
+from models.losses import hardest_triplet_loss, masked_modality_mean
+from models.mcmoe import LOSS_TERMS, MCMoE, MCMoEConfig, mcmoe
+
+DIMS = {"rgb": 16, "flow": 12, "audio": 8}
+NAMES = list(DIMS)
+B, T, D = 5, 6, 32
+# Every modality is missing somewhere, every sample keeps at least one.
+MIXED = torch.tensor([[1, 0, 0], [0, 1, 1], [1, 1, 0], [0, 0, 1], [1, 0, 1]], dtype=torch.bool)
+
+
+def small(**overrides) -> MCMoE:
+    torch.manual_seed(0)
+    return mcmoe(NAMES, DIMS, hidden=D, position_encoding=True, **overrides)
+
+
+def make_features(seed: int = 1, batch: int = B) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {m: torch.randn(batch, T, c, generator=generator) for m, c in DIMS.items()}
+
+
+def seeded(model, *args, seed: int = 3, **kwargs):
+    torch.manual_seed(seed)  # same dropout masks for calls that must be compared
+    return model(*args, **kwargs)
+
+
+def load_bench():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"
+    spec = importlib.util.spec_from_file_location("bench_train", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ----------------------------------------------------------------------------- config and count
+
+
+def test_parameter_count_matches_published_code():
+    rg = mcmoe(["rgb", "flow", "audio"], {"rgb": 1024, "flow": 1024, "audio": 768}, position_encoding=True)
+    assert sum(p.numel() for p in rg.parameters()) == 9_384_711
+    rgb768 = mcmoe(["rgb", "flow", "audio"], {"rgb": 768, "flow": 1024, "audio": 768})
+    assert sum(p.numel() for p in rgb768.parameters()) == 9_122_183
+
+
+def test_config_round_trip_registry_and_defaults():
+    config = MCMoEConfig(modalities=NAMES, feature_dims=DIMS, hidden=D, use_cfm=False, div_weight=0.5)
+    data = json.loads(json.dumps(config.to_dict()))
+    assert MCMoEConfig.from_dict(data) == config
+    assert config_class("mcmoe") is MCMoEConfig
+    model = build_model("mcmoe", data)
+    assert isinstance(model, MCMoE) and model.modalities == NAMES and model.fusion is None
+    defaults = MCMoEConfig.training_defaults()
+    assert defaults["optimizer"] == "adam" and defaults["lr"] == 2e-4 and defaults["mask_policy"] == "incomplete"
+    assert defaults["min_lr_ratio"] == 0.01 and defaults["batch_size"] == 32 and defaults["grad_clip"] is None
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"feature_dims": {"rgb": 16}}, "lacks modalities"),
+        ({"hidden": 30}, "divisible"),
+        ({"num_grades": 1}, "num_grades"),
+        ({"modalities": ["rgb", "rgb"]}, "repeat"),
+        ({"modalities": []}, "at least one"),
+    ],
+)
+def test_config_errors(kwargs, message):
+    base = {"modalities": NAMES, "feature_dims": DIMS, "hidden": D}
+    with pytest.raises(ValueError, match=message):
+        MCMoEConfig(**{**base, **kwargs})
+    with pytest.raises(ValueError, match="unknown MCMoEConfig fields"):
+        MCMoEConfig.from_dict({**base, "hiden": 3})
+
+
+def test_bad_inputs_name_the_problem():
+    model = small().eval()
+    features = make_features()
+    with pytest.raises(ValueError, match=r"missing \['audio'\]"):
+        model({k: v for k, v in features.items() if k != "audio"}, MIXED)
+    with pytest.raises(ValueError, match=r"features\['flow'\] has shape"):
+        model({**features, "flow": features["flow"][..., :5]}, MIXED)
+    empty = MIXED.clone()
+    empty[2] = False
+    with pytest.raises(ValueError, match=r"samples \[2\] have no available modality"):
+        model(features, empty)
+
+
+# ----------------------------------------------------------------------------- shapes and masks
+
+
+def test_output_shapes_and_score_range():
+    model = small()
+    out = model(make_features(), MIXED)
+    assert out["score"].shape == (B,)
+    assert out["grade_weights"].shape == (B, 4) and out["grade_patterns"].shape == (B, 4, D)
+    for key in ("real", "generated", "fused", "own_expert"):
+        assert out[key].shape == (B, 3, T, D)
+    assert torch.allclose(out["grade_weights"].sum(1), torch.ones(B))
+    assert ((out["score"] >= 0) & (out["score"] <= 1)).all()
+    # Nothing is generated for a modality the sample has.
+    assert (out["generated"][MIXED] == 0).all()
+
+
+def test_mixed_masks_in_one_batch_equal_each_sample_alone():
+    model = small()
+    model(make_features(seed=7), MIXED)  # move the running statistics away from their initial values
+    model.eval()
+    features = make_features()
+    with torch.no_grad():
+        together = model(features, MIXED)["score"]
+        alone = torch.cat([model({m: x[i : i + 1] for m, x in features.items()}, MIXED[i : i + 1])["score"]
+                           for i in range(B)])
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
+
+
+def test_one_mask_for_the_batch_equals_generating_from_the_sliced_available_modalities():
+    """The published per-batch formulation: keys are only the available modalities, joined in time, and
+    the zero query has the full length T."""
+    model = small(dropout=0.0)
+    available = torch.tensor([True, False, True]).expand(B, 3)
+    real = torch.randn(3, B, T, D)
+    completed, generated = model._complete(real, available)
+    context = torch.cat([real[0], real[2]], 1)
+    query = torch.zeros(B, T, D)
+    generator = model.generators[1]
+    for attention in generator.attention:
+        query = attention(query, context, context)[0]
+    gate = torch.sigmoid(generator.gate(torch.cat([query.mean(1), context.mean(1)], -1)))
+    torch.testing.assert_close(completed[1], gate.unsqueeze(1) * query, rtol=1e-5, atol=1e-6)
+    assert torch.equal(completed[0], real[0]) and torch.equal(completed[2], real[2])
+    assert (generated[0] == 0).all() and (generated[2] == 0).all()
+
+
+def test_batched_model_matches_the_per_modality_loop():
+    bench = load_bench()
+    model = small()
+    target = torch.rand(B, generator=torch.Generator().manual_seed(2))
+    diffs = bench.check_mcmoe_loop_matches(model, make_features(), MIXED, target, tolerance=1e-4)
+    assert diffs["score"] < 1e-5
+
+
+def test_only_one_modality_left():
+    model = small()
+    available = torch.zeros(B, 3, dtype=torch.bool)
+    available[torch.arange(B), torch.tensor([0, 1, 2, 0, 1])] = True
+    out = model(make_features(), available)
+    total, terms = model.loss(out, torch.rand(B), torch.ones(B, 3, dtype=torch.bool), available)
+    assert torch.isfinite(total) and terms["recon"] > 0
+
+    torch.manual_seed(0)
+    single = mcmoe(["rgb"], {"rgb": 16}, hidden=D)
+    assert single.generators is None
+    everything = torch.ones(B, 1, dtype=torch.bool)
+    out = single({"rgb": make_features()["rgb"]}, everything)
+    total, terms = single.loss(out, torch.rand(B), everything, everything)
+    total.backward()
+    assert torch.isfinite(total) and terms["recon"] == 0
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_unavailable_features_never_reach_any_score(training):
+    model = small().train(training)
+    features = {m: x.clone().requires_grad_(True) for m, x in make_features().items()}
+    score = seeded(model, features, MIXED)["score"]
+    score.sum().backward()
+    for i, m in enumerate(NAMES):
+        hidden = ~MIXED[:, i]
+        assert (features[m].grad[hidden] == 0).all(), f"{m}: unavailable features receive gradient"
+        assert (features[m].grad[~hidden] != 0).any()
+    garbage = {m: torch.where(MIXED[:, i, None, None], x.detach(), 100 * torch.randn_like(x))
+               for i, (m, x) in enumerate(features.items())}
+    torch.testing.assert_close(seeded(model, garbage, MIXED)["score"], score.detach(), rtol=0, atol=1e-6)
+
+
+def test_absent_modality_contributes_nothing_to_the_loss():
+    model = small()
+    available = MIXED.clone()
+    present = torch.ones(B, 3, dtype=torch.bool)
+    present[1, 0] = present[3, 0] = present[4, 1] = False  # not in these videos' data
+    available &= present
+    target = torch.rand(B)
+    features = make_features()
+    zeros = {m: torch.where(present[:, i, None, None], x, 0.0) for i, (m, x) in enumerate(features.items())}
+    garbage = {m: torch.where(present[:, i, None, None], x, 50 * torch.randn_like(x)).requires_grad_(True)
+               for i, (m, x) in enumerate(features.items())}
+
+    total_zeros, terms_zeros = model.loss(seeded(model, zeros, available), target, present, available)
+    total_inferred, _ = model.loss(seeded(model, zeros, available, present=present), target, present, available)
+    total_garbage, terms = model.loss(seeded(model, garbage, available, present=present), target, present, available)
+    torch.testing.assert_close(total_garbage, total_zeros, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(total_inferred, total_zeros, rtol=0, atol=0)
+    assert terms["recon"] > 0 and terms["align"] > 0
+    total_garbage.backward()
+    for i, m in enumerate(NAMES):
+        assert (garbage[m].grad[~present[:, i]] == 0).all(), f"{m}: absent features receive gradient"
+
+
+# ----------------------------------------------------------------------------- loss terms by hand
+
+
+def test_hardest_triplet_loss_by_hand():
+    # Two samples, two grades, 2-d patterns.
+    x = torch.tensor([[[0.0, 0.0], [3.0, 0.0]], [[0.0, 1.0], [0.5, 0.0]]])
+    points = x.reshape(4, 2)  # labels 0, 1, 0, 1
+    labels = [0, 1, 0, 1]
+    expected = 0.0
+    for a in range(4):
+        pos = max(float(torch.dist(points[a], points[p])) for p in range(4) if p != a and labels[p] == labels[a])
+        neg = min(float(torch.dist(points[a], points[n])) for n in range(4) if labels[n] != labels[a])
+        expected += max(pos - neg + 1.0, 0.0) / 4
+    # anchor 0: pos 1, neg 0.5 -> 1.5; anchor 1: pos 2.5, neg 3 -> 0.5; anchor 2: pos 1,
+    # neg sqrt(1.25) -> ~0.882; anchor 3: pos 2.5, neg 0.5 -> 3.0
+    assert expected == pytest.approx((1.5 + 0.5 + (2 - math.sqrt(1.25)) + 3.0) / 4)
+    assert float(hardest_triplet_loss(x, margin=1.0)) == pytest.approx(expected, rel=1e-6)
+    assert float(hardest_triplet_loss(x, margin=0.0)) == pytest.approx(
+        (0.5 + 0 + max(1 - math.sqrt(1.25), 0) + 2.0) / 4, rel=1e-6)
+
+    # One sample: no positives, the loss only pushes grades apart; far-apart grades cost nothing.
+    assert float(hardest_triplet_loss(torch.tensor([[[0.0, 0.0], [0.3, 0.4]]]), margin=1.0)) == pytest.approx(0.5)
+    assert float(hardest_triplet_loss(torch.tensor([[[0.0, 0.0], [3.0, 4.0]]]), margin=1.0)) == 0.0
+    # Cosine distance variant: orthogonal grades at distance 1 from each other.
+    cos = hardest_triplet_loss(torch.tensor([[[1.0, 0.0], [0.0, 2.0]]]), margin=1.5, distance="cosine")
+    assert float(cos) == pytest.approx(0.5)
+
+
+def test_triplet_loss_gradient_is_finite_when_points_coincide():
+    x = torch.zeros(3, 4, 8, requires_grad=True)  # every sample identical: zero positive distances
+    hardest_triplet_loss(x).backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_masked_modality_mean_by_hand():
+    values = torch.tensor([[1.0, 2.0, float("inf")], [3.0, 4.0, 5.0]])
+    mask = torch.tensor([[True, False, False], [True, True, False]])
+    # modality 0: (1 + 3) / 2, modality 1: 4 / 1, modality 2: nothing
+    assert float(masked_modality_mean(values, mask)) == pytest.approx(2.0 + 4.0)
+
+
+def test_model_loss_terms_by_hand():
+    model = small(div_weight=0.5)
+    b, m, t, d = 2, 3, 2, 4
+    g = torch.Generator().manual_seed(5)
+    out = {k: torch.randn(b, m, t, d, generator=g) for k in ("real", "generated", "fused", "own_expert")}
+    out["score"] = torch.tensor([0.2, 0.7])
+    out["grade_patterns"] = torch.randn(b, 4, d, generator=g)
+    target = torch.tensor([0.5, 0.1])
+    available = torch.tensor([[True, False, False], [False, True, True]])
+    present = torch.tensor([[True, True, False], [True, True, True]])
+    total, terms = model.loss(out, target, present, available)
+
+    task = ((0.2 - 0.5) ** 2 + (0.7 - 0.1) ** 2) / 2
+    # imputed and present: (0, 1) and (1, 0); modality 2 is imputed in sample 0 but absent from its data
+    recon = sum(float(((out["generated"][s, k] - out["real"][s, k]) ** 2).mean()) for s, k in [(0, 1), (1, 0)])
+
+    def kl(s, k):  # KL(softmax(R) || softmax(F)) per position, averaged over positions and features
+        p = torch.softmax(out["own_expert"][s, k], -1)
+        q = torch.softmax(out["fused"][s, k], -1)
+        return float((p * (p.log() - q.log())).sum(-1).mean() / d)
+
+    align = (kl(0, 0) + kl(1, 0)) / 2 + (kl(0, 1) + kl(1, 1)) / 2 + kl(1, 2)
+    div = float(hardest_triplet_loss(out["grade_patterns"], 1.0))
+    assert float(terms["task"]) == pytest.approx(task, rel=1e-6)
+    assert float(terms["recon"]) == pytest.approx(recon, rel=1e-5)
+    assert float(terms["align"]) == pytest.approx(align, rel=1e-5)
+    assert float(terms["div"]) == pytest.approx(div, rel=1e-6)
+    assert float(total) == pytest.approx(10 * task + recon + align + 0.5 * div, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- training behaviour
+
+
+def test_every_learning_module_gets_gradient():
+    model = small()
+    out = model(make_features(), MIXED)
+    total, _ = model.loss(out, torch.rand(B), torch.ones(B, 3, dtype=torch.bool), MIXED)
+    total.backward()
+    # A convolution bias right before a batch norm is cancelled by it: its gradient is zero in theory.
+    before_norm = {"conv1.bias", "conv2.bias", "fusion.0.bias", "fusion.3.bias"}
+    silent = [name for name, p in model.named_parameters()
+              if not any(name.endswith(b) for b in before_norm) and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert silent == []
+    groups = {name.split(".")[0] for name, _ in model.named_parameters()}
+    assert groups == {"projections", "stem", "generators", "experts", "router", "fusion", "decoder",
+                      "grade_prototypes", "head"}
+    assert all(model.generators[i].gate.weight.grad.abs().sum() > 0 for i in range(3))
+
+
+@pytest.mark.parametrize(
+    "switch",
+    ["use_stem", "use_agmg", "use_moe", "use_cfm", "use_recon", "use_align", "use_div", "baseline"],
+)
+def test_ablations_build_and_train(switch):
+    model = small(**{switch: switch == "baseline"})
+    out = model(make_features(), MIXED)
+    total, terms = model.loss(out, torch.rand(B), torch.ones(B, 3, dtype=torch.bool), MIXED)
+    total.backward()
+    assert torch.isfinite(total)
+    assert tuple(terms) == LOSS_TERMS == ("task", "div", "recon", "align")
+    if switch in ("use_agmg", "use_recon", "baseline"):
+        assert terms["recon"] == 0
+    if switch in ("use_moe", "use_align", "baseline"):
+        assert terms["align"] == 0
+    if switch == "use_div":
+        assert terms["div"] == 0
+    if switch == "baseline":
+        assert model.stem is None and model.generators is None and model.experts is None and model.fusion is None
+        assert model.config.use_stem is False and MCMoEConfig.from_dict(model.config.to_dict()) == model.config
+        # the projected available features, summed, are what the decoder reads
+        assert sum(p.numel() for p in model.parameters()) == sum(
+            p.numel() for name, p in model.named_parameters() if name.split(".")[0] in
+            {"projections", "decoder", "grade_prototypes", "head"})
+
+
+def test_deterministic_on_cpu_with_a_seed():
+    outs = []
+    for _ in range(2):
+        model = small()
+        out = seeded(model, make_features(), MIXED)
+        total, _ = model.loss(out, torch.rand(B, generator=torch.Generator().manual_seed(0)),
+                              torch.ones(B, 3, dtype=torch.bool), MIXED)
+        total.backward()
+        outs.append((out["score"].detach(), model.head.weight.grad.clone()))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+def test_masked_batch_norm_matches_batch_norm_and_ignores_unselected_rows():
+    torch.manual_seed(0)
+    x = torch.randn(6, 4, 5)
+    plain, masked = nn.BatchNorm1d(4), MaskedBatchNorm1d(4)
+    torch.testing.assert_close(masked(x, torch.ones(6, dtype=torch.bool)), plain(x))
+    torch.testing.assert_close(masked.running_var, plain.running_var)
+    torch.testing.assert_close(masked.running_mean, plain.running_mean)
+
+    rows = torch.tensor([True, False, True, True, False, True])
+    fresh, reference = MaskedBatchNorm1d(4), nn.BatchNorm1d(4)
+    out = fresh(x, rows)
+    torch.testing.assert_close(out[rows], reference(x[rows]))
+    torch.testing.assert_close(fresh.running_mean, reference.running_mean)
+    changed = x.clone()
+    changed[~rows] = 1e3
+    torch.testing.assert_close(MaskedBatchNorm1d(4)(changed, rows)[rows], out[rows])
+
+
+def test_batch_norm_per_group_equals_successive_calls():
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 5, 7)
+    grouped, successive = nn.BatchNorm1d(5), nn.BatchNorm1d(5)
+    nn.init.normal_(grouped.weight)
+    successive.load_state_dict(grouped.state_dict())
+    out = batch_norm_per_group(x, grouped)
+    expected = torch.stack([successive(x[g]) for g in range(3)])
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(grouped.running_mean, successive.running_mean)
+    torch.testing.assert_close(grouped.running_var, successive.running_var)
+    grouped.eval(), successive.eval()
+    torch.testing.assert_close(batch_norm_per_group(x, grouped), torch.stack([successive(x[g]) for g in range(3)]))
+
+
+def test_sinusoidal_position_encoding_values():
+    pe = sinusoidal_position_encoding(3, 6)
+    assert torch.equal(pe[0], torch.tensor([0.0, 1.0, 0.0, 1.0, 0.0, 1.0]))
+    assert float(pe[2, 0]) == pytest.approx(math.sin(2.0))
+    assert float(pe[1, 3]) == pytest.approx(math.cos(1.0 / 10000 ** (2 / 6)))
+    assert sinusoidal_position_encoding(4, 5).shape == (4, 5)
