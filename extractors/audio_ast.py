@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import torchaudio
 from torch import nn
 
-from extractors.base import Extractor, WeightsSource, hf_model_source, hf_weights_unavailable, register
+from extractors.base import Extractor, WeightsSource, hf_pretrained, register
 from extractors.config import ExtractionConfig
 from extractors.transforms import count_flops
 
@@ -106,12 +106,7 @@ class ASTExtractor(Extractor):
         if config.random_weights:
             model = ASTModel(ast_config(config.arch_size))
         else:
-            try:
-                model = ASTModel.from_pretrained(
-                    hf_model_source(weights, HUB_ID), local_files_only=weights.is_offline, dtype=torch.float32
-                )
-            except OSError as exc:
-                raise hf_weights_unavailable(weights, HUB_ID, exc) from exc
+            model = hf_pretrained(ASTModel, HUB_ID, weights, dtype=torch.float32)
         ast = model.config
         if ast.num_mel_bins != FBANK_OPTIONS["num_mel_bins"]:
             raise ValueError(f"AST expects {ast.num_mel_bins} mel bins; the filterbank has 128")
@@ -128,11 +123,7 @@ class ASTExtractor(Extractor):
     def check_weights(cls, config: ExtractionConfig, weights: WeightsSource) -> None:
         from transformers import ASTConfig
 
-        try:
-            source = hf_model_source(weights, HUB_ID)
-            ASTConfig.from_pretrained(source, local_files_only=weights.is_offline)
-        except OSError as exc:
-            raise hf_weights_unavailable(weights, HUB_ID, exc) from exc
+        hf_pretrained(ASTConfig, HUB_ID, weights)
 
     def time_patches(self, frames: int) -> int:
         """Time patches AST's patch convolution makes from `frames` filterbank frames (>= 1)."""

@@ -208,3 +208,15 @@ def hf_weights_unavailable(weights: WeightsSource, hub_id: str, exc: Exception) 
         f"{hub_id} weights are not available ({how}); save the model folder as DIR/{folder} "
         f"(e.g. `hf download {hub_id} --local-dir DIR/{folder}`) and pass --weights-dir DIR"
     )
+
+
+def hf_pretrained(loader_class, hub_id: str, weights: WeightsSource, **kwargs):
+    """`loader_class.from_pretrained` (a transformers model or config class) from --weights-dir or the hub.
+
+    Raises WeightsUnavailableError naming the model and --weights-dir when it cannot be had."""
+    try:
+        return loader_class.from_pretrained(
+            hf_model_source(weights, hub_id), local_files_only=weights.is_offline, **kwargs
+        )
+    except OSError as exc:
+        raise hf_weights_unavailable(weights, hub_id, exc) from exc

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from extractors.base import Extractor, WeightsSource, hf_model_source, hf_weights_unavailable, register
+from extractors.base import Extractor, WeightsSource, hf_pretrained, register
 from extractors.config import ExtractionConfig
 from extractors.transforms import count_flops, crop_resize, dummy_frames, normalise, uniform_frame_indices
 
@@ -50,12 +50,7 @@ class TimesformerExtractor(Extractor):
         if config.random_weights:
             model = TimesformerModel(timesformer_config(config.arch_size))
         else:
-            try:
-                model = TimesformerModel.from_pretrained(
-                    hf_model_source(weights, HUB_ID), local_files_only=weights.is_offline, dtype=torch.float32
-                )
-            except OSError as exc:
-                raise hf_weights_unavailable(weights, HUB_ID, exc) from exc
+            model = hf_pretrained(TimesformerModel, HUB_ID, weights, dtype=torch.float32)
         self.num_frames = model.config.num_frames
         self.feature_dim = model.config.hidden_size
         self.model = model.to(device).eval().requires_grad_(False)
@@ -64,11 +59,7 @@ class TimesformerExtractor(Extractor):
     def check_weights(cls, config: ExtractionConfig, weights: WeightsSource) -> None:
         from transformers import TimesformerConfig
 
-        try:
-            source = hf_model_source(weights, HUB_ID)
-            TimesformerConfig.from_pretrained(source, local_files_only=weights.is_offline)
-        except OSError as exc:
-            raise hf_weights_unavailable(weights, HUB_ID, exc) from exc
+        hf_pretrained(TimesformerConfig, HUB_ID, weights)
 
     @torch.no_grad()
     def embed(self, batch: torch.Tensor | np.ndarray) -> torch.Tensor:
