@@ -3,8 +3,9 @@
     python benchmarks/bench_train.py                      # CPU, and CUDA when visible
     python benchmarks/bench_train.py --batches 2 --device cpu --json bench.json
 
-RG setting: 68 segments, batch 32, synthetic features of the real shapes (rgb 1024, flow 1024,
-audio 768), every step a forward, loss, backward and Adam update with per-sample training masks.
+RG setting: 68 segments, synthetic features of the real shapes (rgb 1024, flow 1024, audio 768), each
+model's own batch size (MCMoE 32, LIMSSR 8), every step a forward, loss, backward and optimiser update
+with per-sample training masks.
 Each (model, variant, device) runs in its own process so its peak memory is its own: CUDA reports
 torch's peak allocation, CPU the process's peak resident set (which includes ~0.3-0.5 GiB of torch
 itself; `rss_before_mib` is the resident set after setup, before the first step).
@@ -20,9 +21,15 @@ a separate paired run: the variants take turns step by step in one process on th
 the median per-step time ratio is reported. Epoch time and peak memory come from each variant's own
 process (the fastest of --repeats epochs).
 
-Each model has one section below: a `setup_<model>(variant, ...)` that returns one training step and
-its batches, an optional equivalence check, and an entry in BENCHES; the driver at the bottom knows
-nothing model-specific.
+LIMSSR is timed with gradient checkpointing on and off, over the tiny random Qwen2 of the tests on a
+CPU and over a random-weight LLM of Qwen2.5-0.5B's sizes in bfloat16 on a GPU (no pretrained weights are
+needed: speed and memory depend on the shapes only). Before timing, both variants must give the same
+score, loss and gradients. Its rows also report the LLM sequence length (prompt + M * (T + 2) + K), the
+trainable parameters and the size of what a run saves against the size of the base LLM.
+
+Each model has one section below: a `setup_<model>(variant, ...)` that returns one training step, its
+batches, its parameter count and optionally a dict of facts to report, an optional equivalence check, and
+an entry in BENCHES; the driver at the bottom knows nothing model-specific.
 """
 
 from __future__ import annotations
@@ -31,9 +38,11 @@ import argparse
 import copy
 import json
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -44,7 +53,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.layers import sinusoidal_position_encoding  # noqa: E402
+from models.limssr import LIMSSR, LIMSSRConfig  # noqa: E402
 from models.mcmoe import MCMoE, mcmoe  # noqa: E402
+from models.tiny_llm import build_tiny_tokenizer, save_tiny_llm  # noqa: E402
+from pipeline.data import draw_training_masks  # noqa: E402
 
 RG_DIMS = {"rgb": 1024, "flow": 1024, "audio": 768}
 RG_CLIPS = 68
@@ -260,20 +272,140 @@ def check_mcmoe(device: torch.device, batch_size: int, clips: int) -> dict[str, 
     return check_mcmoe_loop_matches(model, features, available, target)
 
 
+# =============================================================================== LIMSSR
+
+# The LLM under LIMSSR per device. "qwen2.5-0.5b" has the shapes of Qwen/Qwen2.5-0.5B's config.json
+# (hidden 896, 24 layers, 14 query and 2 key-value heads, SwiGLU width 4864, 151,936 embedding rows,
+# tied embeddings) with random weights. The prompt goes through the tiny tokenizer, so its length may
+# differ from Qwen's by a few tokens; the 3 x 70 modality positions dominate the sequence anyway.
+LIMSSR_LLM_BY_DEVICE = {"cpu": "tiny", "cuda": "qwen2.5-0.5b"}
+QWEN25_05B_SIZES = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                        num_key_value_heads=2, vocab_size=151936, rms_norm_eps=1e-6, rope_theta=1e6,
+                        max_position_embeddings=32768)
+LIMSSR_VARIANTS = {"grad-ckpt": True, "plain": False}  # variant -> gradient checkpointing
+
+
+def random_llm_folder(name: str, device: torch.device) -> Path:
+    """A `--llm` folder of random weights, written once per machine (the children of one run share it)."""
+    folder = Path(tempfile.gettempdir()) / "aqa-bench-llm" / name
+    if (folder / "config.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"{name}.", dir=folder.parent))
+    # The caller's random state must not depend on whether the folder was already there.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if name == "tiny":
+            save_tiny_llm(staging)  # the default tiny config: hidden 64, 2 layers
+        else:
+            from transformers import Qwen2Config, Qwen2ForCausalLM
+
+            tokenizer = build_tiny_tokenizer()
+            config = Qwen2Config(**QWEN25_05B_SIZES, tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id)
+            torch.manual_seed(0)
+            with torch.device(device):  # random init of half a billion weights is slow on a CPU
+                model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            del model
+    try:
+        staging.rename(folder)
+    except OSError:  # written meanwhile by another process: use theirs
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def build_bench_limssr(variant: str, device: torch.device, dropout: float | None = None) -> LIMSSR:
+    llm = LIMSSR_LLM_BY_DEVICE[device.type]
+    options = {} if dropout is None else {"dropout": dropout, "lora_dropout": dropout}
+    config = LIMSSRConfig(
+        modalities=list(RG_DIMS), feature_dims=dict(RG_DIMS), llm=str(random_llm_folder(llm, device)),
+        gradient_checkpointing=LIMSSR_VARIANTS[variant],
+        torch_dtype="bfloat16" if device.type == "cuda" else "float32", **options,
+    )
+    return LIMSSR(config).to(device).train()
+
+
+def any_subset_batches(batches: int, batch_size: int, clips: int, device: torch.device, seed: int = 0):
+    """RG-shaped batches with LIMSSR's default masks: every non-empty subset, the full set included."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    present = torch.ones(batch_size, len(RG_DIMS), dtype=torch.bool)
+    return [(features, draw_training_masks(present, "any", generator).to(device), target)
+            for features, _, target in synthetic_batches(RG_DIMS, batches, batch_size, clips, device, seed)]
+
+
+def setup_limssr(variant: str, device: torch.device, batches: int, batch_size: int, clips: int,
+                 seed: int = 0) -> tuple[Callable[[Any], float], list[Any], int, dict[str, Any]]:
+    """One LIMSSR training step (forward, loss, backward, clipping, AdamW) as `pipeline train` runs it."""
+    torch.manual_seed(seed)
+    model = build_bench_limssr(variant, device)
+    data = any_subset_batches(batches, batch_size, clips, device, seed)
+    defaults = LIMSSRConfig.training_defaults()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=defaults["lr"], weight_decay=defaults["weight_decay"])
+    present = torch.ones(batch_size, len(RG_DIMS), dtype=torch.bool, device=device)
+
+    def step(batch) -> float:
+        features, available, target = batch
+        out = model(features, available)
+        total, _ = model.loss(out, target, present, available)
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(params, defaults["grad_clip"])
+        optimizer.step()
+        return float(total.detach())
+
+    mib = lambda tensors: sum(t.numel() * t.element_size() for t in tensors) / 2**20  # noqa: E731
+    base = [p for name, p in model.llm.named_parameters() if "lora_" not in name]
+    facts = {
+        "llm": LIMSSR_LLM_BY_DEVICE[device.type], "llm_dtype": model.config.torch_dtype,
+        "sequence_length": model.sequence_length(clips), "trainable_parameters": sum(p.numel() for p in params),
+        "saved_mib": mib(model.state_to_save().values()), "base_llm_mib": mib(base),
+    }
+    return step, data, sum(p.numel() for p in model.parameters()), facts
+
+
+def check_limssr(device: torch.device, batch_size: int, clips: int) -> dict[str, float]:
+    """Gradient checkpointing recomputes the same function: same score, loss and gradients (dropout off;
+    bfloat16 on a GPU rounds the recomputation differently, hence the looser tolerance there)."""
+    outs, totals, grads = [], [], []
+    features, available, target = any_subset_batches(1, batch_size, clips, device, seed=1)[0]
+    present = torch.ones_like(available)
+    for variant in LIMSSR_VARIANTS:
+        torch.manual_seed(0)
+        model = build_bench_limssr(variant, device, dropout=0.0)
+        out = model(features, available)
+        total, _ = model.loss(out, target, present, available)
+        total.backward()
+        outs.append(out["score"].detach())
+        totals.append(total.detach())
+        grads.append({name: p.grad for name, p in model.named_parameters() if p.requires_grad})
+        del model
+    scale = max(g.abs().max().item() for g in grads[1].values() if g is not None)
+    worst = max((grads[0][k] - grads[1][k]).abs().max().item() for k in grads[1] if grads[1][k] is not None)
+    diffs = {"score": (outs[0] - outs[1]).abs().max().item(), "loss": (totals[0] - totals[1]).abs().item(),
+             "grad_relative": worst / max(scale, 1e-12)}
+    tolerance = 1e-4 if device.type == "cpu" else 5e-2
+    for key, value in diffs.items():
+        assert value <= tolerance, f"LIMSSR with and without checkpointing differ in {key}: {value:.3g}"
+    return diffs
+
+
 # =============================================================================== driver
 
-# model -> (variants, setup, equivalence check or None). setup(variant, device, batches, batch_size,
-# clips) returns (step(batch) -> loss, batches, parameter count). Speed-ups are relative to the last
-# variant.
-BENCHES: dict[str, tuple[tuple[str, ...], Callable, Callable | None]] = {
-    "mcmoe": (("batched", "loop"), setup_mcmoe, check_mcmoe),
+# model -> (variants, setup, equivalence check or None, batch size at the RG setting). setup(variant,
+# device, batches, batch_size, clips) returns (step(batch) -> loss, batches, parameter count[, facts]).
+# Speed-ups are relative to the last variant; the check compares the first and the last.
+BENCHES: dict[str, tuple[tuple[str, ...], Callable, Callable | None, int]] = {
+    "mcmoe": (("batched", "loop"), setup_mcmoe, check_mcmoe, 32),
+    "limssr": (tuple(LIMSSR_VARIANTS), setup_limssr, check_limssr, 8),
 }
 
 
 def time_epoch(model: str, variant: str, device: torch.device, batches: int, batch_size: int,
                clips: int) -> dict[str, Any]:
     """One untimed warm-up step (allocator, kernels, optimiser state), then `batches` timed steps."""
-    step, data, parameters = BENCHES[model][1](variant, device, batches + 1, batch_size, clips)
+    step, data, parameters, *facts = BENCHES[model][1](variant, device, batches + 1, batch_size, clips)
     rss_before = peak_memory_mib(torch.device("cpu"))
     step(data[0])
     if device.type == "cuda":
@@ -287,7 +419,7 @@ def time_epoch(model: str, variant: str, device: torch.device, batches: int, bat
     return {
         "wall_s": time.perf_counter() - start, "step_s": step_s, "peak_mib": peak_memory_mib(device),
         "rss_before_mib": rss_before if device.type == "cpu" else None, "final_loss": loss,
-        "parameters": parameters,
+        "parameters": parameters, "facts": facts[0] if facts else {},
     }
 
 
@@ -301,7 +433,7 @@ def time_paired(model: str, device: torch.device, batches: int, batch_size: int,
     setups = {v: BENCHES[model][1](v, device, batches + 1, batch_size, clips) for v in variants}
     times: dict[str, list[float]] = {v: [] for v in variants}
     for index in range(batches + 1):
-        for variant, (step, data, _) in setups.items():
+        for variant, (step, data, *_) in setups.items():
             began = time.perf_counter()
             step(data[index])
             if index:  # the first round warms up
@@ -310,9 +442,9 @@ def time_paired(model: str, device: torch.device, batches: int, batch_size: int,
     return {v: statistics.median(b / t for b, t in zip(base, times[v])) for v in variants}
 
 
-def run_child(args: argparse.Namespace, job: str, device: str) -> dict[str, Any]:
+def run_child(args: argparse.Namespace, job: str, device: str, batch_size: int) -> dict[str, Any]:
     command = [sys.executable, __file__, "--child", job, "--device", device, "--batches", str(args.batches),
-               "--batch-size", str(args.batch_size), "--clips", str(args.clips)]
+               "--batch-size", str(batch_size), "--clips", str(args.clips)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"{job} on {device} failed:\n{done.stderr}")
@@ -325,7 +457,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: CPU, plus CUDA when a GPU is visible")
     parser.add_argument("--batches", type=int, default=8, help="training steps per timed epoch")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, help="(default: each model's RG batch size: mcmoe 32, limssr 8)")
     parser.add_argument("--clips", type=int, default=RG_CLIPS, help="segments per video")
     parser.add_argument("--repeats", type=int, default=1, help="epochs per variant; the fastest is reported")
     parser.add_argument("--skip-check", action="store_true", help="do not compare the variants' numbers")
@@ -335,6 +467,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if args.child:  # "model:variant" times an epoch, "model" the variants in turns
         model, _, variant = args.child.partition(":")
+        args.batch_size = args.batch_size or BENCHES[model][3]
         sizes = (torch.device(args.device), args.batches, args.batch_size, args.clips)
         result = time_epoch(model, variant, *sizes) if variant else time_paired(model, *sizes)
         print(json.dumps(result))
@@ -345,32 +478,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         devices = [args.device]
     report: dict[str, Any] = {
-        "setting": {"batches": args.batches, "batch_size": args.batch_size, "clips": args.clips,
+        "setting": {"batches": args.batches, "batch_size": args.batch_size or "per model", "clips": args.clips,
                     "repeats": args.repeats, "torch": torch.__version__, "threads": torch.get_num_threads()},
         "results": [], "checks": [],
     }
     for model in args.models:
-        variants, _, check = BENCHES[model]
+        variants, _, check, model_batch_size = BENCHES[model]
+        batch_size = args.batch_size or model_batch_size
         for device in devices:
             if check is not None and not args.skip_check:
-                diffs = check(torch.device(device), args.batch_size, args.clips)
-                report["checks"].append({"model": model, "device": device, **diffs})
-            speedups = run_child(args, model, device)
+                diffs = check(torch.device(device), batch_size, args.clips)
+                report["checks"].append({"model": model, "device": device, "same": f"{variants[0]} == {variants[-1]}", **diffs})
+            speedups = run_child(args, model, device, batch_size)
             for variant in variants:
-                epochs = [run_child(args, f"{model}:{variant}", device) for _ in range(args.repeats)]
+                epochs = [run_child(args, f"{model}:{variant}", device, batch_size) for _ in range(args.repeats)]
                 best = min(epochs, key=lambda r: r["wall_s"])
                 report["results"].append({
-                    **best, "model": model, "variant": variant, "device": device,
+                    **best, "model": model, "variant": variant, "device": device, "batch_size": batch_size,
                     "median_step_ms": 1000 * statistics.median(best["step_s"]),
                     "all_wall_s": [r["wall_s"] for r in epochs], "speedup": speedups[variant],
                 })
 
-    print(f"{'model':8} {'variant':8} {'device':6} {'epoch s':>8} {'step ms':>8} {'peak MiB':>9} {'speed-up':>9}")
+    print(f"{'model':8} {'variant':9} {'device':6} {'batch':>5} {'epoch s':>8} {'step ms':>8} {'peak MiB':>9} {'speed-up':>9}")
     for row in report["results"]:
-        print(f"{row['model']:8} {row['variant']:8} {row['device']:6} {row['wall_s']:8.2f} "
+        print(f"{row['model']:8} {row['variant']:9} {row['device']:6} {row['batch_size']:5d} {row['wall_s']:8.2f} "
               f"{row['median_step_ms']:8.0f} {row['peak_mib']:9.0f} {row['speedup']:8.2f}x")
+    for row in report["results"]:
+        if row["facts"]:
+            print(f"{row['model']} {row['variant']} on {row['device']}: "
+                  + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row["facts"].items()))
     for row in report["checks"]:
-        print(f"{row['model']} on {row['device']}: batched == loop (max |diff| score {row['score']:.1e}, "
+        print(f"{row['model']} on {row['device']}: {row['same']} (max |diff| score {row['score']:.1e}, "
               f"loss {row['loss']:.1e}, relative grad {row['grad_relative']:.1e})")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

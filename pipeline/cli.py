@@ -109,6 +109,12 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--retry-failed", action="store_true",
                         help="retry videos that failed before even if their file is unchanged")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--ray", metavar="auto|local|ADDRESS",
+                        help="spread the videos over Ray workers that each hold the backbones once: auto (a "
+                        "running cluster, else a local instance), local, or a cluster address such as "
+                        "ray://head:10001; same cache, resume and exit codes. Paths must be the same on every node")
+    parser.add_argument("--ray-workers", type=int, metavar="N",
+                        help="with --ray: number of workers (default: one per GPU, else one per 4 CPU cores)")
     add_extraction_options(parser)
 
 
@@ -118,6 +124,10 @@ def _run_extract(args: argparse.Namespace) -> int:
     from pipeline.devices import resolve_device
     from pipeline.extract import discover_videos, extract_videos, prepare_cache
 
+    if args.ray is not None:
+        return _run_extract_ray(args)
+    if args.ray_workers is not None:
+        raise UsageError("--ray-workers needs --ray")
     try:
         device = resolve_device(args.device)
     except ValueError as exc:
@@ -141,6 +151,44 @@ def _run_extract(args: argparse.Namespace) -> int:
     )
     print_extract_summary(summary, cache)
     return EXIT_FAILURES if summary.failed else EXIT_OK
+
+
+def _run_extract_ray(args: argparse.Namespace) -> int:
+    """`extract --ray`: the same stage on Ray actors (pipeline/ray_extract.py)."""
+    import torch
+
+    from extractors.base import WeightsSource
+    from pipeline.extract import discover_videos
+    from pipeline.ray_extract import WorkerSetupError, extract_on_ray, plan_workers
+    from pipeline.ray_session import RaySetupError, ray_session
+
+    extraction_config_from_args(args, torch.device("cpu"))  # bad options fail before Ray starts
+    sources = discover_videos(args.videos)
+    if not sources:
+        raise UsageError(f"no videos (mp4, mkv, avi, mov, webm) under {args.videos}")
+    try:
+        with ray_session(args.ray) as resources:
+            plan = plan_workers(resources, args.device, args.ray_workers)
+            config = extraction_config_from_args(args, torch.device(plan.device))  # flow default follows the workers
+            if config.random_weights:
+                print("NOTE: random-weight backbones: these features are for smoke tests, not for scoring.", file=sys.stderr)
+            print(f"extracting {len(sources)} videos into {args.out / config.config_hash()} with Ray: "
+                  f"{plan.describe()}", file=sys.stderr)
+            result = extract_on_ray(
+                sources, args.out, config, device=args.device, workers=args.ray_workers,
+                weights=WeightsSource(weights_dir=args.weights_dir, offline=args.offline),
+                batch_segments=args.batch_segments, retry_failed=args.retry_failed, progress=not args.quiet,
+            )
+    except (RaySetupError, WorkerSetupError) as exc:
+        raise UsageError(str(exc)) from None
+    print_extract_summary(result.summary, result.cache)
+    if result.workers_lost:
+        print(f"{result.workers_lost} worker loss(es) ({result.last_error}); {result.videos_requeued} video(s) "
+              "were handed to another worker", file=sys.stderr)
+    if result.unfinished:
+        print(f"{len(result.unfinished)} video(s) were not processed because every worker was lost; "
+              "rerun the command to finish them", file=sys.stderr)
+    return EXIT_FAILURES if result.summary.failed or result.unfinished else EXIT_OK
 
 
 def print_extract_summary(summary, cache) -> None:
@@ -209,6 +257,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     mod.add_argument("--position-encoding", action=argparse.BooleanOptionalAction, default=None,
                      help="MCMoE sinusoidal position encoding in the STEM")
     mod.add_argument("--llm", help="LIMSSR: hub id or local folder of the causal LLM")
+    mod.add_argument("--llm-dtype", choices=["float32", "bfloat16"],
+                     help="LIMSSR: dtype of the LLM (bfloat16 on a GPU halves its memory; projections and heads "
+                     "stay float32; default float32)")
+    mod.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                     help="LIMSSR: recompute the LLM's activations during the backward pass (less memory, slower steps)")
     mod.add_argument("--ablation", action="append", default=[], metavar="NAME",
                      help="MCMoE ablation: baseline, no-stem, no-agmg, no-moe, no-cfm, no-recon, no-align, "
                      "no-div (repeatable)")
@@ -395,6 +448,72 @@ def _run_import_features(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ============================================================================ reproduce
+
+
+def _add_reproduce(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "reproduce",
+        help="a benchmark's Table 1 block: every action / score type x every seed, trained on Ray",
+        description="Train every action / score type of --preset once per seed (seeds 0..N-1), each as a "
+        "Ray task and a normal run folder OUT/<action>/seed<k>/, evaluate each chosen checkpoint (selected "
+        "on validation) on the test rows, and aggregate rho / MSE per modality setting as mean +/- std over "
+        "seeds into OUT/table.csv, table.json, table.md and rho.png. Labels: <action>.csv (video_id,score,"
+        "split) in --labels-dir, or by default each cache's labels/ folder as `pipeline import-features` "
+        "writes it. Finished runs are not retrained; interrupted ones resume. Exit 0: every run done; "
+        "1: some runs failed (the table covers the rest); 2: usage error.",
+    )
+    parser.add_argument("--preset", choices=["rg", "fisv", "fs1000"], required=True)
+    parser.add_argument("--features", type=existing_path, required=True,
+                        help="a feature cache, or a folder of caches (e.g. import-features --out: one per RG apparatus)")
+    parser.add_argument("--labels-dir", type=existing_path,
+                        help="folder of <action>.csv files (default: labels/ inside each action's cache)")
+    parser.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 per action (default: %(default)s)")
+    parser.add_argument("--out", type=Path, required=True, help="results folder")
+    parser.add_argument("--actions", help="comma-separated subset of the preset's actions / score types (default: all)")
+    parser.add_argument("--model", choices=["mcmoe", "limssr"], default="mcmoe", help="(default: %(default)s)")
+    parser.add_argument("--epochs", type=int, help="override the preset's epochs (smoke runs)")
+    parser.add_argument("--batch-size", type=int, help="override the preset's batch size")
+    parser.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="model-config field, VALUE as JSON (repeatable; e.g. hidden=64, llm=DIR)")
+    parser.add_argument("--ray", default="auto", metavar="auto|local|none|ADDRESS",
+                        help="auto (a running cluster, else a local instance), local, a cluster address, or "
+                        "none to train one run after another in this process (default: %(default)s)")
+    parser.add_argument("--gpus-per-run", type=float,
+                        help="GPU share of each run (default with GPUs: 0.25 for mcmoe, 1 for limssr; else 0)")
+    parser.add_argument("--cpus-per-run", type=float, default=1.0, help="CPU cores per run (default: %(default)s)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _run_reproduce(args: argparse.Namespace) -> int:
+    from manifests.cache import CacheError
+    from pipeline.labels import LabelError
+    from pipeline.ray_session import RaySetupError
+    from pipeline.reproduce import ReproduceError, markdown_table, reproduce
+    from pipeline.train import model_options_from_flags
+
+    if args.seeds < 1:
+        raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
+    actions = [a.strip() for a in args.actions.split(",") if a.strip()] if args.actions else None
+    try:
+        options = model_options_from_flags(args.model, {}, [], args.model_option)
+        result = reproduce(
+            args.preset, args.features, args.out, list(range(args.seeds)), labels_dir=args.labels_dir,
+            actions=actions, model=args.model, overrides={"epochs": args.epochs, "batch_size": args.batch_size},
+            model_options=options, ray_address=None if args.ray == "none" else args.ray,
+            gpus_per_run=args.gpus_per_run, cpus_per_run=args.cpus_per_run, device=args.device,
+            progress=not args.quiet,
+        )
+    except (ReproduceError, RaySetupError, LabelError, CacheError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    for outcome in result.failed:
+        print(f"FAILED {outcome['action']} seed {outcome['seed']} ({outcome['run_dir']}): {outcome['error']}", file=sys.stderr)
+    print(markdown_table(result.table, f"{args.preset} with {args.model}: {args.seeds} seed(s), test split"))
+    print("wrote " + ", ".join(str(p) for p in result.paths), file=sys.stderr)
+    return EXIT_FAILURES if result.failed else EXIT_OK
+
+
 # ============================================================================ score / demo
 
 
@@ -440,7 +559,7 @@ def _run_score(args: argparse.Namespace) -> int:
             weights=WeightsSource(weights_dir=args.weights_dir, offline=args.offline),
             batch_segments=args.batch_segments, progress=not args.quiet,
         )
-    except (ScoreError, RunError, CacheError, BackboneUnavailableError, ValueError) as exc:
+    except (ScoreError, RunError, CacheError, BackboneUnavailableError, ValueError, FileNotFoundError) as exc:
         raise UsageError(str(exc)) from None
     table = pd.DataFrame([r.row() for r in results]).drop(columns=["grade_weights"]).astype(object).fillna("")
     print(table.to_string(index=False))
@@ -483,6 +602,7 @@ COMMANDS = {
     "train": (_add_train, _run_train),
     "evaluate": (_add_evaluate, _run_evaluate),
     "import-features": (_add_import_features, _run_import_features),
+    "reproduce": (_add_reproduce, _run_reproduce),
     "score": (_add_score, _run_score),
     "demo": (_add_demo, _run_demo),
 }

@@ -191,6 +191,8 @@ FLAG_FIELDS = {
     "alpha": ("div_weight", "alpha"),
     "position_encoding": ("position_encoding",),
     "llm": ("llm",),
+    "llm_dtype": ("torch_dtype",),
+    "gradient_checkpointing": ("gradient_checkpointing",),
 }
 
 
@@ -221,6 +223,10 @@ def model_options_from_flags(model: str, flags: dict[str, Any], ablations: list[
     unknown = sorted(set(options) - known)
     if unknown:
         raise ValueError(f"model {model!r} has no setting(s) {unknown}; its settings are {sorted(known - {'modalities', 'feature_dims'})}")
+    llm = options.get("llm")
+    if isinstance(llm, str) and Path(llm).expanduser().is_dir():
+        # the run records its base LLM; evaluate / score / resume must find it from any working folder
+        options["llm"] = str(Path(llm).expanduser().resolve())
     return options
 
 

@@ -1,15 +1,18 @@
-"""Shared fixtures: short generated clips on disk, and a tiny random-weight extraction config."""
+"""Shared fixtures: short generated clips on disk, a tiny random-weight extraction config, labelled
+clips extracted with it, and a tiny offline LLM folder for LIMSSR."""
 
 from __future__ import annotations
 
+import csv
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
 from extractors.config import ExtractionConfig
-from pipeline.samples import ClipSpec, ffmpeg_binary, write_clip
+from pipeline.samples import ClipSpec, ffmpeg_binary, sample_set, score_of, write_clip
 
 # One thread: tiny models gain nothing from more, and oversubscribed cores slow them down many-fold.
 torch.set_num_threads(1)
@@ -54,3 +57,45 @@ def clip_folder(tmp_path_factory) -> Path:
     (root / "notvideo.avi").write_text("this is not a video\n")
     write_audio_only(root / "audioonly.mp4")
     return root
+
+
+# `pipeline extract` flags of the tiny random-weight backbones (the same features as tiny_config()).
+TINY_EXTRACT_FLAGS = ["--backbones", "random", "--arch-size", "tiny", "--flow", "farneback",
+                      "--segment-frames", "8", "--device", "cpu", "--quiet"]
+
+
+@dataclass
+class ExtractedClips:
+    root: Path
+    videos: Path  # clip00.mp4 ... clip07.mp4
+    cache: Path  # `pipeline extract --out` folder of those videos
+    labels: Path  # video_id,score,split: clip06 and clip07 are split=test
+    unseen: Path  # a clip without audio, in no cache
+
+
+@pytest.fixture(scope="session")
+def extracted_clips(tmp_path_factory) -> ExtractedClips:
+    """Eight labelled generated clips (every third without audio) extracted once per session through the
+    CLI with the tiny backbones; tests write their runs elsewhere and never add to this cache."""
+    from pipeline.cli import main
+
+    root = tmp_path_factory.mktemp("extracted")
+    videos = root / "videos"
+    with open(root / "labels.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["video_id", "score", "split"])
+        for index, spec in enumerate(sample_set(8, seed=3)):
+            write_clip(ClipSpec(spec.name, spec.quality, seconds=1.5, with_audio=spec.with_audio, seed=spec.seed),
+                       videos / f"{spec.name}.mp4")
+            writer.writerow([spec.name, score_of(spec.quality), "test" if index >= 6 else "train"])
+    assert main(["extract", "--videos", str(videos), "--out", str(root / "cache"), *TINY_EXTRACT_FLAGS]) == 0
+    unseen = write_clip(ClipSpec("unseen", 0.6, seconds=1.2, with_audio=False, seed=77), root / "new" / "unseen.mp4")
+    return ExtractedClips(root, videos, root / "cache", root / "labels.csv", unseen)
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_folder(tmp_path_factory) -> Path:
+    """A 2-layer random-weight Qwen2 LM with its tokenizer, usable as `--llm FOLDER`."""
+    from models.tiny_llm import save_tiny_llm
+
+    return save_tiny_llm(tmp_path_factory.mktemp("tiny_llm"), hidden_size=32, num_heads=4, num_kv_heads=2)

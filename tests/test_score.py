@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 
@@ -11,7 +10,6 @@ import pytest
 
 from manifests.cache import FeatureCache
 from pipeline.cli import main
-from pipeline.samples import ClipSpec, sample_set, score_of, write_clip
 
 TINY_EXTRACT = ["--backbones", "random", "--arch-size", "tiny", "--flow", "farneback",
                 "--segment-frames", "8", "--device", "cpu", "--quiet"]
@@ -19,22 +17,13 @@ TINY_TRAIN = ["--epochs", "2", "--batch-size", "4", "--hidden", "32", "--device"
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """extract -> train (2 epochs) on 8 labelled clips; returns the folders and an unseen clip without audio."""
-    root = tmp_path_factory.mktemp("e2e")
-    videos = root / "videos"
-    with open(root / "labels.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["video_id", "score", "split"])
-        for index, spec in enumerate(sample_set(8, seed=3)):
-            write_clip(ClipSpec(spec.name, spec.quality, seconds=1.5, with_audio=spec.with_audio, seed=spec.seed),
-                       videos / f"{spec.name}.mp4")
-            writer.writerow([spec.name, score_of(spec.quality), "test" if index >= 6 else "train"])
-    assert main(["extract", "--videos", str(videos), "--out", str(root / "cache"), *TINY_EXTRACT]) == 0
-    assert main(["train", "--features", str(root / "cache"), "--labels", str(root / "labels.csv"),
+def trained(extracted_clips):
+    """train (2 epochs) on the 8 extracted labelled clips (conftest); returns their folder and an unseen
+    clip without audio."""
+    root = extracted_clips.root
+    assert main(["train", "--features", str(extracted_clips.cache), "--labels", str(extracted_clips.labels),
                  "--out", str(root / "run"), *TINY_TRAIN]) == 0
-    unseen = write_clip(ClipSpec("unseen", 0.6, seconds=1.2, with_audio=False, seed=77), root / "new" / "unseen.mp4")
-    return root, unseen
+    return root, extracted_clips.unseen
 
 
 def test_evaluate_prints_the_table_row(trained, capsys):
