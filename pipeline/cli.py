@@ -259,7 +259,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     mod.add_argument("--llm", help="LIMSSR: hub id or local folder of the causal LLM")
     mod.add_argument("--llm-dtype", choices=["float32", "bfloat16"],
                      help="LIMSSR: dtype of the LLM (bfloat16 on a GPU halves its memory; projections and heads "
-                     "stay float32; default float32)")
+                     "stay float32; default: bfloat16 when training on a GPU, float32 on a CPU)")
     mod.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                      help="LIMSSR: recompute the LLM's activations during the backward pass (less memory, slower steps)")
     mod.add_argument("--ablation", action="append", default=[], metavar="NAME",

@@ -196,10 +196,14 @@ FLAG_FIELDS = {
 }
 
 
+def config_fields(model: str) -> set[str]:
+    return {f.name for f in dataclasses.fields(config_class(model))}
+
+
 def model_options_from_flags(model: str, flags: dict[str, Any], ablations: list[str], extra: list[str]) -> dict[str, Any]:
     """Model-config settings from the generic flags, --ablation names and --model-option KEY=VALUE
     (VALUE read as JSON when it parses, else as a string)."""
-    known = {f.name for f in dataclasses.fields(config_class(model))}
+    known = config_fields(model)
     options: dict[str, Any] = {}
     for flag, value in flags.items():
         if value is None:
@@ -539,7 +543,10 @@ def train(
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
 
-    model_config = build_model_config(config.model, bundle.modalities, bundle.feature_dims, config.model_options)
+    options = dict(config.model_options)
+    if torch_device.type == "cuda" and "torch_dtype" in config_fields(config.model):
+        options.setdefault("torch_dtype", "bfloat16")  # an LLM backbone trains in bf16 on a GPU unless told otherwise
+    model_config = build_model_config(config.model, bundle.modalities, bundle.feature_dims, options)
     model = build_model(config.model, model_config).to(torch_device)
     counts = count_parameters(model)
     seq_len = model.sequence_length(bundle.clip_num) if hasattr(model, "sequence_length") else None
