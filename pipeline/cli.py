@@ -277,8 +277,6 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    import json
-
     from manifests.cache import CacheError
     from pipeline import data
     from pipeline import train as training
@@ -292,20 +290,11 @@ def _run_train(args: argparse.Namespace) -> int:
         if args.train_missing is not None:
             overrides["train_missing"] = data.parse_missing_rates(args.train_missing)
         model_flags = {k: getattr(args, k) for k in training.FLAG_FIELDS}
-        run_json = args.out / training.RUN_JSON
-        if args.resume and run_json.is_file():
-            # The run's recorded settings are authoritative; flags may only repeat them.
-            config = training.TrainConfig.from_dict(json.loads(run_json.read_text())["config"])
-            config.out = str(args.out)  # the folder may have moved since
-            preset = None if config.preset is None else training.get_preset(config.preset, config.action)
-            options = training.model_options_from_flags(config.model, model_flags, args.ablation, args.model_option)
-            given = {k: v for k, v in overrides.items() if v is not None}
-            given.update({k: str(getattr(args, k).expanduser().resolve()) for k in ("features", "labels") if getattr(args, k) is not None})
-            given.update({k: getattr(args, k) for k in ("model", "preset", "action") if getattr(args, k) is not None})
-            changed = {k: v for k, v in given.items() if getattr(config, k) != v}
-            changed.update({f"model.{k}": v for k, v in options.items() if config.model_options.get(k) != v})
-            if changed:
-                raise UsageError(f"--resume continues {args.out} with its recorded settings; these flags differ: {changed}")
+        if args.resume and (args.out / training.RUN_JSON).is_file():
+            given = {k: getattr(args, k) for k in ("features", "labels", "model", "preset", "action")}
+            config, preset = training.recorded_config(
+                args.out, {**overrides, **given}, model_flags, args.ablation, args.model_option
+            )
         else:
             if args.features is None or args.labels is None:
                 raise UsageError("--features and --labels are required (except with --resume of an existing run)")

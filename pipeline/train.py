@@ -234,6 +234,25 @@ def model_options_from_flags(model: str, flags: dict[str, Any], ablations: list[
     return options
 
 
+def recorded_config(
+    run_dir: Path, given: dict[str, Any], model_flags: dict[str, Any], ablations: list[str], extra: list[str]
+) -> tuple[TrainConfig, Preset | None]:
+    """The settings a run was started with, for --resume; `given` flags may only repeat them."""
+    config = TrainConfig.from_dict(json.loads((Path(run_dir) / RUN_JSON).read_text())["config"])
+    config.out = str(run_dir)  # the folder may have moved since
+    preset = None if config.preset is None else get_preset(config.preset, config.action)
+    options = model_options_from_flags(config.model, model_flags, ablations, extra)
+    given = {k: v for k, v in given.items() if v is not None}
+    for key in ("features", "labels"):
+        if key in given:
+            given[key] = str(Path(given[key]).expanduser().resolve())
+    changed = {k: v for k, v in given.items() if getattr(config, k) != v}
+    changed.update({f"model.{k}": v for k, v in options.items() if config.model_options.get(k) != v})
+    if changed:
+        raise TrainError(f"--resume continues {run_dir} with its recorded settings; these flags differ: {changed}")
+    return config, preset
+
+
 def lr_at(config: TrainConfig, epoch: int) -> float:
     """Learning rate of epoch `epoch` (0-based): linear warm-up, then cosine to min_lr_ratio * lr."""
     if epoch < config.warmup_epochs:
