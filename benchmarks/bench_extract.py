@@ -63,6 +63,12 @@ def make_clips(folder: Path, count: int, seconds: float, width: int, height: int
         write_clip(spec, folder / f"bench{index}.mp4")
 
 
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -155,24 +161,24 @@ def main() -> None:
     synchronize(device)
     rows.append(("end to end", time.perf_counter() - start, segments))
 
-    device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU x{torch.get_num_threads()} threads"
-    print(f"device: {device_name}; {len(sources)} videos, {video_seconds:.1f} s of video, {segments} segments; "
+    name = device_name(device)
+    print(f"device: {name}; {len(sources)} videos, {video_seconds:.1f} s of video, {segments} segments; "
           f"backbones: {config.backbones} ({config.weights}, {config.arch_size}); commit {git_commit()}")
     if peak_tflops:
         print(f"measured bf16 matmul rate: {peak_tflops:.0f} TFLOP/s")
     print(f"{'stage':28s} {'seconds':>9s} {'segments/s':>11s} {'x real time':>12s}")
     results = []
-    for name, seconds, count in rows:
+    for stage, seconds, count in rows:
         rate = count / seconds if seconds else float("inf")
         realtime = video_seconds / seconds if seconds else float("inf")
-        print(f"{name:28s} {seconds:9.2f} {rate:11.2f} {realtime:12.2f}")
-        results.append({"stage": name, "seconds": seconds, "segments_per_s": rate, "x_real_time": realtime})
+        print(f"{stage:28s} {seconds:9.2f} {rate:11.2f} {realtime:12.2f}")
+        results.append({"stage": stage, "seconds": seconds, "segments_per_s": rate, "x_real_time": realtime})
     for modality, info in flops_rows.items():
         ratio = info["ratio_to_flop_bound"]
         print(f"{modality}: {info['gflops_per_segment']:.1f} GFLOP/segment"
               + (f", {ratio:.2f}x its FLOP bound" if ratio else ""))
     if args.json:
-        args.json.write_text(json.dumps({"device": device_name, "commit": git_commit(), "config": config.to_dict(),
+        args.json.write_text(json.dumps({"device": name, "commit": git_commit(), "config": config.to_dict(),
                                          "video_seconds": video_seconds, "segments": segments,
                                          "matmul_tflops": peak_tflops, "stages": results, "flops": flops_rows},
                                         indent=2))

@@ -1,0 +1,88 @@
+"""Scoring speed: latency for one new clip and throughput for many, end to end (decode -> score).
+
+    python benchmarks/bench_score.py                         # tiny random backbones, CPU or the GPU
+    python benchmarks/bench_score.py --arch-size full --clips 16 --device cuda --json out.json
+
+It first builds a run to score with (generated labelled clips -> extract -> a 1-epoch MCMoE run),
+then times `score_clips` on clips the run has never seen, so every timing includes extraction:
+one clip alone (start-up included: backbones and scorer loaded once per invocation), then many
+clips in one invocation (their segments batched together through the backbones).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.bench_extract import device_name, git_commit  # noqa: E402
+from pipeline.cli import main as pipeline_main  # noqa: E402
+from pipeline.devices import resolve_device  # noqa: E402
+from pipeline.samples import ClipSpec, sample_set, score_of, write_clip  # noqa: E402
+from pipeline.score import score_clips  # noqa: E402
+
+
+def build_run(work: Path, arch_size: str, device: str) -> Path:
+    videos = work / "train_videos"
+    rows = ["video_id,score"]
+    for spec in sample_set(8, seed=5):
+        write_clip(spec, videos / f"{spec.name}.mp4")
+        rows.append(f"{spec.name},{score_of(spec.quality)}")
+    (work / "labels.csv").write_text("\n".join(rows) + "\n")
+    common = ["--device", device, "--quiet"]
+    assert pipeline_main(["extract", "--videos", str(videos), "--out", str(work / "cache"), "--backbones", "random",
+                          "--arch-size", arch_size, *common]) == 0
+    assert pipeline_main(["train", "--features", str(work / "cache"), "--labels", str(work / "labels.csv"),
+                          "--out", str(work / "run"), "--epochs", "1", *common]) == 0
+    return work / "run"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clips", type=int, default=6, help="clips scored together (default: %(default)s)")
+    parser.add_argument("--seconds", type=float, default=6.0, help="length of each clip (default: %(default)s)")
+    parser.add_argument("--arch-size", default="tiny", choices=["tiny", "full"])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+
+    device = resolve_device(args.device)
+    work = Path(tempfile.mkdtemp(prefix="bench_score_"))
+    run = build_run(work, args.arch_size, device.type)
+
+    def new_clips(prefix: str, count: int) -> list[Path]:
+        return [write_clip(ClipSpec(f"{prefix}{i}", 0.5, seconds=args.seconds, seed=100 + i), work / prefix / f"{prefix}{i}.mp4")
+                for i in range(count)]
+
+    timings = {}
+    for name, clips in (("one clip", new_clips("single", 1)), (f"{args.clips} clips", new_clips("many", args.clips))):
+        start = time.perf_counter()
+        results = score_clips(clips, run, device=device, progress=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        assert not any(r.error for r in results), [r.error for r in results]
+        video_seconds = len(clips) * args.seconds
+        timings[name] = {"clips": len(clips), "seconds": seconds, "clips_per_s": len(clips) / seconds,
+                         "x_real_time": video_seconds / seconds}
+
+    print(f"device: {device_name(device)}; {args.arch_size} random backbones (rgb vst, flow "
+          f"{'raft' if device.type == 'cuda' else 'farneback'}, audio ast); {args.seconds:g} s clips; commit {git_commit()}")
+    print(f"{'scoring':12s} {'seconds':>9s} {'clips/s':>9s} {'x real time':>12s}")
+    for name, row in timings.items():
+        print(f"{name:12s} {row['seconds']:9.2f} {row['clips_per_s']:9.2f} {row['x_real_time']:12.2f}")
+    if args.json:
+        args.json.write_text(json.dumps({"device": device_name(device), "commit": git_commit(),
+                                         "arch_size": args.arch_size, "clip_seconds": args.seconds,
+                                         "timings": timings}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
