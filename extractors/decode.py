@@ -8,6 +8,7 @@ span, so all modalities share the same T and the same time axis.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,9 +21,13 @@ class DecodeError(RuntimeError):
     """A video cannot be decoded or segmented; the message is one line, fit for the manifest."""
 
 
+# decord prefixes its messages with "[hh:mm:ss] /path/to/source.cc:123: "; the user needs the rest.
+_DECORD_PREFIX = re.compile(r"^\[[\d:]+\] \S+\.cc:\d+: (Error: )?")
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    first = text[0] if text else type(exc).__name__
+    first = _DECORD_PREFIX.sub("", text[0]) if text else type(exc).__name__
     return first[:300]
 
 

@@ -46,6 +46,7 @@ def clip_folder(tmp_path_factory) -> Path:
     wide:      320x120 at 30 fps, with audio        ünï cødé:   non-ASCII name, no audio, mkv
     short:     0.2 s (too short for one segment)    empty:      0 bytes
     notvideo:  a text file named .avi               audioonly:  an AAC track in an mp4, no video
+    truncated: the first half of good.mp4           rotated:    good.mp4 with 90-degree rotation metadata
     """
     root = tmp_path_factory.mktemp("clips")
     write_clip(ClipSpec("good", 0.7, seconds=3.2, seed=1), root / "good.mp4")
@@ -56,7 +57,27 @@ def clip_folder(tmp_path_factory) -> Path:
     (root / "empty.mp4").write_bytes(b"")
     (root / "notvideo.avi").write_text("this is not a video\n")
     write_audio_only(root / "audioonly.mp4")
+    write_truncated(root / "good.mp4", root / "truncated.mp4")
+    rotate(root / "good.mp4", root / "rotated.mp4")
     return root
+
+
+def write_truncated(source: Path, path: Path) -> Path:
+    """The first half of an mp4 whose index is at the front (+faststart): opens, but its frames are gone."""
+    indexed = path.with_suffix(".full.mp4")
+    subprocess.run([ffmpeg_binary(), "-y", "-loglevel", "error", "-i", str(source), "-c", "copy",
+                    "-movflags", "+faststart", str(indexed)], check=True, capture_output=True)
+    data = indexed.read_bytes()
+    indexed.unlink()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def rotate(source: Path, path: Path, degrees: int = 90) -> Path:
+    """A copy carrying display-rotation metadata, as phones write portrait videos."""
+    subprocess.run([ffmpeg_binary(), "-y", "-loglevel", "error", "-display_rotation", str(degrees), "-i", str(source),
+                    "-c", "copy", str(path)], check=True, capture_output=True)
+    return path
 
 
 # `pipeline extract` flags of the tiny random-weight backbones (the same features as tiny_config()).

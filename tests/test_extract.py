@@ -79,6 +79,13 @@ def test_no_audio_track_is_missing_not_an_error(clip_folder):
     assert load_audio(clip_folder / "sub" / "good.mp4", 16000) is None
 
 
+def test_rotation_metadata_is_applied(clip_folder):
+    upright, rotated = VideoFrames(clip_folder / "good.mp4", 64), VideoFrames(clip_folder / "rotated.mp4", 64)
+    assert (upright.info.width, upright.info.height) == (192, 144)
+    assert (rotated.info.width, rotated.info.height) == (144, 192)
+    assert rotated.read(np.array([0])).shape == (1, 86, 64, 3)  # short side 64, portrait
+
+
 def test_frames_are_resized_at_decode_time(clip_folder):
     video = VideoFrames(clip_folder / "wide.mov", 64)
     frames = video.read(np.array([[0, 1], [2, 3]]))
@@ -104,14 +111,16 @@ def extracted(clip_folder, tmp_path_factory):
 def test_every_video_gets_a_row_and_bad_ones_a_reason(extracted):
     cache, summary = extracted
     records = {r.video_id: r for r in cache.records()}
-    assert set(records) == {"good", "sub/good", "wide", "ünï cødé", "short", "empty", "notvideo", "audioonly"}
-    assert {v for v, r in records.items() if r.status == "done"} == {"good", "sub/good", "wide", "ünï cødé"}
+    assert set(records) == {"good", "sub/good", "wide", "ünï cødé", "short", "empty", "notvideo", "audioonly",
+                            "truncated", "rotated"}
+    assert {v for v, r in records.items() if r.status == "done"} == {"good", "sub/good", "wide", "ünï cødé", "rotated"}
     assert "too short" in records["short"].error
     assert "empty" in records["empty"].error
     assert "cannot decode video" in records["notvideo"].error
     assert records["audioonly"].status == "failed"
+    assert records["truncated"].error.startswith("cannot decode video: av_read_frame failed")
     assert all("\n" not in r.error for r in records.values() if r.error)
-    assert len(summary.failed) == 4
+    assert len(summary.failed) == 5
 
 
 def test_modalities_share_T_and_missing_audio_is_recorded(extracted):
@@ -152,8 +161,8 @@ def test_rerun_does_nothing_that_is_done(extracted, clip_folder):
     before = {r.video_id: r.finished_at for r in cache.records()}
     extractors = build_extractors(tiny_config(), CPU, WeightsSource())
     summary = extract_videos(discover_videos(clip_folder), cache, extractors, tiny_config(), progress=False)
-    assert sorted(summary.skipped) == ["good", "sub/good", "wide", "ünï cødé"]
-    assert len(summary.failed) == 4  # unchanged bad files are reported again, not retried
+    assert sorted(summary.skipped) == ["good", "rotated", "sub/good", "wide", "ünï cødé"]
+    assert len(summary.failed) == 5  # unchanged bad files are reported again, not retried
     assert {r.video_id: r.finished_at for r in cache.records()} == before
 
 

@@ -85,10 +85,10 @@ def test_distributed_extraction_equals_the_single_process_run(ray_instance, clip
     config = tiny_config()
     result = extract_on_ray(discover_videos(clip_folder), tmp_path, config, workers=2, progress=False)
     assert result.plan.workers == 2 and result.workers_lost == 0 and not result.unfinished
-    assert len(result.summary.records) == 8 and len(result.summary.failed) == 4
+    assert len(result.summary.records) == 10 and len(result.summary.failed) == 5
     assert result.cache.root == tmp_path / config.config_hash()
     assert_same_features(result.cache, reference)
-    assert len(result.cache.manifest()) == 8 and (result.cache.root / "manifest.csv").is_file()
+    assert len(result.cache.manifest()) == 10 and (result.cache.root / "manifest.csv").is_file()
 
 
 class CrashOnceWorker(ExtractionWorker):
