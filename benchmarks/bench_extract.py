@@ -57,10 +57,21 @@ def matmul_tflops(device: torch.device) -> float | None:
     return 2 * 8192**3 / seconds / 1e12
 
 
-def make_clips(folder: Path, count: int, seconds: float, width: int, height: int) -> None:
+def benchmark_videos(videos: Path | None, work: Path, count: int, seconds: float, size: str,
+                     varied: bool = False) -> Path:
+    """The given folder, or `count` generated clips of `size` (WxH) in work/videos.
+
+    varied: lengths differ by up to 2x and every fourth clip has no audio, as in real collections."""
+    if videos is not None:
+        return videos
+    width, height = map(int, size.split("x"))
+    folder = work / "videos"
     for index in range(count):
-        spec = ClipSpec(f"bench{index}", 0.5, seconds=seconds, width=width, height=height, seed=index)
-        write_clip(spec, folder / f"bench{index}.mp4")
+        length = seconds * (1 + (index % 3) / 2) if varied else seconds
+        spec = ClipSpec(f"bench{index}", 0.5, seconds=length, width=width, height=height,
+                        with_audio=not (varied and index % 4 == 3), seed=index)
+        write_clip(spec, folder / f"bench{index:03d}.mp4")
+    return folder
 
 
 def device_name(device: torch.device) -> str:
@@ -102,12 +113,7 @@ def main() -> None:
     config = ExtractionConfig(modalities=modalities, backbones={m: names[m] for m in modalities},
                               weights=args.backbones, arch_size=args.arch_size)
     work = Path(tempfile.mkdtemp(prefix="bench_extract_"))
-    videos = args.videos
-    if videos is None:
-        width, height = map(int, args.size.split("x"))
-        videos = work / "videos"
-        make_clips(videos, args.clips, args.seconds, width, height)
-    sources = discover_videos(videos)
+    sources = discover_videos(benchmark_videos(args.videos, work, args.clips, args.seconds, args.size))
     extractors = build_extractors(config, device, WeightsSource(weights_dir=args.weights_dir))
 
     # decode + audio, per video

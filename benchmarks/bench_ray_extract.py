@@ -31,15 +31,7 @@ from extractors.config import CPU_FLOW_BACKBONE, ExtractionConfig  # noqa: E402
 from pipeline.extract import discover_videos  # noqa: E402
 from pipeline.ray_extract import extract_on_ray  # noqa: E402
 from pipeline.ray_session import ray_session  # noqa: E402
-from pipeline.samples import ClipSpec, write_clip  # noqa: E402
-
-
-def make_clips(folder: Path, count: int, seconds: float, width: int, height: int) -> None:
-    for index in range(count):
-        # lengths vary by up to 2x, as real videos do: dynamic hand-out has something to balance
-        spec = ClipSpec(f"bench{index}", 0.5, seconds=seconds * (1 + (index % 3) / 2), width=width, height=height,
-                        with_audio=index % 4 != 3, seed=index)
-        write_clip(spec, folder / f"bench{index:03d}.mp4")
+from benchmarks.bench_extract import benchmark_videos  # noqa: E402
 
 
 def timed_run(sources, out: Path, config: ExtractionConfig, workers: int, args) -> tuple[float, object]:
@@ -70,12 +62,8 @@ def main() -> None:
 
     counts = [int(n) for n in args.workers.split(",")]
     work = Path(tempfile.mkdtemp(prefix="bench_ray_extract_"))
-    videos = args.videos
-    if videos is None:
-        width, height = map(int, args.size.split("x"))
-        videos = work / "videos"
-        make_clips(videos, args.clips, args.seconds, width, height)
-    sources = discover_videos(videos)
+    # lengths vary by up to 2x, as real videos do: dynamic hand-out has something to balance
+    sources = discover_videos(benchmark_videos(args.videos, work, args.clips, args.seconds, args.size, varied=True))
     modalities = tuple(args.modalities.split(","))
     rows = []
     with ray_session(args.ray, num_cpus=os.cpu_count()) as resources:
