@@ -11,10 +11,14 @@ torch's peak allocation, CPU the process's peak resident set (which includes ~0.
 itself; `rss_before_mib` is the resident set after setup, before the first step).
 
 MCMoE is timed twice: the model as written (modalities stacked for the STEM, all experts in one
-grouped convolution, generators attending from one query step) and a straightforward per-modality loop
-over the same parameters (the structure of the published code: one STEM call per modality, M x M
-expert calls, full-length generator queries). Before timing, both are run once on the same batch and
-must give the same score, loss, gradients and running statistics.
+grouped convolution, generators attending from one query step without projecting their context) and
+a straightforward per-modality loop over the same parameters (the structure of the published code: one
+STEM call per modality, M x M expert calls, full-length generator queries). Before timing, both are run
+once on the same batch and must give the same score, loss, gradients and running statistics.
+
+Every row also counts one step's floating-point operations and computing operators (`count_step`).
+Where arithmetic bounds a step (a CPU), the GFLOP ratio caps the speed-up; where dispatch and kernel
+launches do (a GPU at these sizes), the operator ratio is the better guide. Both are counts, not timings.
 
 On a machine shared with other work single epochs swing by several times, so the speed-up comes from
 a separate paired run: the variants take turns step by step in one process on the same batches, and
@@ -49,6 +53,8 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -78,6 +84,33 @@ def synthetic_batches(dims: dict[str, int], batches: int, batch_size: int, clips
         target = torch.rand(batch_size, generator=generator).to(device)
         out.append((features, available, target))
     return out
+
+
+class OperatorCounter(TorchDispatchMode):
+    """Counts the operators that compute something (views, aliases and bare allocations left out).
+
+    On a GPU each is at least one kernel launch plus the framework's dispatch on the CPU; with the
+    small tensors of these models that overhead, not arithmetic, bounds a step, so the count is what
+    batching lowers there. It is a device-independent proxy, not a timing.
+    """
+
+    METADATA_ONLY = {"aten._unsafe_view", "aten.lift_fresh", "aten.empty", "aten.empty_like", "aten.empty_strided"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and str(func.overloadpacket) not in self.METADATA_ONLY:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_step(step: Callable[[Any], float], batch: Any) -> dict[str, float]:
+    """Floating-point operations and computing operators of one training step (forward, backward, update)."""
+    with FlopCounterMode(display=False) as flops, OperatorCounter() as operators:
+        step(batch)
+    return {"gflop_per_step": flops.get_total_flops() / 1e9, "operators_per_step": operators.count}
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -416,10 +449,11 @@ def time_epoch(model: str, variant: str, device: torch.device, batches: int, bat
         began = time.perf_counter()
         loss = step(batch)
         step_s.append(time.perf_counter() - began)
+    wall_s, peak_mib = time.perf_counter() - start, peak_memory_mib(device)
     return {
-        "wall_s": time.perf_counter() - start, "step_s": step_s, "peak_mib": peak_memory_mib(device),
+        "wall_s": wall_s, "step_s": step_s, "peak_mib": peak_mib,
         "rss_before_mib": rss_before if device.type == "cpu" else None, "final_loss": loss,
-        "parameters": parameters, "facts": facts[0] if facts else {},
+        "parameters": parameters, "facts": facts[0] if facts else {}, **count_step(step, data[1]),
     }
 
 
@@ -499,10 +533,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "all_wall_s": [r["wall_s"] for r in epochs], "speedup": speedups[variant],
                 })
 
-    print(f"{'model':8} {'variant':9} {'device':6} {'batch':>5} {'epoch s':>8} {'step ms':>8} {'peak MiB':>9} {'speed-up':>9}")
+    print(f"{'model':8} {'variant':9} {'device':6} {'batch':>5} {'epoch s':>8} {'step ms':>8} {'peak MiB':>9} "
+          f"{'speed-up':>9} {'GFLOP':>7} {'operators':>9}")
     for row in report["results"]:
         print(f"{row['model']:8} {row['variant']:9} {row['device']:6} {row['batch_size']:5d} {row['wall_s']:8.2f} "
-              f"{row['median_step_ms']:8.0f} {row['peak_mib']:9.0f} {row['speedup']:8.2f}x")
+              f"{row['median_step_ms']:8.0f} {row['peak_mib']:9.0f} {row['speedup']:8.2f}x "
+              f"{row['gflop_per_step']:7.1f} {row['operators_per_step']:9d}")
     for row in report["results"]:
         if row["facts"]:
             print(f"{row['model']} {row['variant']} on {row['device']}: "

@@ -102,3 +102,28 @@ def batch_norm_per_group(x: Tensor, norm: nn.BatchNorm1d) -> Tensor:
             norm.running_mean.mul_((1 - momentum) ** groups).add_((share * mean).sum(0))
             norm.running_var.mul_((1 - momentum) ** groups).add_((share * var).sum(0))
     return out
+
+
+def single_query_attention(attention: nn.MultiheadAttention, query: Tensor, context: Tensor, hide: Tensor) -> Tensor:
+    """`attention` (batch_first, no dropout) from one query step per sample, without projecting the context.
+
+    query (B, d), context (B, S, d), hide (B, S) True = ignore -> (B, d); the same function as
+    attention(query[:, None], context, context, key_padding_mask=hide)[0][:, 0] up to rounding.
+    With a single query the key projection folds into it (score_s = context_s . W_k^T q, the key bias
+    shifts every score alike and cancels in the softmax) and the value projection moves after the
+    weighted sum (the weights sum to one). Each sample's S context steps are then read twice per head,
+    O(S d), instead of being projected twice, O(S d^2).
+    """
+    if attention.dropout or not attention._qkv_same_embed_dim or attention.in_proj_bias is None \
+            or attention.bias_k is not None or attention.add_zero_attn:
+        raise ValueError("single_query_attention needs a plain MultiheadAttention: biases, no dropout, no extras")
+    heads, width = attention.num_heads, attention.embed_dim
+    head_dim = width // heads
+    w_q, w_k, w_v = attention.in_proj_weight.chunk(3)
+    b_q, _, b_v = attention.in_proj_bias.chunk(3)
+    q = F.linear(query, w_q, b_q).view(-1, heads, head_dim) * head_dim**-0.5
+    folded_query = torch.einsum("bhe,hed->bhd", q, w_k.view(heads, head_dim, width))
+    scores = torch.einsum("bhd,bsd->bhs", folded_query, context).masked_fill(hide.unsqueeze(1), float("-inf"))
+    pooled = torch.einsum("bhs,bsd->bhd", scores.softmax(-1), context)
+    values = torch.einsum("bhd,hed->bhe", pooled, w_v.view(heads, head_dim, width)) + b_v.view(heads, head_dim)
+    return attention.out_proj(values.reshape(-1, width))

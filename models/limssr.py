@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.losses import hardest_triplet_loss
+from models.losses import DISTANCES, hardest_triplet_loss
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MODALITY_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
@@ -55,6 +55,7 @@ class LIMSSRConfig:
     mda_heads: int = 4  # heads of the self-attention across modality vectors; must divide the LLM width
     dropout: float = 0.1
     margin: float = 1.0  # hardest-triplet margin
+    triplet_distance: str = "cosine"  # 1 - cosine, as the GDLT triplet loss both papers' code imports
     task_weight: float = 10.0
     alpha: float = 1.0  # hardest-triplet weight
     consistency_weight: float = 1.0
@@ -70,6 +71,8 @@ class LIMSSRConfig:
                 raise ValueError(f"modality name {name!r} must be a letter followed by letters, digits, _ or -")
             if name not in self.feature_dims:
                 raise ValueError(f"feature_dims has no entry for modality {name!r}: {self.feature_dims}")
+        if self.triplet_distance not in DISTANCES:
+            raise ValueError(f"triplet_distance must be one of {DISTANCES}, got {self.triplet_distance!r}")
         if self.num_fusion_tokens < 1:
             raise ValueError(f"num_fusion_tokens must be >= 1, got {self.num_fusion_tokens}")
         if not 0.0 < self.initial_mix < 1.0:
@@ -430,7 +433,7 @@ class LIMSSR(nn.Module):
         """
         config = self.config
         task = F.mse_loss(out["score"], target)
-        triplet = hardest_triplet_loss(out["fusion_states"], margin=config.margin)
+        triplet = hardest_triplet_loss(out["fusion_states"], config.margin, config.triplet_distance)
         consistency = F.mse_loss(out["main"], out["aux"])
         total = config.task_weight * task + config.alpha * triplet + config.consistency_weight * consistency
         return total, {"task": task.detach(), "triplet": triplet.detach(), "consistency": consistency.detach()}

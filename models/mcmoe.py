@@ -17,6 +17,8 @@ Where this departs from the published code (DESIGN.md section 3 describes the mo
 - the grade prototypes get the position encoding of their grade index (the published code indexes the
   encoding by the sample's position in the batch, so a score depended on where a video sat in it);
 - projection batch statistics come only from samples that may use the modality (see `forward`).
+L_div measures 1 - cosine between grade patterns, as the published code does (DESIGN.md says Euclidean;
+`div_distance="euclidean"` gives that).
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.layers import MaskedBatchNorm1d, batch_norm_per_group, sinusoidal_position_encoding
-from models.losses import hardest_triplet_loss, masked_modality_mean
+from models.layers import (
+    MaskedBatchNorm1d, batch_norm_per_group, single_query_attention, sinusoidal_position_encoding,
+)
+from models.losses import DISTANCES, hardest_triplet_loss, masked_modality_mean
 
 LOSS_TERMS = ("task", "div", "recon", "align")  # the keys of MCMoE.loss's terms, in this order
 
@@ -61,6 +65,9 @@ class MCMoEConfig:
     num_grades: int = 4
     position_encoding: bool = False  # sinusoidal encoding on the STEM input (the RG setting turns it on)
     margin: float = 1.0
+    # L_div's distance. The published code (GDLT's HardTripletLoss, which MCMoE imports) measures
+    # 1 - cosine between L2-normalised patterns; DESIGN.md's "Euclidean" is not what it runs.
+    div_distance: str = "cosine"
     recon_weight: float = 1.0
     align_weight: float = 1.0
     div_weight: float = 1.0  # alpha in the paper
@@ -96,6 +103,8 @@ class MCMoEConfig:
             raise ValueError(f"num_grades must be >= 2 (grade values are (n-1)/(N-1)), got {self.num_grades}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.div_distance not in DISTANCES:
+            raise ValueError(f"div_distance must be one of {DISTANCES}, got {self.div_distance!r}")
         if self.baseline:
             self.use_stem = self.use_agmg = self.use_moe = self.use_cfm = False
             self.use_recon = self.use_align = False
@@ -148,10 +157,9 @@ class ModalityGenerator(nn.Module):
         """context (B, S, d): other modalities' sequences joined in time; hide (B, S): True = ignore."""
         # The zero query is the same at every time step and the attention has no dropout, so every step
         # computes the same output: attending from one step and repeating it gives the full sequence.
-        query = context.new_zeros(context.shape[0], 1, context.shape[2])
+        generated = context.new_zeros(context.shape[0], context.shape[2])  # also its own time-mean
         for attention in self.attention:
-            query = attention(query, context, context, key_padding_mask=hide, need_weights=False)[0]
-        generated = query.squeeze(1)  # its time-mean, too
+            generated = single_query_attention(attention, generated, context, hide)
         keep = (~hide).unsqueeze(-1).to(context.dtype)
         context_mean = (context * keep).sum(1) / keep.sum(1)
         gate = torch.sigmoid(self.gate(torch.cat([generated, context_mean], -1)))
@@ -383,7 +391,7 @@ class MCMoE(nn.Module):
         available = available.to(device=score.device, dtype=torch.bool)
         zero = score.new_zeros(())
         task = F.mse_loss(score, target.to(score))
-        div = hardest_triplet_loss(out["grade_patterns"], cfg.margin) if cfg.use_div else zero
+        div = hardest_triplet_loss(out["grade_patterns"], cfg.margin, cfg.div_distance) if cfg.use_div else zero
         recon = zero
         if cfg.use_recon and "generated" in out:
             error = (out["generated"] - out["real"]).square().mean((2, 3))

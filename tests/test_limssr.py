@@ -113,11 +113,16 @@ def test_outputs_and_per_sample_masking(model):
 
 
 def hand_hardest_triplet(states: torch.Tensor, margin: float) -> float:
+    """With the reference's distance, 1 - cosine similarity."""
     batch, count, _ = states.shape
     anchors = [(b, k) for b in range(batch) for k in range(count)]
+
+    def cosine_distance(u: list[float], v: list[float]) -> float:
+        return 1.0 - sum(a * b for a, b in zip(u, v)) / (math.hypot(*u) * math.hypot(*v))
+
     total = 0.0
     for b, k in anchors:
-        distance = lambda other: math.dist(states[b, k].tolist(), states[other[0], other[1]].tolist())  # noqa: E731
+        distance = lambda other: cosine_distance(states[b, k].tolist(), states[other[0], other[1]].tolist())  # noqa: E731
         positive = max([distance((c, k)) for c in range(batch) if c != b], default=0.0)
         negative = min(distance((c, j)) for c in range(batch) for j in range(count) if j != k)
         total += max(positive - negative + margin, 0.0)

@@ -12,7 +12,9 @@ import torch
 import torch.nn as nn
 
 from models import build_model, config_class
-from models.layers import MaskedBatchNorm1d, batch_norm_per_group, sinusoidal_position_encoding
+from models.layers import (
+    MaskedBatchNorm1d, batch_norm_per_group, single_query_attention, sinusoidal_position_encoding,
+)
 from models.losses import hardest_triplet_loss, masked_modality_mean
 from models.mcmoe import LOSS_TERMS, MCMoE, MCMoEConfig, mcmoe
 
@@ -145,6 +147,25 @@ def test_one_mask_for_the_batch_equals_generating_from_the_sliced_available_moda
     assert (generated[0] == 0).all() and (generated[2] == 0).all()
 
 
+def test_single_query_attention_equals_multihead_attention():
+    """Folding the key projection into the query and moving the value projection after the weighted sum
+    changes nothing but rounding, for every head, with per-sample key padding and through gradients."""
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(D, 4, batch_first=True)
+    nn.init.normal_(attention.in_proj_bias)  # the key bias must cancel, the value bias must not
+    query, context = torch.randn(B, D, requires_grad=True), torch.randn(B, 7, D, requires_grad=True)
+    hide = torch.rand(B, 7, generator=torch.Generator().manual_seed(1)) < 0.4
+    hide[:, 3] = False  # every sample keeps a step
+    fast = single_query_attention(attention, query, context, hide)
+    slow = attention(query[:, None], context, context, key_padding_mask=hide)[0][:, 0]
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
+    grads = [torch.autograd.grad(out.square().sum(), (query, context, attention.in_proj_weight)) for out in (fast, slow)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="no dropout"):
+        single_query_attention(nn.MultiheadAttention(D, 4, dropout=0.1, batch_first=True), query, context, hide)
+
+
 def test_batched_model_matches_the_per_modality_loop():
     bench = load_bench()
     model = small()
@@ -272,7 +293,7 @@ def test_model_loss_terms_by_hand():
         return float((p * (p.log() - q.log())).sum(-1).mean() / d)
 
     align = (kl(0, 0) + kl(1, 0)) / 2 + (kl(0, 1) + kl(1, 1)) / 2 + kl(1, 2)
-    div = float(hardest_triplet_loss(out["grade_patterns"], 1.0))
+    div = float(hardest_triplet_loss(out["grade_patterns"], 1.0, "cosine"))
     assert float(terms["task"]) == pytest.approx(task, rel=1e-6)
     assert float(terms["recon"]) == pytest.approx(recon, rel=1e-5)
     assert float(terms["align"]) == pytest.approx(align, rel=1e-5)
