@@ -89,7 +89,8 @@ class LIMSSRConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown LIMSSR config fields {unknown}")
-        return cls(**data)
+        # Configurations recorded before triplet_distance existed were trained with Euclidean distance.
+        return cls(**{"triplet_distance": "euclidean", **data})
 
     @classmethod
     def training_defaults(cls) -> dict[str, Any]:

@@ -118,7 +118,8 @@ class MCMoEConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown MCMoEConfig fields {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        # Configurations recorded before div_distance existed were trained with Euclidean distance.
+        return cls(**{"div_distance": "euclidean", **data})
 
     @classmethod
     def training_defaults(cls) -> dict[str, Any]:

@@ -62,6 +62,9 @@ def test_config_round_trip_registry_and_defaults():
     config = MCMoEConfig(modalities=NAMES, feature_dims=DIMS, hidden=D, use_cfm=False, div_weight=0.5)
     data = json.loads(json.dumps(config.to_dict()))
     assert MCMoEConfig.from_dict(data) == config
+    assert config.div_distance == "cosine"  # the published code's distance
+    del data["div_distance"]  # recorded before the field existed: those runs trained with Euclidean
+    assert MCMoEConfig.from_dict(data).div_distance == "euclidean"
     assert config_class("mcmoe") is MCMoEConfig
     model = build_model("mcmoe", data)
     assert isinstance(model, MCMoE) and model.modalities == NAMES and model.fusion is None
@@ -78,6 +81,7 @@ def test_config_round_trip_registry_and_defaults():
         ({"num_grades": 1}, "num_grades"),
         ({"modalities": ["rgb", "rgb"]}, "repeat"),
         ({"modalities": []}, "at least one"),
+        ({"div_distance": "manhattan"}, "div_distance"),
     ],
 )
 def test_config_errors(kwargs, message):
