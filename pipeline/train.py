@@ -39,9 +39,11 @@ from tqdm import tqdm
 from manifests.cache import FeatureCache, atomic_write_bytes, atomic_write_json
 from models import build_model, config_class
 from models.checkpoint import (
+    MODEL_CONFIG_NAME,
     load_model_state,
     load_tensors,
     model_state,
+    read_model_config,
     save_model_config,
     save_tensors,
 )
@@ -566,6 +568,10 @@ def train(
     if torch_device.type == "cuda" and "torch_dtype" in config_fields(config.model):
         options.setdefault("torch_dtype", "bfloat16")  # an LLM backbone trains in bf16 on a GPU unless told otherwise
     model_config = build_model_config(config.model, bundle.modalities, bundle.feature_dims, options)
+    if resume and (run_dir / MODEL_CONFIG_NAME).is_file():
+        # The run's own record wins: a setting added to the model since the run began keeps the value
+        # the run was trained with, not today's default.
+        model_config = config_class(config.model).from_dict(read_model_config(run_dir)[1])
     model = build_model(config.model, model_config).to(torch_device)
     counts = count_parameters(model)
     seq_len = model.sequence_length(bundle.clip_num) if hasattr(model, "sequence_length") else None

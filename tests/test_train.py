@@ -237,6 +237,25 @@ def test_resume_continues_exactly(tmp_path, small):
         train(changed, resume=True, **QUIET)
 
 
+def test_resume_keeps_the_model_settings_the_run_recorded(tmp_path, small):
+    """A run recorded before div_distance existed trained with Euclidean distance and resumes with it."""
+    made, labels = small
+    settings = dict(epochs=2, lr=1e-3, batch_size=4, clip_num=6, val_fraction=0.25, seed=3)
+    runs = {}
+    for name in ("straight", "old"):
+        runs[name], _ = resolve_config(made.cache.root, labels, tmp_path / name, overrides=settings,
+                                       model_options={**TINY, "div_distance": "euclidean"})
+    train(runs["straight"], **QUIET)
+    train(runs["old"], stop_after_epochs=1, **QUIET)
+    for file, key in (("run.json", "model_options"), ("model_config.json", None)):  # as it was recorded then
+        record = json.loads((tmp_path / "old" / file).read_text())
+        del (record["config"][key] if key else record["config"])["div_distance"]
+        (tmp_path / "old" / file).write_text(json.dumps(record))
+    train(tiny_config(made, labels, tmp_path / "old"), resume=True, **QUIET)
+    logs = [(tmp_path / name / "train_log.csv").read_text() for name in ("straight", "old")]
+    assert logs[0] == logs[1]  # today's default, cosine, would have changed the second epoch
+
+
 def test_an_interrupted_state_swap_is_recovered(tmp_path):
     (tmp_path / "last.new").mkdir()
     (tmp_path / "last.new" / "state.json").write_text("{}")
