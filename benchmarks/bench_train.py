@@ -154,7 +154,10 @@ def mcmoe_loop_forward(model: MCMoE, features: dict[str, torch.Tensor], availabl
     available, present = model._check_inputs(features, available, present)
     cfg, names = model.config, model.modalities
     count = len(names)
-    stat_rows = torch.where(available.any(0, keepdim=True), available, present)
+    if cfg.projection_stats == "present":
+        stat_rows = present  # training masks do not remove a sample from the projections' statistics
+    else:
+        stat_rows = torch.where(available.any(0, keepdim=True), available, present)
     real = []
     for i, m in enumerate(names):
         x = model.projections[m](features[m], stat_rows[:, i])
@@ -209,8 +212,11 @@ def mcmoe_loop_forward(model: MCMoE, features: dict[str, torch.Tensor], availabl
         memory = model.fusion(torch.cat(fused, -1).transpose(1, 2)).transpose(1, 2)
     else:
         memory = sum(fused)
-    queries = model.grade_prototypes + sinusoidal_position_encoding(cfg.num_grades, d, memory.device, memory.dtype)
-    patterns = model.decoder(queries.expand(batch, -1, -1), memory)
+    if cfg.prototype_encoding == "batch-position":  # the published code: sample b's queries get encoding b
+        queries = model.grade_prototypes[None] + sinusoidal_position_encoding(batch, d, memory.device, memory.dtype)[:, None]
+    else:
+        queries = (model.grade_prototypes + sinusoidal_position_encoding(cfg.num_grades, d, memory.device, memory.dtype)).expand(batch, -1, -1)
+    patterns = model.decoder(queries, memory)
     grade_weights = torch.sigmoid(torch.diagonal(model.head(patterns), dim1=-2, dim2=-1))
     grade_weights = grade_weights / grade_weights.sum(1, keepdim=True)
     out.update(score=grade_weights @ model.grade_values, grade_weights=grade_weights, grade_patterns=patterns)

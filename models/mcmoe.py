@@ -8,15 +8,19 @@
       -> CFM: concatenated F^m -> H (B, T, d)
       -> grade decoder: N prototypes read H  -> grade weights -> score in [0, 1]
 
-Availability is per sample. A modality a sample may not use never reaches its score, nor (through
-batch statistics) any other sample's score: it only serves as the target of L_recon / L_align.
+Availability is per sample. At inference a modality a sample may not use never reaches its score. In
+training, a modality hidden by the training mask still counts in the projections' batch statistics when
+the data has it (as in the published code), so it may shift other samples' scores slightly; a modality
+absent from the data never does.
 
 Where this departs from the published code (DESIGN.md section 3 describes the model):
 - per-sample masks instead of one mask per batch; with one mask per batch the masking gives the same
-  numbers as generating from the available modalities alone;
+  numbers as generating from the available modalities alone. L_recon and L_align are means over the
+  samples whose data has the modality, so their expectation over the per-sample masks equals the
+  published per-batch one (see `loss`);
 - the grade prototypes get the position encoding of their grade index (the published code indexes the
-  encoding by the sample's position in the batch, so a score depended on where a video sat in it);
-- projection batch statistics come only from samples that may use the modality (see `forward`).
+  encoding by the sample's position in the batch, so a score depended on where a video sat in it;
+  `prototype_encoding="batch-position"` reproduces that, for the authors' released checkpoints).
 L_div measures 1 - cosine between grade patterns, as the published code does (DESIGN.md says Euclidean;
 `div_distance="euclidean"` gives that).
 """
@@ -38,6 +42,13 @@ from models.layers import (
 from models.losses import DISTANCES, hardest_triplet_loss, masked_modality_mean
 
 LOSS_TERMS = ("task", "div", "recon", "align")  # the keys of MCMoE.loss's terms, in this order
+CHOICES = {
+    "prototype_encoding": ("grade-index", "batch-position"),
+    "projection_stats": ("present", "available"),
+    "recon_mean_over": ("present", "imputed"),
+}
+# Values of settings added after runs were recorded, for model_config.json files that lack them.
+LEGACY = {"div_distance": "euclidean", "projection_stats": "available", "recon_mean_over": "imputed"}
 
 
 @dataclass
@@ -63,7 +74,22 @@ class MCMoEConfig:
     generator_heads: int = 4
     dropout: float = 0.3
     num_grades: int = 4
-    position_encoding: bool = False  # sinusoidal encoding on the STEM input (the RG setting turns it on)
+    # Sinusoidal encoding on the STEM input. Off in every preset: the published code parses --use_pe but
+    # never applies it, so the published numbers were made without it. An explicit option only.
+    position_encoding: bool = False
+    # Encoding added to the grade prototypes: "grade-index" (the paper: prototype n gets encoding n) or
+    # "batch-position" (the published code: every prototype of the b-th sample of a batch gets encoding b,
+    # a batch-first tensor read as sequence-first, so a score depends on the batch's order and size).
+    # batch-position exists only to reproduce the authors' released checkpoints.
+    prototype_encoding: str = "grade-index"
+    # Samples behind the projections' training batch statistics: "present" (every sample whose data has
+    # the modality, hidden by the training mask or not: the published code) or "available" (only the
+    # samples allowed to use it; runs recorded before this setting existed).
+    projection_stats: str = "present"
+    # L_recon per modality: mean over the samples whose data has it ("present"; expectation equal to the
+    # published per-batch loss) or over the samples that imputed it ("imputed"; runs recorded before this
+    # setting existed, about twice the published weight in expectation with three modalities).
+    recon_mean_over: str = "present"
     margin: float = 1.0
     # L_div's distance. The published code (GDLT's HardTripletLoss, which MCMoE imports) measures
     # 1 - cosine between L2-normalised patterns; DESIGN.md's "Euclidean" is not what it runs.
@@ -105,6 +131,9 @@ class MCMoEConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.div_distance not in DISTANCES:
             raise ValueError(f"div_distance must be one of {DISTANCES}, got {self.div_distance!r}")
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         if self.baseline:
             self.use_stem = self.use_agmg = self.use_moe = self.use_cfm = False
             self.use_recon = self.use_align = False
@@ -118,8 +147,8 @@ class MCMoEConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown MCMoEConfig fields {unknown}; known: {sorted(known)}")
-        # Configurations recorded before div_distance existed were trained with Euclidean distance.
-        return cls(**{"div_distance": "euclidean", **data})
+        # A configuration recorded before a setting existed gets the behaviour it was trained with.
+        return cls(**{**LEGACY, **data})
 
     @classmethod
     def training_defaults(cls) -> dict[str, Any]:
@@ -285,6 +314,24 @@ class MCMoE(nn.Module):
 
     # ------------------------------------------------------------------ stages
 
+    def projection_stat_rows(self, available: Tensor, present: Tensor) -> Tensor:
+        """(B, M): the samples whose features decide each projection's training batch statistics."""
+        if self.config.projection_stats == "present":
+            return present  # a training mask hides a modality from the model, not from the statistics
+        # "available": the samples that may use the modality; where none may, the projection only feeds
+        # loss targets, so every sample that has the modality counts.
+        return torch.where(available.any(0, keepdim=True), available, present)
+
+    def grade_queries(self, batch: int) -> Tensor:
+        """(B, N, d): the grade prototypes plus their position encoding (see `prototype_encoding`)."""
+        prototypes = self.grade_prototypes
+        num_grades, d = prototypes.shape
+        if self.config.prototype_encoding == "batch-position":
+            encoding = sinusoidal_position_encoding(batch, d, prototypes.device, prototypes.dtype)
+            return prototypes.unsqueeze(0) + encoding.unsqueeze(1)  # sample b: encoding b on every grade
+        encoding = sinusoidal_position_encoding(num_grades, d, prototypes.device, prototypes.dtype)
+        return (prototypes + encoding).expand(batch, -1, -1)
+
     def _encode(self, projected: Tensor) -> Tensor:
         """STEM on (M, B, T, d): one call with the modalities stacked on the batch axis."""
         groups, batch, length, d = projected.shape
@@ -319,7 +366,8 @@ class MCMoE(nn.Module):
         """features {modality: (B, T, C_m)}, available (B, M) bool -> dict with "score" (B,) in [0, 1].
 
         present (B, M), optional: which modalities exist in the data; it only decides which samples the
-        loss targets' batch statistics come from. Default: the modalities whose features are not all zero.
+        training batch statistics of the projections and of the loss targets come from. Default: the
+        modalities whose features are not all zero.
 
         Also returned: grade_weights (B, N), grade_patterns (B, N, d), and for the loss, all (B, M, T, d):
         real (every modality's own STEM sequence, computed whether available or not: targets only),
@@ -327,10 +375,7 @@ class MCMoE(nn.Module):
         Components switched off leave their keys out.
         """
         available, present = self._check_inputs(features, available, present)
-        cfg = self.config
-        # Projection statistics come from the samples that may use the modality; where none may, the
-        # projection only feeds loss targets, so every sample that has the modality counts.
-        stat_rows = torch.where(available.any(0, keepdim=True), available, present)
+        stat_rows = self.projection_stat_rows(available, present)
         projected = torch.stack(
             [self.projections[m](features[m], stat_rows[:, i]) for i, m in enumerate(self.modalities)]
         )
@@ -358,10 +403,7 @@ class MCMoE(nn.Module):
         else:
             memory = fused.sum(0)
 
-        queries = self.grade_prototypes + sinusoidal_position_encoding(
-            cfg.num_grades, d, memory.device, memory.dtype
-        )
-        patterns = self.decoder(queries.expand(batch, -1, -1), memory)
+        patterns = self.decoder(self.grade_queries(batch), memory)
         logits = torch.diagonal(self.head(patterns), dim1=-2, dim2=-1)  # grade n reads output n
         grade_weights = torch.sigmoid(logits)
         grade_weights = grade_weights / grade_weights.sum(1, keepdim=True)
@@ -378,13 +420,26 @@ class MCMoE(nn.Module):
         """total = w_recon L_recon + w_align L_align + alpha L_div + w_task L_task.
 
         L_recon: MSE(generated, real) for every modality a sample had to impute (not available) and
-        that exists in its data (present); mean over those samples per modality, summed over modalities
-        (the published code sums one MSE per generated modality).
+        that exists in its data (present), summed over modalities (the published code sums one MSE per
+        generated modality). Per modality, the mean is taken over the samples whose data has the
+        modality, a sample that did not impute it counting 0 (recon_mean_over="present"); the older
+        "imputed" divides by the number of samples that imputed it instead.
         L_align: KL(softmax(R^m) || softmax(F^m)) over the feature axis for every modality present in the
         sample's data, imputed or not (the published code aligns all modalities); R^m is the modality's
         own expert on its real sequence. Element-wise mean, as the published code's kl_div, per modality
         over the present samples, summed over modalities.
         A modality absent from a sample's data contributes nothing to either term.
+
+        How this relates to the paper's one mask per batch: the published code draws one incomplete
+        subset S for the whole batch and adds, for each m outside S, the batch mean of the MSE. Here each
+        sample b draws its own S_b from the same distribution. With both terms divided by the number of
+        samples that have the modality (B on complete data), a sample's contribution depends only on its
+        own mask, so the expectation over the per-sample masks equals the expectation over the per-batch
+        mask: the terms keep the published weights. (Exactly so when a sample's outputs depend only on
+        its own mask: always for L_recon in training, since the projections' statistics ignore the
+        masks; for L_align when batch statistics are not involved, as the experts' and fusion's
+        BatchNorm mix a training batch's samples in both codes.) Dividing L_recon by the number of
+        imputing samples, about B/2 with three modalities, doubled its weight in expectation.
         """
         cfg = self.config
         score = out["score"]
@@ -396,7 +451,11 @@ class MCMoE(nn.Module):
         recon = zero
         if cfg.use_recon and "generated" in out:
             error = (out["generated"] - out["real"]).square().mean((2, 3))
-            recon = masked_modality_mean(error, present & ~available)
+            imputed = present & ~available
+            if cfg.recon_mean_over == "present":
+                recon = masked_modality_mean(torch.where(imputed, error, 0.0), present)
+            else:
+                recon = masked_modality_mean(error, imputed)
         align = zero
         if cfg.use_align and "fused" in out:
             log_fused = torch.log_softmax(out["fused"], -1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import math
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from models import build_model, config_class
 from models.layers import (
@@ -63,8 +65,12 @@ def test_config_round_trip_registry_and_defaults():
     data = json.loads(json.dumps(config.to_dict()))
     assert MCMoEConfig.from_dict(data) == config
     assert config.div_distance == "cosine"  # the published code's distance
-    del data["div_distance"]  # recorded before the field existed: those runs trained with Euclidean
-    assert MCMoEConfig.from_dict(data).div_distance == "euclidean"
+    assert (config.prototype_encoding, config.projection_stats, config.recon_mean_over) == ("grade-index", "present", "present")
+    for key in ("div_distance", "prototype_encoding", "projection_stats", "recon_mean_over"):
+        del data[key]  # recorded before these fields existed: read back with the behaviour then
+    old = MCMoEConfig.from_dict(data)
+    assert (old.div_distance, old.prototype_encoding, old.projection_stats, old.recon_mean_over) == (
+        "euclidean", "grade-index", "available", "imputed")
     assert config_class("mcmoe") is MCMoEConfig
     model = build_model("mcmoe", data)
     assert isinstance(model, MCMoE) and model.modalities == NAMES and model.fusion is None
@@ -82,6 +88,9 @@ def test_config_round_trip_registry_and_defaults():
         ({"modalities": ["rgb", "rgb"]}, "repeat"),
         ({"modalities": []}, "at least one"),
         ({"div_distance": "manhattan"}, "div_distance"),
+        ({"prototype_encoding": "grade"}, "prototype_encoding"),
+        ({"projection_stats": "all"}, "projection_stats"),
+        ({"recon_mean_over": "batch"}, "recon_mean_over"),
     ],
 )
 def test_config_errors(kwargs, message):
@@ -196,11 +205,15 @@ def test_only_one_modality_left():
     assert torch.isfinite(total) and terms["recon"] == 0
 
 
-@pytest.mark.parametrize("training", [True, False])
-def test_unavailable_features_never_reach_any_score(training):
-    model = small().train(training)
+@pytest.mark.parametrize("training, stats", [(False, "present"), (True, "present"), (True, "available")])
+def test_unavailable_features_never_reach_any_score(training, stats):
+    """At inference a masked modality never reaches a score. In training, a modality the data lacks
+    (present False) never does either; one hidden only by the training mask still counts in the
+    projections' batch statistics (the published code), unless projection_stats="available"."""
+    model = small(projection_stats=stats).train(training)
+    present = MIXED if stats == "present" else None  # None: inferred, i.e. every modality is in the data
     features = {m: x.clone().requires_grad_(True) for m, x in make_features().items()}
-    score = seeded(model, features, MIXED)["score"]
+    score = seeded(model, features, MIXED, present=present)["score"]
     score.sum().backward()
     for i, m in enumerate(NAMES):
         hidden = ~MIXED[:, i]
@@ -208,7 +221,7 @@ def test_unavailable_features_never_reach_any_score(training):
         assert (features[m].grad[~hidden] != 0).any()
     garbage = {m: torch.where(MIXED[:, i, None, None], x.detach(), 100 * torch.randn_like(x))
                for i, (m, x) in enumerate(features.items())}
-    torch.testing.assert_close(seeded(model, garbage, MIXED)["score"], score.detach(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(seeded(model, garbage, MIXED, present=present)["score"], score.detach(), rtol=0, atol=1e-6)
 
 
 def test_absent_modality_contributes_nothing_to_the_loss():
@@ -232,6 +245,115 @@ def test_absent_modality_contributes_nothing_to_the_loss():
     total_garbage.backward()
     for i, m in enumerate(NAMES):
         assert (garbage[m].grad[~present[:, i]] == 0).all(), f"{m}: absent features receive gradient"
+
+
+def test_projection_statistics_come_from_every_sample_whose_data_has_the_modality():
+    """Training masks do not remove a sample from the projections' batch statistics (the published
+    code); a modality absent from a sample's data does."""
+    features = make_features()
+    conv_out = lambda model, rows: model.projections["rgb"].conv1(features["rgb"][rows].transpose(1, 2))  # noqa: E731
+
+    def running_mean_after(model, available, present=None):
+        norm = model.projections["rgb"].norm1
+        norm.reset_running_stats()
+        model(features, available, present=present)
+        return norm.running_mean / norm.momentum  # from zero: momentum * batch mean
+
+    model = small(dropout=0.0).train()
+    with torch.no_grad():
+        everyone = conv_out(model, slice(None)).mean((0, 2))
+        torch.testing.assert_close(running_mean_after(model, MIXED), everyone)
+        # the real (STEM) sequences, the targets of L_recon, do not depend on the training masks at all
+        full = torch.ones(B, 3, dtype=torch.bool)
+        torch.testing.assert_close(model(features, MIXED)["real"], model(features, full)["real"], rtol=0, atol=0)
+        present = torch.ones(B, 3, dtype=torch.bool)
+        present[1, 0] = False  # sample 1's data has no rgb
+        rows = torch.tensor([0, 2, 3, 4])
+        torch.testing.assert_close(running_mean_after(model, MIXED & present, present), conv_out(model, rows).mean((0, 2)))
+
+        legacy = small(dropout=0.0, projection_stats="available").train()  # runs recorded before the setting
+        allowed = MIXED[:, 0].nonzero().flatten()
+        torch.testing.assert_close(running_mean_after(legacy, MIXED), conv_out(legacy, allowed).mean((0, 2)))
+
+
+INCOMPLETE = [torch.tensor(s, dtype=torch.bool) for s in itertools.product([False, True], repeat=3) if 0 < sum(s) < 3]
+
+
+def reference_terms(out: dict[str, torch.Tensor], target: torch.Tensor, subset: torch.Tensor) -> dict[str, float]:
+    """The published code's terms for one mask shared by the batch: one MSE per generated modality (mean
+    over the batch), one element-wise-mean KL per modality, summed; the task MSE."""
+    recon = sum(F.mse_loss(out["generated"][:, m], out["real"][:, m]) for m in range(3) if not subset[m])
+    p_log, q_log = (torch.log_softmax(out[k], -1) for k in ("own_expert", "fused"))
+    align = sum((p_log[:, m].exp() * (p_log[:, m] - q_log[:, m])).mean() for m in range(3))
+    return {"recon": float(recon), "align": float(align), "task": float(F.mse_loss(out["score"], target))}
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_per_sample_masks_keep_the_published_per_batch_losses_in_expectation(training):
+    """E over independent per-sample masks (every one of the 6^3 joint masks of a 3-sample batch,
+    enumerated) of the project's terms == E over the reference's one mask per batch (the 6 masks).
+
+    In training, L_recon is exactly equal (a sample's generated and real sequences depend only on its
+    own mask); L_align and L_task go through the experts' and fusion's batch statistics, which mix the
+    batch's samples, so their exact equality is checked without batch statistics (eval mode)."""
+    torch.manual_seed(0)
+    model = mcmoe(NAMES, DIMS, hidden=16, dropout=0.0).double()
+    model({m: x.double() for m, x in make_features(seed=7).items()}, MIXED)  # running statistics moved
+    model.train(training)
+    batch = 3
+    features = {m: x[:batch].double() for m, x in make_features().items()}
+    target = torch.tensor([0.2, 0.5, 0.9], dtype=torch.double)
+    present = torch.ones(batch, 3, dtype=torch.bool)
+
+    def expectation(masks, terms_of):
+        total: dict[str, float] = {}
+        for mask in masks:
+            out = model(features, mask)
+            for key, value in terms_of(out, mask).items():
+                total[key] = total.get(key, 0.0) + float(value) / len(masks)
+        return total
+
+    with torch.no_grad():
+        per_batch = expectation([s.expand(batch, 3) for s in INCOMPLETE], lambda out, mask: reference_terms(out, target, mask[0]))
+        joint = [torch.stack(rows) for rows in itertools.product(INCOMPLETE, repeat=batch)]
+        assert len(joint) == 6**batch
+        per_sample = expectation(joint, lambda out, mask: model.loss(out, target, present, mask)[1])
+        model.config.recon_mean_over = "imputed"  # the normalisation before this setting existed
+        before = expectation(joint, lambda out, mask: model.loss(out, target, present, mask)[1])
+    assert per_batch["recon"] > 0 and per_batch["align"] > 0
+    assert per_sample["recon"] == pytest.approx(per_batch["recon"], rel=1e-9)
+    assert before["recon"] > 1.5 * per_batch["recon"]  # about 2x: the test tells the two apart
+    if not training:
+        assert per_sample["align"] == pytest.approx(per_batch["align"], rel=1e-9)
+        assert per_sample["task"] == pytest.approx(per_batch["task"], rel=1e-9)
+
+
+@pytest.mark.parametrize("encoding", ["grade-index", "batch-position"])
+def test_prototype_encoding_and_batch_order(encoding):
+    """grade-index (default): a sample's score does not depend on its place in the batch. batch-position
+    (the published code, for its released checkpoints): every prototype of the b-th sample gets the
+    sinusoidal encoding of b, computed here independently of models.layers."""
+    model = small(prototype_encoding=encoding)
+    model(make_features(seed=7), MIXED)
+    model.eval()
+    features = make_features()
+    order = torch.tensor([3, 0, 4, 2, 1])
+    with torch.no_grad():
+        scores = model(features, MIXED)["score"]
+        reordered = model({m: x[order] for m, x in features.items()}, MIXED[order])["score"]
+        queries = model.grade_queries(B)
+    if encoding == "grade-index":
+        torch.testing.assert_close(reordered, scores[order], rtol=0, atol=1e-6)
+        expected = model.grade_prototypes + torch.tensor(
+            [[math.sin(n / 10000 ** (2 * (j // 2) / D)) if j % 2 == 0 else math.cos(n / 10000 ** (2 * (j // 2) / D))
+              for j in range(D)] for n in range(4)])
+        torch.testing.assert_close(queries, expected.expand(B, -1, -1).detach())
+    else:
+        assert (reordered - scores[order]).abs().max() > 1e-4  # the published code's batch-order dependence
+        expected = torch.stack([model.grade_prototypes + torch.tensor(
+            [math.sin(b / 10000 ** (2 * (j // 2) / D)) if j % 2 == 0 else math.cos(b / 10000 ** (2 * (j // 2) / D))
+             for j in range(D)]) for b in range(B)])
+        torch.testing.assert_close(queries, expected.detach())
 
 
 # ----------------------------------------------------------------------------- loss terms by hand
@@ -288,8 +410,10 @@ def test_model_loss_terms_by_hand():
     total, terms = model.loss(out, target, present, available)
 
     task = ((0.2 - 0.5) ** 2 + (0.7 - 0.1) ** 2) / 2
-    # imputed and present: (0, 1) and (1, 0); modality 2 is imputed in sample 0 but absent from its data
-    recon = sum(float(((out["generated"][s, k] - out["real"][s, k]) ** 2).mean()) for s, k in [(0, 1), (1, 0)])
+    # imputed and present: (0, 1) and (1, 0); modality 2 is imputed in sample 0 but absent from its data.
+    # Modalities 0 and 1 are in both samples' data: each mean is over 2 samples, the other one counting 0.
+    error = {(s, k): float(((out["generated"][s, k] - out["real"][s, k]) ** 2).mean()) for s, k in [(0, 1), (1, 0)]}
+    recon = error[0, 1] / 2 + error[1, 0] / 2
 
     def kl(s, k):  # KL(softmax(R) || softmax(F)) per position, averaged over positions and features
         p = torch.softmax(out["own_expert"][s, k], -1)
@@ -303,6 +427,9 @@ def test_model_loss_terms_by_hand():
     assert float(terms["align"]) == pytest.approx(align, rel=1e-5)
     assert float(terms["div"]) == pytest.approx(div, rel=1e-6)
     assert float(total) == pytest.approx(10 * task + recon + align + 0.5 * div, rel=1e-5)
+    # Runs recorded before recon_mean_over existed divide by the number of imputing samples (1 and 1).
+    _, legacy = small(recon_mean_over="imputed").loss(out, target, present, available)
+    assert float(legacy["recon"]) == pytest.approx(error[0, 1] + error[1, 0], rel=1e-5)
 
 
 # ----------------------------------------------------------------------------- training behaviour
