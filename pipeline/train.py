@@ -61,6 +61,8 @@ TRAINING_KEYS = (
     "optimizer", "lr", "weight_decay", "batch_size", "epochs",
     "warmup_epochs", "min_lr_ratio", "grad_clip", "mask_policy",
 )
+# TrainConfig settings whose source run.json records (besides the model-config fields).
+RECORDED_KEYS = TRAINING_KEYS + ("clip_num", "score_range", "val_fraction", "seed", "train_missing", "ignore_unlabelled")
 SELECTION = "best epoch on the validation split (Spearman rho, ties by lower MSE); the test set is never used"
 
 
@@ -98,7 +100,9 @@ class TrainConfig:
     train_missing: dict[str, float] = field(default_factory=dict)
     ignore_unlabelled: bool = False
     model_options: dict[str, Any] = field(default_factory=dict)
-    sources: dict[str, str] = field(default_factory=dict)  # setting -> where its value came from
+    # setting -> where its value came from: "flag", "preset <dataset>/<target>", "<model> defaults" or
+    # "default"; model-config fields as "model.<field>"
+    sources: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -164,6 +168,11 @@ def resolve_config(
     for key, value in (model_options or {}).items():
         options[key] = value
         sources[f"model.{key}"] = "flag"
+    # Everything else keeps its default; run.json says so too (a preset's seed, say, versus seed 0).
+    for key in RECORDED_KEYS:
+        sources.setdefault(key, "default")
+    for key in sorted(config_fields(model) - {"modalities", "feature_dims"}):
+        sources.setdefault(f"model.{key}", f"{model} defaults")
     absolute = lambda path: str(Path(path).expanduser().resolve())  # noqa: E731 (a resumed run may start elsewhere)
     config = TrainConfig(
         features=absolute(features), labels=absolute(labels), out=str(out), model=model,

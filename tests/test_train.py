@@ -55,7 +55,10 @@ def tiny_config(made, labels, out, **overrides):
 def test_presets_carry_the_published_settings():
     ball = get_preset("rg", "ball")
     assert (ball.target, ball.epochs, ball.clip_num, ball.score_range, ball.lr, ball.alpha) == ("Ball", 410, 68, 25.0, 2e-4, 1.0)
-    assert ball.position_encoding and ball.batch_size == 32 and ball.min_lr_ratio == 0.01 and ball.dropout == 0.3
+    assert ball.batch_size == 32 and ball.min_lr_ratio == 0.01 and ball.dropout == 0.3
+    # No published run applied an input position encoding; the seeds are the reference commands'.
+    assert not any(p.position_encoding for targets in PRESETS.values() for p in targets.values())
+    assert {name: {p.seed for p in targets.values()} for name, targets in PRESETS.items()} == {"rg": {0}, "fisv": {3}, "fs1000": {1}}
     assert [PRESETS["rg"][a].epochs for a in ("Ball", "Clubs", "Hoop", "Ribbon")] == [410, 560, 270, 300]
     assert [(p.score_range, p.epochs, p.alpha, p.clip_num) for p in PRESETS["fisv"].values()] == [(45.0, 460, 0.5, 124), (40.0, 510, 0.5, 124)]
     fs = PRESETS["fs1000"]
@@ -75,8 +78,17 @@ def test_settings_resolve_model_defaults_then_preset_then_flags(tmp_path):
     assert config.epochs == 270 and config.clip_num == 68 and config.score_range == 25.0
     assert config.sources["epochs"] == "preset rg/Hoop"
     assert config.optimizer == "adam" and config.sources["optimizer"] == "preset rg/Hoop"
-    assert config.model_options == {"div_weight": 1.0, "position_encoding": True, "dropout": 0.3, "hidden": 256}
+    assert config.model_options == {"div_weight": 1.0, "position_encoding": False, "dropout": 0.3, "hidden": 256}
     assert config.grad_clip == 0.0 and config.sources["grad_clip"] == "mcmoe defaults"
+    assert config.seed == 0 and config.sources["seed"] == "preset rg/Hoop"
+    assert config.sources["val_fraction"] == "default" and config.sources["model.position_encoding"] == "preset rg/Hoop"
+    assert config.sources["model.prototype_encoding"] == "mcmoe defaults"
+    fisv, _ = resolve_config("f", "l", tmp_path, preset="fisv", action="TES")
+    assert (fisv.seed, fisv.sources["seed"]) == (3, "preset fisv/TES")
+    fs, _ = resolve_config("f", "l", tmp_path, preset="fs1000", action="TES", overrides={"seed": 7})
+    assert (fs.seed, fs.sources["seed"]) == (7, "flag")
+    plain, _ = resolve_config("f", "l", tmp_path)
+    assert (plain.seed, plain.sources["seed"]) == (0, "default")
     # LIMSSR keeps its own optimisation; the preset only gives the dataset facts.
     limssr, _ = resolve_config("f", "l", tmp_path, model="limssr", preset="fs1000", action="PCS")
     assert (limssr.optimizer, limssr.lr, limssr.warmup_epochs, limssr.grad_clip, limssr.mask_policy) == ("adamw", 2e-4, 5, 1.0, "any")
@@ -238,22 +250,27 @@ def test_resume_continues_exactly(tmp_path, small):
 
 
 def test_resume_keeps_the_model_settings_the_run_recorded(tmp_path, small):
-    """A run recorded before div_distance existed trained with Euclidean distance and resumes with it."""
+    """A run recorded before div_distance, projection_stats and recon_mean_over existed trained with
+    Euclidean distance, projection statistics from the allowed samples and L_recon over the imputing
+    samples, and resumes with them."""
     made, labels = small
     settings = dict(epochs=2, lr=1e-3, batch_size=4, clip_num=6, val_fraction=0.25, seed=3)
+    then = {"div_distance": "euclidean", "projection_stats": "available", "recon_mean_over": "imputed"}
     runs = {}
     for name in ("straight", "old"):
         runs[name], _ = resolve_config(made.cache.root, labels, tmp_path / name, overrides=settings,
-                                       model_options={**TINY, "div_distance": "euclidean"})
+                                       model_options={**TINY, **then})
     train(runs["straight"], **QUIET)
     train(runs["old"], stop_after_epochs=1, **QUIET)
     for file, key in (("run.json", "model_options"), ("model_config.json", None)):  # as it was recorded then
         record = json.loads((tmp_path / "old" / file).read_text())
-        del (record["config"][key] if key else record["config"])["div_distance"]
+        for name in [*then, "prototype_encoding"]:
+            (record["config"][key] if key else record["config"]).pop(name, None)
         (tmp_path / "old" / file).write_text(json.dumps(record))
     train(tiny_config(made, labels, tmp_path / "old"), resume=True, **QUIET)
     logs = [(tmp_path / name / "train_log.csv").read_text() for name in ("straight", "old")]
-    assert logs[0] == logs[1]  # today's default, cosine, would have changed the second epoch
+    assert logs[0] == logs[1]  # today's defaults would have changed the second epoch
+    assert load_run(tmp_path / "old").model.config.recon_mean_over == "imputed"
 
 
 def test_an_interrupted_state_swap_is_recovered(tmp_path):
@@ -330,6 +347,25 @@ def test_cli_train_then_evaluate(tmp_path, small):
     assert (tmp_path / "table.csv").read_text().splitlines()[0] == "setting,rho,mse,n"
     assert len((tmp_path / "table.predictions.csv").read_text().splitlines()) == 4
     assert main(["train", "--out", str(run_dir), "--resume", "--lr", "0.5", "--quiet"]) == 2  # differs from the run
+
+
+def test_cli_preset_run_records_the_reference_seed_and_no_input_encoding(tmp_path, small):
+    made, labels = small
+    run_dir = tmp_path / "run"
+    code = main(["train", "--features", str(made.cache.root), "--labels", str(labels), "--out", str(run_dir),
+                 "--preset", "fisv", "--action", "PCS", "--epochs", "1", "--batch-size", "4", "--clip-num", "6",
+                 "--hidden", "16", "--quiet", "--model-option", "encoder_layers=1", "--model-option", "decoder_layers=1",
+                 "--model-option", "generator_heads=2", "--device", "cpu"])
+    assert code == 0
+    info = json.loads((run_dir / "run.json").read_text())
+    config, sources = info["config"], info["config"]["sources"]
+    assert info["seed"] == config["seed"] == 3 and sources["seed"] == "preset fisv/PCS"
+    assert info["preset"]["seed"] == 3 and info["preset"]["position_encoding"] is False
+    assert (config["epochs"], sources["epochs"], sources["lr"], sources["val_fraction"]) == (1, "flag", "preset fisv/PCS", "default")
+    assert sources["model.hidden"] == "flag" and sources["model.position_encoding"] == "preset fisv/PCS"
+    model_config = json.loads((run_dir / "model_config.json").read_text())["config"]
+    assert model_config["position_encoding"] is False and model_config["div_weight"] == 0.5
+    assert model_config["prototype_encoding"] == "grade-index" and model_config["recon_mean_over"] == "present"
 
 
 # --------------------------------------------------------------------------- learnability
