@@ -371,9 +371,11 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     best = run.best
     chosen = (f"chosen on the validation split (val rho {best['val_rho']:.3f})"
               if best.get("val_rho") is not None else "the last epoch (no validation split)")
+    chosen = run.info["selection"] if run.info.get("imported") else chosen  # import-checkpoint
+    held_out = not overlap and not run.info.get("test_used_for_selection")
     print(f"{run.model_name} run {run.directory}: checkpoint of epoch {best.get('epoch')}, {chosen}; "
           f"evaluated on {len(samples)} videos of {args.labels}"
-          + ("" if overlap else ", which played no part in training or choosing it"), file=sys.stderr)
+          + (", which played no part in training or choosing it" if held_out else ""), file=sys.stderr)
     evaluation = run.evaluate(samples, batch_size=args.batch_size)
     print(evaluate.format_table(evaluation))
     base = args.out or run.directory / "evaluation" / f"eval-{args.labels.stem}"
@@ -434,6 +436,58 @@ def _run_import_features(args: argparse.Namespace) -> int:
             print(f"  labels {target}: {path}")
             print(f"    pipeline train --features {item.cache.root} --labels {path} "
                   f"--out runs/{dataset}-{target.lower()} --preset {dataset} --action {target}")
+    return EXIT_OK
+
+
+def _add_import_checkpoint(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "import-checkpoint",
+        help="turn the MCMoE authors' released weights into a run folder for evaluate / score",
+        description="Read a checkpoint released with the reference MCMoE code (a plain PyTorch state "
+        "dict, loaded with torch.load(weights_only=True): nothing but tensors is unpickled), map every "
+        "tensor by name and shape into this project's MCMoE, and write a run folder like `train` does. "
+        "--features names the feature cache the run will evaluate or score (its modalities and sizes must "
+        "match the checkpoint; its config becomes the run's extraction_config.json). The scores use the "
+        "reference's batch-position prototype encoding by default (a compatibility mode: a video's score "
+        "depends on its place in the batch). Exit 0: written; 2: the file or the options do not fit.",
+    )
+    parser.add_argument("checkpoint", type=existing_path, metavar="FILE", help="the released .pkl / .pt file")
+    parser.add_argument("--format", choices=["mcmoe-reference"], required=True)
+    parser.add_argument("--out", type=Path, required=True, help="run folder to create")
+    parser.add_argument("--features", type=existing_path, required=True,
+                        help="feature cache the run is for (e.g. one written by import-features)")
+    parser.add_argument("--preset", choices=["rg", "fisv", "fs1000"], help="gives clip_num and the score range")
+    parser.add_argument("--action", help="RG apparatus or score type of --preset")
+    parser.add_argument("--clip-num", type=int, help="segments per video (default: the preset's)")
+    parser.add_argument("--score-range", type=float, help="labels are divided by this (default: the preset's)")
+    parser.add_argument("--heads", type=int, default=2,
+                        help="attention heads of the encoder and decoder, which the tensors do not show "
+                        "(the reference commands' --n_head; default: %(default)s)")
+    parser.add_argument("--prototype-encoding", choices=["batch-position", "grade-index"], default="batch-position",
+                        help="batch-position reproduces the reference's scores (they depend on batch order: "
+                        "evaluate with --batch-size 32 on labels in the reference's test order); grade-index "
+                        "is the paper's encoding, which these weights were not trained with (default: %(default)s)")
+
+
+def _run_import_checkpoint(args: argparse.Namespace) -> int:
+    from manifests.cache import CacheError
+    from pipeline.import_checkpoint import CheckpointImportError, import_reference_checkpoint
+    from pipeline.presets import get_preset
+
+    try:
+        preset = get_preset(args.preset, args.action) if args.preset else None
+        imported = import_reference_checkpoint(
+            args.checkpoint, args.out, args.features, preset, args.clip_num, args.score_range,
+            args.heads, args.prototype_encoding,
+        )
+    except (CheckpointImportError, CacheError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    config = imported.config
+    print(f"{args.checkpoint}: {imported.num_tensors} tensors mapped (sha256 {imported.sha256[:12]}); hidden "
+          f"{config.hidden}, {config.encoder_layers} encoder / {config.decoder_layers} decoder layers, "
+          f"{config.num_grades} grades, features {config.feature_dims}; prototype encoding {config.prototype_encoding}")
+    print(f"run: {imported.run_dir}")
+    print(f"next: pipeline evaluate --run {imported.run_dir} --labels TEST.csv --batch-size 32")
     return EXIT_OK
 
 
@@ -591,6 +645,7 @@ COMMANDS = {
     "train": (_add_train, _run_train),
     "evaluate": (_add_evaluate, _run_evaluate),
     "import-features": (_add_import_features, _run_import_features),
+    "import-checkpoint": (_add_import_checkpoint, _run_import_checkpoint),
     "reproduce": (_add_reproduce, _run_reproduce),
     "score": (_add_score, _run_score),
     "demo": (_add_demo, _run_demo),

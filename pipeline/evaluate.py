@@ -380,7 +380,7 @@ def write_evaluation(
         "num_videos": len(evaluation.video_ids),
         "checkpoint": {k: run.best.get(k) for k in ("epoch", "val_rho", "val_mse")},
         "selected_on": run.info.get("selected_on", "validation"),
-        "test_used_for_selection": False,
+        "test_used_for_selection": bool(run.info.get("test_used_for_selection", False)),  # True: imported checkpoints
         "videos_also_in_training": overlap,
         "table": [{"setting": n, "rho": _json_number(r), "mse": _json_number(e), "n": k} for n, r, e, k in evaluation.columns()],
         **evaluation.to_dict(),

@@ -249,7 +249,10 @@ def recorded_config(
     run_dir: Path, given: dict[str, Any], model_flags: dict[str, Any], ablations: list[str], extra: list[str]
 ) -> tuple[TrainConfig, Preset | None]:
     """The settings a run was started with, for --resume; `given` flags may only repeat them."""
-    config = TrainConfig.from_dict(json.loads((Path(run_dir) / RUN_JSON).read_text())["config"])
+    info = json.loads((Path(run_dir) / RUN_JSON).read_text())
+    if info.get("config") is None:
+        raise TrainError(f"{run_dir} holds an imported checkpoint, not a run trained here; it cannot be resumed")
+    config = TrainConfig.from_dict(info["config"])
     config.out = str(run_dir)  # the folder may have moved since
     preset = None if config.preset is None else get_preset(config.preset, config.action)
     options = model_options_from_flags(config.model, model_flags, ablations, extra)
