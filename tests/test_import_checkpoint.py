@@ -4,6 +4,7 @@ equal that module's own forward pass; unknown or missing tensors and non-tensor 
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from manifests.cache import FeatureCache
 from models.mcmoe import MCMoE
 from pipeline import data
 from pipeline.cli import main
@@ -228,3 +230,27 @@ def test_tensors_left_over_or_missing_and_non_tensor_pickles_are_refused(setup, 
 
     code, err = attempt("payload", {**state, "extra": Payload()})
     assert code == 2 and "weights_only=True" in err and not marker.exists()
+
+
+def test_score_new_clips_with_an_imported_checkpoint(extracted_clips, tmp_path, capsys):
+    """With features made by `pipeline extract`, the run scores raw clips: extracted the same way, the
+    missing audio imputed, the score that of the reference layout's forward pass on those features."""
+    cache = FeatureCache.open(extracted_clips.cache)
+    torch.manual_seed(1)
+    reference = ReferenceLayout({k: cache.feature_dims[NAMES[k]] for k in LETTERS})
+    path = tmp_path / "released.pkl"
+    torch.save(reference.state_dict(), path)
+    run_dir = tmp_path / "run"
+    assert main(["import-checkpoint", str(path), "--format", "mcmoe-reference", "--out", str(run_dir),
+                 "--features", str(extracted_clips.cache), "--clip-num", "4", "--score-range", "10"]) == 0
+    out_csv = tmp_path / "scores.csv"
+    assert main(["score", str(extracted_clips.unseen), "--run", str(run_dir), "--out", str(out_csv),
+                 "--device", "cpu", "--quiet"]) == 0
+    row = next(csv.DictReader(out_csv.open()))
+    assert row["imputed"] == "audio"
+    scored = FeatureCache.open(run_dir / "score_cache")
+    run = load_run(run_dir, device="cpu")
+    samples = data.load_samples(scored, [r.video_id for r in scored.records()])
+    batch = data.collate(samples, run.modalities, run.feature_dims, run.clip_num)
+    expected = reference({k: batch.features[NAMES[k]] for k in LETTERS}, {"v": True, "f": True, "a": False})
+    assert float(row["score"]) == pytest.approx(10 * float(expected), rel=1e-5)
