@@ -371,9 +371,11 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     best = run.best
     chosen = (f"chosen on the validation split (val rho {best['val_rho']:.3f})"
               if best.get("val_rho") is not None else "the last epoch (no validation split)")
-    chosen = run.info["selection"] if run.info.get("imported") else chosen  # import-checkpoint
+    checkpoint = f"checkpoint of epoch {best.get('epoch')}, {chosen}"
+    if run.info.get("imported"):  # pipeline import-checkpoint
+        checkpoint = f"checkpoint imported from {run.info['imported']['file']}, {run.info['selection']}"
     held_out = not overlap and not run.info.get("test_used_for_selection")
-    print(f"{run.model_name} run {run.directory}: checkpoint of epoch {best.get('epoch')}, {chosen}; "
+    print(f"{run.model_name} run {run.directory}: {checkpoint}; "
           f"evaluated on {len(samples)} videos of {args.labels}"
           + (", which played no part in training or choosing it" if held_out else ""), file=sys.stderr)
     evaluation = run.evaluate(samples, batch_size=args.batch_size)

@@ -248,7 +248,7 @@ def import_reference_checkpoint(
 ) -> ImportedCheckpoint:
     """Write run folder `out` from a reference checkpoint; `features` is the cache it will score."""
     checkpoint, out = Path(checkpoint).expanduser(), Path(out).expanduser()
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointImportError(f"{out} already holds files; choose another --out")
     cache = FeatureCache.open(features)
     modalities = cache.modalities

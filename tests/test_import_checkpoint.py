@@ -185,7 +185,7 @@ def test_compatibility_mode_depends_on_batch_order_the_default_does_not(setup, t
     torch.testing.assert_close(scores["compat"][1], reference(shuffled, dict.fromkeys(LETTERS, True)), rtol=1e-5, atol=1e-6)
 
 
-def test_evaluate_an_imported_run_says_the_test_set_chose_it(setup, tmp_path):
+def test_evaluate_an_imported_run_says_the_test_set_chose_it(setup, tmp_path, capsys):
     made, _, _ = setup
     assert import_run(setup, tmp_path / "run", "--preset", "rg", "--action", "Ball", sizes=("--clip-num", "6")) == 0
     info = json.loads((tmp_path / "run" / "run.json").read_text())
@@ -196,6 +196,9 @@ def test_evaluate_an_imported_run_says_the_test_set_chose_it(setup, tmp_path):
     labels = write_labels(tmp_path / "labels.csv", made.scores, dict.fromkeys(made.scores, "test"))
     assert main(["evaluate", "--run", str(tmp_path / "run"), "--labels", str(labels), "--out",
                  str(tmp_path / "table"), "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "checkpoint imported from" in err and "the test set took part in choosing it" in err
+    assert "played no part" not in err
     table = json.loads((tmp_path / "table.json").read_text())
     assert table["test_used_for_selection"] is True and table["num_videos"] == 7
     assert main(["train", "--out", str(tmp_path / "run"), "--resume", "--quiet"]) == 2  # nothing to resume
