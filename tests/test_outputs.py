@@ -1,0 +1,174 @@
+"""What a user sees: every output says how it was made, the parser starts without torch, write
+errors are one line naming the path and what was kept."""
+
+from __future__ import annotations
+
+import errno
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pipeline.cli import main
+from pipeline.reproduce import reproduce
+from tests.synthetic import write_labels, write_synthetic_cache
+
+TINY_MODEL = ["--hidden", "16", "--model-option", "encoder_layers=1", "--model-option", "decoder_layers=1",
+              "--model-option", "generator_heads=2"]
+TRAIN = ["--epochs", "2", "--batch-size", "4", "--clip-num", "6", "--quiet", "--device", "cpu", *TINY_MODEL]
+
+
+@pytest.fixture(scope="module")
+def random_run(tmp_path_factory):
+    """A run trained on features marked as made by random-weight backbones, with TES/PCS labels."""
+    root = tmp_path_factory.mktemp("random")
+    made = write_synthetic_cache(root / "cache", num_videos=12, length_range=(5, 8), random_weights=True)
+    splits = {v: "test" if i % 4 == 0 else "train" for i, v in enumerate(made.video_ids)}
+    labels = write_labels(root / "labels" / "TES.csv", made.scores, splits)
+    write_labels(root / "labels" / "PCS.csv", {v: round(s * 0.8, 4) for v, s in made.scores.items()}, splits)
+    assert main(["train", "--features", str(made.cache.root), "--labels", str(labels), "--out", str(root / "run"),
+                 *TRAIN]) == 0
+    return root, made
+
+
+def test_evaluation_files_and_plot_say_random_weights(random_run, tmp_path, capsys):
+    root, made = random_run
+    capsys.readouterr()
+    base, plot = tmp_path / "eval", tmp_path / "eval.png"
+    assert main(["evaluate", "--run", str(root / "run"), "--labels", str(root / "labels" / "TES.csv"),
+                 "--out", str(base), "--plot", str(plot), "--device", "cpu"]) == 0
+    first_line = capsys.readouterr().out.splitlines()[0]
+    assert first_line.startswith("RANDOM-WEIGHT BACKBONES") and made.cache.config_hash in first_line
+    table = pd.read_csv(tmp_path / "eval.csv")
+    assert table["random_weights"].all() and set(table["config_hash"]) == {made.cache.config_hash}
+    predictions = pd.read_csv(tmp_path / "eval.predictions.csv")
+    assert predictions["random_weights"].all() and set(predictions["config_hash"]) == {made.cache.config_hash}
+    text = (tmp_path / "eval.json").read_text()
+    assert text.lstrip("{\n ").startswith('"note": "RANDOM-WEIGHT BACKBONES')  # the first thing in the file
+    result = json.loads(text)
+    assert result["random_weights"] is True and result["config_hash"] == made.cache.config_hash
+    assert Image.open(plot).text["Description"].startswith("RANDOM-WEIGHT BACKBONES")
+
+
+def test_reproduce_tables_say_random_weights(random_run, tmp_path):
+    root, made = random_run
+    out = tmp_path / "results"
+    result = reproduce("fisv", made.cache.root, out, [0], labels_dir=root / "labels", ray_address=None,
+                       overrides=dict(epochs=1, batch_size=4, clip_num=6), progress=False, say=lambda m: None,
+                       model_options=dict(hidden=16, encoder_layers=1, decoder_layers=1, generator_heads=2))
+    assert not result.failed
+    assert result.markdown().splitlines()[0].startswith("## RANDOM-WEIGHT BACKBONES")  # what the CLI prints
+    assert (out / "table.md").read_text().splitlines()[0].startswith("## RANDOM-WEIGHT BACKBONES")
+    table = pd.read_csv(out / "table.csv")
+    assert table["random_weights"].all() and set(table["config_hash"]) == {made.cache.config_hash}
+    text = (out / "table.json").read_text()
+    assert text.lstrip("{\n ").startswith('"note": "RANDOM-WEIGHT BACKBONES')
+    assert json.loads(text)["random_weights"] is True
+    assert Image.open(out / "rho.png").text["Description"].startswith("RANDOM-WEIGHT BACKBONES")
+
+
+def test_pretrained_outputs_name_their_features_without_alarm(tmp_path, capsys):
+    made = write_synthetic_cache(tmp_path / "cache", num_videos=10, length_range=(5, 8))
+    labels = write_labels(tmp_path / "labels.csv", made.scores, {v: "test" if i < 3 else "train"
+                                                                  for i, v in enumerate(made.video_ids)})
+    assert main(["train", "--features", str(made.cache.root), "--labels", str(labels), "--out", str(tmp_path / "run"),
+                 *TRAIN, "--epochs", "1"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(tmp_path / "run"), "--labels", str(labels), "--device", "cpu"]) == 0
+    first_line = capsys.readouterr().out.splitlines()[0]
+    assert "RANDOM" not in first_line and "(pretrained backbones)" in first_line
+    assert json.loads((tmp_path / "run" / "evaluation" / "eval-labels.json").read_text())["random_weights"] is False
+
+
+# --------------------------------------------------------------------------- start-up
+
+
+def test_building_the_parser_imports_no_heavy_library():
+    """--help, COMMAND --help and usage errors must not wait for torch (a behaviour test, not a timing)."""
+    script = """
+import sys
+from pipeline.cli import COMMANDS, build_parser, main
+parser = build_parser()
+for argv in (["--help"], *([c, "--help"] for c in COMMANDS), ["extrct"], ["extract", "--videos"]):
+    try:
+        main(argv)
+    except SystemExit:
+        pass
+heavy = sorted(m for m in ("torch", "torchvision", "transformers", "pandas", "decord", "matplotlib", "ray")
+               if m in sys.modules)
+print("HEAVY", heavy)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "HEAVY []" in result.stdout, result.stdout + result.stderr
+
+
+def test_static_backbone_names_match_the_registry():
+    from extractors.base import available_backbones
+    from extractors.config import BACKBONE_NAMES
+
+    assert available_backbones() == {m: list(names) for m, names in BACKBONE_NAMES.items()}
+
+
+# --------------------------------------------------------------------------- write errors
+
+
+def test_full_disk_during_a_checkpoint_write_is_one_line_and_resumable(tmp_path, capsys, monkeypatch):
+    import models.checkpoint
+
+    made = write_synthetic_cache(tmp_path / "cache", num_videos=10, length_range=(5, 8))
+    labels = write_labels(tmp_path / "labels.csv", made.scores)
+    run = tmp_path / "run"
+    real_save, calls = models.checkpoint.save_file, []
+
+    def full_disk(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) > 4:  # epoch 1 (best + last/ model, optimizer, rng) fits; epoch 2 does not
+            raise type("SafetensorError", (Exception,), {})(
+                "Error while serializing: I/O error: No space left on device (os error 28)")
+        return real_save(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(models.checkpoint, "save_file", full_disk)
+    code = main(["train", "--features", str(made.cache.root), "--labels", str(labels), "--out", str(run), *TRAIN])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("pipeline train: I/O error: ") and "No space left on device" in line
+    assert f"{run}/" in line and ".safetensors: No space left on device" in line  # the file being written
+    assert "after epoch 1 is kept" in line and "--resume" in line
+    assert not list(run.rglob("*.tmp"))  # nothing half-written left behind
+    monkeypatch.setattr(models.checkpoint, "save_file", real_save)
+    assert main(["train", "--out", str(run), "--resume", "--quiet"]) == 0
+    assert len((run / "train_log.csv").read_text().splitlines()) == 3  # header + 2 epochs
+
+
+def test_full_disk_while_writing_an_evaluation(random_run, tmp_path, capsys, monkeypatch):
+    import manifests.cache
+
+    root, _ = random_run
+    real_fdopen = manifests.cache.os.fdopen
+
+    class FullFile:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(manifests.cache.os, "fdopen", lambda fd, mode: FullFile(real_fdopen(fd, mode)))
+    capsys.readouterr()
+    code = main(["evaluate", "--run", str(root / "run"), "--labels", str(root / "labels" / "TES.csv"),
+                 "--out", str(tmp_path / "eval"), "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1
+    assert err.startswith("pipeline evaluate: I/O error: ") and str(tmp_path / "eval.csv") in err
+    assert "No space left on device" in err and "run is unchanged" in err
+    assert not list(tmp_path.iterdir())  # no half-written result
