@@ -439,6 +439,9 @@ def _run_import_features(args: argparse.Namespace) -> int:
             imported = importers.import_skating_mixer(args.root, args.out, dirs, files)
     except (importers.FeatureImportError, CacheError) as exc:
         raise UsageError(str(exc)) from None
+    sources = {item.source for item in imported if item.source is not None}
+    for source in sorted(sources):
+        print(f"features read from {source}" + ("" if source == args.root else f" (found in --root {args.root})"))
     for item in imported:
         print(f"{item.name}: {item.num_videos} videos -> {item.cache.root}")
         for warning in item.warnings:
