@@ -62,8 +62,9 @@ def add_extraction_options(parser: argparse.ArgumentParser) -> None:
                      help="never download (also implied by HF_HUB_OFFLINE=1); missing weights stop the command")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                      help="auto uses a CUDA GPU when one is visible (default: %(default)s)")
-    run.add_argument("--batch-segments", type=int, default=8,
-                     help="segments per backbone call, filled across videos (default: %(default)s)")
+    run.add_argument("--batch-segments", type=int, default=None,
+                     help="segments per backbone call, filled across videos (default: 8 on a GPU; 1 on a CPU, "
+                     "where a full-size segment takes seconds and larger calls only slow the progress bar)")
 
 
 def extraction_config_from_args(args: argparse.Namespace, device) -> "ExtractionConfig":
@@ -144,7 +145,7 @@ def _run_extract(args: argparse.Namespace) -> int:
     print(f"extracting {len(sources)} videos into {cache.root} on {device}", file=sys.stderr)
     summary = extract_videos(
         sources, cache, extractors, config,
-        batch_segments=args.batch_segments, retry_failed=args.retry_failed, progress=not args.quiet,
+        batch_segments=batch_segments(args, device.type), retry_failed=args.retry_failed, progress=not args.quiet,
     )
     print_extract_summary(summary, cache)
     return EXIT_FAILURES if summary.failed else EXIT_OK
@@ -171,7 +172,8 @@ def _run_extract_ray(args: argparse.Namespace) -> int:
             result = extract_on_ray(
                 sources, args.out, config, device=args.device, workers=args.ray_workers,
                 weights=WeightsSource(weights_dir=args.weights_dir, offline=args.offline),
-                batch_segments=args.batch_segments, retry_failed=args.retry_failed, progress=not args.quiet,
+                batch_segments=batch_segments(args, plan.device), retry_failed=args.retry_failed,
+                progress=not args.quiet,
             )
     except (RaySetupError, WorkerSetupError) as exc:
         raise UsageError(str(exc)) from None
@@ -183,6 +185,13 @@ def _run_extract_ray(args: argparse.Namespace) -> int:
         print(f"{len(result.unfinished)} video(s) were not processed because every worker was lost; "
               "rerun the command to finish them", file=sys.stderr)
     return EXIT_FAILURES if result.summary.failed or result.unfinished else EXIT_OK
+
+
+def batch_segments(args: argparse.Namespace, device_type: str) -> int:
+    """--batch-segments, by default 8 on a GPU and 1 on a CPU (the bar moves once per segment)."""
+    if args.batch_segments is not None and args.batch_segments < 1:
+        raise UsageError(f"--batch-segments must be >= 1, got {args.batch_segments}")
+    return args.batch_segments or (8 if device_type == "cuda" else 1)
 
 
 def video_sources(path: Path) -> list:
@@ -542,7 +551,8 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")
     parser.add_argument("--weights-dir", type=Path, help="folder with pretrained backbone weights (see extract --help)")
     parser.add_argument("--offline", action="store_true", help="never download backbone weights")
-    parser.add_argument("--batch-segments", type=int, default=8, help="segments per backbone call (default: %(default)s)")
+    parser.add_argument("--batch-segments", type=int, default=None,
+                        help="segments per backbone call (default: 8 on a GPU, 1 on a CPU)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -563,7 +573,7 @@ def _run_score(args: argparse.Namespace) -> int:
         results = score_clips(
             clips, args.run, device=device, features=args.features,
             weights=WeightsSource(weights_dir=args.weights_dir, offline=args.offline),
-            batch_segments=args.batch_segments, progress=not args.quiet,
+            batch_segments=batch_segments(args, device.type), progress=not args.quiet,
         )
     except (ScoreError, RunError, CacheError, BackboneUnavailableError, ValueError, FileNotFoundError) as exc:
         raise UsageError(str(exc)) from None

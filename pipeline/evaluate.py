@@ -21,9 +21,11 @@ import inspect
 import io
 import json
 import math
+import warnings
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -361,6 +363,21 @@ def check_same_features(expected: dict[str, Any], actual: dict[str, Any], run_di
         )
 
 
+@contextmanager
+def quiet_libraries() -> Iterator[list[str]]:
+    """Keep library chatter off the terminal while a model is built: transformers' "Loading weights"
+    bar and the deprecation notices peft and transformers give each other (LIMSSR's LLM). Errors still
+    raise; what was printed is handed back (a list of lines) for whoever keeps a log."""
+    caught, buffer = [], io.StringIO()
+    with warnings.catch_warnings(), redirect_stderr(buffer):
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            yield caught
+        finally:
+            caught += [line for line in buffer.getvalue().replace("\r", "\n").splitlines() if line.strip()]
+
+
 def load_run(directory: str | Path, device: str | torch.device = "auto", weights: str = "best") -> Run:
     """Rebuild a run's model from its JSON config and load the chosen (or given) weights."""
     from models import build_model
@@ -378,7 +395,8 @@ def load_run(directory: str | Path, device: str | torch.device = "auto", weights
         raise RunError(f"{weights_path} is missing: the run has no finished epoch yet")
     torch_device = device if isinstance(device, torch.device) else resolve_device(device)
     name, config = read_model_config(directory)
-    model = build_model(name, config)
+    with quiet_libraries():
+        model = build_model(name, config)
     state, metadata = load_tensors(weights_path)
     load_model_state(model, state)
     if "best" in metadata:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import subprocess
 import sys
 
@@ -172,3 +173,82 @@ def test_full_disk_while_writing_an_evaluation(random_run, tmp_path, capsys, mon
     assert err.startswith("pipeline evaluate: I/O error: ") and str(tmp_path / "eval.csv") in err
     assert "No space left on device" in err and "run is unchanged" in err
     assert not list(tmp_path.iterdir())  # no half-written result
+
+
+# --------------------------------------------------------------------------- extract: inputs, progress, noise
+
+TINY_EXTRACT = ["--backbones", "random", "--arch-size", "tiny", "--flow", "farneback", "--segment-frames", "8",
+                "--device", "cpu"]
+
+
+def test_videos_may_be_one_file_and_the_manifest_path_is_absolute(clip_folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(clip_folder)
+    assert main(["extract", "--videos", "good.mp4", "--out", str(tmp_path / "out"), *TINY_EXTRACT, "--quiet"]) == 0
+    manifest = pd.read_csv(next((tmp_path / "out").glob("*/manifest.csv")))
+    assert list(manifest["video_id"]) == ["good"] and manifest.loc[0, "path"] == str(clip_folder / "good.mp4")
+    capsys.readouterr()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a video\n")
+    assert main(["extract", "--videos", str(notes), "--out", str(tmp_path / "out"), *TINY_EXTRACT]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "neither a folder nor a video file" in err[0] and str(notes) in err[0]
+    with pytest.raises(SystemExit) as exc:  # --out naming a file: a usage error, not a traceback
+        main(["extract", "--videos", str(clip_folder / "good.mp4"), "--out", str(notes), *TINY_EXTRACT])
+    assert exc.value.code == 2 and "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_progress_total_is_known_before_decoding_and_never_changes(clip_folder, tmp_path, capsys):
+    from extractors.base import WeightsSource, build_extractors
+    from extractors.decode import VideoFrames, count_segments
+    from pipeline.extract import discover_videos, extract_videos, prepare_cache
+    from tests.conftest import tiny_config
+
+    config = tiny_config()
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for name in ("good.mp4", "wide.mov", "rotated.mp4"):
+        (videos / name).write_bytes((clip_folder / name).read_bytes())
+    expected = {p.name: VideoFrames(p, 256).plan(config).num_segments for p in videos.iterdir()}
+    assert {p.name: count_segments(p, config) for p in videos.iterdir()} == expected  # metadata only
+    assert count_segments(clip_folder / "notvideo.avi", config) == 0
+    extractors = build_extractors(config, __import__("torch").device("cpu"), WeightsSource())
+    cache = prepare_cache(tmp_path / "out", config, extractors)
+    extract_videos(discover_videos(videos), cache, extractors, config, batch_segments=1, progress=True)
+    bar = capsys.readouterr().err.replace("\r", "\n")
+    counts = [re.search(r"\| *(\d+)/(\d+) \[", line) for line in bar.splitlines() if line.startswith("extract:")]
+    counts = [(int(m[1]), int(m[2])) for m in counts if m]
+    assert counts and {total for _, total in counts} == {sum(expected.values())}  # known before the first segment
+    assert [done for done, _ in counts] == sorted(done for done, _ in counts)
+    assert f"{sum(expected.values())}/{sum(expected.values())}" in bar and "now=rgb" in bar
+
+
+def test_decoder_messages_go_to_the_manifest_not_the_terminal(clip_folder, tmp_path, capfd):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    data = (clip_folder / "good.mp4").read_bytes()
+    (videos / "cut.mp4").write_bytes(data[: len(data) // 2])  # its index (moov atom) was at the end
+    (videos / "notvideo.avi").write_text("this is not a video\n")
+    (videos / "good.mp4").write_bytes(data)
+    assert main(["extract", "--videos", str(videos), "--out", str(tmp_path / "out"), *TINY_EXTRACT]) == 1
+    err = capfd.readouterr().err
+    assert "moov atom" not in err and "video_reader.cc" not in err and "ERROR opening" not in err
+    manifest = pd.read_csv(next((tmp_path / "out").glob("*/manifest.csv"))).set_index("video_id")
+    assert "moov atom not found" in manifest.loc["cut", "error"]
+    assert "Invalid data found when processing input" in manifest.loc["notvideo", "error"]
+    assert manifest.loc["good", "status"] == "done"
+
+
+def test_every_missing_weight_file_at_once(clip_folder, tmp_path):
+    """A fresh process with empty weight caches: all four public files named, each with --weights-dir."""
+    env = {**__import__("os").environ, "TORCH_HOME": str(tmp_path / "torch"), "HF_HOME": str(tmp_path / "hf"),
+           "PYTHONPATH": str(__import__("pathlib").Path(__file__).parents[1])}
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "extract", "--videos", str(clip_folder / "good.mp4"),
+                             "--out", str(tmp_path / "out"), "--offline", "--weights-dir", str(tmp_path / "empty"),
+                             "--flow", "raft", "--device", "cpu", "--quiet"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "4 pretrained weight files are missing" in result.stderr
+    for name in ("swin3d_b_1k", "raft_large_C_T_SKHT_V2", "flow_imagenet.pt", "MIT/ast-finetuned-audioset"):
+        line = next(line for line in result.stderr.splitlines() if name in line)
+        assert "--weights-dir" in line
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("record.json"))
