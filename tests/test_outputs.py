@@ -252,3 +252,32 @@ def test_every_missing_weight_file_at_once(clip_folder, tmp_path):
         line = next(line for line in result.stderr.splitlines() if name in line)
         assert "--weights-dir" in line
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("record.json"))
+
+
+def test_full_disk_during_extraction_keeps_finished_videos(clip_folder, tmp_path, capsys, monkeypatch):
+    import manifests.cache
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for name in ("good.mp4", "wide.mov"):
+        (videos / name).write_bytes((clip_folder / name).read_bytes())
+    real_save, saved = manifests.cache.np.save, []
+
+    def fills_the_disk(handle, array, allow_pickle):
+        if len(saved) == 3:  # good.mp4's three modalities fit, the first of wide.mov does not
+            raise OSError(errno.ENOSPC, "No space left on device")
+        saved.append(array)
+        return real_save(handle, array, allow_pickle=allow_pickle)
+
+    monkeypatch.setattr(manifests.cache.np, "save", fills_the_disk)
+    out = tmp_path / "out"
+    assert main(["extract", "--videos", str(videos), "--out", str(out), *TINY_EXTRACT, "--quiet"]) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("pipeline extract: I/O error: ") and "wide/rgb.npy: No space left on device" in line
+    assert "videos finished before it are kept" in line
+    cache = next(out.glob("*/config.json")).parent
+    assert (cache / "videos" / "good" / "record.json").is_file()
+    assert not (cache / "videos" / "wide" / "record.json").exists()  # nothing half-written counts as done
+    monkeypatch.setattr(manifests.cache.np, "save", real_save)
+    assert main(["extract", "--videos", str(videos), "--out", str(out), *TINY_EXTRACT, "--quiet"]) == 0
+    assert "1 extracted, 1 already done" in capsys.readouterr().out
