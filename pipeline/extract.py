@@ -375,6 +375,9 @@ class _Extraction:
         stop = threading.Event()
         producer = threading.Thread(target=self._produce, args=(todo, items, stop), daemon=True)
         producer.start()
+        heartbeat = threading.Thread(target=self._heartbeat, args=(stop,), daemon=True)
+        if not self.bar.disable:
+            heartbeat.start()
         pending: list[_Chunk] = []
         try:
             while (item := items.get()) is not None:
@@ -402,6 +405,8 @@ class _Extraction:
                 except queue.Empty:
                     pass
             self.claims.release_all()
+            if heartbeat.is_alive():
+                heartbeat.join()
             self.bar.close()
             if self.terminal not in (None, sys.stderr):
                 self.terminal.close()
@@ -417,6 +422,12 @@ class _Extraction:
         for source in todo:
             self._expect(source.video_id, count_segments(source.path, self.config))
         self.bar.set_description("extract")
+
+    def _heartbeat(self, stop: threading.Event) -> None:
+        """Redraw the bar every second, so its clock moves while one long backbone call runs (a full-size
+        Video Swin segment takes seconds on a CPU)."""
+        while not stop.wait(1.0):
+            self.bar.refresh()
 
     def _expect(self, video_id: str, segments: int) -> None:
         self.bar.total += segments - self.expected.get(video_id, 0)

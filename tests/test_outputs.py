@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 
 import pandas as pd
 import pytest
@@ -213,8 +214,19 @@ def test_progress_total_is_known_before_decoding_and_never_changes(clip_folder, 
     assert count_segments(clip_folder / "notvideo.avi", config) == 0
     extractors = build_extractors(config, __import__("torch").device("cpu"), WeightsSource())
     cache = prepare_cache(tmp_path / "out", config, extractors)
+    embed, calls = extractors["rgb"].embed, []
+
+    def slow_first_call(batch):  # a full-size backbone on a CPU: seconds for one segment
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(3.5)
+        return embed(batch)
+
+    extractors["rgb"].embed = slow_first_call
     extract_videos(discover_videos(videos), cache, extractors, config, batch_segments=1, progress=True)
     bar = capsys.readouterr().err.replace("\r", "\n")
+    # the bar is redrawn every second while that call runs: its clock moves
+    assert len([line for line in bar.splitlines() if re.search(r"\| +0/\d+ \[", line) and "now=rgb" in line]) >= 3
     counts = [re.search(r"\| *(\d+)/(\d+) \[", line) for line in bar.splitlines() if line.startswith("extract:")]
     counts = [(int(m[1]), int(m[2])) for m in counts if m]
     assert counts and {total for _, total in counts} == {sum(expected.values())}  # known before the first segment
