@@ -67,7 +67,8 @@ def add_extraction_options(parser: argparse.ArgumentParser) -> None:
                      "where a full-size segment takes seconds and larger calls only slow the progress bar)")
 
 
-def extraction_config_from_args(args: argparse.Namespace, device) -> "ExtractionConfig":
+def extraction_config_from_args(args: argparse.Namespace, device_type: str) -> "ExtractionConfig":
+    """The ExtractionConfig the flags describe; `device_type` ("cpu"/"cuda") picks the default flow backbone."""
     from extractors.config import BACKBONE_NAMES, CPU_FLOW_BACKBONE, DEFAULT_BACKBONES, ExtractionConfig
 
     modalities = tuple(m.strip() for m in args.modalities.split(",") if m.strip())
@@ -80,7 +81,7 @@ def extraction_config_from_args(args: argparse.Namespace, device) -> "Extraction
         chosen = getattr(args, modality, None)
         if chosen is None:
             chosen = DEFAULT_BACKBONES.get(modality, known[modality][0])
-            if modality == "flow" and device.type != "cuda":
+            if modality == "flow" and device_type != "cuda":
                 chosen = CPU_FLOW_BACKBONE
         backbones[modality] = chosen
     try:
@@ -119,6 +120,8 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_extract(args: argparse.Namespace) -> int:
+    extraction_config_from_args(args, "cpu")  # flag errors are usage errors before any heavy import
+    batch_segments(args, "cpu")
     from extractors.base import BackboneUnavailableError, WeightsSource, build_extractors
     from manifests.cache import CacheError
     from pipeline.devices import resolve_device
@@ -132,7 +135,7 @@ def _run_extract(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    config = extraction_config_from_args(args, device)
+    config = extraction_config_from_args(args, device.type)
     sources = video_sources(args.videos)
     weights = WeightsSource(weights_dir=args.weights_dir, offline=args.offline)
     try:
@@ -153,18 +156,15 @@ def _run_extract(args: argparse.Namespace) -> int:
 
 def _run_extract_ray(args: argparse.Namespace) -> int:
     """`extract --ray`: the same stage on Ray actors (pipeline/ray_extract.py)."""
-    import torch
-
     from extractors.base import WeightsSource
     from pipeline.ray_extract import WorkerSetupError, extract_on_ray, plan_workers
     from pipeline.ray_session import RaySetupError, ray_session
 
-    extraction_config_from_args(args, torch.device("cpu"))  # bad options fail before Ray starts
     sources = video_sources(args.videos)
     try:
         with ray_session(args.ray) as resources:
             plan = plan_workers(resources, args.device, args.ray_workers)
-            config = extraction_config_from_args(args, torch.device(plan.device))  # flow default follows the workers
+            config = extraction_config_from_args(args, plan.device)  # flow default follows the workers
             if config.random_weights:
                 print("NOTE: random-weight backbones: these features are for smoke tests, not for scoring.", file=sys.stderr)
             print(f"extracting {len(sources)} videos into {args.out / config.config_hash()} with Ray: "

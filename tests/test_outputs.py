@@ -94,9 +94,11 @@ def test_building_the_parser_imports_no_heavy_library():
 import sys
 from pipeline.cli import COMMANDS, build_parser, main
 parser = build_parser()
-for argv in (["--help"], *([c, "--help"] for c in COMMANDS), ["extrct"], ["extract", "--videos"]):
+for argv in (["--help"], *([c, "--help"] for c in COMMANDS), ["extrct"], ["extract", "--videos"],
+             ["extract", "--videos", ".", "--out", "x", "--modalities", "smell"],
+             ["extract", "--videos", ".", "--out", "x", "--arch-size", "tiny"]):
     try:
-        main(argv)
+        assert main(argv) == 2
     except SystemExit:
         pass
 heavy = sorted(m for m in ("torch", "torchvision", "transformers", "pandas", "decord", "matplotlib", "ray")
