@@ -6,8 +6,11 @@ and an import line in `extractors/__init__.py`; the CLI, the cache and the model
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import os
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -240,10 +243,13 @@ def hf_weights_unavailable(weights: WeightsSource, hub_id: str, exc: Exception) 
 def hf_pretrained(loader_class, hub_id: str, weights: WeightsSource, **kwargs):
     """`loader_class.from_pretrained` (a transformers model or config class) from --weights-dir or the hub.
 
-    Raises WeightsUnavailableError naming the model and --weights-dir when it cannot be had."""
+    Raises WeightsUnavailableError naming the model and --weights-dir when it cannot be had. Its
+    "Loading weights" bar and deprecation notices are kept off the terminal."""
     try:
-        return loader_class.from_pretrained(
-            hf_model_source(weights, hub_id), local_files_only=weights.is_offline, **kwargs
-        )
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore", FutureWarning)
+            return loader_class.from_pretrained(
+                hf_model_source(weights, hub_id), local_files_only=weights.is_offline, **kwargs
+            )
     except OSError as exc:
         raise hf_weights_unavailable(weights, hub_id, exc) from exc
