@@ -1,25 +1,14 @@
 """Frozen backbones turning decoded segments into feature vectors, one registered class per backbone.
 
-Importing the package registers every backbone below; a new modality or backbone is a new module
-with an `@register(modality, name)` class and one import line here.
+A new modality or backbone is a new module with an `@register(modality, name)` class, its module
+name in `extractors.base.BACKBONE_MODULES` and its names in `extractors.config.BACKBONE_NAMES`.
+The package imports nothing heavy itself: `extractors.config` (and so the command line) loads without
+torch, and the backbone modules are imported the first time the registry is consulted.
 """
 
-# isort: off  (registration order is the order backbones are listed in, defaults first)
-from extractors import rgb_vst, rgb_timesformer, flow_i3d, audio_ast  # noqa: F401
-# isort: on
-from extractors.base import (
-    REGISTRY,
-    Extractor,
-    WeightsSource,
-    WeightsUnavailableError,
-    available_backbones,
-    build_extractors,
-    checkpoint_path,
-    extractor_class,
-    find_local_file,
-    register,
-)
-from extractors.config import ExtractionConfig
+from __future__ import annotations
+
+import importlib
 
 __all__ = [
     "REGISTRY",
@@ -34,3 +23,16 @@ __all__ = [
     "find_local_file",
     "register",
 ]
+
+
+def __getattr__(name: str):
+    """`from extractors import build_extractors` etc.: loads extractors.base (torch) on first use."""
+    if name == "ExtractionConfig":
+        from extractors.config import ExtractionConfig
+
+        return ExtractionConfig
+    if name in __all__:
+        base = importlib.import_module("extractors.base")
+        base.load_backbones()
+        return getattr(base, name)
+    raise AttributeError(f"module 'extractors' has no attribute {name!r}")

@@ -6,11 +6,15 @@ and an import line in `extractors/__init__.py`; the CLI, the cache and the model
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import io
 import os
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import numpy as np
 import torch
@@ -101,6 +105,15 @@ class Extractor:
 
 REGISTRY: dict[tuple[str, str], type[Extractor]] = {}
 
+# Registration order is the order backbones are listed in, defaults first.
+BACKBONE_MODULES = ("extractors.rgb_vst", "extractors.rgb_timesformer", "extractors.flow_i3d", "extractors.audio_ast")
+
+
+def load_backbones() -> None:
+    """Import every backbone module, which registers its classes (a no-op after the first call)."""
+    for module in BACKBONE_MODULES:
+        importlib.import_module(module)
+
 
 def register(modality: str, name: str):
     """Class decorator adding an extractor to the registry under (modality, name)."""
@@ -118,6 +131,7 @@ def register(modality: str, name: str):
 
 def available_backbones() -> dict[str, list[str]]:
     """{modality: [backbone names]} in registration order."""
+    load_backbones()
     out: dict[str, list[str]] = {}
     for modality, name in REGISTRY:
         out.setdefault(modality, []).append(name)
@@ -125,6 +139,7 @@ def available_backbones() -> dict[str, list[str]]:
 
 
 def extractor_class(modality: str, name: str) -> type[Extractor]:
+    load_backbones()
     try:
         return REGISTRY[(modality, name)]
     except KeyError:
@@ -142,14 +157,29 @@ def build_extractors(
     """Check every pretrained weight first, then build the extractors, one per modality."""
     classes = {m: extractor_class(m, config.backbones[m]) for m in config.modalities}
     if not config.random_weights:
-        for cls in classes.values():
-            cls.check_weights(config, weights)
+        check_all_weights([lambda cls=cls: cls.check_weights(config, weights) for cls in classes.values()])
     extractors = {}
     for modality, cls in classes.items():
         # Random weights are seeded per modality so that adding a modality leaves the others unchanged.
         torch.manual_seed(config.seed * 1_000_003 + zlib.crc32(modality.encode()))
         extractors[modality] = cls(config, device, weights)
     return extractors
+
+
+def check_all_weights(checks: list[Callable[[], object]]) -> None:
+    """Run every weight check; one WeightsUnavailableError listing every missing file, not just the first."""
+    problems: list[str] = []
+    for check in checks:
+        try:
+            check()
+        except WeightsUnavailableError as exc:
+            problems += [line.removeprefix("- ") for line in str(exc).splitlines() if line.startswith("- ")] or [str(exc)]
+    if len(problems) == 1:
+        raise WeightsUnavailableError(problems[0])
+    if problems:
+        raise WeightsUnavailableError(
+            f"{len(problems)} pretrained weight files are missing:\n" + "\n".join(f"- {p}" for p in problems)
+        )
 
 
 def find_local_file(weights: WeightsSource, filename: str) -> Path | None:
@@ -213,10 +243,13 @@ def hf_weights_unavailable(weights: WeightsSource, hub_id: str, exc: Exception) 
 def hf_pretrained(loader_class, hub_id: str, weights: WeightsSource, **kwargs):
     """`loader_class.from_pretrained` (a transformers model or config class) from --weights-dir or the hub.
 
-    Raises WeightsUnavailableError naming the model and --weights-dir when it cannot be had."""
+    Raises WeightsUnavailableError naming the model and --weights-dir when it cannot be had. Its
+    "Loading weights" bar and deprecation notices are kept off the terminal."""
     try:
-        return loader_class.from_pretrained(
-            hf_model_source(weights, hub_id), local_files_only=weights.is_offline, **kwargs
-        )
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore", FutureWarning)
+            return loader_class.from_pretrained(
+                hf_model_source(weights, hub_id), local_files_only=weights.is_offline, **kwargs
+            )
     except OSError as exc:
         raise hf_weights_unavailable(weights, hub_id, exc) from exc

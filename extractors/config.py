@@ -21,6 +21,14 @@ ARCH_SIZES = ("full", "tiny")
 DEFAULT_BACKBONES = {"rgb": "vst", "flow": "raft", "audio": "ast"}
 CPU_FLOW_BACKBONE = "farneback"  # RAFT is the GPU default; on a CPU Farneback is ~50x cheaper.
 
+# The registry's names, known without importing a backbone (and torch): the command line is built
+# from this table in milliseconds. tests/test_backbones.py checks it against the real registry.
+BACKBONE_NAMES: dict[str, tuple[str, ...]] = {
+    "rgb": ("vst", "timesformer"),
+    "flow": ("raft", "farneback", "tvl1"),
+    "audio": ("ast",),
+}
+
 
 @dataclass(frozen=True)
 class ExtractionConfig:

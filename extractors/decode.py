@@ -8,9 +8,15 @@ span, so all modalities share the same T and the same time axis.
 
 from __future__ import annotations
 
+import os
 import re
+import sys
+import tempfile
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -25,10 +31,51 @@ class DecodeError(RuntimeError):
 _DECORD_PREFIX = re.compile(r"^\[[\d:]+\] \S+\.cc:\d+: (Error: )?")
 
 
-def _one_line(exc: BaseException) -> str:
+# ffmpeg prefixes its messages with "[mov,mp4,m4a,3gp,3g2,mj2 @ 0x55d0c0a8b2c0] ".
+_FFMPEG_PREFIX = re.compile(r"^\[[\w,]+ @ 0x[0-9a-f]+\] ")
+_OPENING = re.compile(r"^ERROR opening: .*, ")  # decord's "ERROR opening: <path>, <ffmpeg's reason>"
+_FD2 = threading.Lock()
+
+
+def _one_line(exc: BaseException, messages: list[str] | None = None) -> str:
+    """The reason for a decoding failure: the exception's first line, with what ffmpeg / decord printed
+    meanwhile in brackets; only the printed messages when the exception just says "Error reading <file>"."""
     text = str(exc).strip().splitlines()
     first = _DECORD_PREFIX.sub("", text[0]) if text else type(exc).__name__
+    printed = "; ".join(messages[:2]) if messages else ""
+    if printed and first.startswith("Error reading"):
+        first = printed
+    elif printed:
+        first = f"{first} ({printed})"
     return first[:300]
+
+
+@contextmanager
+def decoder_messages() -> Iterator[list[str]]:
+    """Collect what ffmpeg and decord print meanwhile (from C, on file descriptor 2, past sys.stderr).
+
+    Their messages ("moov atom not found", "video_reader.cc:83: ERROR opening") would land in the
+    middle of the progress bar; caught here, they become the failed video's reason in the manifest.
+    File descriptor 2 is the whole process's, so anything else written to it meanwhile is caught too:
+    the extraction progress bar writes to its own copy of the terminal's descriptor."""
+    messages: list[str] = []
+    with _FD2, tempfile.TemporaryFile() as sink:
+        try:
+            sys.stderr.flush()
+        except (AttributeError, ValueError, OSError):
+            pass
+        saved = os.dup(2)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield messages
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            for line in sink.read().decode("utf-8", "replace").splitlines():
+                line = _OPENING.sub("", _DECORD_PREFIX.sub("", _FFMPEG_PREFIX.sub("", line.strip())))
+                if line and line not in messages:
+                    messages.append(line)
 
 
 @dataclass(frozen=True)
@@ -91,20 +138,23 @@ class VideoFrames:
         size = self.path.stat().st_size
         if size == 0:
             raise DecodeError("empty file (0 bytes)")
-        try:
-            probe = decord.VideoReader(str(self.path), num_threads=1)
-            width, height = probe[0].shape[1], probe[0].shape[0]
-            frame_count = len(probe)
-            fps = float(probe.get_avg_fps())
-            # Container timestamps (seconds) keep the time axis right for unusual or variable rates.
-            self._timestamps = probe.get_frame_timestamp(np.arange(frame_count)).astype(np.float64)
-            del probe
-            out_w, out_h = _decoder_size(width, height, decode_short_side)
-            self._reader = decord.VideoReader(str(self.path), width=out_w, height=out_h, num_threads=0)
-        except DecodeError:
-            raise
-        except Exception as exc:  # decord raises its own error types, sometimes plain RuntimeError
-            raise DecodeError(f"cannot decode video: {_one_line(exc)}") from None
+        with decoder_messages() as messages:
+            try:
+                probe = decord.VideoReader(str(self.path), num_threads=1)
+                width, height = probe[0].shape[1], probe[0].shape[0]
+                frame_count = len(probe)
+                fps = float(probe.get_avg_fps())
+                # Container timestamps (seconds) keep the time axis right for unusual or variable rates.
+                self._timestamps = probe.get_frame_timestamp(np.arange(frame_count)).astype(np.float64)
+                del probe
+                out_w, out_h = _decoder_size(width, height, decode_short_side)
+                self._reader = decord.VideoReader(str(self.path), width=out_w, height=out_h, num_threads=0)
+                failure = None
+            except Exception as exc:  # decord raises its own error types, sometimes plain RuntimeError
+                failure = exc
+        if failure is not None:
+            raise DecodeError(f"cannot decode video: {_one_line(failure, messages)}") from None
+        self.messages = messages  # the decoder's remarks on a file it could open (kept for debugging)
         if frame_count <= 0 or not np.isfinite(fps) or fps <= 0:
             raise DecodeError(f"no decodable video frames (frames={frame_count}, fps={fps})")
         duration = float(self._timestamps[-1, 1]) if frame_count else 0.0
@@ -116,13 +166,37 @@ class VideoFrames:
     def read(self, frame_indices: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W, 3) frames at decode size for the given source indices."""
         flat = np.asarray(frame_indices).reshape(-1)
-        try:
-            frames = self._reader.get_batch(flat.tolist()).asnumpy()
-        except Exception as exc:
+        with decoder_messages() as messages:
+            try:
+                frames, failure = self._reader.get_batch(flat.tolist()).asnumpy(), None
+            except Exception as exc:
+                failure = exc
+        if failure is not None:
             raise DecodeError(
-                f"decode error in frames {int(flat.min())}-{int(flat.max())}: {_one_line(exc)}"
+                f"decode error in frames {int(flat.min())}-{int(flat.max())}: {_one_line(failure, messages)}"
             ) from None
         return frames.reshape(*np.shape(frame_indices), *frames.shape[1:])
+
+
+def count_segments(path: Path, config: ExtractionConfig) -> int:
+    """Segments a video will give, from its container's metadata (no frame decoded); 0 if it cannot
+    be opened. Lets the progress bar know its total before the first video is decoded."""
+    import decord
+
+    try:
+        if Path(path).stat().st_size == 0:
+            return 0
+    except OSError:
+        return 0
+    with decoder_messages():
+        try:
+            reader = decord.VideoReader(str(path), num_threads=1)
+            frame_count, fps = len(reader), float(reader.get_avg_fps())
+        except Exception:
+            return 0
+    if frame_count <= 0 or not np.isfinite(fps) or fps <= 0:
+        return 0
+    return plan_segments(frame_count, fps, config).num_segments
 
 
 def plan_segments(
@@ -181,15 +255,16 @@ def load_audio(path: Path, sample_rate: int) -> np.ndarray | None:
     """
     import decord
 
-    try:
-        reader = decord.AudioReader(str(path), sample_rate=sample_rate, mono=True)
-    except decord.DECORDError as exc:
-        if "audio stream" in str(exc).lower():
+    with decoder_messages() as messages:
+        try:
+            reader, failure = decord.AudioReader(str(path), sample_rate=sample_rate, mono=True), None
+            samples = reader[:].asnumpy()
+        except Exception as exc:
+            failure = exc
+    if failure is not None:
+        if isinstance(failure, decord.DECORDError) and "audio stream" in str(failure).lower():
             return None
-        raise DecodeError(f"cannot decode audio: {_one_line(exc)}") from None
-    except Exception as exc:
-        raise DecodeError(f"cannot decode audio: {_one_line(exc)}") from None
-    samples = reader[:].asnumpy()
+        raise DecodeError(f"cannot decode audio: {_one_line(failure, messages)}") from None
     return np.ascontiguousarray(samples.reshape(-1), dtype=np.float32)
 
 

@@ -11,7 +11,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from extractors.base import Extractor, WeightsSource, checkpoint_path, register
+from extractors.base import Extractor, WeightsSource, check_all_weights, checkpoint_path, register
 from extractors.config import ExtractionConfig
 from extractors.i3d import inception_i3d, load_pytorch_i3d_state_dict
 from extractors.optical_flow import (
@@ -51,8 +51,8 @@ class FlowI3DExtractor(Extractor):
 
     @classmethod
     def check_weights(cls, config: ExtractionConfig, weights: WeightsSource) -> None:
-        check_flow_weights(cls.flow_method, weights)
-        checkpoint_path(weights, I3D_FLOW_URL)
+        check_all_weights([lambda: check_flow_weights(cls.flow_method, weights),
+                           lambda: checkpoint_path(weights, I3D_FLOW_URL)])
 
     @torch.no_grad()
     def embed(self, batch: torch.Tensor | np.ndarray) -> torch.Tensor:

@@ -45,6 +45,13 @@ class CacheError(RuntimeError):
 # --------------------------------------------------------------------------- atomic writes
 
 
+def with_path(exc: BaseException, path: Path) -> BaseException:
+    """An OSError from write() names no file (a full disk): give it the path being written."""
+    if isinstance(exc, OSError) and exc.filename is None:
+        return OSError(exc.errno, exc.strerror or str(exc), str(path))
+    return exc
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -54,9 +61,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        raise with_path(exc, path)
 
 
 def atomic_write_json(path: Path, payload: Any) -> None:
@@ -72,9 +79,9 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        raise with_path(exc, path)
 
 
 # --------------------------------------------------------------------------- records

@@ -1,6 +1,9 @@
 """`pipeline`: the command line. Thin on purpose: it parses options and wires the stages.
 
-Exit codes: 0 success, 1 some input failed (the rest was still processed), 2 usage error.
+Exit codes: 0 success, 1 some input failed (the rest was still processed) or an I/O error, 2 usage error.
+
+Building the parser imports nothing heavy (no torch, pandas, transformers): `--help` and usage errors
+answer at once, and each stage imports what it needs when it runs.
 """
 
 from __future__ import annotations
@@ -8,8 +11,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-
-import pandas as pd
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
 
@@ -23,8 +24,7 @@ class UsageError(Exception):
 
 def add_extraction_options(parser: argparse.ArgumentParser) -> None:
     """Options that decide the features (the ExtractionConfig) and how they are computed."""
-    from extractors import available_backbones
-    from extractors.config import DEFAULT_BACKBONES, ExtractionConfig
+    from extractors.config import BACKBONE_NAMES, DEFAULT_BACKBONES, ExtractionConfig
 
     defaults = ExtractionConfig()
     group = parser.add_argument_group("what is extracted (recorded in config.json; its hash names the cache folder)")
@@ -43,10 +43,10 @@ def add_extraction_options(parser: argparse.ArgumentParser) -> None:
                        help="fs1000 frames per backbone clip inside a window (default: %(default)s)")
     group.add_argument("--modalities", default=",".join(defaults.modalities),
                        help="comma-separated modalities to extract (default: %(default)s)")
-    for modality, names in available_backbones().items():
+    for modality, names in BACKBONE_NAMES.items():
         default = DEFAULT_BACKBONES.get(modality, names[0])
         note = " (default: raft on a GPU, farneback on a CPU)" if modality == "flow" else f" (default: {default})"
-        group.add_argument(f"--{modality}", choices=names, default=None, help=f"{modality} backbone{note}")
+        group.add_argument(f"--{modality}", choices=list(names), default=None, help=f"{modality} backbone{note}")
     group.add_argument("--backbones", choices=["pretrained", "random"], default="pretrained",
                        help="pretrained public weights, or the same architectures with seeded random "
                        "weights for smoke runs (marked random_weights everywhere) (default: %(default)s)")
@@ -62,16 +62,17 @@ def add_extraction_options(parser: argparse.ArgumentParser) -> None:
                      help="never download (also implied by HF_HUB_OFFLINE=1); missing weights stop the command")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                      help="auto uses a CUDA GPU when one is visible (default: %(default)s)")
-    run.add_argument("--batch-segments", type=int, default=8,
-                     help="segments per backbone call, filled across videos (default: %(default)s)")
+    run.add_argument("--batch-segments", type=int, default=None,
+                     help="segments per backbone call, filled across videos (default: 8 on a GPU; 1 on a CPU, "
+                     "where a full-size segment takes seconds and larger calls only slow the progress bar)")
 
 
-def extraction_config_from_args(args: argparse.Namespace, device) -> "ExtractionConfig":
-    from extractors import available_backbones
-    from extractors.config import CPU_FLOW_BACKBONE, DEFAULT_BACKBONES, ExtractionConfig
+def extraction_config_from_args(args: argparse.Namespace, device_type: str) -> "ExtractionConfig":
+    """The ExtractionConfig the flags describe; `device_type` ("cpu"/"cuda") picks the default flow backbone."""
+    from extractors.config import BACKBONE_NAMES, CPU_FLOW_BACKBONE, DEFAULT_BACKBONES, ExtractionConfig
 
     modalities = tuple(m.strip() for m in args.modalities.split(",") if m.strip())
-    known = available_backbones()
+    known = BACKBONE_NAMES
     unknown = [m for m in modalities if m not in known]
     if not modalities or unknown:
         raise UsageError(f"--modalities: unknown {unknown or 'empty list'}; known: {sorted(known)}")
@@ -80,7 +81,7 @@ def extraction_config_from_args(args: argparse.Namespace, device) -> "Extraction
         chosen = getattr(args, modality, None)
         if chosen is None:
             chosen = DEFAULT_BACKBONES.get(modality, known[modality][0])
-            if modality == "flow" and device.type != "cuda":
+            if modality == "flow" and device_type != "cuda":
                 chosen = CPU_FLOW_BACKBONE
         backbones[modality] = chosen
     try:
@@ -104,8 +105,8 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
         "is finished by running it again. Exit 0: all videos done; 1: some failed (see the "
         "summary and manifest.csv); 2: usage error.",
     )
-    parser.add_argument("--videos", type=existing_path, required=True, help="folder of videos")
-    parser.add_argument("--out", type=Path, required=True, help="cache folder (one sub-folder per configuration)")
+    parser.add_argument("--videos", type=existing_path, required=True, help="folder of videos, or one video file")
+    parser.add_argument("--out", type=folder_path, required=True, help="cache folder (one sub-folder per configuration)")
     parser.add_argument("--retry-failed", action="store_true",
                         help="retry videos that failed before even if their file is unchanged")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -119,10 +120,12 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_extract(args: argparse.Namespace) -> int:
+    extraction_config_from_args(args, "cpu")  # flag errors are usage errors before any heavy import
+    batch_segments(args, "cpu")
     from extractors.base import BackboneUnavailableError, WeightsSource, build_extractors
     from manifests.cache import CacheError
     from pipeline.devices import resolve_device
-    from pipeline.extract import discover_videos, extract_videos, prepare_cache
+    from pipeline.extract import extract_videos, prepare_cache
 
     if args.ray is not None:
         return _run_extract_ray(args)
@@ -132,10 +135,8 @@ def _run_extract(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    config = extraction_config_from_args(args, device)
-    sources = discover_videos(args.videos)
-    if not sources:
-        raise UsageError(f"no videos (mp4, mkv, avi, mov, webm) under {args.videos}")
+    config = extraction_config_from_args(args, device.type)
+    sources = video_sources(args.videos)
     weights = WeightsSource(weights_dir=args.weights_dir, offline=args.offline)
     try:
         extractors = build_extractors(config, device, weights)
@@ -147,7 +148,7 @@ def _run_extract(args: argparse.Namespace) -> int:
     print(f"extracting {len(sources)} videos into {cache.root} on {device}", file=sys.stderr)
     summary = extract_videos(
         sources, cache, extractors, config,
-        batch_segments=args.batch_segments, retry_failed=args.retry_failed, progress=not args.quiet,
+        batch_segments=batch_segments(args, device.type), retry_failed=args.retry_failed, progress=not args.quiet,
     )
     print_extract_summary(summary, cache)
     return EXIT_FAILURES if summary.failed else EXIT_OK
@@ -155,21 +156,15 @@ def _run_extract(args: argparse.Namespace) -> int:
 
 def _run_extract_ray(args: argparse.Namespace) -> int:
     """`extract --ray`: the same stage on Ray actors (pipeline/ray_extract.py)."""
-    import torch
-
     from extractors.base import WeightsSource
-    from pipeline.extract import discover_videos
     from pipeline.ray_extract import WorkerSetupError, extract_on_ray, plan_workers
     from pipeline.ray_session import RaySetupError, ray_session
 
-    extraction_config_from_args(args, torch.device("cpu"))  # bad options fail before Ray starts
-    sources = discover_videos(args.videos)
-    if not sources:
-        raise UsageError(f"no videos (mp4, mkv, avi, mov, webm) under {args.videos}")
+    sources = video_sources(args.videos)
     try:
         with ray_session(args.ray) as resources:
             plan = plan_workers(resources, args.device, args.ray_workers)
-            config = extraction_config_from_args(args, torch.device(plan.device))  # flow default follows the workers
+            config = extraction_config_from_args(args, plan.device)  # flow default follows the workers
             if config.random_weights:
                 print("NOTE: random-weight backbones: these features are for smoke tests, not for scoring.", file=sys.stderr)
             print(f"extracting {len(sources)} videos into {args.out / config.config_hash()} with Ray: "
@@ -177,7 +172,8 @@ def _run_extract_ray(args: argparse.Namespace) -> int:
             result = extract_on_ray(
                 sources, args.out, config, device=args.device, workers=args.ray_workers,
                 weights=WeightsSource(weights_dir=args.weights_dir, offline=args.offline),
-                batch_segments=args.batch_segments, retry_failed=args.retry_failed, progress=not args.quiet,
+                batch_segments=batch_segments(args, plan.device), retry_failed=args.retry_failed,
+                progress=not args.quiet,
             )
     except (RaySetupError, WorkerSetupError) as exc:
         raise UsageError(str(exc)) from None
@@ -189,6 +185,30 @@ def _run_extract_ray(args: argparse.Namespace) -> int:
         print(f"{len(result.unfinished)} video(s) were not processed because every worker was lost; "
               "rerun the command to finish them", file=sys.stderr)
     return EXIT_FAILURES if result.summary.failed or result.unfinished else EXIT_OK
+
+
+def batch_segments(args: argparse.Namespace, device_type: str) -> int:
+    """--batch-segments, by default 8 on a GPU and 1 on a CPU (the bar moves once per segment)."""
+    if args.batch_segments is not None and args.batch_segments < 1:
+        raise UsageError(f"--batch-segments must be >= 1, got {args.batch_segments}")
+    return args.batch_segments or (8 if device_type == "cuda" else 1)
+
+
+def video_sources(path: Path) -> list:
+    """--videos: every video under a folder, or one video file (its id is the file name without extension).
+
+    Paths are made absolute, so the manifest's `path` column does not depend on where extract ran."""
+    from pipeline.extract import VIDEO_EXTENSIONS, VideoSource, discover_videos
+
+    path = path.expanduser().absolute()
+    if path.is_file():
+        if path.suffix.lower() not in VIDEO_EXTENSIONS:
+            raise UsageError(f"--videos {path}: neither a folder nor a video file ({', '.join(VIDEO_EXTENSIONS)})")
+        return [VideoSource(path.stem, path)]
+    sources = discover_videos(path)
+    if not sources:
+        raise UsageError(f"no videos ({', '.join(VIDEO_EXTENSIONS)}) under {path}")
+    return sources
 
 
 def print_extract_summary(summary, cache) -> None:
@@ -349,6 +369,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from manifests.cache import CacheError
     from pipeline import data, evaluate
     from pipeline.labels import LabelError, check_against_cache, read_labels
+    from pipeline.provenance import headline
 
     try:
         run = evaluate.load_run(args.run, args.device)
@@ -379,12 +400,14 @@ def _run_evaluate(args: argparse.Namespace) -> int:
           f"evaluated on {len(samples)} videos of {args.labels}"
           + (", which played no part in training or choosing it" if held_out else ""), file=sys.stderr)
     evaluation = run.evaluate(samples, batch_size=args.batch_size)
+    print(headline(f"{run.model_name} run {run.directory} on {args.labels.name}", run.provenance))
     print(evaluate.format_table(evaluation))
     base = args.out or run.directory / "evaluation" / f"eval-{args.labels.stem}"
     csv_path, json_path = evaluate.write_evaluation(base, run, evaluation, args.labels, args.split, overlap)
     print(f"wrote {csv_path}, {json_path}", file=sys.stderr)
     if args.plot:
-        evaluate.plot_predictions(args.plot, evaluation, f"{run.model_name}: {run.directory.name} on {args.labels.name}")
+        evaluate.plot_predictions(args.plot, evaluation, f"{run.model_name}: {run.directory.name} on {args.labels.name}",
+                                  run.provenance)
         print(f"wrote {args.plot}", file=sys.stderr)
     return EXIT_OK
 
@@ -405,7 +428,7 @@ def _add_import_features(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--format", choices=["pamfn", "skating-mixer"], required=True)
     parser.add_argument("--root", type=existing_path, required=True, help="folder of the released features")
-    parser.add_argument("--out", type=Path, required=True, help="cache folder to write")
+    parser.add_argument("--out", type=folder_path, required=True, help="cache folder to write")
     parser.add_argument("--action", help="pamfn: import only this set (Ball, Clubs, Hoop, Ribbon or FISV)")
     parser.add_argument("--labels-dir", type=existing_path,
                         help="pamfn: folder of train.txt / test.txt (default: --root, then its parent)")
@@ -429,6 +452,9 @@ def _run_import_features(args: argparse.Namespace) -> int:
             imported = importers.import_skating_mixer(args.root, args.out, dirs, files)
     except (importers.FeatureImportError, CacheError) as exc:
         raise UsageError(str(exc)) from None
+    sources = {item.source for item in imported if item.source is not None}
+    for source in sorted(sources):
+        print(f"features read from {source}" + ("" if source == args.root else f" (found in --root {args.root})"))
     for item in imported:
         print(f"{item.name}: {item.num_videos} videos -> {item.cache.root}")
         for warning in item.warnings:
@@ -514,7 +540,7 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--labels-dir", type=existing_path,
                         help="folder of <action>.csv files (default: labels/ inside each action's cache)")
     parser.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 per action (default: %(default)s)")
-    parser.add_argument("--out", type=Path, required=True, help="results folder")
+    parser.add_argument("--out", type=folder_path, required=True, help="results folder")
     parser.add_argument("--actions", help="comma-separated subset of the preset's actions / score types (default: all)")
     parser.add_argument("--model", choices=["mcmoe", "limssr"], default="mcmoe", help="(default: %(default)s)")
     parser.add_argument("--epochs", type=int, help="override the preset's epochs (smoke runs)")
@@ -535,7 +561,7 @@ def _run_reproduce(args: argparse.Namespace) -> int:
     from manifests.cache import CacheError
     from pipeline.labels import LabelError
     from pipeline.ray_session import RaySetupError
-    from pipeline.reproduce import ReproduceError, markdown_table, reproduce
+    from pipeline.reproduce import ReproduceError, reproduce
     from pipeline.train import model_options_from_flags
 
     if args.seeds < 1:
@@ -554,7 +580,7 @@ def _run_reproduce(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     for outcome in result.failed:
         print(f"FAILED {outcome['action']} seed {outcome['seed']} ({outcome['run_dir']}): {outcome['error']}", file=sys.stderr)
-    print(markdown_table(result.table, f"{args.preset} with {args.model}: {args.seeds} seed(s), test split"))
+    print(result.markdown())
     print("wrote " + ", ".join(str(p) for p in result.paths), file=sys.stderr)
     return EXIT_FAILURES if result.failed else EXIT_OK
 
@@ -581,7 +607,8 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")
     parser.add_argument("--weights-dir", type=Path, help="folder with pretrained backbone weights (see extract --help)")
     parser.add_argument("--offline", action="store_true", help="never download backbone weights")
-    parser.add_argument("--batch-segments", type=int, default=8, help="segments per backbone call (default: %(default)s)")
+    parser.add_argument("--batch-segments", type=int, default=None,
+                        help="segments per backbone call (default: 8 on a GPU, 1 on a CPU)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -590,7 +617,7 @@ def _run_score(args: argparse.Namespace) -> int:
     from manifests.cache import CacheError
     from pipeline.devices import resolve_device
     from pipeline.evaluate import RunError
-    from pipeline.score import ScoreError, collect_clips, score_clips, write_scores
+    from pipeline.score import ScoreError, collect_clips, score_clips, scores_headline, write_scores
 
     if args.out is not None and args.out.suffix.lower() not in (".csv", ".json"):
         raise UsageError(f"--out must end in .csv or .json, got {args.out}")
@@ -602,14 +629,17 @@ def _run_score(args: argparse.Namespace) -> int:
         results = score_clips(
             clips, args.run, device=device, features=args.features,
             weights=WeightsSource(weights_dir=args.weights_dir, offline=args.offline),
-            batch_segments=args.batch_segments, progress=not args.quiet,
+            batch_segments=batch_segments(args, device.type), progress=not args.quiet,
         )
     except (ScoreError, RunError, CacheError, BackboneUnavailableError, ValueError, FileNotFoundError) as exc:
         raise UsageError(str(exc)) from None
-    table = pd.DataFrame([r.row() for r in results]).drop(columns=["grade_weights"]).astype(object).fillna("")
-    print(table.to_string(index=False))
+    import pandas as pd
+
+    table = pd.DataFrame([r.row() for r in results]).drop(columns=["grade_weights", "random_weights", "config_hash"])
+    print(scores_headline(results, args.run))
+    print(table.astype(object).fillna("").to_string(index=False))
     if args.out is not None:
-        write_scores(args.out, results)
+        write_scores(args.out, results, args.run)
         print(f"wrote {args.out}", file=sys.stderr)
     return EXIT_FAILURES if any(r.error for r in results) else EXIT_OK
 
@@ -675,9 +705,45 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"pipeline {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as exc:  # a full disk, a read-only or vanished folder: every write is atomic, so say what is kept
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"pipeline {args.command}: I/O error: {where}{exc.strerror or exc}; {kept_after_io_error(args)}",
+              file=sys.stderr)
+        return EXIT_FAILURES
     except KeyboardInterrupt:
         print(f"pipeline {args.command}: interrupted; finished work is kept, rerun to continue", file=sys.stderr)
         return 130
+
+
+def kept_after_io_error(args: argparse.Namespace) -> str:
+    """What an interrupted command leaves behind (files are written whole or not at all)."""
+    if args.command == "train":
+        from pipeline.train import find_resume_state
+
+        state = find_resume_state(args.out)
+        if state is None:
+            return f"no epoch had finished, nothing in {args.out} counts as done; rerun to start again"
+        import json
+
+        epoch = json.loads((state / "state.json").read_text()).get("epoch")
+        return (f"the state after epoch {epoch} is kept in {state}; continue with "
+                f"`pipeline train --out {args.out} --resume` once there is room")
+    return {
+        "extract": "videos finished before it are kept (a video counts as done only once its record is "
+                   "written); rerun the same command to continue",
+        "score": "clips extracted before it are kept and reused when the command is rerun",
+        "evaluate": "the run is unchanged and no result file was half-written; rerun to write the results",
+        "reproduce": "finished runs and evaluations are kept; rerun the same command to continue",
+        "import-features": "sets imported before it are complete; rerun to finish",
+    }.get(args.command, "files written before it are complete; rerun to continue")
+
+
+def folder_path(text: str) -> Path:
+    """argparse type for an output folder: it may not exist yet, but must not be a file."""
+    path = Path(text).expanduser()
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is a file, not a folder")
+    return path
 
 
 def existing_path(text: str) -> Path:

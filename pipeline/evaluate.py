@@ -18,20 +18,24 @@ from __future__ import annotations
 
 import csv
 import inspect
+import io
 import json
 import math
+import warnings
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from manifests.cache import FeatureCache, atomic_write_bytes, atomic_write_json
+from manifests.cache import FeatureCache, atomic_write_bytes
 from models.checkpoint import load_model_state, load_tensors, read_model_config
 from pipeline import data
 from pipeline.devices import resolve_device
 from pipeline.metrics import fisher_z_mean, mean_mse, mse, spearman_rho
+from pipeline.provenance import headline, provenance
 
 # Keys of a cache's config.json that say when/why it was written, not what the features are.
 INFORMATIONAL_CONFIG_KEYS = ("created_at", "note")
@@ -182,25 +186,31 @@ def format_table(evaluation: Evaluation) -> str:
     return "\n".join(lines)
 
 
-def write_table_csv(path: Path, evaluation: Evaluation) -> None:
-    lines = ["setting,rho,mse,n"]
-    for name, rho, error, n in evaluation.columns():
-        lines.append(f"{name},{'' if math.isnan(rho) else rho},{'' if math.isnan(error) else error},{'' if n is None else n}")
-    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+def write_table_csv(path: Path, evaluation: Evaluation, made: dict[str, Any]) -> None:
+    """setting,rho,mse,n plus the provenance columns random_weights,config_hash on every row."""
+    rows = [["setting", "rho", "mse", "n", "random_weights", "config_hash"]]
+    for name, rho, error, n in evaluation.columns():  # names such as {v,f} are quoted by the csv module
+        rows.append([name, "" if math.isnan(rho) else rho, "" if math.isnan(error) else error,
+                     "" if n is None else n, made["random_weights"], made["config_hash"]])
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n").writerows(rows)
+    atomic_write_bytes(path, text.getvalue().encode())
 
 
-def write_predictions_csv(path: Path, evaluation: Evaluation) -> None:
+def write_predictions_csv(path: Path, evaluation: Evaluation, made: dict[str, Any]) -> None:
     names = [s.name for s in evaluation.settings]
-    rows = [["video_id", "true", *names]]
+    rows = [["video_id", "true", *names, "random_weights", "config_hash"]]
     for i, video_id in enumerate(evaluation.video_ids):
-        rows.append([video_id, evaluation.true[i], *("" if np.isnan(evaluation.predictions[n][i]) else evaluation.predictions[n][i] for n in names)])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
-        csv.writer(handle).writerows(rows)
+        predicted = ("" if np.isnan(evaluation.predictions[n][i]) else evaluation.predictions[n][i] for n in names)
+        rows.append([video_id, evaluation.true[i], *predicted, made["random_weights"], made["config_hash"]])
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n").writerows(rows)
+    atomic_write_bytes(path, text.getvalue().encode())
 
 
-def plot_predictions(path: Path, evaluation: Evaluation, title: str) -> None:
-    """Predicted vs true score, one panel per setting (matplotlib, Agg: no display needed)."""
+def plot_predictions(path: Path, evaluation: Evaluation, title: str, made: dict[str, Any] | None = None) -> None:
+    """Predicted vs true score, one panel per setting (matplotlib, Agg: no display needed); random
+    backbones (`made`, pipeline.provenance) are announced in red above the title."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -222,11 +232,22 @@ def plot_predictions(path: Path, evaluation: Evaluation, title: str) -> None:
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(settings):]:
         ax.axis("off")
-    figure.suptitle(title, fontsize=9)
+    if made is not None and made["random_weights"]:
+        figure.suptitle(f"RANDOM-WEIGHT BACKBONES (features {made['config_hash']}): not a result\n{title}",
+                        fontsize=9, color="red")
+    else:
+        figure.suptitle(title + (f" (features {made['config_hash']})" if made else ""), fontsize=9)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    save_figure(path, figure, headline(title, made) if made else title)
     plt.close(figure)
+
+
+def save_figure(path: Path, figure, description: str) -> None:
+    """A matplotlib figure as a PNG, written atomically (a full disk leaves no half image), with
+    `description` (how it was made) in the file's Description text chunk."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, dpi=120, format="png", metadata={"Description": description})
+    atomic_write_bytes(Path(path), buffer.getvalue())
 
 
 # --------------------------------------------------------------------------- runs
@@ -261,6 +282,11 @@ class Run:
     @property
     def score_range(self) -> float:
         return float(self.info["score_range"])
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """{"random_weights", "config_hash"} of the features the run was trained on."""
+        return provenance(self.extraction_config)
 
     @property
     def trained_ids(self) -> set[str]:
@@ -337,6 +363,21 @@ def check_same_features(expected: dict[str, Any], actual: dict[str, Any], run_di
         )
 
 
+@contextmanager
+def quiet_libraries() -> Iterator[list[str]]:
+    """Keep library chatter off the terminal while a model is built: transformers' "Loading weights"
+    bar and the deprecation notices peft and transformers give each other (LIMSSR's LLM). Errors still
+    raise; what was printed is handed back (a list of lines) for whoever keeps a log."""
+    caught, buffer = [], io.StringIO()
+    with warnings.catch_warnings(), redirect_stderr(buffer):
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            yield caught
+        finally:
+            caught += [line for line in buffer.getvalue().replace("\r", "\n").splitlines() if line.strip()]
+
+
 def load_run(directory: str | Path, device: str | torch.device = "auto", weights: str = "best") -> Run:
     """Rebuild a run's model from its JSON config and load the chosen (or given) weights."""
     from models import build_model
@@ -354,7 +395,8 @@ def load_run(directory: str | Path, device: str | torch.device = "auto", weights
         raise RunError(f"{weights_path} is missing: the run has no finished epoch yet")
     torch_device = device if isinstance(device, torch.device) else resolve_device(device)
     name, config = read_model_config(directory)
-    model = build_model(name, config)
+    with quiet_libraries():
+        model = build_model(name, config)
     state, metadata = load_tensors(weights_path)
     load_model_state(model, state)
     if "best" in metadata:
@@ -370,9 +412,12 @@ def write_evaluation(
     if base.suffix.lower() in (".csv", ".json"):
         base = base.with_suffix("")
     csv_path, json_path = base.parent / f"{base.name}.csv", base.parent / f"{base.name}.json"
-    write_table_csv(csv_path, evaluation)
-    write_predictions_csv(base.parent / f"{base.name}.predictions.csv", evaluation)
-    atomic_write_json(json_path, {
+    made = run.provenance
+    write_table_csv(csv_path, evaluation, made)
+    write_predictions_csv(base.parent / f"{base.name}.predictions.csv", evaluation, made)
+    payload = {
+        "note": headline(f"evaluation of run {run.directory}", made),
+        **made,
         "run": str(run.directory.resolve()),
         "model": run.model_name,
         "labels": str(labels_path.resolve()),
@@ -384,5 +429,6 @@ def write_evaluation(
         "videos_also_in_training": overlap,
         "table": [{"setting": n, "rho": _json_number(r), "mse": _json_number(e), "n": k} for n, r, e, k in evaluation.columns()],
         **evaluation.to_dict(),
-    })
+    }
+    atomic_write_bytes(json_path, (json.dumps(payload, indent=2) + "\n").encode())  # unsorted: the note first
     return csv_path, json_path

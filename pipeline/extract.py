@@ -18,6 +18,7 @@ import json
 import os
 import queue
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from tqdm import tqdm
 
 from extractors.base import Extractor
 from extractors.config import ExtractionConfig
-from extractors.decode import DecodeError, SegmentPlan, VideoFrames, audio_windows, load_audio
+from extractors.decode import DecodeError, SegmentPlan, VideoFrames, audio_windows, count_segments, load_audio
 from manifests.cache import DONE, FAILED, MISSING, CacheError, FeatureCache, ModalityRecord, VideoRecord
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".avi", ".mov", ".webm")
@@ -252,7 +253,14 @@ class _Extraction:
         self.audio_modalities = [m for m, e in extractors.items() if e.input_kind == "audio"]
         self.claims = Claims(cache)
         self.summary = ExtractSummary()
-        self.bar = tqdm(total=0, unit="seg", dynamic_ncols=True, disable=not progress, desc="extract")
+        # Progress in segments, the total planned from container metadata before the first decode; the
+        # bar writes to its own copy of the terminal, untouched while decoder messages are caught.
+        self.terminal = _terminal() if progress else None
+        self.bar = tqdm(total=0, unit="seg", dynamic_ncols=True, disable=not progress, desc="extract",
+                        file=self.terminal)
+        self.expected: dict[str, int] = {}  # video id -> its segments in the bar's total
+        self.ticked: dict[str, int] = {}  # video id -> its segments counted as done
+        self.postfix: dict[str, object] = {}
         self.videos_total = 0
         self.started = time.perf_counter()
 
@@ -362,10 +370,14 @@ class _Extraction:
             else:
                 self.summary.skipped.append(source.video_id)
         self.videos_total = len(todo)
+        self._plan(todo)
         items: queue.Queue = queue.Queue(maxsize=4)
         stop = threading.Event()
         producer = threading.Thread(target=self._produce, args=(todo, items, stop), daemon=True)
         producer.start()
+        heartbeat = threading.Thread(target=self._heartbeat, args=(stop,), daemon=True)
+        if not self.bar.disable:
+            heartbeat.start()
         pending: list[_Chunk] = []
         try:
             while (item := items.get()) is not None:
@@ -374,13 +386,14 @@ class _Extraction:
                 elif isinstance(item, tuple):
                     kind, payload = item
                     if kind == "planned":
-                        self.bar.total += payload.plan.num_segments
-                        self.bar.refresh()
+                        self._expect(payload.source.video_id, payload.plan.num_segments)
                         self._maybe_finish(payload)  # a video with no frame work left is done now
                     elif kind == "claimed":
                         self.summary.claimed_elsewhere.append(payload.video_id)
+                        self._settle(payload.video_id, done=False)
                     else:
                         self.summary.skipped.append(payload.video_id)
+                        self._settle(payload.video_id, done=False)
                 else:
                     pending = self._add(pending, item)
             self._flush(pending)
@@ -392,8 +405,53 @@ class _Extraction:
                 except queue.Empty:
                     pass
             self.claims.release_all()
+            if heartbeat.is_alive():
+                heartbeat.join()
             self.bar.close()
+            if self.terminal not in (None, sys.stderr):
+                self.terminal.close()
         return self.summary
+
+    # ---- progress
+
+    def _plan(self, todo: list[VideoSource]) -> None:
+        """The bar's total: every video's segments from its container's metadata, before any decoding."""
+        if self.bar.disable:
+            return
+        self.bar.set_description("plan")
+        for source in todo:
+            self._expect(source.video_id, count_segments(source.path, self.config))
+        self.bar.set_description("extract")
+
+    def _heartbeat(self, stop: threading.Event) -> None:
+        """Redraw the bar every second, so its clock moves while one long backbone call runs (a full-size
+        Video Swin segment takes seconds on a CPU)."""
+        while not stop.wait(1.0):
+            self.bar.refresh()
+
+    def _expect(self, video_id: str, segments: int) -> None:
+        self.bar.total += segments - self.expected.get(video_id, 0)
+        self.expected[video_id] = segments
+        self.bar.refresh()
+
+    def _tick(self, chunks: list[_Chunk]) -> None:
+        for chunk in chunks:
+            self.ticked[chunk.job.source.video_id] = self.ticked.get(chunk.job.source.video_id, 0) + chunk.size
+        self.bar.update(sum(c.size for c in chunks))
+
+    def _settle(self, video_id: str, done: bool) -> None:
+        """A video is over: its segments not yet counted are counted (done) or leave the total (failed, skipped)."""
+        left = self.expected.get(video_id, 0) - self.ticked.get(video_id, 0)
+        if left > 0 and done:
+            self.bar.update(left)
+        elif left > 0:
+            self.bar.total -= left
+            self.bar.refresh()
+        self.ticked[video_id] = self.expected.get(video_id, 0)
+
+    def _show(self, **fields) -> None:
+        self.postfix.update(fields)
+        self.bar.set_postfix(self.postfix, refresh=True)
 
     def _add(self, pending: list[_Chunk], chunk: _Chunk) -> list[_Chunk]:
         if pending and not self._compatible(pending[0], chunk):
@@ -431,6 +489,7 @@ class _Extraction:
                 count, clips = frames.shape[0], self.config.frames_per_clip
                 clip_batch = torch.from_numpy(frames.reshape(-1, clips, *frames.shape[2:]))
                 for modality in self.frame_modalities:
+                    self._show(now=modality)
                     embedded = self.extractors[modality].embed(clip_batch)
                     # fs1000: several clips per window, averaged into the window's row
                     per_segment = embedded.reshape(count, -1, embedded.shape[-1]).mean(dim=1)
@@ -438,6 +497,7 @@ class _Extraction:
             with_audio = [c for c in chunks if c.audio is not None]
             for modality in self.audio_modalities:
                 if with_audio:
+                    self._show(now=modality)
                     windows = [w for c in with_audio for w in c.audio]
                     embedded = self.extractors[modality].embed(windows)
                     self._scatter(with_audio, modality, embedded.numpy())
@@ -445,7 +505,7 @@ class _Extraction:
             for chunk in chunks:
                 self._fail(chunk.job, f"backbone error: {type(exc).__name__}: {str(exc)[:200]}")
             return
-        self.bar.update(sum(c.size for c in chunks))
+        self._tick(chunks)
         for job in {id(c.job): c.job for c in chunks}.values():
             self._maybe_finish(job)
 
@@ -505,11 +565,20 @@ class _Extraction:
     def _close(self, job: _VideoJob) -> None:
         self.summary.records.append(job.record)
         self.claims.release(job.source.video_id)
-        self.bar.set_postfix(
-            videos=f"{len(self.summary.records)}/{self.videos_total}",
-            failed=len(self.summary.failed),
-            refresh=False,
-        )
+        self._settle(job.source.video_id, done=job.record.status == DONE)
+        self.postfix.update(videos=f"{len(self.summary.records)}/{self.videos_total}", failed=len(self.summary.failed))
+        self.bar.set_postfix(self.postfix, refresh=False)
+
+
+def _terminal():
+    """A stream on a copy of file descriptor 2, so the bar stays visible while decoder messages are caught
+    (extractors.decode.decoder_messages); sys.stderr itself when it is not the process's descriptor 2."""
+    try:
+        if sys.stderr.fileno() == 2:
+            return os.fdopen(os.dup(2), "w", buffering=1)
+    except (AttributeError, OSError, ValueError):
+        pass
+    return sys.stderr
 
 
 def _split(chunk: _Chunk, size: int) -> tuple[_Chunk, _Chunk]:

@@ -60,6 +60,7 @@ class ImportedSet:
     labels: dict[str, Path] = field(default_factory=dict)  # target -> labels CSV
     num_videos: int = 0
     warnings: list[str] = field(default_factory=list)
+    source: Path | None = None  # the folder the features were read from
 
 
 # --------------------------------------------------------------------------- shared writing
@@ -205,19 +206,32 @@ def _find_label_dir(root: Path, labels_dir: Path | None) -> Path:
     raise FeatureImportError(f"train.txt and test.txt not found in {', '.join(map(str, candidates))}; pass --labels-dir")
 
 
+def find_pamfn_folder(root: Path) -> Path:
+    """ROOT if it holds the *_rgb_VST.npy dictionaries, else the one folder inside it that does: the
+    published downloads unpack as RG/RG-feature/ and Fis-V/Fis-feature/ beside train.txt / test.txt."""
+    if any(root.glob("*_rgb_VST.npy")):
+        return root
+    below = sorted({p.parent for p in root.glob("*/*_rgb_VST.npy")})
+    if len(below) > 1:
+        raise FeatureImportError(f"{root}: several folders hold *_rgb_VST.npy dictionaries "
+                                 f"({', '.join(p.name for p in below)}); pass one of them as --root")
+    if not below:
+        raise FeatureImportError(f"{root} holds no *_rgb_VST.npy dictionaries (the PAMFN layout), nor does a "
+                                 "folder inside it (such as RG-feature/ or Fis-feature/)")
+    return below[0]
+
+
 def import_pamfn(
     root: Path, out: Path, action: str | None = None, labels_dir: Path | None = None
 ) -> list[ImportedSet]:
-    """Import every RG apparatus / Fis-V dictionary found in ROOT (or only `action`)."""
-    root, out = Path(root).expanduser(), Path(out).expanduser()
+    """Import every RG apparatus / Fis-V dictionary found in ROOT or a folder inside it (or only `action`)."""
+    root, out = find_pamfn_folder(Path(root).expanduser()), Path(out).expanduser()
     names = sorted({p.name.split("_")[0] for p in root.glob("*_rgb_VST.npy")})
     if action is not None:
         matches = [n for n in names if n.lower() == action.lower()]
         if not matches:
             raise FeatureImportError(f"{root} has no {action}_rgb_VST.npy (found: {names or 'none'})")
         names = matches
-    if not names:
-        raise FeatureImportError(f"{root} holds no *_rgb_VST.npy dictionaries (the PAMFN layout)")
     label_dir = _find_label_dir(root, labels_dir)
     results = []
     for name in names:
@@ -239,7 +253,8 @@ def import_pamfn(
         dataset = "fisv" if name.upper() == FISV_NAME else "rg"
         description = {"format": "pamfn", "dataset": dataset, "subset": name, "protocol": "rg"}
         cache, warnings = _write_set(out, description, videos, source_of, PAMFN_BACKBONES)
-        result = ImportedSet(f"{dataset}/{name}" if dataset == "rg" else dataset, cache, num_videos=len(videos), warnings=warnings)
+        result = ImportedSet(f"{dataset}/{name}" if dataset == "rg" else dataset, cache, num_videos=len(videos),
+                             warnings=warnings, source=root)
 
         targets = {name: 3} if dataset == "rg" else {"TES": 1, "PCS": 2}
         width = 4 if dataset == "rg" else 3

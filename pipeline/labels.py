@@ -7,7 +7,10 @@ header), all of them at once, so a user fixes the file in one pass.
 
 from __future__ import annotations
 
+import codecs
 import csv
+import difflib
+import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,62 +54,82 @@ def _raise_all(path: Path, problems: list[str]) -> None:
     raise LabelError(f"{path}: {len(problems)} problem(s):\n{text}")
 
 
-def read_labels(path: str | Path) -> Labels:
-    """Parse and check a labels CSV: header, ids, numeric finite scores, no duplicates, valid splits."""
-    path = Path(path).expanduser()
+def _read_text(path: Path) -> str:
+    """The file as text, or a LabelError naming it: missing, a folder, binary (a video?), UTF-16, not UTF-8."""
     try:
-        handle = path.open(newline="", encoding="utf-8-sig")
+        data = path.read_bytes()
     except OSError as exc:
         raise LabelError(f"cannot read labels file {path}: {exc.strerror}") from None
-    with handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        if header is None:
-            raise LabelError(f"{path} is empty; expected a header line `video_id,score[,split]`")
-        header = [h.strip() for h in header]
-        missing = [c for c in REQUIRED_COLUMNS if c not in header]
-        if missing:
-            raise LabelError(
-                f"{path} line 1: header {','.join(header)!r} lacks column(s) {missing}; "
-                "expected `video_id,score` and optionally `split`"
-            )
-        index = {name: header.index(name) for name in header}
-        has_split = "split" in index
-        scores: dict[str, float] = {}
-        lines: dict[str, int] = {}
-        splits: dict[str, str] = {}
-        problems: list[str] = []
-        for row in reader:
-            line = reader.line_num
-            if not row or all(not cell.strip() for cell in row):
-                continue  # blank lines are harmless
-            if len(row) < len(header):
-                problems.append(f"line {line}: {len(row)} field(s), the header has {len(header)}")
-                continue
-            video_id = row[index["video_id"]].strip()
-            text = row[index["score"]].strip()
-            if not video_id:
-                problems.append(f"line {line}: empty video_id")
-                continue
-            try:
-                score = float(text)
-            except ValueError:
-                problems.append(f"line {line}: score {text!r} of {video_id!r} is not a number")
-                continue
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise LabelError(f"{path} is UTF-16 text (as some spreadsheet programs save it); save it as CSV in UTF-8")
+    if b"\x00" in data[:8192]:
+        raise LabelError(f"{path} is not a text file (binary content: a video or spreadsheet?); --labels takes "
+                         "a CSV file `video_id,score[,split]`")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise LabelError(f"{path} line {line}: byte {data[exc.start]:#04x} is not UTF-8; save the file as CSV "
+                         "in UTF-8") from None
+
+
+def read_labels(path: str | Path) -> Labels:
+    """Parse and check a labels CSV: header, ids, numeric finite scores, no duplicates, valid splits.
+
+    Every row is checked for every problem and all of them are reported together. Ids are kept exactly
+    as written (spaces included: a video file named " a .mp4" has the id " a ")."""
+    path = Path(path).expanduser()
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""))
+    header = next(reader, None)
+    if header is None:
+        raise LabelError(f"{path} is empty; expected a header line `video_id,score[,split]`")
+    header = [h.strip() for h in header]
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        raise LabelError(
+            f"{path} line 1: header {','.join(header)!r} lacks column(s) {missing}; "
+            "expected `video_id,score` and optionally `split`"
+        )
+    index = {name: header.index(name) for name in header}
+    has_split = "split" in index
+    scores: dict[str, float] = {}
+    lines: dict[str, int] = {}
+    first_seen: dict[str, int] = {}  # every id's first line, valid row or not, to find duplicates
+    splits: dict[str, str] = {}
+    problems: list[str] = []
+    for row in reader:
+        line = reader.line_num
+        if not row or all(not cell.strip() for cell in row):
+            continue  # blank lines are harmless
+        if len(row) != len(header):
+            hint = " (a decimal comma? write 7.5, not 7,5, or quote the field)" if len(row) > len(header) else ""
+            problems.append(f"line {line}: {len(row)} field(s), the header has {len(header)}{hint}")
+            continue
+        video_id = row[index["video_id"]]
+        text = row[index["score"]].strip()
+        found = []
+        if not video_id.strip():
+            found.append(f"line {line}: empty video_id")
+        elif video_id in first_seen:
+            found.append(f"line {line}: duplicate video_id {video_id!r} (first on line {first_seen[video_id]})")
+        else:
+            first_seen[video_id] = line
+        try:
+            score = float(text)
             if not math.isfinite(score):
-                problems.append(f"line {line}: score {text!r} of {video_id!r} is not finite")
-                continue
-            if video_id in scores:
-                problems.append(f"line {line}: duplicate video_id {video_id!r} (first on line {lines[video_id]})")
-                continue
-            if has_split:
-                split = row[index["split"]].strip().lower()
-                if split not in SPLITS:
-                    problems.append(f"line {line}: split {split!r} of {video_id!r} is not one of {SPLITS}")
-                    continue
-                splits[video_id] = split
-            scores[video_id] = score
-            lines[video_id] = line
+                found.append(f"line {line}: score {text!r} of {video_id!r} is not finite")
+        except ValueError:
+            found.append(f"line {line}: score {text!r} of {video_id!r} is not a number")
+        split = row[index["split"]].strip().lower() if has_split else None
+        if has_split and split not in SPLITS:
+            found.append(f"line {line}: split {split!r} of {video_id!r} is not one of {SPLITS}")
+        if found:
+            problems += found
+            continue
+        if has_split:
+            splits[video_id] = split
+        scores[video_id] = score
+        lines[video_id] = line
     if problems:
         _raise_all(path, problems)
     if not scores:
@@ -135,21 +158,24 @@ def check_against_cache(
         record = records.get(video_id)
         where = f"line {labels.lines[video_id]}"
         if record is None:
-            problems.append(f"{where}: video {video_id!r} has no features in {cache.root}")
+            close = difflib.get_close_matches(video_id, [v for v in records if v not in labels.scores], n=1) or \
+                difflib.get_close_matches(video_id, list(records), n=1)
+            guess = f"; did you mean {close[0]!r}?" if close else ""
+            problems.append(f"{where}: video {video_id!r} has no features in {cache.root}{guess}")
         elif record.status != DONE:
             problems.append(f"{where}: video {video_id!r} failed extraction ({record.error or 'no reason recorded'})")
         elif not record.present_modalities():
             problems.append(f"{where}: video {video_id!r} has every modality missing in {cache.root}")
         else:
             present[video_id] = [m for m in cache.modalities if m in record.present_modalities()]
-    if problems:
-        _raise_all(labels.path, problems)
     if require_all_labelled:
         unlabelled = sorted(set(records) - set(labels.scores))
         if unlabelled:
-            shown = ", ".join(unlabelled[:MAX_LISTED]) + (" ..." if len(unlabelled) > MAX_LISTED else "")
-            raise LabelError(
-                f"{labels.path}: {len(unlabelled)} video(s) in the feature cache {cache.root} have no label "
-                f"({shown}). Label them, list held-out videos with split=test, or pass --ignore-unlabelled."
+            shown = ", ".join(map(repr, unlabelled[:MAX_LISTED])) + (" ..." if len(unlabelled) > MAX_LISTED else "")
+            problems.append(
+                f"{len(unlabelled)} video(s) in the feature cache {cache.root} have no label ({shown}). Label "
+                "them, list held-out videos with split=test, or pass --ignore-unlabelled."
             )
+    if problems:
+        _raise_all(labels.path, problems)
     return present

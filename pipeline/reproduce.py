@@ -42,9 +42,10 @@ from typing import Any, Callable
 import numpy as np
 from tqdm import tqdm
 
-from manifests.cache import CONFIG_NAME, CacheError, FeatureCache, atomic_write_bytes, atomic_write_json
+from manifests.cache import CONFIG_NAME, CacheError, FeatureCache, atomic_write_bytes
 from pipeline.labels import LabelError, read_labels
 from pipeline.metrics import fisher_z_mean, mean_mse
+from pipeline.provenance import headline, provenance
 from pipeline.presets import PRESETS, get_preset
 
 RUN_JSON, BEST_JSON, BEST_WEIGHTS = "run.json", "best.json", "best.safetensors"  # as pipeline.train writes them
@@ -387,9 +388,10 @@ def _show(cell: dict[str, Any], digits: int, total: int) -> str:
     return text + (f" (n={cell['seeds']})" if cell["seeds"] < total else "")
 
 
-def markdown_table(table: dict[str, Any], title: str) -> str:
+def markdown_table(table: dict[str, Any], title: str, made: dict[str, Any]) -> str:
+    """The table as Markdown under a title saying which features it rests on (random backbones first)."""
     settings = table["settings"]
-    lines = [f"## {title}", ""]
+    lines = [f"## {headline(title, made)}", ""]
     for metric, label, digits in (("rho", "Spearman rho", 3), ("mse", "MSE", 2)):
         lines.append(f"{label}, mean ± std over seeds")
         lines.append("")
@@ -403,21 +405,28 @@ def markdown_table(table: dict[str, Any], title: str) -> str:
     return "\n".join(lines)
 
 
-def write_table(out: Path, table: dict[str, Any], meta: dict[str, Any], title: str) -> list[Path]:
-    """OUT/table.csv (long form), table.json (everything), table.md, rho.png."""
+def write_table(
+    out: Path, table: dict[str, Any], meta: dict[str, Any], title: str, made: dict[str, dict[str, Any]]
+) -> list[Path]:
+    """OUT/table.csv (long form), table.json (everything), table.md, rho.png; all carry random_weights
+    and the config hash. `made`: pipeline.provenance of each row's features, by row name."""
     out = Path(out)
-    csv_lines = ["scope,name,setting,rho_mean,rho_std,mse_mean,mse_std,seeds_rho,seeds_mse"]
+    csv_lines = ["scope,name,setting,rho_mean,rho_std,mse_mean,mse_std,seeds_rho,seeds_mse,random_weights,config_hash"]
     plain = lambda v: "" if math.isnan(v) else repr(v)  # noqa: E731
     for row in table["rows"]:
+        origin = made[row["name"]]
         for setting in table["settings"]:
             rho, error = row["settings"][setting]["rho"], row["settings"][setting]["mse"]
             csv_lines.append(",".join([row["scope"], f'"{row["name"]}"', f'"{setting}"', plain(rho["mean"]), plain(rho["std"]),
-                                       plain(error["mean"]), plain(error["std"]), str(rho["seeds"]), str(error["seeds"])]))
+                                       plain(error["mean"]), plain(error["std"]), str(rho["seeds"]), str(error["seeds"]),
+                                       str(origin["random_weights"]), origin["config_hash"]]))
+    overall = made[table["rows"][-1]["name"]]  # the dataset row: every action's features
     paths = [out / "table.csv", out / "table.json", out / "table.md", out / "rho.png"]
     atomic_write_bytes(paths[0], ("\n".join(csv_lines) + "\n").encode())
-    atomic_write_json(paths[1], _json_safe({**meta, **table}))
-    atomic_write_bytes(paths[2], (markdown_table(table, title) + "\n").encode())
-    plot_rho(paths[3], table, title)
+    payload = {"note": headline(title, overall), **overall, **meta, **table}
+    atomic_write_bytes(paths[1], (json.dumps(_json_safe(payload), indent=2) + "\n").encode())  # unsorted: the note first
+    atomic_write_bytes(paths[2], (markdown_table(table, title, overall) + "\n").encode())
+    plot_rho(paths[3], table, title, overall)
     return paths
 
 
@@ -431,12 +440,14 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def plot_rho(path: Path, table: dict[str, Any], title: str) -> None:
+def plot_rho(path: Path, table: dict[str, Any], title: str, made: dict[str, Any]) -> None:
     """Bars of rho per setting, one colour per action and one for the dataset, std as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from pipeline.evaluate import save_figure
 
     settings, rows = table["settings"], table["rows"]
     width = 0.8 / len(rows)
@@ -450,11 +461,14 @@ def plot_rho(path: Path, table: dict[str, Any], title: str) -> None:
     ax.set_xticks(np.arange(len(settings)), settings, fontsize=8)
     ax.set_ylabel("Spearman rho (mean ± std over seeds)", fontsize=8)
     ax.axhline(0, color="grey", linewidth=0.6)
-    ax.set_title(title, fontsize=9)
+    if made["random_weights"]:
+        ax.set_title(f"RANDOM-WEIGHT BACKBONES (features {made['config_hash']}): not a result\n{title}",
+                     fontsize=9, color="red")
+    else:
+        ax.set_title(f"{title} (features {made['config_hash']})", fontsize=9)
     ax.legend(fontsize=7, ncol=min(4, len(rows)), loc="lower right")
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    save_figure(path, figure, headline(title, made))
     plt.close(figure)
 
 
@@ -466,6 +480,11 @@ class ReproduceResult:
     outcomes: list[dict[str, Any]]
     table: dict[str, Any]
     paths: list[Path] = field(default_factory=list)
+    title: str = ""
+    made: dict[str, Any] = field(default_factory=dict)  # pipeline.provenance of all the features
+
+    def markdown(self) -> str:
+        return markdown_table(self.table, self.title, self.made)
 
     @property
     def failed(self) -> list[dict[str, Any]]:
@@ -508,11 +527,14 @@ def reproduce(
     order = {(s.action, s.seed): i for i, s in enumerate(specs)}
     outcomes.sort(key=lambda o: order[(o["action"], o["seed"])])
     table = aggregate(outcomes, [i.action for i in inputs], preset)
+    made = {i.action: provenance(FeatureCache(i.features).read_config()) for i in inputs}
+    made[table["rows"][-1]["name"]] = provenance([FeatureCache(i.features).read_config() for i in inputs])
     meta = {
         "preset": preset, "model": model, "seeds": list(seeds), "actions": [i.action for i in inputs],
-        "inputs": [{"action": i.action, "features": str(i.features), "labels": str(i.labels)} for i in inputs],
+        "inputs": [{"action": i.action, "features": str(i.features), "labels": str(i.labels), **made[i.action]}
+                   for i in inputs],
         "runs": [{k: o.get(k) for k in ("action", "seed", "run_dir", "status", "error", "table")} for o in outcomes],
     }
     title = f"{preset} with {model}: {len(seeds)} seed(s), test split"
-    paths = write_table(Path(out).expanduser(), table, meta, title)
-    return ReproduceResult(outcomes, table, paths)
+    paths = write_table(Path(out).expanduser(), table, meta, title, made)
+    return ReproduceResult(outcomes, table, paths, title, made[table["rows"][-1]["name"]])

@@ -7,6 +7,7 @@ fingerprint, in the run's own training cache or in the score cache) is not extra
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,10 +16,11 @@ import torch
 
 from extractors.base import WeightsSource, build_extractors
 from extractors.config import ExtractionConfig
-from manifests.cache import DONE, CacheError, FeatureCache, VideoRecord, atomic_write_bytes, atomic_write_json
+from manifests.cache import DONE, CacheError, FeatureCache, VideoRecord, atomic_write_bytes
 from pipeline.data import Sample
 from pipeline.extract import VIDEO_EXTENSIONS, VideoSource, extract_videos, file_fingerprint, prepare_cache
 from pipeline.evaluate import Run, RunError, load_run
+from pipeline.provenance import headline, provenance
 
 
 class ScoreError(RuntimeError):
@@ -34,11 +36,15 @@ class ClipScore:
     grade_weights: list[float] | None = None
     error: str | None = None
     video_id: str | None = None
+    random_weights: bool | None = None  # of the backbones behind the run's features (pipeline.provenance)
+    config_hash: str | None = None
 
     def row(self) -> dict:
         return {
             "clip": self.clip,
             "score": None if self.score is None else round(self.score, 4),
+            "random_weights": self.random_weights,
+            "config_hash": self.config_hash,
             "present": ",".join(self.present),
             "imputed": ",".join(self.imputed),
             "grade_weights": None if self.grade_weights is None else [round(w, 4) for w in self.grade_weights],
@@ -109,7 +115,8 @@ def score_clips(
             lookup.append(run.open_features())
         except (CacheError, RunError, OSError):
             pass  # the training cache moved or is gone: only reuse is lost
-    results = [ClipScore(clip=str(clip)) for clip in clips]
+    made = provenance(run.extraction_config)
+    results = [ClipScore(clip=str(clip), **made) for clip in clips]
     known = _fingerprint_index(lookup + ([target] if (target.root / "config.json").is_file() else []))
 
     to_extract: list[VideoSource] = []
@@ -127,7 +134,7 @@ def score_clips(
             located[index] = (target, queued[fingerprint])
         else:
             video_id = queued[fingerprint] = f"{clip.stem}-{fingerprint[:8]}"
-            to_extract.append(VideoSource(video_id, clip))
+            to_extract.append(VideoSource(video_id, clip.absolute()))  # the manifest records absolute paths
             located[index] = (target, video_id)
 
     if to_extract:
@@ -161,11 +168,23 @@ def score_clips(
     return results
 
 
-def write_scores(path: Path, results: list[ClipScore]) -> None:
-    """CSV or JSON by extension, atomically; grade weights as one column per grade in CSV."""
+def scores_headline(results: list[ClipScore], run_dir: Path) -> str:
+    """The line above a score table: which run, which features, random backbones above all."""
+    return headline(f"scores of run {run_dir}", {"random_weights": results[0].random_weights,
+                                                  "config_hash": results[0].config_hash})
+
+
+def write_scores(path: Path, results: list[ClipScore], run_dir: Path) -> None:
+    """CSV or JSON by extension, atomically; grade weights as one column per grade in CSV.
+
+    Every CSV row carries random_weights and config_hash; the JSON file is
+    {"note", "run", "random_weights", "config_hash", "scores": [rows]}."""
     rows = [r.row() for r in results]
     if path.suffix.lower() == ".json":
-        atomic_write_json(path, rows)
+        made = {k: rows[0][k] for k in ("random_weights", "config_hash")}
+        payload = {"note": scores_headline(results, run_dir), "run": str(Path(run_dir).absolute()),
+                   **made, "scores": [{k: v for k, v in r.items() if k not in made} for r in rows]}
+        atomic_write_bytes(path, (json.dumps(payload, indent=2) + "\n").encode())  # unsorted: the note first
         return
     flat = []
     for row in rows:

@@ -168,3 +168,19 @@ def test_cli_import_features(tmp_path, fs1000_root, capsys):
     config = json.loads(next((tmp_path / "c").glob("*/config.json")).read_text())
     assert config["dataset"] == "fs1000"
     assert main(["import-features", "--format", "pamfn", "--root", str(root), "--out", str(tmp_path / "d")]) == 2
+
+
+def test_pamfn_finds_the_feature_folder_inside_the_download(tmp_path, rg_root, capsys):
+    features, _ = rg_root
+    dataset = features.parent  # RG/ holding RG-feature/ and train.txt, as the MCMoE README has users download it
+    assert main(["import-features", "--format", "pamfn", "--root", str(dataset), "--out", str(tmp_path / "cache"),
+                 "--action", "Ball"]) == 0
+    out = capsys.readouterr().out
+    assert f"features read from {features} (found in --root {dataset})" in out
+    assert FeatureCache.open(tmp_path / "cache").read_record("Ball_0").status == DONE
+    (dataset / "Fis-feature").mkdir()
+    (dataset / "Fis-feature" / "FISV_rgb_VST.npy").write_bytes(b"")
+    with pytest.raises(FeatureImportError, match="several folders .*Fis-feature, RG-feature.*pass one of them as --root"):
+        import_pamfn(dataset, tmp_path / "other")
+    with pytest.raises(FeatureImportError, match="nor does a folder inside it .*RG-feature/"):
+        import_pamfn(tmp_path / "cache", tmp_path / "other")

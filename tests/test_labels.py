@@ -102,6 +102,54 @@ def test_ids_without_features_name_their_lines(tmp_path, small_cache):
 def test_features_without_labels_is_an_error_unless_ignored(tmp_path, small_cache):
     scores = {k: v for k, v in small_cache.scores.items() if k not in ("vid003", "vid004")}
     labels = read_labels(write_labels(tmp_path / "l.csv", scores))
-    with pytest.raises(LabelError, match=r"2 video\(s\) in the feature cache .* have no label \(vid003, vid004\)"):
+    with pytest.raises(LabelError, match=r"2 video\(s\) in the feature cache .* have no label \('vid003', 'vid004'\)"):
         check_against_cache(labels, small_cache.cache)
     assert set(check_against_cache(labels, small_cache.cache, require_all_labelled=False)) == set(scores)
+
+
+def test_one_pass_finds_every_problem_of_a_row(tmp_path):
+    # a bad score does not hide the duplicate id of the same row, nor its bad split
+    path = write(tmp_path, "video_id,score,split\nvid1,7,train\nvid1,seven,later\n")
+    with pytest.raises(LabelError) as caught:
+        read_labels(path)
+    message = str(caught.value)
+    assert "3 problem(s)" in message
+    for expected in ("line 3: duplicate video_id 'vid1' (first on line 2)", "line 3: score 'seven'", "line 3: split 'later'"):
+        assert expected in message
+
+
+def test_problems_are_capped_with_a_count(tmp_path):
+    rows = "".join(f"v{i},x\n" for i in range(25))
+    with pytest.raises(LabelError) as caught:
+        read_labels(write(tmp_path, "video_id,score\n" + rows))
+    message = str(caught.value)
+    assert "25 problem(s)" in message and "... and 15 more" in message and "line 26" not in message
+
+
+def test_more_fields_than_the_header_is_an_error_naming_the_line(tmp_path):
+    with pytest.raises(LabelError, match=r"line 3: 3 field\(s\), the header has 2 \(a decimal comma\?"):
+        read_labels(write(tmp_path, "video_id,score\nvid001,7.5\nvid003,7,5\n"))
+
+
+def test_ids_are_kept_exactly_spaces_included(tmp_path, small_cache):
+    labels = read_labels(write(tmp_path, 'video_id,score\n" space ",3\nvid002 ,4\n'))
+    assert labels.video_ids == [" space ", "vid002 "]
+
+
+def test_unknown_id_gets_the_closest_known_one(tmp_path, small_cache):
+    labels = read_labels(write(tmp_path, "video_id,score\nvid000,1\nvid01,2\n"))
+    with pytest.raises(LabelError, match=r"line 3: video 'vid01' has no features .*; did you mean 'vid001'\?"):
+        check_against_cache(labels, small_cache.cache, require_all_labelled=False)
+
+
+def test_undecodable_files_are_named(tmp_path, clip_folder):
+    utf16 = tmp_path / "excel.csv"
+    utf16.write_text("video_id,score\nvid000,1\n", encoding="utf-16")
+    with pytest.raises(LabelError, match=rf"{utf16} is UTF-16 text"):
+        read_labels(utf16)
+    with pytest.raises(LabelError, match=r"good.mp4 is not a text file \(binary content: a video"):
+        read_labels(clip_folder / "good.mp4")
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("video_id,score\nvid000,1\nvid\xe9,2\n".encode("latin-1"))
+    with pytest.raises(LabelError, match=rf"{latin} line 3: byte 0xe9 is not UTF-8"):
+        read_labels(latin)

@@ -187,3 +187,12 @@ def test_a_run_whose_base_llm_is_gone_is_a_usage_error(synthetic_run, synthetic,
     assert str(gone) in capsys.readouterr().err
     assert main(["score", str(tmp_path / "clip.mp4"), "--run", str(moved), "--device", "cpu", "--quiet"]) == 2
     assert str(gone) in capsys.readouterr().err
+
+
+def test_evaluate_keeps_library_noise_off_the_terminal(synthetic, synthetic_run, capfd):
+    """transformers' loading bar and the peft/transformers FutureWarning stay out of the output."""
+    _, labels = synthetic
+    assert main(["evaluate", "--run", str(synthetic_run), "--labels", str(labels), "--device", "cpu"]) == 0
+    captured = capfd.readouterr()
+    assert "Loading weights" not in captured.err and "Warning" not in captured.err
+    assert "{v,f,a}" in captured.out

@@ -40,7 +40,10 @@ def test_score_imputes_missing_audio_and_writes_csv(trained, capsys):
     assert code == 0
     table = capsys.readouterr().out
     assert "unseen.mp4" in table
+    assert table.startswith("RANDOM-WEIGHT BACKBONES: scores of run")  # the tiny backbones are random
     rows = pd.read_csv(out_csv)
+    config_hash = FeatureCache.open(root / "cache").config_hash
+    assert bool(rows.loc[0, "random_weights"]) is True and rows.loc[0, "config_hash"] == config_hash
     assert rows.loc[0, "present"] == "rgb,flow" and rows.loc[0, "imputed"] == "audio"
     assert 0 <= rows.loc[0, "score"]
     grade_columns = [c for c in rows.columns if c.startswith("grade_")]
@@ -58,7 +61,10 @@ def test_score_reuses_training_features_and_reports_bad_clips(trained, capsys, t
     code = main(["score", str(root / "videos" / "clip07.mp4"), str(broken), "--run", str(root / "run"),
                  "--out", str(out_json), "--device", "cpu", "--quiet"])
     assert code == 1  # one clip failed, the other was still scored
-    rows = json.loads(out_json.read_text())
+    written = json.loads(out_json.read_text())
+    assert written["note"].startswith("RANDOM-WEIGHT BACKBONES") and written["random_weights"] is True
+    assert written["config_hash"] == FeatureCache.open(root / "cache").config_hash
+    rows = written["scores"]
     assert rows[0]["score"] is not None and rows[0]["error"] is None and len(rows[0]["grade_weights"]) == 4
     assert rows[1]["score"] is None and "cannot decode video" in rows[1]["error"]
     # clip07 was found in the training cache by its fingerprint: only the broken clip was extracted

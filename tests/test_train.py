@@ -344,7 +344,7 @@ def test_cli_train_then_evaluate(tmp_path, small):
     result = json.loads((tmp_path / "table.json").read_text())
     assert result["test_used_for_selection"] is False and result["num_videos"] == 3
     assert [row["setting"] for row in result["table"]][-2:] == ["Average", "{v,f,a}"]
-    assert (tmp_path / "table.csv").read_text().splitlines()[0] == "setting,rho,mse,n"
+    assert (tmp_path / "table.csv").read_text().splitlines()[0] == "setting,rho,mse,n,random_weights,config_hash"
     assert len((tmp_path / "table.predictions.csv").read_text().splitlines()) == 4
     assert main(["train", "--out", str(run_dir), "--resume", "--lr", "0.5", "--quiet"]) == 2  # differs from the run
 
