@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_extract import device_name, git_commit  # noqa: E402
 from pipeline.cli import main as pipeline_main  # noqa: E402
 from pipeline.devices import resolve_device  # noqa: E402
-from pipeline.samples import ClipSpec, sample_set, score_of, write_clip  # noqa: E402
+from pipeline.samples import ClipSpec, sample_set, write_clip  # noqa: E402
 from pipeline.score import score_clips  # noqa: E402
 
 
@@ -34,7 +34,7 @@ def build_run(work: Path, arch_size: str, device: str) -> Path:
     rows = ["video_id,score"]
     for spec in sample_set(8, seed=5):
         write_clip(spec, videos / f"{spec.name}.mp4")
-        rows.append(f"{spec.name},{score_of(spec.quality)}")
+        rows.append(f"{spec.name},{spec.label}")
     (work / "labels.csv").write_text("\n".join(rows) + "\n")
     common = ["--device", device, "--quiet"]
     assert pipeline_main(["extract", "--videos", str(videos), "--out", str(work / "cache"), "--backbones", "random",

@@ -204,6 +204,10 @@ def draw_training_masks(present: torch.Tensor, policy: str, generator: torch.Gen
 # --------------------------------------------------------------------------- splits and simulated missingness
 
 
+# Fewer validation videos than this make the choice of checkpoint close to a coin toss; train says so.
+FEW_VALIDATION_VIDEOS = 5
+
+
 def split_train_val(video_ids: Sequence[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """A seeded random validation split: round(n * fraction) videos (at least 1 when fraction > 0)."""
     if not 0.0 <= fraction < 1.0:

@@ -336,6 +336,24 @@ class Run:
                                 self.score_range, self.device, batch_size)
 
 
+def describe_checkpoint(run: Run) -> str:
+    """Which epoch a run's weights come from and how that epoch was chosen, e.g. "epoch 3 of 410
+    (stopped early, after epoch 5), chosen on 28 validation videos (val rho 0.812)"."""
+    best, splits = run.best, run.info.get("splits", {})
+    planned, done = best.get("epochs_planned"), best.get("epochs_done")
+    text = f"epoch {best.get('epoch')}" + (f" of {planned}" if planned else "")
+    if planned and done is not None and done < planned:
+        text += f" (stopped early, after epoch {done})"
+    validation = len(splits.get("val", []))
+    if not validation:
+        return f"{text}, the last epoch (no validation split)"
+    rho = best.get("val_rho")
+    text += f", chosen on {validation} validation videos (val rho {'undefined' if rho is None else f'{rho:.3f}'})"
+    if validation < data.FEW_VALIDATION_VIDEOS:
+        text += f"; with only {validation}, that choice is close to a coin toss"
+    return text
+
+
 def describe_features(config: dict[str, Any]) -> str:
     """One line naming a feature configuration: hash, protocol, backbones, weights."""
     extraction = config.get("extraction") or {}

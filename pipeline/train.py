@@ -337,6 +337,9 @@ def prepare_data(config: TrainConfig, log: Callable[[str], None]) -> TrainData:
         raise LabelError(f"{labels.path}: {len(train_ids)} training video(s); at least 2 are needed")
     if not val_ids:
         log("warning: no validation split (--val-fraction 0): the last epoch is kept, nothing is selected")
+    elif len(val_ids) < data.FEW_VALIDATION_VIDEOS:
+        log(f"warning: only {len(val_ids)} validation videos: the epoch chosen on so few is close to a coin toss; "
+            "give more (--val-fraction, or more split=val rows)")
 
     unknown = sorted(set(config.train_missing) - set(modalities))
     if unknown:
@@ -526,6 +529,9 @@ def _run_info(config: TrainConfig, preset: Preset | None, bundle: TrainData, cou
         "labels": str(Path(config.labels).expanduser().resolve()),
         "selection": SELECTION if bundle.val else "no validation split: the last epoch",
         "selected_on": "validation" if bundle.val else "none (last epoch)",
+        "validation_videos": len(bundle.val),
+        "selection_note": (f"only {len(bundle.val)} validation videos: the chosen epoch is close to a coin toss"
+                           if 0 < len(bundle.val) < data.FEW_VALIDATION_VIDEOS else None),
         "splits": {
             "train": [s.video_id for s in bundle.train],
             "val": [s.video_id for s in bundle.val],
@@ -693,7 +699,9 @@ def train(
         if not bundle.val or _is_better(row["val_rho"], row["val_mse"], best):
             best = {"epoch": epoch + 1, "val_rho": _finite_or_none(row["val_rho"]), "val_mse": _finite_or_none(row["val_mse"])}
             save_tensors(run_dir / BEST_WEIGHTS, model_state(model), {"best": best, "model": config.model})
-            atomic_write_json(run_dir / BEST_JSON, {**best, "selection": info["selection"]})
+        # every epoch, so a run stopped early says how far it got ("epoch 3 of 410, stopped after 5")
+        progress_note = {"epochs_done": epoch + 1, "epochs_planned": config.epochs}
+        atomic_write_json(run_dir / BEST_JSON, {**best, "selection": info["selection"], **progress_note})
         save_resume_state(run_dir, model, optimizer, generator, epoch + 1, best)
         _write_log(run_dir / LOG_CSV, rows)
         epochs_run += 1
@@ -705,7 +713,8 @@ def train(
         weights, _ = load_tensors(run_dir / BEST_WEIGHTS)
         load_model_state(model, weights)
         evaluation = evaluate_samples(model, bundle.val, *sizes, bundle.score_range, torch_device, config.batch_size)
-        atomic_write_json(run_dir / BEST_JSON, {**best, "selection": info["selection"], "val_settings": evaluation.to_dict()})
+        atomic_write_json(run_dir / BEST_JSON, {**best, "selection": info["selection"], "epochs_done": config.epochs,
+                                                "epochs_planned": config.epochs, "val_settings": evaluation.to_dict()})
     shown = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     log(f"done: best epoch {best['epoch']}"
         + (f" (val rho {shown(best['val_rho'])}, val MSE {shown(best['val_mse'])})" if bundle.val else "")

@@ -104,9 +104,11 @@ def test_score_usage_errors(trained, tmp_path, capsys):
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--clips", "6", "--epochs", "1", "--device", "cpu", "--quiet"]) == 0
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--train-clips", "4", "--val-clips", "2", "--test-clips", "3",
+                 "--steps", "2", "--device", "cpu", "--quiet"]) == 0
     out = capsys.readouterr()
     assert "RANDOM WEIGHTS" in out.err and "Demo finished" in out.out
-    assert (tmp_path / "demo" / "scores.csv").is_file() and (tmp_path / "demo" / "test_predictions.png").is_file()
+    assert "MCMoE rho" in out.out and "Baseline rho" in out.out  # the side-by-side table
+    assert (tmp_path / "demo" / "scores.csv").is_file() and (tmp_path / "demo" / "comparison" / "test.png").is_file()
     scores = pd.read_csv(tmp_path / "demo" / "scores.csv")
     assert scores.loc[0, "imputed"] == "audio"

@@ -1,0 +1,57 @@
+"""How long `pipeline demo` takes from a warm environment, stage by stage, and what it reports.
+
+    python benchmarks/bench_demo.py --device cpu --json benchmarks/results/demo_cpu.json
+
+Runs the demo with its default settings in a fresh folder (clips, extraction, both trainings,
+evaluation and scoring all included; Python start-up and imports counted too) and records each
+stage's wall time next to the held-out table it printed. Issue #10's target: at most 5 minutes on a
+2-core CPU.
+"""
+
+from __future__ import annotations
+
+import time
+
+STARTED = time.perf_counter()  # before the heavy imports: they are part of what a user waits for
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.demo import DemoSettings, run_demo  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    settings = DemoSettings()
+    with tempfile.TemporaryDirectory() as work:
+        result = run_demo(Path(work) / "demo", settings, device=args.device, progress=False)
+    total = time.perf_counter() - STARTED
+    evaluations = result.comparison.evaluations if result.comparison else {}
+    record = {
+        "command": " ".join(["python", *sys.argv]),
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "machine": f"{platform.machine()} CPU, {__import__('os').cpu_count()} cores, Python {platform.python_version()}",
+        "note": "random-weight tiny backbones on synthetic clips",
+        "exit_code": result.code,
+        "total_seconds": total,
+        "stage_seconds": result.seconds,
+        "settings": {k: v for k, v in vars(settings).items()},
+        "held_out_rho": {m: {s.name: s.rho for s in e.settings} | {"Average": e.average_rho} for m, e in evaluations.items()},
+    }
+    print(json.dumps(record, indent=2), file=sys.stderr)
+    if args.json:
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""The pipeline learns a score from video files, end to end: a reduced `pipeline demo`.
+
+Sample clips carry their score in what they show and sound like (pipeline/samples.py). They are
+decoded, cut into segments, run through the tiny random-weight backbones, cached, used to train MCMoE
+and its Baseline, and evaluated on held-out clips, all through the same code as `pipeline demo`. The
+tests fail when the signal is lost anywhere between pixels and score: features cached under the wrong
+video or shuffled (held-out rho falls to the flattened-clip level), audio windows shifted against the
+video segments (the alignment test), missing audio fed in as real zeros instead of imputed.
+
+Thresholds come from `python benchmarks/learning_spread.py --seeds 0 1 2 3` (four seeds of exactly
+this flow; figures in benchmarks/results/learning_spread.json). The suite runs seed 0. With 24 test
+clips, a model that learned nothing has rho 0 +- 0.21 (the flattened clips land there).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.cli import main
+from pipeline.samples import ClipSpec, write_clip
+from tests.conftest import TINY_EXTRACT_FLAGS
+from tests.learning import REDUCED_SEED, LearningRun, flat_clip_rho, run_reduced_demo
+
+# Lowest values over the four seeds: full set MCMoE 0.47, Baseline 0.37 (seed 0); flow alone 0.69;
+# flattened clips -0.23 to 0.26; drop from clips to flattened clips 0.36. MCMoE and the Baseline swap
+# places from seed to seed at this size.
+FULL_RHO_MIN = {"MCMoE": 0.35, "Baseline": 0.25}
+SINGLE_RHO_MIN = 0.4  # flow alone: a single modality carries part of the score
+FLAT_DROP_MIN = 0.2  # full set, the clips vs the same clips with every signal flattened
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory) -> LearningRun:
+    return run_reduced_demo(tmp_path_factory.mktemp("learning"), seed=REDUCED_SEED)
+
+
+@pytest.mark.parametrize("model", ["MCMoE", "Baseline"])
+def test_both_models_learn_the_score_from_video_files(learned, model):
+    assert learned.setting(model, "{v,f,a}").rho > FULL_RHO_MIN[model], learned.table
+    assert learned.setting(model, "{f}").rho > SINGLE_RHO_MIN, learned.table
+
+
+@pytest.mark.parametrize("model", ["MCMoE", "Baseline"])
+def test_the_score_comes_from_what_the_clips_show(learned, model):
+    """The same held-out clips rendered with every signal flattened: the learned rho is gone."""
+    with_signal = learned.setting(model, "{v,f,a}").rho
+    flattened = flat_clip_rho(learned, model)
+    assert with_signal - flattened > FLAT_DROP_MIN, (with_signal, flattened)
+
+
+def test_audio_windows_line_up_with_the_video_segments(tmp_path):
+    """Music from segment 2's first frame to segment 4's first frame: segments 0, 1 and 4, 5 hear the
+    same silence, 2 and 3 hear music. A window shifted by a few frames either way hears some music in
+    one of the silent pairs."""
+    frames, fps = 8, 25.0
+    segment_s = frames / fps
+    write_clip(ClipSpec("aligned", 0.6, seconds=2.0, fps=fps, seed=5, music_starts_s=2 * segment_s,
+                        music_ends_s=4 * segment_s), tmp_path / "videos" / "aligned.mp4")
+    assert main(["extract", "--videos", str(tmp_path / "videos"), "--out", str(tmp_path / "cache"),
+                 *TINY_EXTRACT_FLAGS]) == 0
+    (audio_file,) = (tmp_path / "cache").glob("*/videos/aligned/audio.npy")
+    audio = np.load(audio_file)
+    assert len(audio) == 6
+    onset = np.linalg.norm(audio[0] - audio[2])
+    for first, second in ((0, 1), (4, 5)):
+        assert np.linalg.norm(audio[first] - audio[second]) < 0.2 * onset, (first, second)
+
+
+def test_clips_without_audio_are_scored_with_audio_imputed(learned):
+    """`pipeline score` on held-out clips that have no audio track gives exactly the evaluation's
+    predictions with audio masked out and imputed by the generators (zeros fed in as real audio would not)."""
+    no_audio = [spec for spec in learned.test_specs if not spec.with_audio]
+    scores = learned.score_test_clips(no_audio)
+    for spec, result in zip(no_audio, scores):
+        assert result.imputed == ["audio"] and result.present == ["rgb", "flow"], result
+    predicted = np.array([r.score for r in scores])
+    masked = learned.predictions("MCMoE", "{v,f}", [s.name for s in no_audio])
+    np.testing.assert_allclose(predicted, masked, rtol=1e-5, atol=1e-4)
