@@ -395,3 +395,31 @@ def test_mcmoe_learns_and_beats_the_baseline_with_a_modality_missing(tmp_path):
         full_rho[name] = evaluation.settings[-1].rho
     assert val_rho["mcmoe"] > 0.5 and full_rho["mcmoe"] > 0.5, (val_rho, full_rho)
     assert pairs_rho["mcmoe"] > pairs_rho["baseline"] + 0.1, pairs_rho
+
+
+# --------------------------------------------------------------------------- how the checkpoint was chosen
+
+
+def test_checkpoint_description_says_how_far_training_got_and_how_much_validation_chose_it(tmp_path, small):
+    """12 videos at val fraction 0.25: 3 validation videos, too few to trust, and said so; a run stopped
+    after 1 of 4 epochs says so; a run with a validation split never claims it had none."""
+    from pipeline.evaluate import describe_checkpoint
+
+    made, labels = small
+    messages: list[str] = []
+    config = tiny_config(made, labels, tmp_path / "run", epochs=4)
+    train(config, progress=False, log=messages.append, stop_after_epochs=1)
+    assert any("only 3 validation videos" in m and "coin toss" in m for m in messages), messages
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["validation_videos"] == 3 and "coin toss" in info["selection_note"]
+    text = describe_checkpoint(load_run(tmp_path / "run", "cpu"))
+    assert text.startswith("epoch 1 of 4 (stopped early, after epoch 1), chosen on 3 validation videos"), text
+    assert "coin toss" in text and "no validation split" not in text
+
+    train(config, resume=True, **QUIET)
+    finished = describe_checkpoint(load_run(tmp_path / "run", "cpu"))
+    assert " of 4," in finished and "stopped early" not in finished, finished
+
+    config = tiny_config(made, labels, tmp_path / "no-val", epochs=1, val_fraction=0.0)
+    train(config, **QUIET)
+    assert describe_checkpoint(load_run(tmp_path / "no-val", "cpu")) == "epoch 1 of 1, the last epoch (no validation split)"
