@@ -13,7 +13,6 @@ well it scores real sports.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import sys
 import time
@@ -190,6 +189,7 @@ class Comparison:
 
 def compare_models(out: Path, labels: Path, device: str) -> Comparison:
     """Evaluate every demo model on the test rows of `labels`; write the side-by-side table and picture."""
+    from manifests.cache import atomic_write_json
     from pipeline import data
     from pipeline.evaluate import load_run
     from pipeline.labels import read_labels
@@ -224,11 +224,11 @@ def compare_models(out: Path, labels: Path, device: str) -> Comparison:
         writer = csv.DictWriter(handle, ["model", "metric", "setting", "value"])
         writer.writeheader()
         writer.writerows(records)
-    (folder / "test.json").write_text(json.dumps({
+    atomic_write_json(folder / "test.json", {
         "note": "RANDOM-weight backbones on synthetic demo clips: shows learning, no accuracy claim",
         "random_weights": True, "test_clips": test_ids, "models": provenance, "results": records,
         "labels": str(labels.resolve()),
-    }, indent=2) + "\n")
+    })
     plot_comparison(folder / "test.png", evaluations)
     return Comparison(table, folder / "test.csv", folder / "test.json", folder / "test.png", evaluations)
 
