@@ -118,6 +118,10 @@ class VideoFrames:
         flat = np.asarray(frame_indices).reshape(-1)
         try:
             frames = self._reader.get_batch(flat.tolist()).asnumpy()
+            # decord keeps decoding ahead of the last frame read, into memory, for as long as it is
+            # left alone (while the backbones run): over a long video that grows to the whole video.
+            # Seeking back to the first key frame stops it; the next batch seeks where it needs anyway.
+            self._reader.seek(0)
         except Exception as exc:
             raise DecodeError(
                 f"decode error in frames {int(flat.min())}-{int(flat.max())}: {_one_line(exc)}"
@@ -174,23 +178,41 @@ def plan_segments(
     return SegmentPlan(indices, clips, clip_frames, seg_start, seg_end, start_s, end_s)
 
 
-def load_audio(path: Path, sample_rate: int) -> np.ndarray | None:
-    """The whole audio track, mono float32 at `sample_rate`; None when the file has no audio track.
+def open_audio(path: Path, sample_rate: int):
+    """decord's AudioReader (mono, `sample_rate`) over the file; None when it has no audio track.
 
     A missing track is the "audio missing" case, not an error. Other decoding failures raise.
+    (decord decodes the whole track when it opens it: that is the one part of a video held whole.)
     """
     import decord
 
     try:
-        reader = decord.AudioReader(str(path), sample_rate=sample_rate, mono=True)
+        return decord.AudioReader(str(path), sample_rate=sample_rate, mono=True)
     except decord.DECORDError as exc:
         if "audio stream" in str(exc).lower():
             return None
         raise DecodeError(f"cannot decode audio: {_one_line(exc)}") from None
     except Exception as exc:
         raise DecodeError(f"cannot decode audio: {_one_line(exc)}") from None
-    samples = reader[:].asnumpy()
-    return np.ascontiguousarray(samples.reshape(-1), dtype=np.float32)
+
+
+def load_audio(path: Path, sample_rate: int) -> np.ndarray | None:
+    """The whole audio track, mono float32 at `sample_rate`; None when the file has no audio track."""
+    reader = open_audio(path, sample_rate)
+    if reader is None:
+        return None
+    return np.ascontiguousarray(reader[:].asnumpy().reshape(-1), dtype=np.float32)
+
+
+def window_span(start_s: float, end_s: float, sample_rate: int) -> tuple[int, int]:
+    """(first sample, nominal length round(duration * rate)) of the window covering [start_s, end_s)."""
+    return int(round(start_s * sample_rate)), int(round((end_s - start_s) * sample_rate))
+
+
+def cut_window(samples: np.ndarray, length: int) -> np.ndarray:
+    """A window's samples zero-padded to `length` (a track that ends early)."""
+    samples = np.ascontiguousarray(samples.reshape(-1), dtype=np.float32)
+    return np.pad(samples, (0, length - len(samples))) if len(samples) < length else samples
 
 
 def audio_windows(waveform: np.ndarray, plan: SegmentPlan, sample_rate: int) -> list[np.ndarray]:
@@ -201,10 +223,19 @@ def audio_windows(waveform: np.ndarray, plan: SegmentPlan, sample_rate: int) -> 
     """
     windows = []
     for start_s, end_s in zip(plan.start_s, plan.end_s):
-        first = int(round(start_s * sample_rate))
-        length = int(round((end_s - start_s) * sample_rate))
-        window = waveform[first : first + length]
-        if len(window) < length:
-            window = np.pad(window, (0, length - len(window)))
-        windows.append(window)
+        first, length = window_span(start_s, end_s, sample_rate)
+        windows.append(cut_window(waveform[first : first + length], length))
+    return windows
+
+
+def read_audio_windows(reader, plan: SegmentPlan, sample_rate: int, segments: range) -> list[np.ndarray]:
+    """`audio_windows` for some segments, sliced from an open AudioReader by sample index (the same
+    samples, without a second whole-track copy)."""
+    total = reader.shape[1]
+    windows = []
+    for index in segments:
+        first, length = window_span(plan.start_s[index], plan.end_s[index], sample_rate)
+        first_in, last_in = min(first, total), min(first + length, total)
+        part = reader[first_in:last_in].asnumpy() if last_in > first_in else np.zeros(0, np.float32)
+        windows.append(cut_window(part, length))
     return windows

@@ -21,7 +21,6 @@ everything done, as on one machine.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import socket
@@ -36,7 +35,8 @@ from tqdm import tqdm
 from extractors.base import BackboneUnavailableError, WeightsSource, build_extractors
 from extractors.config import ExtractionConfig
 from manifests.cache import CacheError, FeatureCache
-from pipeline.extract import Claims, ExtractSummary, VideoSource, extract_videos, prepare_cache
+from manifests.claims import Claims
+from pipeline.extract import ExtractSummary, VideoSource, extract_videos, prepare_cache
 from pipeline.ray_session import import_ray
 
 MAX_RESTARTS = 3  # per actor; a worker that keeps dying is given up and its share goes to the others
@@ -116,17 +116,9 @@ class RayExtractResult:
 
 
 def _release_claims(cache: FeatureCache, video_ids: list[str], owner: dict[str, Any]) -> None:
-    """Remove the claims a dead actor held, so its videos are redone now (a claim naming another
-    machine would otherwise be respected until someone deletes it)."""
-    claims = Claims(cache)
-    for video_id in video_ids:
-        path = claims._path(video_id)  # the claim file's name: the same rule extract uses
-        try:
-            holder = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if holder.get("host") == owner.get("host") and holder.get("pid") == owner.get("pid"):
-            path.unlink(missing_ok=True)
+    """Remove the claims a dead actor held, so its videos are redone now rather than once its
+    claims go stale (manifests/claims.py)."""
+    Claims(cache.root / "claims").release_for(video_ids, owner.get("host"), owner.get("pid"))
 
 
 def _batches(sources: list[VideoSource], size: int) -> list[list[VideoSource]]:
