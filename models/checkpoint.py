@@ -11,15 +11,14 @@ state_dict is saved and loaded strictly.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
-from manifests.cache import atomic_write_json, temporary_path
+from manifests.cache import atomic_write_bytes, atomic_write_json
 from models import REGISTRY, build_model
 
 MODEL_CONFIG_NAME = "model_config.json"
@@ -51,19 +50,10 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], pat
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> None:
-    """Atomic safetensors write; metadata values are stored as JSON strings."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Atomic safetensors write; metadata values are stored as JSON strings. The file gets the user's
+    umask like every other output (safetensors' save_file would create it 0600)."""
     header = {k: json.dumps(v) for k, v in (metadata or {}).items()}
-    tmp = temporary_path(path)  # created by save_file with the user's umask (mkstemp would make it 0600)
-    try:
-        save_file(tensors, tmp, metadata=header)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(Path(path), save(tensors, metadata=header))
 
 
 def load_tensors(path: Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

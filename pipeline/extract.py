@@ -509,7 +509,8 @@ class _Extraction:
 
     def _finish(self, job: _VideoJob) -> None:
         record, dtype = job.record, np.dtype(self.config.feature_dtype)
-        arrays = {m: job.features[m].astype(dtype) for m in job.features}
+        with np.errstate(over="ignore"):  # an overflow is reported below, as inf
+            arrays = {m: job.features[m].astype(dtype) for m in job.features}
         for modality, array in arrays.items():  # checked after the cast: float16 overflows to inf
             bad = ~np.isfinite(array).all(axis=1)
             if bad.any():
