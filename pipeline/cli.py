@@ -183,6 +183,7 @@ def _run_extract_ray(args: argparse.Namespace) -> int:
                 sources, args.out, config, device=args.device, workers=args.ray_workers,
                 weights=WeightsSource(weights_dir=args.weights_dir, offline=args.offline),
                 batch_segments=args.batch_segments, retry_failed=args.retry_failed, progress=not args.quiet,
+                verify=args.verify,
             )
     except (RaySetupError, WorkerSetupError) as exc:
         raise UsageError(str(exc)) from None

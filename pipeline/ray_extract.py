@@ -34,9 +34,9 @@ from tqdm import tqdm
 
 from extractors.base import BackboneUnavailableError, WeightsSource, build_extractors
 from extractors.config import ExtractionConfig
-from manifests.cache import CacheError, FeatureCache
+from manifests.cache import FAILED, CacheError, FeatureCache
 from manifests.claims import Claims
-from pipeline.extract import ExtractSummary, VideoSource, extract_videos, prepare_cache
+from pipeline.extract import ExtractSummary, VideoSource, cache_if_complete, extract_videos, prepare_cache
 from pipeline.ray_session import import_ray
 
 MAX_RESTARTS = 3  # per actor; a worker that keeps dying is given up and its share goes to the others
@@ -83,11 +83,11 @@ class ExtractionWorker:
     """The Ray actor: backbones built once in __init__, then `extract` on each batch it is given."""
 
     def __init__(self, config: dict[str, Any], out: str, device: str, weights: WeightsSource,
-                 threads: int, batch_segments: int, retry_failed: bool) -> None:
+                 threads: int, batch_segments: int, retry_failed: bool, verify: bool = False) -> None:
         if device == "cpu":
             torch.set_num_threads(threads)
         self.config = ExtractionConfig.from_dict(config)
-        self.batch_segments, self.retry_failed = batch_segments, retry_failed
+        self.batch_segments, self.retry_failed, self.verify = batch_segments, retry_failed, verify
         self.error: str | None = None
         try:
             self.extractors = build_extractors(self.config, torch.device(device), weights)
@@ -101,7 +101,8 @@ class ExtractionWorker:
 
     def extract(self, sources: list[VideoSource]) -> ExtractSummary:
         return extract_videos(sources, self.cache, self.extractors, self.config,
-                              batch_segments=self.batch_segments, retry_failed=self.retry_failed, progress=False)
+                              batch_segments=self.batch_segments, retry_failed=self.retry_failed, progress=False,
+                              verify=self.verify)
 
 
 @dataclass
@@ -142,6 +143,7 @@ def extract_on_ray(
     weights: WeightsSource = WeightsSource(),
     batch_segments: int = 8,
     retry_failed: bool = False,
+    verify: bool = False,
     videos_per_task: int | None = None,
     progress: bool = True,
     worker_class: type = ExtractionWorker,
@@ -154,6 +156,12 @@ def extract_on_ray(
     from ray.exceptions import RayActorError
 
     plan = plan_workers(ray.cluster_resources(), device, workers)
+    done = cache_if_complete(out, config, sources, retry_failed, verify)
+    if done is not None:  # nothing to do: no worker, no backbone
+        records = [done.read_record(s.video_id) for s in sources]
+        summary = ExtractSummary(records=[r for r in records if r.status == FAILED],
+                                 skipped=[r.video_id for r in records if r.status != FAILED])
+        return RayExtractResult(summary, done, plan)
     cache = FeatureCache(Path(out).expanduser() / config.config_hash())
     size = videos_per_task or max(1, min(MAX_VIDEOS_PER_TASK, len(sources) // (plan.workers * 4)))
     queue = deque(_batches(sources, size))
@@ -162,7 +170,7 @@ def extract_on_ray(
     )
     actors = [
         actor_cls.remote(config.to_dict(), str(Path(out).expanduser()), plan.device, weights, plan.threads,
-                         batch_segments, retry_failed)
+                         batch_segments, retry_failed, verify)
         for _ in range(plan.workers)
     ]
     result = RayExtractResult(ExtractSummary(), cache, plan)
