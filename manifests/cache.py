@@ -6,7 +6,8 @@ Layout (everything written atomically: temporary file + rename):
       <config-hash>/                   one folder per extraction configuration
         config.json                    the ExtractionConfig (or the importer's description) + extractors
         manifest.csv                   one row per video, rebuilt from the records below
-        videos/<video_id>/
+        videos/<video_id>/             (an id component that could name a file here, record.json,
+                                       *.npy, .* or %*, gets a leading '%': see video_dir_name)
           <modality>.npy               (T, C) float32/float16, loads with allow_pickle=False
           record.json                  the video's manifest row; written LAST, so a video without it
                                        (or whose record says otherwise) is redone, never trusted
@@ -23,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 import uuid
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -84,16 +84,12 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> None:
     _atomic_write(Path(path), lambda handle: np.save(handle, np.ascontiguousarray(array), allow_pickle=False))
 
 
-def remove_temporary_files(folder: Path, older_than: float = 0.0) -> int:
-    """Delete the temporary files an interrupted write left in `folder` (not recursive); the count.
-
-    older_than: only those not modified for that many seconds (when another process may be writing)."""
+def remove_temporary_files(folder: Path) -> int:
+    """Delete the temporary files interrupted writes left in `folder` (not recursive); the count.
+    Only for a folder the caller is the single writer of (a claimed video's, a locked run's)."""
     removed = 0
-    now = time.time()
     for path in Path(folder).glob(f".*{TMP_SUFFIX}"):
         try:
-            if older_than and now - path.stat().st_mtime < older_than:
-                continue
             path.unlink()
             removed += 1
         except OSError:
@@ -394,8 +390,10 @@ def check_array_file(path: Path, record: ModalityRecord, full: bool = False) -> 
     try:
         with open(path, "rb") as handle:
             version = np.lib.format.read_magic(handle)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, _, dtype = read_header(handle)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
+            else:
+                shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
             expected_size = handle.tell() + int(np.prod(shape)) * dtype.itemsize
         size = path.stat().st_size
     except FileNotFoundError:

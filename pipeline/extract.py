@@ -104,7 +104,7 @@ def file_fingerprint(path: Path) -> tuple[int, str]:
 
 def legacy_fingerprint(path: Path) -> str:
     """The fingerprint of records written before whole-file hashing: sha1 of the size and the first
-    and last MiB (it misses a same-size edit in the middle; such records are upgraded when checked)."""
+    and last MiB (it misses a same-size edit in the middle; such records keep it until re-extracted)."""
     size = path.stat().st_size
     digest = hashlib.sha1(str(size).encode())
     with open(path, "rb") as handle:
@@ -118,8 +118,9 @@ def legacy_fingerprint(path: Path) -> str:
 def same_file(record: VideoRecord, path: Path, rehash: bool = False) -> bool:
     """True when `path` is the file `record` was made from.
 
-    Size and mtime equal to the recorded ones stand for the recorded hash (nothing rewrites a file
-    keeping both); otherwise, or with `rehash`, the whole file is hashed again. Records from before
+    Size and mtime equal to the recorded ones stand for the recorded hash (only a tool that restores
+    mtimes could change a file keeping both); otherwise, or with `rehash` (`--verify`), the whole file
+    is hashed again. Records from before
     whole-file hashing are compared with their sampled fingerprint."""
     stat = path.stat()
     if record.size_bytes != stat.st_size or not record.fingerprint:
@@ -515,8 +516,8 @@ class _Extraction:
             bad = ~np.isfinite(array).all(axis=1)
             if bad.any():
                 where = np.flatnonzero(bad)
-                self._fail(job, f"{modality} features hold NaN/inf values in {len(where)} of {len(array)} "
-                                f"segments (first: segment {where[0]}); not saved", failed_modality=modality)
+                self._fail(job, f"NaN/inf values in {len(where)} of {len(array)} segments (first: segment "
+                                f"{where[0]}); not saved", failed_modality=modality)
                 return
         if not self.claims.still_held(record.video_id):
             # silent longer than the stale limit (a suspended process): another process took the video over
@@ -547,7 +548,7 @@ class _Extraction:
         job.failed = True
         record = job.record
         record.status, record.finished_at = FAILED, _now()
-        record.error = reason if failed_modality is None else f"{failed_modality}: {reason}"
+        record.error = reason if failed_modality is None else f"{failed_modality} features: {reason}"
         for modality, extractor in self.extractors.items():
             if failed_modality is not None and modality != failed_modality:
                 why = f"not saved: {failed_modality} failed"

@@ -163,7 +163,7 @@ def test_non_finite_features_fail_the_video_naming_the_modality(clip_folder, tmp
     cache, summary = extract(videos, tmp_path / "out", config, extractors, batch_segments=1)
     assert [r.video_id for r in summary.failed] == ["good"]
     record = cache.read_record("good")
-    assert record.status == "failed" and record.error.startswith("audio: audio features hold NaN/inf")
+    assert record.status == "failed" and record.error.startswith("audio features: NaN/inf values in 10 of 10 segments (first: segment 0)")
     assert record.modalities["audio"].status == "failed" and "not saved" in record.modalities["rgb"].reason
     assert not cache.feature_path("good", "audio").exists() and cache.read_record("wide").status == "done"
 
@@ -171,7 +171,7 @@ def test_non_finite_features_fail_the_video_naming_the_modality(clip_folder, tmp
     rgb = build_extractors(half, CPU, WeightsSource())
     rgb["rgb"].embed = lambda frames: torch.full((len(frames), rgb["rgb"].feature_dim), 1e6)  # > float16 max
     cache, summary = extract(videos, tmp_path / "half", half, rgb)
-    assert len(summary.failed) == 2 and all("rgb features hold NaN/inf" in r.error for r in summary.failed)
+    assert len(summary.failed) == 2 and all(r.error.startswith("rgb features: NaN/inf") for r in summary.failed)
 
 
 def test_features_do_not_depend_on_batching(clip_folder, tmp_path):
