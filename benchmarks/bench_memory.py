@@ -57,6 +57,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, nargs="+", default=[1, 10, 30])
     parser.add_argument("--frame-stride", type=int, default=4)
+    parser.add_argument("--modalities", default="rgb,flow,audio")
     parser.add_argument("--work", type=Path, help="folder for the clips and caches (default: a temporary one)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--commit", default=None, help="commit of the code measured (default: this tree's HEAD)")
@@ -72,7 +73,7 @@ def main() -> None:
         out = work / f"cache_{minutes:g}min"
         command = [sys.executable, "-m", "pipeline.cli", "extract", "--videos", str(videos), "--out", str(out),
                    "--backbones", "random", "--arch-size", "tiny", "--flow", "farneback", "--device", "cpu",
-                   "--frame-stride", str(args.frame_stride), "--quiet"]
+                   "--frame-stride", str(args.frame_stride), "--modalities", args.modalities, "--quiet"]
         code, peak, seconds, stderr = peak_rss_of(command, env)
         if code != 0:
             raise SystemExit(f"extract failed on the {minutes:g}-minute clip (exit {code}): {stderr}")
@@ -90,7 +91,7 @@ def main() -> None:
                    f"Python {platform.python_version()}",
         "command": " ".join(["python benchmarks/bench_memory.py", *sys.argv[1:]]),
         "extract_command": "pipeline extract --backbones random --arch-size tiny --flow farneback --device cpu "
-                           f"--frame-stride {args.frame_stride} (rgb, flow, audio; 32-frame segments)",
+                           f"--frame-stride {args.frame_stride} --modalities {args.modalities} (32-frame segments)",
         "clips": "320x240, 25 fps, H.264 + AAC 44.1 kHz, ffmpeg testsrc2 + sine",
         "commit": args.commit or git_commit(),
         "rows": rows,
