@@ -96,6 +96,7 @@ def main() -> None:
         "commit": args.commit or git_commit(),
         "rows": rows,
         "spread": round(spread, 4),
+        "note": "wall times depend on the machine's load; peak RSS does not",
         "flat_within_20_percent": spread <= 0.2,
     }
     if args.json:
