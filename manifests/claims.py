@@ -6,7 +6,8 @@ and when it was taken. It is created complete and atomically (written to a tempo
 hard-linked to its name, which fails if the name exists), so nobody ever reads a half-written one.
 
 The staleness rule (when a file may be taken over):
-- on the holder's own host: the pid is not running, or it runs but started at another time (reused);
+- on the holder's own host (and pid namespace): the pid is not running, or it runs but started at
+  another time (reused);
 - on any host: the holder refreshes the file's modification time every HEARTBEAT_S seconds while it
   works (a background thread); a file not refreshed for `stale_after` seconds (STALE_AFTER_S, 10
   minutes, by default) belongs to a process that is gone or hung: a killed container, a lost node;
@@ -46,10 +47,19 @@ def process_start_time(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]  # field 22 of proc(5), counted after the command name
 
 
+def pid_namespace() -> int | None:
+    """The inode of this process's pid namespace: two containers may share a host name, not this."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
 def this_process() -> dict[str, Any]:
     """Who the current process is, as an ownership file records it (a new token per call)."""
     return {
         "host": socket.gethostname(),
+        "pid_namespace": pid_namespace(),
         "pid": os.getpid(),
         "process_start": process_start_time(os.getpid()),
         "token": uuid.uuid4().hex,
@@ -78,7 +88,8 @@ def is_stale(path: Path, holder: dict[str, Any] | None, stale_after: float = STA
         age = time.time() - path.stat().st_mtime
     except FileNotFoundError:
         return True
-    if holder is not None and holder.get("host") == socket.gethostname():
+    same_namespace = holder is not None and holder.get("pid_namespace") in (None, pid_namespace())
+    if holder is not None and holder.get("host") == socket.gethostname() and same_namespace:
         try:
             pid = int(holder["pid"])
             os.kill(pid, 0)

@@ -47,6 +47,8 @@ def test_staleness_rule(tmp_path):
     write_claim(claims, "live", host=host, pid=os.getppid(), process_start=claims_module.process_start_time(os.getppid()))
     age(claims.path("live"), 10_000)
     assert not claims.acquire("live")  # a live process of this host is never taken over, however old
+    write_claim(claims, "namespace", host=host, pid=dead_pid(), pid_namespace=1)
+    assert not claims.acquire("namespace")  # same host name, another container's pids: the age rule
     write_claim(claims, "elsewhere", host="another-container", pid=1)
     assert not claims.acquire("elsewhere")  # another host, heartbeat fresh: respected
     age(claims.path("elsewhere"), 601)
