@@ -585,7 +585,10 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
     return stored["config"]
 
 
-def _train_locked(config, preset, resume, device, progress, stop_after_epochs, log, run_dir: Path) -> TrainResult:
+def _train_locked(
+    config: TrainConfig, preset: Preset | None, resume: bool, device: str, progress: bool,
+    stop_after_epochs: int | None, log: Callable[[str], None], run_dir: Path,
+) -> TrainResult:
     remove_temporary_files(run_dir)  # what a killed write left; we are the folder's only writer now
     if resume:
         if not (run_dir / RUN_JSON).is_file():
@@ -649,7 +652,11 @@ def _train_locked(config, preset, resume, device, progress, stop_after_epochs, l
             state = load_resume_state(folder, model, optimizer, generator)
             start_epoch, best = int(state["epoch"]), state["best"]
             log(f"resuming {run_dir} after epoch {start_epoch} of {config.epochs}")
-        rows = [r for r in _read_log(run_dir / LOG_CSV) if int(r["epoch"]) <= start_epoch]
+        try:
+            rows = [r for r in _read_log(run_dir / LOG_CSV) if int(r["epoch"]) <= start_epoch]
+        except (KeyError, ValueError, TypeError) as exc:
+            raise TrainError(f"{run_dir / LOG_CSV} is not a training log written by train ({exc}); "
+                             "move it away to continue without the earlier rows") from None
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run_dir / RUN_JSON, info)
