@@ -169,6 +169,10 @@ class VideoFrames:
         with decoder_messages() as messages:
             try:
                 frames, failure = self._reader.get_batch(flat.tolist()).asnumpy(), None
+                # decord keeps decoding ahead of the last frame read, into memory, for as long as it is
+                # left alone (while the backbones run): over a long video that grows to the whole video.
+                # Seeking back to the first key frame stops it; the next batch seeks where it needs anyway.
+                self._reader.seek(0)
             except Exception as exc:
                 failure = exc
         if failure is not None:
@@ -248,24 +252,55 @@ def plan_segments(
     return SegmentPlan(indices, clips, clip_frames, seg_start, seg_end, start_s, end_s)
 
 
-def load_audio(path: Path, sample_rate: int) -> np.ndarray | None:
-    """The whole audio track, mono float32 at `sample_rate`; None when the file has no audio track.
+def open_audio(path: Path, sample_rate: int):
+    """decord's AudioReader (mono, `sample_rate`) over the file; None when it has no audio track.
 
     A missing track is the "audio missing" case, not an error. Other decoding failures raise.
+    (decord decodes the whole track when it opens it: that is the one part of a video held whole.)
     """
     import decord
 
     with decoder_messages() as messages:
         try:
             reader, failure = decord.AudioReader(str(path), sample_rate=sample_rate, mono=True), None
-            samples = reader[:].asnumpy()
         except Exception as exc:
             failure = exc
     if failure is not None:
         if isinstance(failure, decord.DECORDError) and "audio stream" in str(failure).lower():
             return None
         raise DecodeError(f"cannot decode audio: {_one_line(failure, messages)}") from None
+    return reader
+
+
+def _read_samples(reader, span: slice) -> np.ndarray:
+    """The samples `span` of an open AudioReader, mono float32; decoder noise becomes the reason."""
+    with decoder_messages() as messages:
+        try:
+            samples, failure = reader[span].asnumpy(), None
+        except Exception as exc:
+            failure = exc
+    if failure is not None:
+        raise DecodeError(f"cannot decode audio: {_one_line(failure, messages)}") from None
     return np.ascontiguousarray(samples.reshape(-1), dtype=np.float32)
+
+
+def load_audio(path: Path, sample_rate: int) -> np.ndarray | None:
+    """The whole audio track, mono float32 at `sample_rate`; None when the file has no audio track."""
+    reader = open_audio(path, sample_rate)
+    if reader is None:
+        return None
+    return _read_samples(reader, slice(None))
+
+
+def window_span(start_s: float, end_s: float, sample_rate: int) -> tuple[int, int]:
+    """(first sample, nominal length round(duration * rate)) of the window covering [start_s, end_s)."""
+    return int(round(start_s * sample_rate)), int(round((end_s - start_s) * sample_rate))
+
+
+def cut_window(samples: np.ndarray, length: int) -> np.ndarray:
+    """A window's samples zero-padded to `length` (a track that ends early)."""
+    samples = np.ascontiguousarray(samples.reshape(-1), dtype=np.float32)
+    return np.pad(samples, (0, length - len(samples))) if len(samples) < length else samples
 
 
 def audio_windows(waveform: np.ndarray, plan: SegmentPlan, sample_rate: int) -> list[np.ndarray]:
@@ -276,10 +311,19 @@ def audio_windows(waveform: np.ndarray, plan: SegmentPlan, sample_rate: int) -> 
     """
     windows = []
     for start_s, end_s in zip(plan.start_s, plan.end_s):
-        first = int(round(start_s * sample_rate))
-        length = int(round((end_s - start_s) * sample_rate))
-        window = waveform[first : first + length]
-        if len(window) < length:
-            window = np.pad(window, (0, length - len(window)))
-        windows.append(window)
+        first, length = window_span(start_s, end_s, sample_rate)
+        windows.append(cut_window(waveform[first : first + length], length))
+    return windows
+
+
+def read_audio_windows(reader, plan: SegmentPlan, sample_rate: int, segments: range) -> list[np.ndarray]:
+    """`audio_windows` for some segments, sliced from an open AudioReader by sample index (the same
+    samples, without a second whole-track copy)."""
+    total = reader.shape[1]
+    windows = []
+    for index in segments:
+        first, length = window_span(plan.start_s[index], plan.end_s[index], sample_rate)
+        first_in, last_in = min(first, total), min(first + length, total)
+        part = _read_samples(reader, slice(first_in, last_in)) if last_in > first_in else np.zeros(0, np.float32)
+        windows.append(cut_window(part, length))
     return windows

@@ -61,7 +61,14 @@ class FlowI3DExtractor(Extractor):
             raise ValueError(f"flow needs at least 2 frames per clip, got {frames.shape[1]}")
         flow = flow_clip(self.flow(flow_input(frames, self.device)))
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            features = self.i3d.extract_features(flow)
+            if self.device.type == "cuda":
+                features = self.i3d.extract_features(flow)
+            else:
+                # One clip per call on a CPU: oneDNN picks its 3D-convolution algorithm by batch size and
+                # the algorithms round differently (~1e-7 relative), so a batched call would make a clip's
+                # features depend on which clips shared its batch (--batch-segments, the number of
+                # processes). It costs ~1.3x in I3D time; on a GPU (bf16) batching is kept.
+                features = torch.cat([self.i3d.extract_features(clip[None]) for clip in flow])
         return features.float().cpu()
 
     def flops_per_clip(self, frames: int) -> float:

@@ -6,7 +6,8 @@ Layout (everything written atomically: temporary file + rename):
       <config-hash>/                   one folder per extraction configuration
         config.json                    the ExtractionConfig (or the importer's description) + extractors
         manifest.csv                   one row per video, rebuilt from the records below
-        videos/<video_id>/
+        videos/<video_id>/             (an id component that could name a file here, record.json,
+                                       *.npy, .* or %*, gets a leading '%': see video_dir_name)
           <modality>.npy               (T, C) float32/float16, loads with allow_pickle=False
           record.json                  the video's manifest row; written LAST, so a video without it
                                        (or whose record says otherwise) is redone, never trusted
@@ -20,12 +21,14 @@ each other; the CSV is rebuilt from the records and written atomically by whoeve
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import tempfile
-from dataclasses import asdict, dataclass, field
+import stat
+import uuid
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -33,6 +36,7 @@ import pandas as pd
 RECORD_NAME = "record.json"
 CONFIG_NAME = "config.json"
 MANIFEST_NAME = "manifest.csv"
+TMP_SUFFIX = ".tmp"
 
 # Per-modality status values.
 DONE, MISSING, FAILED = "done", "missing", "failed"
@@ -52,17 +56,57 @@ def with_path(exc: BaseException, path: Path) -> BaseException:
     return exc
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def temporary_path(path: Path) -> Path:
+    """A unique hidden name beside `path` (`.<name>.<random>.tmp`): written, then renamed over it."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through `write(handle)` into a temporary file, fsync, rename over `path`.
+
+    The file is created with mode 0666 minus the user's umask, like any file the user makes (a
+    shared cache stays readable by the group); mkstemp's 0600 would hide it from everyone else.
+    An OSError that names no file (a full disk) is raised naming `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = temporary_path(path)
     try:
+        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
+        raise with_path(exc, path)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    _atomic_write(Path(path), lambda handle: handle.write(data))
+
+
+def atomic_write_file(path: Path, fill: Callable[[Path], None]) -> None:
+    """`fill(tmp)` writes a temporary file beside `path` by name; it is fsynced and renamed over `path`.
+
+    For writers that take a file name (safetensors' save_file). The file keeps the mode 0666 minus
+    the user's umask it was created with, though such a writer resets it to 0600. An OSError that
+    names no file (a full disk) is raised naming `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(path)
+    try:
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        mode = stat.S_IMODE(os.stat(tmp).st_mode)
+        fill(tmp)
+        os.chmod(tmp, mode)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
         raise with_path(exc, path)
 
 
@@ -71,17 +115,38 @@ def atomic_write_json(path: Path, payload: Any) -> None:
 
 
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    _atomic_write(Path(path), lambda handle: np.save(handle, np.ascontiguousarray(array), allow_pickle=False))
+
+
+def remove_temporary_files(folder: Path) -> int:
+    """Delete the temporary files interrupted writes left in `folder` (not recursive); the count.
+    Only for a folder the caller is the single writer of (a claimed video's, a locked run's)."""
+    removed = 0
+    for path in Path(folder).glob(f".*{TMP_SUFFIX}"):
+        try:
+            path.unlink()
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+class JsonFileError(ValueError):
+    """A JSON file that cannot be read or is not the object expected; the message names it."""
+
+
+def read_json_object(path: Path, what: str = "file") -> dict[str, Any]:
+    """The JSON object in `path`, or JsonFileError naming the file (missing files raise FileNotFoundError)."""
+    path = Path(path)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise with_path(exc, path)
+        payload = json.loads(path.read_text())
+    except UnicodeDecodeError:
+        raise JsonFileError(f"{path} is not a valid {what}: not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise JsonFileError(f"{path} is not a valid {what}: not JSON ({exc})") from None
+    if not isinstance(payload, dict):
+        raise JsonFileError(f"{path} is not a valid {what}: a JSON {type(payload).__name__}, not an object")
+    return payload
 
 
 # --------------------------------------------------------------------------- records
@@ -94,6 +159,8 @@ class ModalityRecord:
     extractor: str | None = None
     version: str | None = None
     reason: str | None = None  # why missing / failed, one line
+    bytes: int | None = None  # size of the .npy file (done only; absent in caches written before it)
+    sha256: str | None = None  # of the .npy file, checked by `extract --verify`
 
 
 @dataclass
@@ -104,7 +171,8 @@ class VideoRecord:
     path: str
     status: str  # done | failed  (done: every modality is done or missing)
     size_bytes: int | None = None
-    fingerprint: str | None = None
+    fingerprint: str | None = None  # "sha256:..." of the whole file (older caches: sampled, see extract)
+    mtime_ns: int | None = None  # the file's mtime when fingerprinted: same size + mtime = same hash
     fps: float | None = None
     frame_count: int | None = None
     duration_s: float | None = None
@@ -121,8 +189,13 @@ class VideoRecord:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "VideoRecord":
-        data = dict(data)
-        data["modalities"] = {k: ModalityRecord(**v) for k, v in data.get("modalities", {}).items()}
+        known = {f.name for f in fields(cls)}
+        modality_fields = {f.name for f in fields(ModalityRecord)}
+        data = {k: v for k, v in data.items() if k in known}  # a newer version's extra keys are ignored
+        data["modalities"] = {
+            k: ModalityRecord(**{f: x for f, x in v.items() if f in modality_fields})
+            for k, v in data.get("modalities", {}).items()
+        }
         return cls(**data)
 
     def present_modalities(self) -> list[str]:
@@ -159,9 +232,18 @@ class VideoRecord:
 # --------------------------------------------------------------------------- the cache
 
 
+def _reserved(part: str) -> bool:
+    """A path component that could name a file inside a video's folder (record, arrays, temporaries)."""
+    return part == RECORD_NAME or part.endswith(".npy") or part.startswith((".", "%"))
+
+
 def video_dir_name(video_id: str) -> str:
-    """Folder (relative to videos/) holding a video's files. Ids may contain '/' (sub-folders)."""
-    return video_id
+    """Folder (relative to videos/) holding a video's files. Ids may contain '/' (sub-folders).
+
+    A component that could collide with a file of the parent video's folder (`record.json`, `*.npy`,
+    hidden temporaries) is escaped with a leading '%' (so is one already starting with '%'): the video
+    `x/record.json` lives in `x/%record.json/`, never in the file `x/record.json` of video `x`."""
+    return "/".join("%" + part if _reserved(part) else part for part in video_id.split("/"))
 
 
 class FeatureCache:
@@ -204,7 +286,16 @@ class FeatureCache:
         return self.root / "videos"
 
     def video_dir(self, video_id: str) -> Path:
-        return self.videos_dir / video_dir_name(video_id)
+        name = video_dir_name(video_id)
+        folder = self.videos_dir / name
+        if name != video_id and not (folder / RECORD_NAME).is_file():
+            legacy = self.videos_dir / video_id  # written before reserved names were escaped
+            try:
+                if (legacy / RECORD_NAME).is_file():
+                    return legacy
+            except OSError:
+                pass
+        return folder
 
     def feature_path(self, video_id: str, modality: str) -> Path:
         return self.video_dir(video_id) / f"{modality}.npy"
@@ -243,26 +334,20 @@ class FeatureCache:
     # ---- records
 
     def read_record(self, video_id: str) -> VideoRecord | None:
-        path = self.record_path(video_id)
-        try:
-            return VideoRecord.from_dict(json.loads(path.read_text()))
-        except FileNotFoundError:
-            return None
-        except (json.JSONDecodeError, TypeError, KeyError):
-            return None  # a damaged record is treated as absent: the video is redone
+        record = _read_record_file(self.record_path(video_id))
+        return record if record is not None and record.video_id == video_id else None
 
     def write_record(self, record: VideoRecord) -> None:
         atomic_write_json(self.record_path(record.video_id), record.to_dict())
 
     def records(self) -> list[VideoRecord]:
         """Every video's record, sorted by id."""
-        out = []
+        out: dict[str, VideoRecord] = {}
         for path in sorted(self.videos_dir.rglob(RECORD_NAME)):
-            video_id = path.parent.relative_to(self.videos_dir).as_posix()
-            record = self.read_record(video_id)
-            if record is not None:
-                out.append(record)
-        return sorted(out, key=lambda r: r.video_id)
+            record = _read_record_file(path)  # the id is the record's own, not its folder's name
+            if record is not None and self.record_path(record.video_id) == path:
+                out[record.video_id] = record
+        return [out[k] for k in sorted(out)]
 
     def manifest(self) -> pd.DataFrame:
         table = pd.DataFrame([r.table_row() for r in self.records()])
@@ -282,7 +367,10 @@ class FeatureCache:
         atomic_save_npy(self.feature_path(video_id, modality), array)
 
     def load_features(self, video_id: str) -> dict[str, np.ndarray]:
-        """{modality: (T, C) float32} for the modalities this video has (status done)."""
+        """{modality: (T, C) float32} for the modalities this video has (status done).
+
+        An unreadable array, one whose shape is not the recorded one, or one holding NaN/inf is a
+        CacheError naming the video and the file: such features are a finding, never a number."""
         record = self.read_record(video_id)
         if record is None or record.status != DONE:
             raise CacheError(f"video {video_id!r} has no completed features in {self.root}")
@@ -290,10 +378,76 @@ class FeatureCache:
         for modality in record.present_modalities():
             path = self.feature_path(video_id, modality)
             try:
-                out[modality] = np.load(path, allow_pickle=False).astype(np.float32, copy=False)
-            except (OSError, ValueError) as exc:
-                raise CacheError(f"cannot read {path}: {exc}") from None
+                array = np.load(path, allow_pickle=False)
+            except Exception as exc:  # OSError, ValueError, EOFError (0 bytes), ...: all mean unreadable
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise CacheError(f"video {video_id!r}: cannot read {path}: {reason}; re-extract it") from None
+            expected = record.modalities[modality].shape
+            if expected is not None and list(array.shape) != list(expected):
+                raise CacheError(f"video {video_id!r}: {path} is shaped {array.shape}, its record says "
+                                 f"{tuple(expected)}; re-extract it")
+            if not np.isfinite(array).all():
+                raise CacheError(f"video {video_id!r}: {path} holds NaN/inf values ({modality} features); "
+                                 "re-extract it or leave it out of the labels")
+            out[modality] = array.astype(np.float32, copy=False)
         return out
+
+    # ---- verification
+
+    def check_video(self, record: VideoRecord, full: bool = False) -> str | None:
+        """Why a done record's arrays cannot be trusted, or None.
+
+        Cheap (every rerun): each done modality's .npy exists and its header's shape and its size
+        match the record. full (`extract --verify`): also the recorded checksum and finite values."""
+        for modality in record.present_modalities():
+            path = self.feature_path(record.video_id, modality)
+            problem = check_array_file(path, record.modalities[modality], full)
+            if problem:
+                return f"{modality}: {problem}"
+        return None
+
+
+def _read_record_file(path: Path) -> VideoRecord | None:
+    try:
+        return VideoRecord.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None  # absent or damaged: treated as absent, so the video is redone
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return "sha256:" + hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def check_array_file(path: Path, record: ModalityRecord, full: bool = False) -> str | None:
+    """Why the .npy at `path` does not hold what `record` says, or None (see FeatureCache.check_video)."""
+    try:
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
+            else:
+                shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
+            expected_size = handle.tell() + int(np.prod(shape)) * dtype.itemsize
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return f"{path} is missing"
+    except Exception as exc:  # a truncated or foreign file fails in many ways
+        return f"{path} is not a readable .npy ({str(exc).strip() or type(exc).__name__})"
+    if record.shape is not None and list(shape) != list(record.shape):
+        return f"{path} is shaped {shape}, the record says {tuple(record.shape)}"
+    if size != expected_size or (record.bytes is not None and size != record.bytes):
+        return f"{path} has {size} bytes, expected {record.bytes or expected_size} (truncated or changed)"
+    if full:
+        if record.sha256 is not None and file_sha256(path) != record.sha256:
+            return f"{path} does not match its recorded checksum"
+        try:
+            finite = np.isfinite(np.load(path, allow_pickle=False)).all()
+        except Exception as exc:
+            return f"{path} is not readable ({str(exc).strip() or type(exc).__name__})"
+        if not finite:
+            return f"{path} holds NaN/inf values"
+    return None
 
 
 def _describe_config(root: Path) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from manifests.cache import atomic_write_json
+from manifests.cache import atomic_write_file, atomic_write_json
 from models import REGISTRY, build_model
 
 MODEL_CONFIG_NAME = "model_config.json"
@@ -33,34 +32,40 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in state.items()}
 
 
-def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    if hasattr(model, "load_saved_state"):
-        model.load_saved_state(state)
-    else:
-        model.load_state_dict(state, strict=True)
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read, or does not fit its model; the message names the file."""
+
+
+def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path | str | None = None) -> None:
+    """Load `state` into `model`; a mismatch (keys, shapes) is a one-line CheckpointError naming `path`."""
+    try:
+        if hasattr(model, "load_saved_state"):
+            model.load_saved_state(state)
+        else:
+            model.load_state_dict(state, strict=True)
+    except (RuntimeError, KeyError, ValueError) as exc:
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        detail = "; ".join(lines[:3])[:300] or type(exc).__name__
+        where = f"{path}" if path is not None else "the checkpoint"
+        raise CheckpointError(f"{where} does not match the model described by {MODEL_CONFIG_NAME} "
+                              f"({type(model).__name__}): {detail}") from None
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> None:
-    """Atomic safetensors write; metadata values are stored as JSON strings."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Atomic safetensors write; metadata values are stored as JSON strings. The file gets the user's
+    umask like every other output (through the same atomic writer as the rest)."""
     header = {k: json.dumps(v) for k, v in (metadata or {}).items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    atomic_write_file(Path(path), lambda tmp: _save_file(tensors, tmp, header, Path(path)))
+
+
+def _save_file(tensors: dict[str, torch.Tensor], tmp: Path, header: dict[str, str], path: Path) -> None:
     try:
-        try:
-            save_file(tensors, tmp, metadata=header)
-        except Exception as exc:  # safetensors reports a full disk as SafetensorError "... (os error 28)"
-            code = re.search(r"os error (\d+)", str(exc))
-            if code is None:
-                raise
-            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from exc
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        save_file(tensors, str(tmp), metadata=header)
+    except Exception as exc:  # safetensors reports a full disk as SafetensorError "... (os error 28)"
+        code = re.search(r"os error (\d+)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from exc
 
 
 def load_tensors(path: Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -68,9 +73,16 @@ def load_tensors(path: Path, device: str | torch.device = "cpu") -> tuple[dict[s
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    with safe_open(str(path), framework="pt", device=str(device)) as handle:
-        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-        metadata = {k: json.loads(v) for k, v in (handle.metadata() or {}).items()}
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as handle:
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            metadata = {k: json.loads(v) for k, v in (handle.metadata() or {}).items()}
+    except PermissionError:
+        raise
+    except Exception as exc:  # safetensors' own error, or garbage metadata: the file is not what train wrote
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        size = path.stat().st_size
+        raise CheckpointError(f"{path} is not a readable safetensors checkpoint ({size} bytes; {reason})") from None
     return tensors, metadata
 
 
@@ -90,11 +102,13 @@ def read_model_config(directory: Path) -> tuple[str, dict[str, Any]]:
     path = Path(directory) / MODEL_CONFIG_NAME
     try:
         payload = json.loads(path.read_text())
+        if not isinstance(payload.get("config"), dict):
+            raise TypeError('"config" is not an object')
         return payload["model"], payload["config"]
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} is missing: {directory} is not a run / checkpoint folder") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ValueError(f"{path} is not a valid model config: {exc}") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{path} is not a valid model config: {exc}") from None
 
 
 def save_model(
@@ -120,5 +134,5 @@ def load_model(
     name, config = read_model_config(directory)
     model = build_model(name, config)
     state, _ = load_tensors(directory / f"{weights}.safetensors")
-    load_model_state(model, state)
+    load_model_state(model, state, directory / f"{weights}.safetensors")
     return model.to(device).eval()

@@ -109,6 +109,9 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=folder_path, required=True, help="cache folder (one sub-folder per configuration)")
     parser.add_argument("--retry-failed", action="store_true",
                         help="retry videos that failed before even if their file is unchanged")
+    parser.add_argument("--verify", action="store_true",
+                        help="check finished videos fully: rehash each video file and each array against its "
+                        "record and look for NaN/inf (default: sizes, shapes, file size + mtime); redo what fails")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--ray", metavar="auto|local|ADDRESS",
                         help="spread the videos over Ray workers that each hold the backbones once: auto (a "
@@ -125,7 +128,7 @@ def _run_extract(args: argparse.Namespace) -> int:
     from extractors.base import BackboneUnavailableError, WeightsSource, build_extractors
     from manifests.cache import CacheError
     from pipeline.devices import resolve_device
-    from pipeline.extract import extract_videos, prepare_cache
+    from pipeline.extract import cache_if_complete, extract_videos, prepare_cache
 
     if args.ray is not None:
         return _run_extract_ray(args)
@@ -139,16 +142,18 @@ def _run_extract(args: argparse.Namespace) -> int:
     sources = video_sources(args.videos)
     weights = WeightsSource(weights_dir=args.weights_dir, offline=args.offline)
     try:
-        extractors = build_extractors(config, device, weights)
-        cache = prepare_cache(args.out, config, extractors)
+        cache, extractors = cache_if_complete(args.out, config, sources, args.retry_failed, args.verify), {}
+        if cache is None:  # something to do: only now are the backbones worth building
+            extractors = build_extractors(config, device, weights)
+            cache = prepare_cache(args.out, config, extractors)
     except (BackboneUnavailableError, CacheError) as exc:
         raise UsageError(str(exc)) from None
     if config.random_weights:
         print("NOTE: random-weight backbones: these features are for smoke tests, not for scoring.", file=sys.stderr)
     print(f"extracting {len(sources)} videos into {cache.root} on {device}", file=sys.stderr)
     summary = extract_videos(
-        sources, cache, extractors, config,
-        batch_segments=batch_segments(args, device.type), retry_failed=args.retry_failed, progress=not args.quiet,
+        sources, cache, extractors, config, batch_segments=batch_segments(args, device.type),
+        retry_failed=args.retry_failed, progress=not args.quiet, verify=args.verify,
     )
     print_extract_summary(summary, cache)
     return EXIT_FAILURES if summary.failed else EXIT_OK
@@ -173,7 +178,7 @@ def _run_extract_ray(args: argparse.Namespace) -> int:
                 sources, args.out, config, device=args.device, workers=args.ray_workers,
                 weights=WeightsSource(weights_dir=args.weights_dir, offline=args.offline),
                 batch_segments=batch_segments(args, plan.device), retry_failed=args.retry_failed,
-                progress=not args.quiet,
+                progress=not args.quiet, verify=args.verify,
             )
     except (RaySetupError, WorkerSetupError) as exc:
         raise UsageError(str(exc)) from None

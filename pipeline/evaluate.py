@@ -30,7 +30,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from manifests.cache import FeatureCache, atomic_write_bytes
+from manifests.cache import FeatureCache, atomic_write_bytes, atomic_write_json, read_json_object
 from models.checkpoint import load_model_state, load_tensors, read_model_config
 from pipeline import data
 from pipeline.devices import resolve_device
@@ -401,23 +401,28 @@ def load_run(directory: str | Path, device: str | torch.device = "auto", weights
     from models import build_model
 
     directory = Path(directory).expanduser()
-    try:
-        info = json.loads((directory / "run.json").read_text())
-        extraction = json.loads((directory / "extraction_config.json").read_text())
+    try:  # each a one-line error naming the file (JsonFileError, CheckpointError are ValueErrors)
+        info = read_json_object(directory / "run.json", "run record")
+        extraction = read_json_object(directory / "extraction_config.json", "extraction config")
+        best_path = directory / "best.json"
+        best = read_json_object(best_path, "best-epoch record") if best_path.is_file() else {}
     except FileNotFoundError as exc:
         raise RunError(f"{directory} is not a finished run folder: {Path(exc.filename).name} is missing") from None
-    best_path = directory / "best.json"
-    best = json.loads(best_path.read_text()) if best_path.is_file() else {}
     weights_path = directory / f"{weights}.safetensors"
     if not weights_path.is_file():
         raise RunError(f"{weights_path} is missing: the run has no finished epoch yet")
     torch_device = device if isinstance(device, torch.device) else resolve_device(device)
     name, config = read_model_config(directory)
-    with quiet_libraries():
-        model = build_model(name, config)
+    try:
+        with quiet_libraries():
+            model = build_model(name, config)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise RunError(f"{directory / 'model_config.json'} does not describe a buildable {name} model: {exc}") from None
     state, metadata = load_tensors(weights_path)
-    load_model_state(model, state)
+    load_model_state(model, state, weights_path)
     if "best" in metadata:
+        if not isinstance(metadata["best"], dict):
+            raise RunError(f"{weights_path}: its \"best\" metadata is not an object; the file was not written by train")
         best = {**best, **metadata["best"]}  # the weights' own header wins over a stale best.json
     model.to(torch_device).eval()
     return Run(directory, model, name, info, extraction, best, torch_device)

@@ -5,8 +5,10 @@ order while the main thread runs the backbones on batches of segments, filled ac
 video has few segments. A video's features are written only once all of them exist, and its record
 (the manifest row) last, so an interrupted run leaves nothing that a rerun would trust by mistake.
 
-Resuming and concurrency: a video is skipped when its record says done and its file's fingerprint
-is unchanged. A process claims a video (an O_EXCL claim file naming host and pid) before working on
+Resuming and concurrency: a video is skipped when its record says done, its file's content hash is
+unchanged (size + mtime stand for it; `verify` rehashes) and its arrays are intact (sizes and shapes;
+`verify` also checks their checksums and values); anything else is redone. A process claims a video
+(manifests/claims.py: a claim file naming host and pid, refreshed while it works) before working on
 it; a claim whose process is gone is taken over, so a run killed with -9 is simply run again, and
 two processes on the same output split the videos between them instead of colliding.
 """
@@ -14,10 +16,8 @@ two processes on the same output split the videos between them instead of collid
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import queue
-import socket
 import sys
 import threading
 import time
@@ -32,11 +32,22 @@ from tqdm import tqdm
 
 from extractors.base import Extractor
 from extractors.config import ExtractionConfig
-from extractors.decode import DecodeError, SegmentPlan, VideoFrames, audio_windows, count_segments, load_audio
-from manifests.cache import DONE, FAILED, MISSING, CacheError, FeatureCache, ModalityRecord, VideoRecord
+from extractors.decode import DecodeError, SegmentPlan, VideoFrames, count_segments, open_audio, read_audio_windows
+from manifests.cache import (
+    DONE,
+    FAILED,
+    MISSING,
+    CacheError,
+    FeatureCache,
+    ModalityRecord,
+    VideoRecord,
+    file_sha256,
+    remove_temporary_files,
+)
+from manifests.claims import Claims
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".avi", ".mov", ".webm")
-FINGERPRINT_BYTES = 1 << 20  # hash the first and last MiB: catches edits without reading whole files
+LEGACY_FINGERPRINT_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -45,8 +56,27 @@ class VideoSource:
     path: Path
 
 
+def _walk_video_files(root: Path) -> list[Path]:
+    """Video files under `root`, following symlinked folders but never entering a folder twice
+    (a link back up the tree, or two links to one folder, would otherwise loop or duplicate)."""
+    seen: set[tuple[int, int]] = set()
+    found = []
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        stat = os.stat(folder)
+        if (stat.st_dev, stat.st_ino) in seen:
+            subfolders[:] = []
+            continue
+        seen.add((stat.st_dev, stat.st_ino))
+        subfolders.sort()
+        for name in files:
+            path = Path(folder) / name
+            if path.suffix.lower() in VIDEO_EXTENSIONS and path.is_file():
+                found.append(path)
+    return sorted(found)
+
+
 def discover_videos(root: Path) -> list[VideoSource]:
-    """Every video under `root` (recursively), with ids unique across sub-folders.
+    """Every video under `root` (recursively, through symlinked folders), with ids unique across sub-folders.
 
     The id is the path relative to `root` without its extension ("ball/001"); when two files differ
     only by extension, those files keep it ("ball/001.mp4") so ids never collide.
@@ -54,9 +84,7 @@ def discover_videos(root: Path) -> list[VideoSource]:
     root = Path(root).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"video folder {root} does not exist")
-    paths = sorted(
-        p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS
-    )
+    paths = _walk_video_files(root)
     stems: dict[str, int] = {}
     for path in paths:
         stem_id = path.relative_to(root).with_suffix("").as_posix()
@@ -71,81 +99,82 @@ def discover_videos(root: Path) -> list[VideoSource]:
 
 
 def file_fingerprint(path: Path) -> tuple[int, str]:
-    """(size in bytes, sha1 of size + first and last MiB)."""
+    """(size in bytes, "sha256:<hex>" of the whole file, streamed once)."""
+    return Path(path).stat().st_size, file_sha256(path)
+
+
+def legacy_fingerprint(path: Path) -> str:
+    """The fingerprint of records written before whole-file hashing: sha1 of the size and the first
+    and last MiB (it misses a same-size edit in the middle; such records keep it until re-extracted)."""
     size = path.stat().st_size
     digest = hashlib.sha1(str(size).encode())
     with open(path, "rb") as handle:
-        digest.update(handle.read(FINGERPRINT_BYTES))
-        if size > FINGERPRINT_BYTES:
-            handle.seek(max(FINGERPRINT_BYTES, size - FINGERPRINT_BYTES))
-            digest.update(handle.read(FINGERPRINT_BYTES))
-    return size, digest.hexdigest()[:16]
+        digest.update(handle.read(LEGACY_FINGERPRINT_BYTES))
+        if size > LEGACY_FINGERPRINT_BYTES:
+            handle.seek(max(LEGACY_FINGERPRINT_BYTES, size - LEGACY_FINGERPRINT_BYTES))
+            digest.update(handle.read(LEGACY_FINGERPRINT_BYTES))
+    return digest.hexdigest()[:16]
+
+
+def same_file(record: VideoRecord, path: Path, rehash: bool = False) -> bool:
+    """True when `path` is the file `record` was made from.
+
+    Size and mtime equal to the recorded ones stand for the recorded hash (only a tool that restores
+    mtimes could change a file keeping both); otherwise, or with `rehash` (`--verify`), the whole file
+    is hashed again. Records from before
+    whole-file hashing are compared with their sampled fingerprint."""
+    stat = path.stat()
+    if record.size_bytes != stat.st_size or not record.fingerprint:
+        return False
+    if not record.fingerprint.startswith("sha256:"):
+        return legacy_fingerprint(path) == record.fingerprint
+    if not rehash and record.mtime_ns == stat.st_mtime_ns:
+        return True
+    return file_sha256(path) == record.fingerprint
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-# --------------------------------------------------------------------------- claims
-
-
-class Claims:
-    """Claim files under `<cache>/claims/`: one process works on a video at a time."""
-
-    def __init__(self, cache: FeatureCache) -> None:
-        self.folder = cache.root / "claims"
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.host = socket.gethostname()
-        self.held: set[Path] = set()
-
-    def _path(self, video_id: str) -> Path:
-        return self.folder / (hashlib.sha1(video_id.encode()).hexdigest()[:20] + ".claim")
-
-    def _owner_alive(self, path: Path) -> bool:
-        try:
-            owner = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            return False  # unreadable: its writer died half-way
-        if owner.get("host") != self.host:
-            return True  # another machine's process: cannot check, so respect it
-        try:
-            os.kill(int(owner["pid"]), 0)
-        except ProcessLookupError:
-            return False
-        except (PermissionError, KeyError, ValueError):
-            return True
+def needs_work(cache: FeatureCache, source: VideoSource, retry_failed: bool = False, verify: bool = False) -> bool:
+    """False when the video's record is final: done with intact arrays, or failed on this very file
+    (unless retrying). A done video whose arrays are damaged or gone is redone."""
+    record = cache.read_record(source.video_id)
+    if record is None:
         return True
-
-    def acquire(self, video_id: str) -> bool:
-        path = self._path(video_id)
-        payload = json.dumps({"video_id": video_id, "host": self.host, "pid": os.getpid(), "since": _now()})
-        for _ in range(2):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                if self._owner_alive(path):
-                    return False
-                path.unlink(missing_ok=True)  # stale claim of a dead process: take it over
-                continue
-            with os.fdopen(fd, "w") as handle:
-                handle.write(payload)
-            self.held.add(path)
-            return True
-        return False
-
-    def release(self, video_id: str) -> None:
-        path = self._path(video_id)
-        if path in self.held:
-            path.unlink(missing_ok=True)
-            self.held.discard(path)
-
-    def release_all(self) -> None:
-        for path in list(self.held):
-            path.unlink(missing_ok=True)
-        self.held.clear()
+    try:
+        if not same_file(record, source.path, rehash=verify):
+            return True  # the file changed since it was extracted
+    except OSError:
+        return True
+    if record.status == FAILED:
+        return retry_failed
+    return cache.check_video(record, full=verify) is not None
 
 
 # --------------------------------------------------------------------------- cache set-up
+
+
+def cache_if_complete(
+    out: Path, config: ExtractionConfig, sources: list[VideoSource], retry_failed: bool = False, verify: bool = False
+) -> FeatureCache | None:
+    """The existing cache of `config` when every source in it is final, else None.
+
+    Lets `extract` with nothing to do skip building the backbones. The stored extractors must be the
+    ones this code would build (names and versions, known without building them)."""
+    from extractors.base import extractor_class
+
+    cache = FeatureCache(Path(out).expanduser() / config.config_hash())
+    if not (cache.root / "config.json").is_file():
+        return None
+    stored = {m: (d.get("name"), d.get("version")) for m, d in cache.read_config().get("extractors", {}).items()}
+    wanted = {m: (config.backbones[m], extractor_class(m, config.backbones[m]).version) for m in config.modalities}
+    if stored != wanted:
+        return None  # prepare_cache explains the difference once the extractors are built
+    if any(needs_work(cache, s, retry_failed, verify) for s in sources):
+        return None
+    return cache
 
 
 def prepare_cache(out: Path, config: ExtractionConfig, extractors: dict[str, Extractor]) -> FeatureCache:
@@ -188,7 +217,7 @@ class _VideoJob:
     record: VideoRecord
     plan: SegmentPlan | None = None
     video: VideoFrames | None = None
-    windows: list[np.ndarray] | None = None  # one audio waveform per segment, None if no track
+    audio: object | None = None  # the open AudioReader, None if no track (or no audio modality)
     features: dict[str, np.ndarray] = field(default_factory=dict)
     filled: dict[str, int] = field(default_factory=dict)
     audio_missing: bool = False
@@ -245,13 +274,15 @@ class _Extraction:
         batch_segments: int,
         retry_failed: bool,
         progress: bool,
+        verify: bool = False,
     ) -> None:
         self.cache, self.extractors, self.config = cache, extractors, config
         self.batch_segments = max(1, batch_segments)
-        self.retry_failed = retry_failed
+        self.retry_failed, self.verify = retry_failed, verify
         self.frame_modalities = [m for m, e in extractors.items() if e.input_kind == "frames"]
         self.audio_modalities = [m for m, e in extractors.items() if e.input_kind == "audio"]
-        self.claims = Claims(cache)
+        self.claims = Claims(cache.root / "claims")
+        self.seen: dict[str, str | None] = {}  # video id -> finished_at of the record run() judged
         self.summary = ExtractSummary()
         # Progress in segments, the total planned from container metadata before the first decode; the
         # bar writes to its own copy of the terminal, untouched while decoder messages are caught.
@@ -267,17 +298,16 @@ class _Extraction:
     # ---- decisions
 
     def _needs_work(self, source: VideoSource) -> bool:
-        """False when the video's record is final: done, or failed on this very file (unless retrying)."""
         record = self.cache.read_record(source.video_id)
-        if record is None:
-            return True
-        try:
-            size, fingerprint = file_fingerprint(source.path)
-        except OSError:
-            return True
-        if record.size_bytes != size or record.fingerprint != fingerprint:
-            return True  # the file changed since it was extracted
-        return record.status == FAILED and self.retry_failed
+        self.seen[source.video_id] = None if record is None else record.finished_at
+        return needs_work(self.cache, source, self.retry_failed, self.verify)
+
+    def _finished_meanwhile(self, source: VideoSource) -> bool:
+        """After claiming: did another process write this video's record since run() judged it?"""
+        record = self.cache.read_record(source.video_id)
+        if record is None or record.finished_at == self.seen.get(source.video_id):
+            return False  # the record run() judged (or none): still to do
+        return not needs_work(self.cache, source, self.retry_failed)
 
     # ---- producer (background thread)
 
@@ -289,10 +319,12 @@ class _Extraction:
                 if not self.claims.acquire(source.video_id):
                     out.put(("claimed", source))
                     continue
-                if not self._needs_work(source):  # another process finished it meanwhile
+                if self._finished_meanwhile(source):  # by another process, since run() looked
                     self.claims.release(source.video_id)
                     out.put(("skipped", source))
                     continue
+                # ours now: what an interrupted write of this video left behind can go
+                remove_temporary_files(self.cache.video_dir(source.video_id))
                 job = self._open(source)
                 if job.failed:
                     out.put(_Failed(job, job.record.error or "failed"))
@@ -313,6 +345,7 @@ class _Extraction:
         record.started_at = _now()
         job = _VideoJob(source, record)
         try:
+            record.mtime_ns = source.path.stat().st_mtime_ns  # before hashing: a later edit changes it
             record.size_bytes, record.fingerprint = file_fingerprint(source.path)
             video = VideoFrames(source.path, self.config.decode_short_side)
             info = video.info
@@ -333,11 +366,8 @@ class _Extraction:
             record.num_segments = plan.num_segments
             record.segments = plan.to_dict()
             if self.audio_modalities:
-                waveform = load_audio(source.path, self.config.audio_sample_rate)
-                if waveform is None:
-                    job.audio_missing = True
-                else:
-                    job.windows = audio_windows(waveform, plan, self.config.audio_sample_rate)
+                job.audio = open_audio(source.path, self.config.audio_sample_rate)
+                job.audio_missing = job.audio is None
         except DecodeError as exc:
             job.failed, record.error = True, str(exc)
         except OSError as exc:
@@ -353,8 +383,12 @@ class _Extraction:
                 return
             last = min(first + self.batch_segments, plan.num_segments)
             frames = job.video.read(plan.frame_indices[first:last]) if self.frame_modalities else None
-            audio = job.windows[first:last] if job.windows is not None else None
-            out.put(_Chunk(job, first, frames, audio))
+            audio = None
+            if job.audio is not None:
+                audio = read_audio_windows(job.audio, plan, self.config.audio_sample_rate, range(first, last))
+            if frames is not None or audio is not None:
+                out.put(_Chunk(job, first, frames, audio))
+        job.audio = job.video = None  # decoded: release the readers (and decord's copy of the track)
 
     # ---- consumer (main thread)
 
@@ -370,15 +404,18 @@ class _Extraction:
             else:
                 self.summary.skipped.append(source.video_id)
         self.videos_total = len(todo)
+        if todo and not self.extractors:
+            raise CacheError(f"{len(todo)} video(s) changed while extract was starting; run it again")
         self._plan(todo)
         items: queue.Queue = queue.Queue(maxsize=4)
         stop = threading.Event()
         producer = threading.Thread(target=self._produce, args=(todo, items, stop), daemon=True)
         producer.start()
-        heartbeat = threading.Thread(target=self._heartbeat, args=(stop,), daemon=True)
+        redraw = threading.Thread(target=self._redraw, args=(stop,), daemon=True)
         if not self.bar.disable:
-            heartbeat.start()
+            redraw.start()
         pending: list[_Chunk] = []
+        heartbeat = self.claims.heartbeat().__enter__()  # keeps our claims fresh (see manifests.claims)
         try:
             while (item := items.get()) is not None:
                 if isinstance(item, _Failed):
@@ -404,9 +441,10 @@ class _Extraction:
                     items.get(timeout=0.1)
                 except queue.Empty:
                     pass
+            heartbeat.__exit__()
             self.claims.release_all()
-            if heartbeat.is_alive():
-                heartbeat.join()
+            if redraw.is_alive():
+                redraw.join()
             self.bar.close()
             if self.terminal not in (None, sys.stderr):
                 self.terminal.close()
@@ -423,7 +461,7 @@ class _Extraction:
             self._expect(source.video_id, count_segments(source.path, self.config))
         self.bar.set_description("extract")
 
-    def _heartbeat(self, stop: threading.Event) -> None:
+    def _redraw(self, stop: threading.Event) -> None:
         """Redraw the bar every second, so its clock moves while one long backbone call runs (a full-size
         Video Swin segment takes seconds on a CPU)."""
         while not stop.wait(1.0):
@@ -532,6 +570,20 @@ class _Extraction:
 
     def _finish(self, job: _VideoJob) -> None:
         record, dtype = job.record, np.dtype(self.config.feature_dtype)
+        with np.errstate(over="ignore"):  # an overflow is reported below, as inf
+            arrays = {m: job.features[m].astype(dtype) for m in job.features}
+        for modality, array in arrays.items():  # checked after the cast: float16 overflows to inf
+            bad = ~np.isfinite(array).all(axis=1)
+            if bad.any():
+                where = np.flatnonzero(bad)
+                self._fail(job, f"NaN/inf values in {len(where)} of {len(array)} segments (first: segment "
+                                f"{where[0]}); not saved", failed_modality=modality)
+                return
+        if not self.claims.still_held(record.video_id):
+            # silent longer than the stale limit (a suspended process): another process took the video over
+            self.summary.claimed_elsewhere.append(record.video_id)
+            self.claims.release(record.video_id)
+            return
         for modality, extractor in self.extractors.items():
             if modality in self.audio_modalities and job.audio_missing:
                 self.cache.feature_path(record.video_id, modality).unlink(missing_ok=True)
@@ -539,24 +591,31 @@ class _Extraction:
                     MISSING, extractor=extractor.name, version=extractor.version, reason="no audio track"
                 )
                 continue
-            array = job.features[modality].astype(dtype)
+            array = arrays[modality]
+            path = self.cache.feature_path(record.video_id, modality)
             self.cache.save_features(record.video_id, modality, array)
             record.modalities[modality] = ModalityRecord(
-                DONE, shape=list(array.shape), extractor=extractor.name, version=extractor.version
+                DONE, shape=list(array.shape), extractor=extractor.name, version=extractor.version,
+                bytes=path.stat().st_size, sha256=file_sha256(path),
             )
         record.status, record.error, record.finished_at = DONE, None, _now()
         self.cache.write_record(record)  # last: only now is the video trusted
         self._close(job)
 
-    def _fail(self, job: _VideoJob, reason: str) -> None:
+    def _fail(self, job: _VideoJob, reason: str, failed_modality: str | None = None) -> None:
         if job.record.finished_at:
             return  # already recorded (a video can fail in the decoder and in a backbone batch)
         job.failed = True
         record = job.record
-        record.status, record.error, record.finished_at = FAILED, reason, _now()
+        record.status, record.finished_at = FAILED, _now()
+        record.error = reason if failed_modality is None else f"{failed_modality} features: {reason}"
         for modality, extractor in self.extractors.items():
+            if failed_modality is not None and modality != failed_modality:
+                why = f"not saved: {failed_modality} failed"
+            else:
+                why = reason
             record.modalities[modality] = ModalityRecord(
-                FAILED, extractor=extractor.name, version=extractor.version, reason=reason
+                FAILED, extractor=extractor.name, version=extractor.version, reason=why
             )
         job.features.clear()
         self.cache.write_record(record)
@@ -606,9 +665,13 @@ def extract_videos(
     batch_segments: int = 8,
     retry_failed: bool = False,
     progress: bool = True,
+    verify: bool = False,
 ) -> ExtractSummary:
-    """Extract every source into `cache` (skipping finished ones); rewrite the manifest at the end."""
-    run = _Extraction(cache, extractors, config, batch_segments, retry_failed, progress)
+    """Extract every source into `cache` (skipping finished ones); rewrite the manifest at the end.
+
+    verify: check every finished video's arrays fully (checksum, finite values) and its file's whole
+    content, instead of the cheap check (array sizes and shapes; size + mtime of the file)."""
+    run = _Extraction(cache, extractors, config, batch_segments, retry_failed, progress, verify)
     try:
         return run.run(sources)
     finally:

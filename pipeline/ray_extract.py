@@ -21,7 +21,6 @@ everything done, as on one machine.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import socket
@@ -35,8 +34,9 @@ from tqdm import tqdm
 
 from extractors.base import BackboneUnavailableError, WeightsSource, build_extractors
 from extractors.config import ExtractionConfig
-from manifests.cache import CacheError, FeatureCache
-from pipeline.extract import Claims, ExtractSummary, VideoSource, extract_videos, prepare_cache
+from manifests.cache import FAILED, CacheError, FeatureCache
+from manifests.claims import Claims
+from pipeline.extract import ExtractSummary, VideoSource, cache_if_complete, extract_videos, prepare_cache
 from pipeline.ray_session import import_ray
 
 MAX_RESTARTS = 3  # per actor; a worker that keeps dying is given up and its share goes to the others
@@ -83,11 +83,11 @@ class ExtractionWorker:
     """The Ray actor: backbones built once in __init__, then `extract` on each batch it is given."""
 
     def __init__(self, config: dict[str, Any], out: str, device: str, weights: WeightsSource,
-                 threads: int, batch_segments: int, retry_failed: bool) -> None:
+                 threads: int, batch_segments: int, retry_failed: bool, verify: bool = False) -> None:
         if device == "cpu":
             torch.set_num_threads(threads)
         self.config = ExtractionConfig.from_dict(config)
-        self.batch_segments, self.retry_failed = batch_segments, retry_failed
+        self.batch_segments, self.retry_failed, self.verify = batch_segments, retry_failed, verify
         self.error: str | None = None
         try:
             self.extractors = build_extractors(self.config, torch.device(device), weights)
@@ -101,7 +101,8 @@ class ExtractionWorker:
 
     def extract(self, sources: list[VideoSource]) -> ExtractSummary:
         return extract_videos(sources, self.cache, self.extractors, self.config,
-                              batch_segments=self.batch_segments, retry_failed=self.retry_failed, progress=False)
+                              batch_segments=self.batch_segments, retry_failed=self.retry_failed, progress=False,
+                              verify=self.verify)
 
 
 @dataclass
@@ -116,17 +117,9 @@ class RayExtractResult:
 
 
 def _release_claims(cache: FeatureCache, video_ids: list[str], owner: dict[str, Any]) -> None:
-    """Remove the claims a dead actor held, so its videos are redone now (a claim naming another
-    machine would otherwise be respected until someone deletes it)."""
-    claims = Claims(cache)
-    for video_id in video_ids:
-        path = claims._path(video_id)  # the claim file's name: the same rule extract uses
-        try:
-            holder = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if holder.get("host") == owner.get("host") and holder.get("pid") == owner.get("pid"):
-            path.unlink(missing_ok=True)
+    """Remove the claims a dead actor held, so its videos are redone now rather than once its
+    claims go stale (manifests/claims.py)."""
+    Claims(cache.root / "claims").release_for(video_ids, owner.get("host"), owner.get("pid"))
 
 
 def _batches(sources: list[VideoSource], size: int) -> list[list[VideoSource]]:
@@ -150,6 +143,7 @@ def extract_on_ray(
     weights: WeightsSource = WeightsSource(),
     batch_segments: int = 8,
     retry_failed: bool = False,
+    verify: bool = False,
     videos_per_task: int | None = None,
     progress: bool = True,
     worker_class: type = ExtractionWorker,
@@ -162,6 +156,12 @@ def extract_on_ray(
     from ray.exceptions import RayActorError
 
     plan = plan_workers(ray.cluster_resources(), device, workers)
+    done = cache_if_complete(out, config, sources, retry_failed, verify)
+    if done is not None:  # nothing to do: no worker, no backbone
+        records = [done.read_record(s.video_id) for s in sources]
+        summary = ExtractSummary(records=[r for r in records if r.status == FAILED],
+                                 skipped=[r.video_id for r in records if r.status != FAILED])
+        return RayExtractResult(summary, done, plan)
     cache = FeatureCache(Path(out).expanduser() / config.config_hash())
     size = videos_per_task or max(1, min(MAX_VIDEOS_PER_TASK, len(sources) // (plan.workers * 4)))
     queue = deque(_batches(sources, size))
@@ -170,7 +170,7 @@ def extract_on_ray(
     )
     actors = [
         actor_cls.remote(config.to_dict(), str(Path(out).expanduser()), plan.device, weights, plan.threads,
-                         batch_segments, retry_failed)
+                         batch_segments, retry_failed, verify)
         for _ in range(plan.workers)
     ]
     result = RayExtractResult(ExtractSummary(), cache, plan)

@@ -172,7 +172,7 @@ def run_state(spec: RunSpec) -> str:
     """"new", "partial" (resume it) or "finished"; a folder with another run in it is an error."""
     run_dir = spec.run_dir
     if not (run_dir / RUN_JSON).is_file():
-        if run_dir.is_dir() and any(run_dir.iterdir()):
+        if run_dir.is_dir() and any(p.name != ".lock" for p in run_dir.iterdir()):  # .lock: a train killed early
             raise ReproduceError(f"{run_dir} holds files but no {RUN_JSON}: not a run folder; move it away")
         return "new"
     from pipeline.train import find_resume_state

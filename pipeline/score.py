@@ -18,7 +18,14 @@ from extractors.base import WeightsSource, build_extractors
 from extractors.config import ExtractionConfig
 from manifests.cache import DONE, CacheError, FeatureCache, VideoRecord, atomic_write_bytes
 from pipeline.data import Sample
-from pipeline.extract import VIDEO_EXTENSIONS, VideoSource, extract_videos, file_fingerprint, prepare_cache
+from pipeline.extract import (
+    VIDEO_EXTENSIONS,
+    VideoSource,
+    extract_videos,
+    file_fingerprint,
+    legacy_fingerprint,
+    prepare_cache,
+)
 from pipeline.evaluate import Run, RunError, load_run
 from pipeline.provenance import headline, provenance
 
@@ -127,13 +134,14 @@ def score_clips(
             results[index].error = f"no such file: {clip}"
             continue
         _, fingerprint = file_fingerprint(clip)
-        if fingerprint in known:
-            cache, record = known[fingerprint]
+        found = known.get(fingerprint) or known.get(legacy_fingerprint(clip))  # caches from before whole-file hashes
+        if found is not None:
+            cache, record = found
             located[index] = (cache, record.video_id)
         elif fingerprint in queued:  # the same file given twice: extract it once
             located[index] = (target, queued[fingerprint])
         else:
-            video_id = queued[fingerprint] = f"{clip.stem}-{fingerprint[:8]}"
+            video_id = queued[fingerprint] = f"{clip.stem}-{fingerprint.split(':')[-1][:8]}"
             to_extract.append(VideoSource(video_id, clip.absolute()))  # the manifest records absolute paths
             located[index] = (target, video_id)
 

@@ -36,7 +36,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from manifests.cache import FeatureCache, atomic_write_bytes, atomic_write_json
+from manifests.cache import (
+    FeatureCache,
+    JsonFileError,
+    atomic_write_bytes,
+    atomic_write_json,
+    read_json_object,
+    remove_temporary_files,
+)
+from manifests.claims import RunLock, describe_holder
 from models import build_model, config_class
 from models.checkpoint import (
     MODEL_CONFIG_NAME,
@@ -249,10 +257,7 @@ def recorded_config(
     run_dir: Path, given: dict[str, Any], model_flags: dict[str, Any], ablations: list[str], extra: list[str]
 ) -> tuple[TrainConfig, Preset | None]:
     """The settings a run was started with, for --resume; `given` flags may only repeat them."""
-    info = json.loads((Path(run_dir) / RUN_JSON).read_text())
-    if info.get("config") is None:
-        raise TrainError(f"{run_dir} holds an imported checkpoint, not a run trained here; it cannot be resumed")
-    config = TrainConfig.from_dict(info["config"])
+    config = TrainConfig.from_dict(read_run_config(Path(run_dir)))
     config.out = str(run_dir)  # the folder may have moved since
     preset = None if config.preset is None else get_preset(config.preset, config.action)
     options = model_options_from_flags(config.model, model_flags, ablations, extra)
@@ -454,13 +459,20 @@ def find_resume_state(run_dir: Path) -> Path | None:
 
 
 def load_resume_state(folder: Path, model, optimizer, generator) -> dict[str, Any]:
-    state = json.loads((folder / "state.json").read_text())
+    """Restore model, optimizer and random streams from a last/ folder; TrainError naming the file."""
+    state = read_json_object(folder / "state.json", "resume state")
     weights, _ = load_tensors(folder / "model.safetensors")
-    load_model_state(model, weights)
+    load_model_state(model, weights, folder / "model.safetensors")
     opt_tensors, _ = load_tensors(folder / "optimizer.safetensors")
-    optimizer.load_state_dict(_unflatten_optimizer(opt_tensors, state["optimizer"]))
     rng_tensors, _ = load_tensors(folder / "rng.safetensors")
-    _restore_rng(rng_tensors, state["rng"], generator)
+    try:
+        optimizer.load_state_dict(_unflatten_optimizer(opt_tensors, state["optimizer"]))
+        _restore_rng(rng_tensors, state["rng"], generator)
+        int(state["epoch"]), dict(state["best"])
+    except Exception as exc:  # missing keys, wrong shapes or types: the folder is not what train wrote
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TrainError(f"{folder}: cannot resume from it ({type(exc).__name__}: {reason[:200]}); "
+                         f"delete {folder} to restart from epoch 1") from None
     return state
 
 
@@ -561,10 +573,44 @@ def train(
     """Train (or continue) the run in `config.out`; see the module docstring for what it writes."""
     config.validate()
     run_dir = Path(config.out).expanduser()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TrainError(f"--out {run_dir} is a file, not a run folder; choose another --out")
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(run_dir, "pipeline train" + (" --resume" if resume else ""))
+    holder = lock.acquire()
+    if holder is not None:
+        raise TrainError(f"{run_dir} is in use by another `{holder.get('command', 'pipeline train')}`: "
+                         f"{describe_holder(holder)}; wait for it, or use another --out (if that process "
+                         f"is surely gone, delete {lock.path})")
+    try:
+        return _train_locked(config, preset, resume, device, progress, stop_after_epochs, log, run_dir)
+    finally:
+        lock.release()
+        if created and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # stopped before writing anything (bad labels, say): leave no empty folder
+
+
+def read_run_config(run_dir: Path) -> dict[str, Any]:
+    """The TrainConfig recorded in RUN/run.json, or a JsonFileError naming the file."""
+    path = run_dir / RUN_JSON
+    stored = read_json_object(path, "run record")
+    if "config" in stored and stored["config"] is None:  # written by import-checkpoint
+        raise TrainError(f"{run_dir} holds an imported checkpoint, not a run trained here; it cannot be resumed")
+    if not isinstance(stored.get("config"), dict):
+        raise JsonFileError(f"{path} is not a valid run record: no \"config\" object")
+    return stored["config"]
+
+
+def _train_locked(
+    config: TrainConfig, preset: Preset | None, resume: bool, device: str, progress: bool,
+    stop_after_epochs: int | None, log: Callable[[str], None], run_dir: Path,
+) -> TrainResult:
+    remove_temporary_files(run_dir)  # what a killed write left; we are the folder's only writer now
     if resume:
         if not (run_dir / RUN_JSON).is_file():
             raise TrainError(f"--resume: {run_dir} holds no run ({RUN_JSON} is missing)")
-        stored = json.loads((run_dir / RUN_JSON).read_text())["config"]
+        stored = read_run_config(run_dir)
         mine = config.to_dict()
         differ = sorted(k for k in mine if k not in ("sources", "out") and stored.get(k) != mine[k])
         if differ:
@@ -572,7 +618,7 @@ def train(
                 f"--resume: settings differ from the run in {run_dir}: "
                 + "; ".join(f"{k}: run {stored.get(k)!r}, now {mine[k]!r}" for k in differ)
             )
-    elif run_dir.exists() and any(run_dir.iterdir()):
+    elif any(p.name != RunLock.NAME for p in run_dir.iterdir()):
         raise TrainError(f"{run_dir} already holds files; pass --resume to continue that run or choose another --out")
 
     torch_device = resolve_device(device)
@@ -611,8 +657,10 @@ def train(
     info = _run_info(config, preset, bundle, counts, seq_len)
     start_epoch, best, rows = 0, {}, []
     if resume:
-        recorded = json.loads((run_dir / RUN_JSON).read_text())
-        if recorded["splits"]["train"] != info["splits"]["train"] or recorded["splits"]["val"] != info["splits"]["val"]:
+        recorded = read_json_object(run_dir / RUN_JSON, "run record")
+        if not isinstance(recorded.get("splits"), dict):
+            raise TrainError(f"{run_dir / RUN_JSON} is not a valid run record: no \"splits\" object")
+        if recorded["splits"].get("train") != info["splits"]["train"] or recorded["splits"].get("val") != info["splits"]["val"]:
             raise TrainError(f"--resume: the labels or features changed since the run started ({run_dir / RUN_JSON})")
         folder = find_resume_state(run_dir)
         if folder is None:
@@ -621,7 +669,11 @@ def train(
             state = load_resume_state(folder, model, optimizer, generator)
             start_epoch, best = int(state["epoch"]), state["best"]
             log(f"resuming {run_dir} after epoch {start_epoch} of {config.epochs}")
-        rows = [r for r in _read_log(run_dir / LOG_CSV) if int(r["epoch"]) <= start_epoch]
+        try:
+            rows = [r for r in _read_log(run_dir / LOG_CSV) if int(r["epoch"]) <= start_epoch]
+        except (KeyError, ValueError, TypeError) as exc:
+            raise TrainError(f"{run_dir / LOG_CSV} is not a training log written by train ({exc}); "
+                             "move it away to continue without the earlier rows") from None
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run_dir / RUN_JSON, info)
@@ -702,8 +754,8 @@ def train(
         # every epoch, so a run stopped early says how far it got ("epoch 3 of 410, stopped after 5")
         progress_note = {"epochs_done": epoch + 1, "epochs_planned": config.epochs}
         atomic_write_json(run_dir / BEST_JSON, {**best, "selection": info["selection"], **progress_note})
+        _write_log(run_dir / LOG_CSV, rows)  # before the swap: a resume drops rows beyond its state
         save_resume_state(run_dir, model, optimizer, generator, epoch + 1, best)
-        _write_log(run_dir / LOG_CSV, rows)
         epochs_run += 1
 
     if not best:

@@ -18,7 +18,8 @@ from extractors.config import ExtractionConfig
 from extractors.decode import VideoFrames, audio_windows, load_audio, plan_segments
 from manifests.cache import FeatureCache
 from pipeline.cli import main
-from pipeline.extract import Claims, discover_videos, extract_videos, prepare_cache
+from manifests.claims import Claims
+from pipeline.extract import discover_videos, extract_videos, prepare_cache
 from pipeline.samples import ClipSpec, write_clip
 from tests.conftest import tiny_config
 
@@ -220,11 +221,10 @@ def test_stale_claim_of_a_killed_process_is_taken_over(clip_folder, tmp_path):
     cache = prepare_cache(tmp_path / "out", config, extractors)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    claims = Claims(cache)
-    stale = claims._path("good")
-    stale.write_text(json.dumps({"video_id": "good", "host": claims.host, "pid": dead.pid}))
-    live = claims._path("wide")
-    live.write_text(json.dumps({"video_id": "wide", "host": claims.host, "pid": os.getppid()}))
+    claims = Claims(cache.root / "claims")
+    host = claims.me["host"]  # claims in the format written before tokens and start times: still honoured
+    claims.path("good").write_text(json.dumps({"video_id": "good", "host": host, "pid": dead.pid}))
+    claims.path("wide").write_text(json.dumps({"video_id": "wide", "host": host, "pid": os.getppid()}))
     summary = extract_videos(discover_videos(folder), cache, extractors, config, progress=False)
     assert [r.video_id for r in summary.records] == ["good"]
     assert summary.claimed_elsewhere == ["wide"]  # a live process holds it: left alone

@@ -1,0 +1,272 @@
+"""Ownership files: one process at a time works on a video (claims) or writes a run folder (lock).
+
+An ownership file is JSON naming its holder: host, pid, the process's start time (so a reused pid is
+not mistaken for the holder), a random token (so a holder can tell its own file from a successor's)
+and when it was taken. It is created complete and atomically (written to a temporary file, then
+hard-linked to its name, which fails if the name exists), so nobody ever reads a half-written one.
+
+The staleness rule (when a file may be taken over):
+- on the holder's own host (and pid namespace): the pid is not running, or it runs but started at
+  another time (reused);
+- on any host: the holder refreshes the file's modification time every HEARTBEAT_S seconds while it
+  works (a background thread); a file not refreshed for `stale_after` seconds (STALE_AFTER_S, 10
+  minutes, by default) belongs to a process that is gone or hung: a killed container, a lost node;
+- a file that cannot be read as JSON is stale once it is that old as well.
+A file held by a live process of this host is never taken over, however old.
+
+Taking over is a compare-and-swap: the taker first creates `<file>.<token>.takeover` exclusively
+for the stale holder's token (so two takers of one stale file cannot both win), re-reads the file to
+check the stale holder still holds it, and only then removes it and creates its own, again
+exclusively. No interleaving of these steps gives a file two owners (tests/test_claims.py plays them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable
+
+HEARTBEAT_S = 60.0
+STALE_AFTER_S = 600.0
+TAKEOVER_STALE_S = 60.0  # a takeover marker older than this was left by a taker that died mid-step
+
+
+def process_start_time(pid: int) -> str | None:
+    """The kernel's start time of `pid` (clock ticks since boot, from /proc), None where unavailable."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22 of proc(5), counted after the command name
+
+
+def pid_namespace() -> int | None:
+    """The inode of this process's pid namespace: two containers may share a host name, not this."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
+def this_process() -> dict[str, Any]:
+    """Who the current process is, as an ownership file records it (a new token per call)."""
+    return {
+        "host": socket.gethostname(),
+        "pid_namespace": pid_namespace(),
+        "pid": os.getpid(),
+        "process_start": process_start_time(os.getpid()),
+        "token": uuid.uuid4().hex,
+        "since": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def describe_holder(holder: dict[str, Any] | None) -> str:
+    if not holder:
+        return "an unknown process (unreadable ownership file)"
+    return f"pid {holder.get('pid')} on host {holder.get('host')} (since {holder.get('since')})"
+
+
+def read_holder(path: Path) -> dict[str, Any] | None:
+    """The holder recorded in `path`; None when the file is gone or unreadable."""
+    try:
+        holder = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) else None
+
+
+def is_stale(path: Path, holder: dict[str, Any] | None, stale_after: float = STALE_AFTER_S) -> bool:
+    """True when the holder of `path` is provably gone (see the module docstring for the rule)."""
+    try:
+        age = time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return True
+    same_namespace = holder is not None and holder.get("pid_namespace") in (None, pid_namespace())
+    if holder is not None and holder.get("host") == socket.gethostname() and same_namespace:
+        try:
+            pid = int(holder["pid"])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except (KeyError, TypeError, ValueError):
+            return age > stale_after
+        except PermissionError:
+            pass  # runs, under another user
+        recorded, current = holder.get("process_start"), process_start_time(pid)
+        if recorded is not None and current is not None and recorded != current:
+            return True  # the pid was reused by another process
+        return False  # a live process of this host: never taken over
+    return age > stale_after
+
+
+def _create(path: Path, holder: dict[str, Any]) -> bool:
+    """Create `path` holding `holder`, complete, only if it does not exist."""
+    tmp = path.with_name(f".{path.name}.{holder['token']}.tmp")
+    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(holder, handle)
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _take_over(path: Path, stale: dict[str, Any] | None, stale_after: float) -> bool:
+    """Remove the stale file `path` if it still holds `stale`; True when removed (by us)."""
+    token = stale.get("token", "none") if stale else "unreadable"
+    marker = path.with_name(f"{path.name}.{token}.takeover")
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    except FileExistsError:
+        try:
+            if time.time() - marker.stat().st_mtime > TAKEOVER_STALE_S:
+                marker.unlink(missing_ok=True)  # its taker died between two steps; the next try may proceed
+        except FileNotFoundError:
+            pass
+        return False
+    os.close(fd)
+    try:
+        now = read_holder(path)
+        same = (now == stale) if stale is not None else (now is None and path.exists())
+        if not same or not is_stale(path, now, stale_after):
+            return False  # someone else took it over (or released it) since we looked
+        path.unlink(missing_ok=True)
+        return True
+    finally:
+        marker.unlink(missing_ok=True)
+
+
+def acquire_file(path: Path, holder: dict[str, Any], stale_after: float = STALE_AFTER_S) -> dict[str, Any] | None:
+    """Make `path` ours; None on success, else the current holder (None-safe dict, {} if unreadable)."""
+    for _ in range(3):
+        if _create(path, holder):
+            return None
+        current = read_holder(path)
+        if current is None and not path.exists():
+            continue  # released meanwhile: try again
+        if not is_stale(path, current, stale_after):
+            return current or {}
+        _take_over(path, current, stale_after)
+    current = read_holder(path)
+    return current or {}
+
+
+def holds(path: Path, holder: dict[str, Any]) -> bool:
+    """True when `path` still names `holder` (by token)."""
+    current = read_holder(path)
+    return current is not None and current.get("token") == holder["token"]
+
+
+class Heartbeat:
+    """A daemon thread refreshing the modification time of the files `paths()` returns."""
+
+    def __init__(self, paths, interval: float = HEARTBEAT_S) -> None:
+        self.paths, self.interval = paths, interval
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="ownership-heartbeat")
+
+    def __enter__(self) -> "Heartbeat":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop_event.set()
+        self.thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self.stop_event.wait(self.interval):
+            for path in list(self.paths()):
+                try:
+                    os.utime(path)
+                except OSError:
+                    pass  # released meanwhile
+
+
+class Claims:
+    """Claim files `<folder>/<sha1(video_id)[:20]>.claim`: one process works on a video at a time."""
+
+    def __init__(self, folder: Path, stale_after: float = STALE_AFTER_S) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.stale_after = stale_after
+        self.me = this_process()
+        self.held: dict[str, Path] = {}
+
+    @staticmethod
+    def file_name(video_id: str) -> str:
+        return hashlib.sha1(video_id.encode()).hexdigest()[:20] + ".claim"
+
+    def path(self, video_id: str) -> Path:
+        return self.folder / self.file_name(video_id)
+
+    def holder(self, video_id: str) -> dict[str, Any] | None:
+        return read_holder(self.path(video_id))
+
+    def acquire(self, video_id: str) -> bool:
+        """True when this process now owns `video_id`; False when a live process does."""
+        path = self.path(video_id)
+        if acquire_file(path, {**self.me, "video_id": video_id}, self.stale_after) is not None:
+            return False
+        self.held[video_id] = path
+        return True
+
+    def still_held(self, video_id: str) -> bool:
+        """True while our claim is in place (it is lost only if we were silent longer than stale_after)."""
+        return video_id in self.held and holds(self.held[video_id], self.me)
+
+    def release(self, video_id: str) -> None:
+        path = self.held.pop(video_id, None)
+        if path is not None and holds(path, self.me):
+            path.unlink(missing_ok=True)
+
+    def release_all(self) -> None:
+        for video_id in list(self.held):
+            self.release(video_id)
+
+    def release_for(self, video_ids: Iterable[str], host: str | None, pid: int | None) -> None:
+        """Remove the claims that process (host, pid) holds on these videos: it is known to be dead
+        (a Ray actor that crashed), so its videos can be redone now rather than after stale_after."""
+        for video_id in video_ids:
+            path = self.path(video_id)
+            current = read_holder(path)
+            if current is not None and current.get("host") == host and current.get("pid") == pid:
+                _take_over(path, current, stale_after=-1.0)  # compare, then remove
+
+    def heartbeat(self, interval: float = HEARTBEAT_S) -> Heartbeat:
+        return Heartbeat(lambda: list(self.held.values()), interval)
+
+
+class RunLock:
+    """`RUN/.lock`: the single writer of a run folder. Taken over only when provably stale."""
+
+    NAME = ".lock"
+
+    def __init__(self, folder: Path, command: str, stale_after: float = STALE_AFTER_S) -> None:
+        self.path = Path(folder) / self.NAME
+        self.me = {**this_process(), "command": command}
+        self.stale_after = stale_after
+        self._heartbeat: Heartbeat | None = None
+
+    def acquire(self) -> dict[str, Any] | None:
+        """None when acquired (and the heartbeat started); else the holder."""
+        holder = acquire_file(self.path, self.me, self.stale_after)
+        if holder is None:
+            self._heartbeat = Heartbeat(lambda: [self.path]).__enter__()
+        return holder
+
+    def release(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.__exit__()
+            self._heartbeat = None
+        if holds(self.path, self.me):
+            self.path.unlink(missing_ok=True)
