@@ -18,10 +18,10 @@ from safetensors.torch import save_file
 import pipeline.train as train_module
 from manifests.cache import CacheError
 from pipeline.cli import main
-from pipeline.train import TrainError, resolve_config, train
+from pipeline.train import TrainError, train
 from tests.synthetic import write_labels, write_synthetic_cache
+from tests.test_train import tiny_config
 
-TINY = dict(hidden=16, encoder_layers=1, decoder_layers=1, encoder_heads=2, decoder_heads=2, generator_heads=2, dropout=0.1)
 QUIET = dict(progress=False, log=lambda message: None)
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,12 +32,6 @@ def small(tmp_path_factory):
     made = write_synthetic_cache(root / "cache", num_videos=12, length_range=(5, 9))
     return made, write_labels(root / "labels.csv", made.scores)
 
-
-def config_for(made, labels, out, **overrides):
-    settings = dict(epochs=2, lr=1e-3, batch_size=4, clip_num=6, val_fraction=0.25, seed=3)
-    settings.update(overrides)
-    config, _ = resolve_config(made.cache.root, labels, out, overrides=settings, model_options=TINY)
-    return config
 
 
 def cli_train(made, labels, out, *extra):
@@ -84,7 +78,7 @@ def test_two_train_processes_on_one_run_folder(tmp_path, small):
 
 def test_a_lock_left_by_a_killed_train_is_taken_over(tmp_path, small):
     made, labels = small
-    config = config_for(made, labels, tmp_path / "run")
+    config = tiny_config(made, labels, tmp_path / "run")
     train(config, stop_after_epochs=1, **QUIET)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -158,7 +152,7 @@ def test_train_names_the_video_with_bad_features(tmp_path, capsys, problem):
     else:
         path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(CacheError, match="vid004"):
-        train(config_for(made, labels, tmp_path / "api"), **QUIET)
+        train(tiny_config(made, labels, tmp_path / "api"), **QUIET)
     assert not (tmp_path / "api").exists()  # stopped before training: nothing left behind
     assert main(cli_train(made, labels, tmp_path / "run", "--epochs", "1")) == 2
     err = one_line_error(capsys, "vid004", path)
@@ -168,7 +162,7 @@ def test_train_names_the_video_with_bad_features(tmp_path, capsys, problem):
 @pytest.mark.parametrize("when", ["after the swap", "before the swap"])
 def test_a_kill_at_the_state_swap_loses_no_log_row(tmp_path, small, monkeypatch, when):
     made, labels = small
-    straight = train(config_for(made, labels, tmp_path / "straight", epochs=3), **QUIET)
+    straight = train(tiny_config(made, labels, tmp_path / "straight", epochs=3), **QUIET)
     real_save = train_module.save_resume_state
 
     def killed_at_epoch_two(run_dir, model, optimizer, generator, epoch, best):
@@ -178,7 +172,7 @@ def test_a_kill_at_the_state_swap_loses_no_log_row(tmp_path, small, monkeypatch,
             raise KeyboardInterrupt  # kill -9 stands here
         real_save(run_dir, model, optimizer, generator, epoch, best)
 
-    config = config_for(made, labels, tmp_path / "killed", epochs=3)
+    config = tiny_config(made, labels, tmp_path / "killed", epochs=3)
     monkeypatch.setattr(train_module, "save_resume_state", killed_at_epoch_two)
     with pytest.raises(KeyboardInterrupt):
         train(config, **QUIET)
