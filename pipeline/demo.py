@@ -28,9 +28,9 @@ MODELS = {"MCMoE": [], "Baseline": ["--ablation", "baseline"]}  # demo name -> e
 
 @dataclass(frozen=True)
 class DemoSettings:
-    train_clips: int = 76
-    val_clips: int = 28  # the checkpoint is chosen on these: enough that the choice is not a coin toss
-    test_clips: int = 36  # held out: the numbers the demo reports
+    train_clips: int = 120
+    val_clips: int = 40  # the checkpoint is chosen on these: enough that the choice is not a coin toss
+    test_clips: int = 40  # held out: the numbers the demo reports
     unseen_clips: int = 4  # scored end to end at the end, one without audio
     clip_seconds: tuple[float, float] = (2.7, 3.2)  # 2 segments of 32 frames at 24-30 fps
     segment_frames: int = 32
@@ -38,7 +38,7 @@ class DemoSettings:
     batch_size: int = 16
     lr: float = 2e-3
     hidden: int = 64
-    # With ~100 short clips the published dropout (0.3) and L_div weight (alpha 1) keep both models at
+    # With ~100-200 short clips the published dropout (0.3) and L_div weight (alpha 1) keep both models at
     # the mean score for hundreds of steps: the triplet term (~1.0) dwarfs the task term (10 x ~0.013).
     dropout: float = 0.1
     alpha: float = 0.1
