@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import math
 import sys
+import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -87,9 +88,18 @@ def make_dataset(out: Path, settings: DemoSettings) -> tuple[Path, Path, list[Cl
 
 
 @dataclass
+class Comparison:
+    table: str
+    csv: Path
+    json: Path
+    plot: Path
+    evaluations: dict  # demo model name -> pipeline.evaluate.Evaluation
+
+
+@dataclass
 class DemoResult:
     code: int  # the exit code of `pipeline demo`
-    comparison: "Comparison | None" = None
+    comparison: Comparison | None = None
     unseen: list = field(default_factory=list)  # (ClipSpec, pipeline.score.ClipScore) of the unseen clips
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of each stage
 
@@ -178,62 +188,49 @@ def run_demo(out: Path, settings: DemoSettings = DemoSettings(), device: str = "
     return DemoResult(1 if any(result.error for _, result in scored) else 0, comparison, scored, seconds)
 
 
-@dataclass
-class Comparison:
-    table: str
-    csv: Path
-    json: Path
-    plot: Path
-    evaluations: dict  # demo model name -> pipeline.evaluate.Evaluation
-
-
 def compare_models(out: Path, labels: Path, device: str) -> Comparison:
     """Evaluate every demo model on the test rows of `labels`; write the side-by-side table and picture."""
-    from manifests.cache import atomic_write_json
+    import pandas as pd
+
+    from manifests.cache import atomic_write_bytes, atomic_write_json
     from pipeline import data
     from pipeline.evaluate import load_run
     from pipeline.labels import read_labels
+    from pipeline.provenance import headline, provenance
 
     rows = read_labels(labels)
     test_ids = rows.ids_in_split("test")
-    evaluations, provenance = {}, {}
+    evaluations, runs = {}, {}
     for name in MODELS:
-        run = load_run(out / "runs" / name.lower(), device)
+        run = runs[name] = load_run(out / "runs" / name.lower(), device)
         evaluations[name] = run.evaluate(data.load_samples(run.open_features(), test_ids, rows.scores))
-        provenance[name] = {"run": str(run.directory), "checkpoint_epoch": run.best.get("epoch"),
-                            "selected_on": run.info.get("selected_on"),
-                            "random_weight_features": bool(run.info.get("random_weight_features"))}
+    made = provenance(run.extraction_config for run in runs.values())
     columns = [c[0] for c in next(iter(evaluations.values())).columns()]
     width = max(9, *(len(c) + 2 for c in columns))
-    header = f"{'':14}" + "".join(c.rjust(width) for c in columns)
-    lines = [f"Held-out test clips ({len(test_ids)}); RANDOM-weight backbones, synthetic clips: no accuracy claim",
-             header]
+    lines = [headline(f"held-out test clips ({len(test_ids)})", made),
+             f"{'':14}" + "".join(c.rjust(width) for c in columns)]
     records = []
     for metric, index, spec in (("rho", 1, ".3f"), ("MSE", 2, ".2f")):
         for name, evaluation in evaluations.items():
             values = [c[index] for c in evaluation.columns()]
             lines.append(f"{name + ' ' + metric:14}" + "".join(
                 ("n/a" if math.isnan(v) else format(v, spec)).rjust(width) for v in values))
-            records += [{"model": name, "metric": metric, "setting": c, "value": None if math.isnan(v) else v}
+            records += [{"model": name, "metric": metric, "setting": c, "value": None if math.isnan(v) else v, **made}
                         for c, v in zip(columns, values)]
     table = "\n".join(lines)
     folder = out / "comparison"
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "test.csv", "w", newline="") as handle:
-        handle.write("# random-weight backbones on synthetic demo clips: no accuracy claim\n")
-        writer = csv.DictWriter(handle, ["model", "metric", "setting", "value"])
-        writer.writeheader()
-        writer.writerows(records)
+    atomic_write_bytes(folder / "test.csv", pd.DataFrame(records).to_csv(index=False).encode())
     atomic_write_json(folder / "test.json", {
-        "note": "RANDOM-weight backbones on synthetic demo clips: shows learning, no accuracy claim",
-        "random_weights": True, "test_clips": test_ids, "models": provenance, "results": records,
-        "labels": str(labels.resolve()),
+        "note": lines[0], **made, "test_clips": test_ids, "labels": str(labels.resolve()), "results": records,
+        "models": {name: {"run": str(run.directory), "checkpoint_epoch": run.best.get("epoch"),
+                          "selected_on": run.info.get("selected_on")} for name, run in runs.items()},
     })
-    plot_comparison(folder / "test.png", evaluations)
+    plot_comparison(folder / "test.png", evaluations, lines[0])
     return Comparison(table, folder / "test.csv", folder / "test.json", folder / "test.png", evaluations)
 
 
-def plot_comparison(path: Path, evaluations: dict) -> None:
+def plot_comparison(path: Path, evaluations: dict, title: str) -> None:
     """Predicted vs true: one row per model, the full set and the hardest missing setting side by side."""
     import matplotlib
 
@@ -257,7 +254,7 @@ def plot_comparison(path: Path, evaluations: dict) -> None:
             ax.set_xlabel("true score", fontsize=8)
             ax.set_ylabel("predicted score", fontsize=8)
             ax.tick_params(labelsize=7)
-    figure.suptitle("Held-out demo clips. RANDOM-weight backbones, synthetic clips: no accuracy claim", fontsize=9)
+    figure.suptitle(textwrap.fill(title, 90), fontsize=9, color="red" if title.startswith("RANDOM") else "black")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

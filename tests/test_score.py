@@ -109,6 +109,9 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     out = capsys.readouterr()
     assert "RANDOM WEIGHTS" in out.err and "Demo finished" in out.out
     assert "MCMoE rho" in out.out and "Baseline rho" in out.out  # the side-by-side table
+    assert "RANDOM-WEIGHT BACKBONES: held-out test clips (3)" in out.out
+    comparison = pd.read_csv(tmp_path / "demo" / "comparison" / "test.csv")
+    assert comparison["random_weights"].all() and comparison["config_hash"].nunique() == 1
     assert (tmp_path / "demo" / "scores.csv").is_file() and (tmp_path / "demo" / "comparison" / "test.png").is_file()
     scores = pd.read_csv(tmp_path / "demo" / "scores.csv")
     assert scores.loc[0, "imputed"] == "audio"
