@@ -67,9 +67,17 @@ def _write_clips(jobs: list[tuple[ClipSpec, Path]]) -> None:
         list(pool.map(lambda job: write_clip(*job), todo))
 
 
-def make_dataset(out: Path, settings: DemoSettings) -> tuple[Path, Path, list[ClipSpec]]:
+def extract_command(settings: DemoSettings, videos: Path, cache: Path, device: str, quiet: bool) -> list[str]:
+    """The `pipeline extract` arguments of the demo's features."""
+    return ["extract", "--videos", str(videos), "--out", str(cache), "--backbones", "random",
+            "--arch-size", settings.arch_size, "--flow", "farneback", "--segment-frames", str(settings.segment_frames),
+            "--seed", str(settings.seed), "--device", device, *(["--quiet"] if quiet else [])]
+
+
+def make_dataset(out: Path, settings: DemoSettings) -> tuple[Path, Path, list[ClipSpec], list[ClipSpec]]:
     """Labelled clips in out/videos with out/labels.csv (video_id,score,split), and unseen clips in
-    out/new/ whose known scores go to out/new/known_scores.csv (never seen by training)."""
+    out/new/ whose known scores go to out/new/known_scores.csv (never seen by training).
+    Returns (videos folder, labels file, labelled clips in train/val/test order, unseen clips)."""
     out.mkdir(parents=True, exist_ok=True)
     videos, labels = out / "videos", out / "labels.csv"
     specs = sample_set(settings.labelled_clips, seed=settings.seed, seconds=settings.clip_seconds,
@@ -84,7 +92,7 @@ def make_dataset(out: Path, settings: DemoSettings) -> tuple[Path, Path, list[Cl
             writer = csv.writer(handle)
             writer.writerow(["video_id", "score", "split"])
             writer.writerows([spec.name, spec.label, split] for spec, split in rows)
-    return videos, labels, unseen
+    return videos, labels, specs, unseen
 
 
 @dataclass
@@ -100,6 +108,7 @@ class Comparison:
 class DemoResult:
     code: int  # the exit code of `pipeline demo`
     comparison: Comparison | None = None
+    labelled: list[ClipSpec] = field(default_factory=list)  # in train, val, test order
     unseen: list = field(default_factory=list)  # (ClipSpec, pipeline.score.ClipScore) of the unseen clips
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of each stage
 
@@ -124,7 +133,7 @@ def run_demo(out: Path, settings: DemoSettings = DemoSettings(), device: str = "
     _say(f"\n[1/6] making {settings.labelled_clips} labelled sample clips ({settings.train_clips} train, "
          f"{settings.val_clips} validation, {settings.test_clips} test; every third without audio) and "
          f"{settings.unseen_clips} unseen clips in {out}")
-    videos, labels, unseen = make_dataset(out, settings)
+    videos, labels, labelled, unseen = make_dataset(out, settings)
     lap("clips")
     quiet = [] if progress else ["--quiet"]
     cache = out / "cache"
@@ -133,9 +142,7 @@ def run_demo(out: Path, settings: DemoSettings = DemoSettings(), device: str = "
         "extract",
         "[2/6] extract features: rgb (Video Swin), flow (Farneback + I3D), audio (AST); "
         f"{settings.arch_size} architectures, random weights",
-        ["extract", "--videos", str(videos), "--out", str(cache), "--backbones", "random",
-         "--arch-size", settings.arch_size, "--flow", "farneback", "--segment-frames", str(settings.segment_frames),
-         "--seed", str(settings.seed), "--device", device, *quiet],
+        extract_command(settings, videos, cache, device, quiet=not progress),
     )]
     for step, (name, flags) in enumerate(MODELS.items(), start=3):
         run_dir = out / "runs" / name.lower()
@@ -155,7 +162,7 @@ def run_demo(out: Path, settings: DemoSettings = DemoSettings(), device: str = "
         code = main(argv)
         if code != 0:
             _say(f"demo stopped: `pipeline {argv[0]}` exited with {code}")
-            return DemoResult(code, seconds=seconds)
+            return DemoResult(code, labelled=labelled, seconds=seconds)
         lap(stage)
 
     _say(f"\n[5/6] evaluate both on the {settings.test_clips} held-out test clips under every modality setting\n"
@@ -185,7 +192,7 @@ def run_demo(out: Path, settings: DemoSettings = DemoSettings(), device: str = "
           "  pipeline train --features ~/cache --labels labels.csv --out runs/mine --preset rg --action Ball\n"
           "  pipeline evaluate --run runs/mine --labels test.csv --plot runs/mine/test.png\n"
           f"  pipeline score new_clip.mp4 --run runs/mine --out scores.csv\n{BANNER}")
-    return DemoResult(1 if any(result.error for _, result in scored) else 0, comparison, scored, seconds)
+    return DemoResult(1 if any(result.error for _, result in scored) else 0, comparison, labelled, scored, seconds)
 
 
 def compare_models(out: Path, labels: Path, device: str) -> Comparison:

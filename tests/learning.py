@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import spearmanr
 
-from pipeline.demo import DemoResult, DemoSettings, run_demo
-from pipeline.samples import ClipSpec, sample_set
+from pipeline.demo import DemoResult, DemoSettings, extract_command, run_demo
+from pipeline.samples import ClipSpec
 
 REDUCED_SEED = 0
 
@@ -63,9 +63,7 @@ def run_reduced_demo(out: Path, seed: int = REDUCED_SEED) -> LearningRun:
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         result = run_demo(out, settings, device="cpu", progress=False)
     assert result.code == 0, f"the reduced demo exited with {result.code}"
-    specs = sample_set(settings.labelled_clips, seed=settings.seed, seconds=settings.clip_seconds,
-                       vary_format=settings.vary_format)
-    return LearningRun(out, settings, result, specs)
+    return LearningRun(out, settings, result, result.labelled)
 
 
 def flat_clip_rho(run: LearningRun, model: str, setting: str = "{v,f,a}") -> float:
@@ -82,10 +80,7 @@ def flat_clip_rho(run: LearningRun, model: str, setting: str = "{v,f,a}") -> flo
         for spec in flat:
             write_clip(spec, folder / f"{spec.name}.mp4")
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            code = main(["extract", "--videos", str(folder), "--out", str(cache), "--backbones", "random",
-                         "--arch-size", run.settings.arch_size, "--flow", "farneback",
-                         "--segment-frames", str(run.settings.segment_frames), "--seed", str(run.settings.seed),
-                         "--device", "cpu", "--quiet"])
+            code = main(extract_command(run.settings, folder, cache, "cpu", quiet=True))
         assert code == 0
     trained = load_run(run.out / "runs" / model.lower(), "cpu")
     samples = data.load_samples(trained.open_features(cache), [s.name for s in flat], {s.name: s.label for s in flat})
