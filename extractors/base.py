@@ -82,6 +82,12 @@ class Extractor:
         self.weights = weights
 
     @classmethod
+    def feature_version(cls, config: ExtractionConfig) -> str:
+        """The version of the features this extractor makes under `config`, as records and config.json
+        store it: a cache is only ever extended with features of the same version."""
+        return cls.version
+
+    @classmethod
     def check_weights(cls, config: ExtractionConfig, weights: WeightsSource) -> None:
         """Raise WeightsUnavailableError before any video is touched if weights cannot be had.
 
@@ -95,7 +101,7 @@ class Extractor:
         """What is recorded in config.json and the manifest about this extractor."""
         return {
             "name": self.name,
-            "version": self.version,
+            "version": self.feature_version(self.config),
             "feature_dim": self.feature_dim,
             "weights": self.config.weights,
             "arch_size": self.config.arch_size,

@@ -50,6 +50,12 @@ class FlowI3DExtractor(Extractor):
         self.i3d = i3d.to(device).eval().requires_grad_(False)
 
     @classmethod
+    def feature_version(cls, config: ExtractionConfig) -> str:
+        # Version 2 initialises the random-weight I3D so its activations keep their scale (see
+        # extractors/i3d.py); pretrained weights replace every parameter, so their features are version 1's.
+        return "2" if config.random_weights else "1"
+
+    @classmethod
     def check_weights(cls, config: ExtractionConfig, weights: WeightsSource) -> None:
         check_all_weights([lambda: check_flow_weights(cls.flow_method, weights),
                            lambda: checkpoint_path(weights, I3D_FLOW_URL)])

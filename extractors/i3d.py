@@ -149,6 +149,13 @@ class InceptionI3d(nn.Module):
         self.logits = Unit3D(
             channels, num_classes, use_batch_norm=False, use_bias=True, activation=False
         )
+        for module in self.modules():
+            if isinstance(module, nn.Conv3d):
+                # He initialisation (fan-in, ReLU gain) keeps activations at their input's scale through
+                # the 60-odd convolutions when the weights stay random. PyTorch's default (a third of
+                # the variance per layer) shrinks them to ~1e-7, below the scorer's BatchNorm eps, so
+                # random-weight flow features carried almost no signal. Pretrained weights replace it.
+                nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
 
     def temporal_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in, T, H, W) -> (B, feature_dim, T') pooled features per temporal position.

@@ -169,7 +169,7 @@ def cache_if_complete(
     if not (cache.root / "config.json").is_file():
         return None
     stored = {m: (d.get("name"), d.get("version")) for m, d in cache.read_config().get("extractors", {}).items()}
-    wanted = {m: (config.backbones[m], extractor_class(m, config.backbones[m]).version) for m in config.modalities}
+    wanted = {m: (config.backbones[m], extractor_class(m, config.backbones[m]).feature_version(config)) for m in config.modalities}
     if stored != wanted:
         return None  # prepare_cache explains the difference once the extractors are built
     if any(needs_work(cache, s, retry_failed, verify) for s in sources):
@@ -588,14 +588,14 @@ class _Extraction:
             if modality in self.audio_modalities and job.audio_missing:
                 self.cache.feature_path(record.video_id, modality).unlink(missing_ok=True)
                 record.modalities[modality] = ModalityRecord(
-                    MISSING, extractor=extractor.name, version=extractor.version, reason="no audio track"
+                    MISSING, extractor=extractor.name, version=extractor.feature_version(self.config), reason="no audio track"
                 )
                 continue
             array = arrays[modality]
             path = self.cache.feature_path(record.video_id, modality)
             self.cache.save_features(record.video_id, modality, array)
             record.modalities[modality] = ModalityRecord(
-                DONE, shape=list(array.shape), extractor=extractor.name, version=extractor.version,
+                DONE, shape=list(array.shape), extractor=extractor.name, version=extractor.feature_version(self.config),
                 bytes=path.stat().st_size, sha256=file_sha256(path),
             )
         record.status, record.error, record.finished_at = DONE, None, _now()
@@ -615,7 +615,7 @@ class _Extraction:
             else:
                 why = reason
             record.modalities[modality] = ModalityRecord(
-                FAILED, extractor=extractor.name, version=extractor.version, reason=why
+                FAILED, extractor=extractor.name, version=extractor.feature_version(self.config), reason=why
             )
         job.features.clear()
         self.cache.write_record(record)

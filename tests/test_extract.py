@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -314,3 +315,18 @@ def test_two_processes_on_one_output_split_the_work(clip_folder, tmp_path):
         np.testing.assert_array_equal(cache.load_features(record.video_id)["rgb"],
                                       reference.load_features(record.video_id)["rgb"])
     assert len(cache.manifest()) == 8
+
+
+def test_a_cache_of_older_random_flow_features_is_not_extended(clip_folder, tmp_path):
+    """Random-weight flow features changed in version 2 (scale-preserving I3D init): a version-1 cache must
+    refuse new videos instead of mixing the two; pretrained flow features did not change (still version 1)."""
+    config = tiny_config(modalities=("flow",))
+    flow = build_extractors(config, CPU, WeightsSource())["flow"]
+    assert flow.describe()["version"] == "2"
+    assert flow.feature_version(dataclasses.replace(config, weights="pretrained", arch_size="full")) == "1"
+    cache, _ = run_extract(good_only(clip_folder, tmp_path), tmp_path / "out", config)
+    stored = cache.read_config()
+    stored["extractors"]["flow"]["version"] = "1"  # as the previous code wrote it
+    cache.write_config(stored)
+    with pytest.raises(Exception, match="extract into a new --out folder"):
+        run_extract(clip_folder / "good.mp4", tmp_path / "out", config)

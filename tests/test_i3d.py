@@ -121,3 +121,15 @@ def test_short_clips_too_short_for_pytorch_i3d_still_give_features():
         features = model.extract_features(torch.randn(2, 2, 7, 64, 64))  # 8-frame clip -> 7 flow fields
     assert features.shape == (2, 128)
     assert torch.isfinite(features).all()
+
+
+def test_random_weights_keep_the_input_scale():
+    """Random-weight I3D (the demo, the tests) must not shrink its input to nothing: with PyTorch's default
+    conv init the features were ~1e-7, below the scorer's BatchNorm eps, and carried no usable signal."""
+    torch.manual_seed(0)
+    model = inception_i3d(in_channels=2, width_multiplier=1 / 8).eval()
+    slow, fast = (torch.full((1, 2, 16, 112, 112), speed) + 0.05 * torch.randn(1, 2, 16, 112, 112) for speed in (0.05, 0.3))
+    with torch.no_grad():
+        features_slow, features_fast = model.extract_features(slow), model.extract_features(fast)
+    assert features_fast.abs().mean() > 0.05
+    assert (features_fast - features_slow).abs().mean() > 0.01  # different motion, clearly different features
