@@ -46,7 +46,9 @@ def main() -> None:
         "total_seconds": total,
         "stage_seconds": result.seconds,
         "settings": {k: v for k, v in vars(settings).items()},
-        "held_out_rho": {m: {s.name: s.rho for s in e.settings} | {"Average": e.average_rho} for m, e in evaluations.items()},
+        "held_out_rho_per_training_seed": {m: [{s.name: s.rho for s in e.settings} | {"Average": e.average_rho} for e in per_seed]
+                                           for m, per_seed in evaluations.items()},
+        "table": result.comparison.table if result.comparison else None,
     }
     print(json.dumps(record, indent=2), file=sys.stderr)
     if args.json:

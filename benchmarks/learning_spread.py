@@ -30,7 +30,7 @@ def measure(seed: int, work: Path) -> dict:
     started = time.perf_counter()
     run = run_reduced_demo(work / f"seed{seed}", seed)
     row = {"seed": seed}
-    for model, evaluation in run.result.comparison.evaluations.items():
+    for model, (evaluation,) in run.result.comparison.evaluations.items():
         row[f"{model}_full"] = run.setting(model, "{v,f,a}").rho
         row[f"{model}_flow"] = run.setting(model, "{f}").rho
         row[f"{model}_average"] = evaluation.average_rho

@@ -665,6 +665,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--test-clips", type=int, default=defaults.test_clips, help="(default: %(default)s)")
     parser.add_argument("--steps", type=int, default=defaults.steps,
                         help="optimiser steps per model, the same for both (default: %(default)s)")
+    parser.add_argument("--training-seeds", type=int, default=defaults.training_seeds,
+                        help="runs per model (seeds --seed, --seed+1, ...); the table shows their mean (default: %(default)s)")
     parser.add_argument("--arch-size", choices=["tiny", "full"], default=defaults.arch_size,
                         help="backbone sizes; full is the real architectures, slow on a CPU (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="clips, backbones and training (default: %(default)s)")
@@ -675,10 +677,11 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     from pipeline.demo import DemoSettings, run_demo
 
-    if args.train_clips < 4 or args.val_clips < 2 or args.test_clips < 3 or args.steps < 1:
-        raise UsageError("the demo needs --train-clips >= 4, --val-clips >= 2, --test-clips >= 3 and --steps >= 1")
+    if args.train_clips < 4 or args.val_clips < 2 or args.test_clips < 3 or args.steps < 1 or args.training_seeds < 1:
+        raise UsageError("the demo needs --train-clips >= 4, --val-clips >= 2, --test-clips >= 3, --steps >= 1 "
+                         "and --training-seeds >= 1")
     settings = DemoSettings(train_clips=args.train_clips, val_clips=args.val_clips, test_clips=args.test_clips,
-                            steps=args.steps, arch_size=args.arch_size, seed=args.seed)
+                            steps=args.steps, training_seeds=args.training_seeds, arch_size=args.arch_size, seed=args.seed)
     return run_demo(args.out, settings, device=args.device, progress=not args.quiet).code
 
 

@@ -43,6 +43,10 @@ class DemoSettings:
     # the mean score for hundreds of steps: the triplet term (~1.0) dwarfs the task term (10 x ~0.013).
     dropout: float = 0.1
     alpha: float = 0.1
+    # Each model is trained this many times (training seeds seed, seed+1, ...) and the table shows the mean:
+    # on 40 test clips one training seed moves a setting's rho by several hundredths, as much as the
+    # difference between the two models.
+    training_seeds: int = 3
     arch_size: str = "tiny"  # "full" runs the real-size architectures (still random weights): much slower
     vary_format: bool = True  # frame rates 24-30 fps and two frame sizes, as real footage
     seed: int = 0
@@ -54,6 +58,12 @@ class DemoSettings:
     @property
     def epochs(self) -> int:
         return math.ceil(self.steps / math.ceil(self.train_clips / self.batch_size))
+
+
+def run_dirs(out: Path, model: str, settings: DemoSettings) -> list[Path]:
+    """The run folders of one demo model, one per training seed; the first is the one `score` uses."""
+    first = Path(out) / "runs" / model.lower()
+    return [first] + [first.with_name(f"{first.name}-seed{settings.seed + k}") for k in range(1, settings.training_seeds)]
 
 
 def _say(message: str) -> None:
@@ -101,7 +111,7 @@ class Comparison:
     csv: Path
     json: Path
     plot: Path
-    evaluations: dict  # demo model name -> pipeline.evaluate.Evaluation
+    evaluations: dict  # demo model name -> [pipeline.evaluate.Evaluation], one per training seed
 
 
 @dataclass
@@ -123,7 +133,7 @@ def run_demo(out: Path, settings: DemoSettings = DemoSettings(), device: str = "
 
     def lap(stage: str) -> None:
         nonlocal started
-        seconds[stage] = time.perf_counter() - started
+        seconds[stage] = time.perf_counter() - started  # since the previous lap: every command of the stage
         started = time.perf_counter()
         _say(f"({stage}: {seconds[stage]:.0f} s)")
 
@@ -145,29 +155,34 @@ def run_demo(out: Path, settings: DemoSettings = DemoSettings(), device: str = "
         extract_command(settings, videos, cache, device, quiet=not progress),
     )]
     for step, (name, flags) in enumerate(MODELS.items(), start=3):
-        run_dir = out / "runs" / name.lower()
-        commands.append((
-            f"train {name}",
-            f"[{step}/6] train {name}: {settings.epochs} epochs x {steps_per_epoch} batches = "
-            f"{settings.epochs * steps_per_epoch} optimiser steps; the checkpoint is chosen on the "
-            f"{settings.val_clips} validation clips, never on the test clips",
-            ["train", "--features", str(cache), "--labels", str(labels), "--out", str(run_dir), *flags,
-             "--epochs", str(settings.epochs), "--batch-size", str(settings.batch_size), "--lr", str(settings.lr),
-             "--hidden", str(settings.hidden), "--dropout", str(settings.dropout), "--alpha", str(settings.alpha),
-             "--seed", str(settings.seed), "--device", device,
-             *(["--resume"] if (run_dir / "run.json").is_file() else []), *quiet],
-        ))
-    for stage, title, argv in commands:
+        for k, run_dir in enumerate(run_dirs(out, name, settings)):
+            title = (f"[{step}/6] train {name}: {settings.epochs} epochs x {steps_per_epoch} batches = "
+                     f"{settings.epochs * steps_per_epoch} optimiser steps; the checkpoint is chosen on the "
+                     f"{settings.val_clips} validation clips, never on the test clips"
+                     + (f"; {settings.training_seeds} training seeds" if settings.training_seeds > 1 else ""))
+            commands.append((
+                f"train {name}",
+                title if k == 0 else f"  {name}, training seed {settings.seed + k}",
+                ["train", "--features", str(cache), "--labels", str(labels), "--out", str(run_dir), *flags,
+                 "--epochs", str(settings.epochs), "--batch-size", str(settings.batch_size), "--lr", str(settings.lr),
+                 "--hidden", str(settings.hidden), "--dropout", str(settings.dropout), "--alpha", str(settings.alpha),
+                 "--seed", str(settings.seed + k), "--device", device,
+                 *(["--resume"] if (run_dir / "run.json").is_file() else []), *quiet],
+            ))
+    for index, (stage, title, argv) in enumerate(commands):
         _say(f"\n{title}\n$ pipeline {' '.join(argv)}")
         code = main(argv)
         if code != 0:
-            _say(f"demo stopped: `pipeline {argv[0]}` exited with {code}")
+            hint = (f" If {out} was made by an older version of this tool, remove it or pass another --out."
+                    if stage == "extract" else "")
+            _say(f"demo stopped: `pipeline {argv[0]}` exited with {code} (the error above).{hint}")
             return DemoResult(code, labelled=labelled, seconds=seconds)
-        lap(stage)
+        if index + 1 == len(commands) or commands[index + 1][0] != stage:  # a stage's last command
+            lap(stage)
 
     _say(f"\n[5/6] evaluate both on the {settings.test_clips} held-out test clips under every modality setting\n"
          f"  (one model's table: pipeline evaluate --run {out / 'runs' / 'mcmoe'} --labels {labels})")
-    comparison = compare_models(out, labels, device)
+    comparison = compare_models(out, labels, device, settings)
     print(comparison.table)
     _say(f"wrote {comparison.csv}, {comparison.json}, {comparison.plot}")
     lap("evaluate")
@@ -195,8 +210,10 @@ def run_demo(out: Path, settings: DemoSettings = DemoSettings(), device: str = "
     return DemoResult(1 if any(result.error for _, result in scored) else 0, comparison, labelled, scored, seconds)
 
 
-def compare_models(out: Path, labels: Path, device: str) -> Comparison:
-    """Evaluate every demo model on the test rows of `labels`; write the side-by-side table and picture."""
+def compare_models(out: Path, labels: Path, device: str, settings: DemoSettings = DemoSettings()) -> Comparison:
+    """Evaluate every run of every demo model on the test rows of `labels`; write the side-by-side table
+    (the mean over training seeds, each seed's Average below it) and the picture (the first seed)."""
+    import numpy as np
     import pandas as pd
 
     from manifests.cache import atomic_write_bytes, atomic_write_json
@@ -209,31 +226,45 @@ def compare_models(out: Path, labels: Path, device: str) -> Comparison:
     test_ids = rows.ids_in_split("test")
     evaluations, runs = {}, {}
     for name in MODELS:
-        run = runs[name] = load_run(out / "runs" / name.lower(), device)
-        evaluations[name] = run.evaluate(data.load_samples(run.open_features(), test_ids, rows.scores))
-    made = provenance(run.extraction_config for run in runs.values())
-    columns = [c[0] for c in next(iter(evaluations.values())).columns()]
+        runs[name] = [load_run(directory, device) for directory in run_dirs(out, name, settings)]
+        evaluations[name] = [run.evaluate(data.load_samples(run.open_features(), test_ids, rows.scores))
+                             for run in runs[name]]
+    made = provenance(run.extraction_config for model_runs in runs.values() for run in model_runs)
+    seeds = [settings.seed + k for k in range(settings.training_seeds)]
+    columns = [c[0] for c in evaluations["MCMoE"][0].columns()]
     width = max(9, *(len(c) + 2 for c in columns))
-    lines = [headline(f"held-out test clips ({len(test_ids)})", made),
+    over = f", mean of {len(seeds)} training seeds" if len(seeds) > 1 else ""
+    lines = [headline(f"held-out test clips ({len(test_ids)}){over}", made),
              f"{'':14}" + "".join(c.rjust(width) for c in columns)]
     records = []
     for metric, index, spec in (("rho", 1, ".3f"), ("MSE", 2, ".2f")):
-        for name, evaluation in evaluations.items():
-            values = [c[index] for c in evaluation.columns()]
+        for name, model_evaluations in evaluations.items():
+            per_seed = np.array([[c[index] for c in e.columns()] for e in model_evaluations], dtype=float)
+            mean = per_seed.mean(axis=0)  # n/a when any seed's value is (a constant prediction has no rho)
             lines.append(f"{name + ' ' + metric:14}" + "".join(
-                ("n/a" if math.isnan(v) else format(v, spec)).rjust(width) for v in values))
-            records += [{"model": name, "metric": metric, "setting": c, "value": None if math.isnan(v) else v, **made}
-                        for c, v in zip(columns, values)]
+                ("n/a" if math.isnan(v) else format(v, spec)).rjust(width) for v in mean))
+            for seed, values in zip(["mean", *seeds], [mean, *per_seed]):
+                records += [{"model": name, "metric": metric, "training_seed": seed, "setting": c,
+                             "value": None if math.isnan(v) else float(v), **made} for c, v in zip(columns, values)]
+    if len(seeds) > 1:
+        lines += [f"Average rho per training seed {seeds}: " + "; ".join(
+            f"{name} " + " ".join(f"{e.average_rho:.3f}" for e in model_evaluations)
+            for name, model_evaluations in evaluations.items())]
     table = "\n".join(lines)
     folder = out / "comparison"
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(folder / "test.csv", pd.DataFrame(records).to_csv(index=False).encode())
     atomic_write_json(folder / "test.json", {
-        "note": lines[0], **made, "test_clips": test_ids, "labels": str(labels.resolve()), "results": records,
-        "models": {name: {"run": str(run.directory), "checkpoint_epoch": run.best.get("epoch"),
-                          "selected_on": run.info.get("selected_on")} for name, run in runs.items()},
+        "note": lines[0], **made, "test_clips": test_ids, "labels": str(labels.resolve()), "training_seeds": seeds,
+        "table": "mean over the training seeds of each column (rho and MSE per setting, and the Average)",
+        "results": records,
+        "models": {name: [{"run": str(run.directory), "training_seed": seed, "checkpoint_epoch": run.best.get("epoch"),
+                           "selected_on": run.info.get("selected_on")} for seed, run in zip(seeds, model_runs)]
+                   for name, model_runs in runs.items()},
     })
-    plot_comparison(folder / "test.png", evaluations, lines[0])
+    first_seed = {name: model_evaluations[0] for name, model_evaluations in evaluations.items()}
+    plot_title = lines[0] if len(seeds) == 1 else f"{lines[0]} (picture: training seed {seeds[0]})"
+    plot_comparison(folder / "test.png", first_seed, plot_title)
     return Comparison(table, folder / "test.csv", folder / "test.json", folder / "test.png", evaluations)
 
 

@@ -22,7 +22,8 @@ REDUCED_SEED = 0
 
 def reduced_settings(seed: int) -> DemoSettings:
     return DemoSettings(train_clips=40, val_clips=16, test_clips=24, unseen_clips=1, clip_seconds=(1.3, 1.6),
-                        segment_frames=8, steps=300, batch_size=8, hidden=32, vary_format=False, seed=seed)
+                        segment_frames=8, steps=300, batch_size=8, hidden=32, vary_format=False, training_seeds=1,
+                        seed=seed)
 
 
 @dataclass
@@ -41,10 +42,10 @@ class LearningRun:
         return self.result.comparison.table
 
     def setting(self, model: str, name: str):
-        return next(s for s in self.result.comparison.evaluations[model].settings if s.name == name)
+        return next(s for s in self.result.comparison.evaluations[model][0].settings if s.name == name)
 
     def predictions(self, model: str, setting: str, video_ids: list[str]) -> np.ndarray:
-        evaluation = self.result.comparison.evaluations[model]
+        evaluation = self.result.comparison.evaluations[model][0]
         index = {v: i for i, v in enumerate(evaluation.video_ids)}
         return np.array([evaluation.predictions[setting][index[v]] for v in video_ids])
 

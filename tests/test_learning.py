@@ -22,12 +22,12 @@ from pipeline.samples import ClipSpec, write_clip
 from tests.conftest import TINY_EXTRACT_FLAGS
 from tests.learning import REDUCED_SEED, LearningRun, flat_clip_rho, run_reduced_demo
 
-# Lowest values over the four seeds: full set MCMoE 0.47, Baseline 0.37 (seed 0); flow alone 0.69;
-# flattened clips -0.23 to 0.26; drop from clips to flattened clips 0.36. MCMoE and the Baseline swap
-# places from seed to seed at this size.
-FULL_RHO_MIN = {"MCMoE": 0.35, "Baseline": 0.25}
-SINGLE_RHO_MIN = 0.4  # flow alone: a single modality carries part of the score
-FLAT_DROP_MIN = 0.2  # full set, the clips vs the same clips with every signal flattened
+# Lowest values over the four seeds (since random I3D keeps its scale, dd58938): full set MCMoE 0.69,
+# Baseline 0.70 (seed 0); flow alone 0.74; flattened clips -0.34 to 0.45; drop from clips to flattened
+# clips 0.46. MCMoE and the Baseline swap places from seed to seed at this size.
+FULL_RHO_MIN = {"MCMoE": 0.55, "Baseline": 0.55}
+SINGLE_RHO_MIN = 0.6  # flow alone: a single modality carries part of the score
+FLAT_DROP_MIN = 0.35  # full set, the clips vs the same clips with every signal flattened
 
 @pytest.fixture(scope="module")
 def learned(tmp_path_factory) -> LearningRun:

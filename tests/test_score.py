@@ -112,6 +112,13 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert "RANDOM-WEIGHT BACKBONES: held-out test clips (3)" in out.out
     comparison = pd.read_csv(tmp_path / "demo" / "comparison" / "test.csv")
     assert comparison["random_weights"].all() and comparison["config_hash"].nunique() == 1
+    # three training seeds per model by default; the table is their mean, each seed's Average is printed
+    assert "mean of 3 training seeds" in out.out and "Average rho per training seed [0, 1, 2]" in out.out
+    for model in ("mcmoe", "baseline"):
+        assert all((tmp_path / "demo" / "runs" / name / "best.json").is_file() for name in (model, f"{model}-seed1", f"{model}-seed2"))
+    mse = comparison[(comparison.metric == "MSE") & (comparison.setting == "{v,f,a}")].set_index(["model", "training_seed"])["value"]
+    for model in ("MCMoE", "Baseline"):
+        assert mse[(model, "mean")] == pytest.approx(mse[[(model, str(seed)) for seed in range(3)]].mean())
     assert (tmp_path / "demo" / "scores.csv").is_file() and (tmp_path / "demo" / "comparison" / "test.png").is_file()
     scores = pd.read_csv(tmp_path / "demo" / "scores.csv")
     assert scores.loc[0, "imputed"] == "audio"
