@@ -32,7 +32,15 @@ from tqdm import tqdm
 
 from extractors.base import Extractor
 from extractors.config import ExtractionConfig
-from extractors.decode import DecodeError, SegmentPlan, VideoFrames, count_segments, open_audio, read_audio_windows
+from extractors.decode import (
+    AudioStream,
+    DecodeError,
+    SegmentPlan,
+    VideoFrames,
+    count_segments,
+    open_audio,
+    read_audio_windows,
+)
 from manifests.cache import (
     DONE,
     FAILED,
@@ -217,7 +225,7 @@ class _VideoJob:
     record: VideoRecord
     plan: SegmentPlan | None = None
     video: VideoFrames | None = None
-    audio: object | None = None  # the open AudioReader, None if no track (or no audio modality)
+    audio: AudioStream | None = None  # None if no track (or no audio modality)
     features: dict[str, np.ndarray] = field(default_factory=dict)
     filled: dict[str, int] = field(default_factory=dict)
     audio_missing: bool = False
@@ -378,17 +386,21 @@ class _Extraction:
 
     def _decode(self, job: _VideoJob, out: queue.Queue, stop: threading.Event) -> None:
         plan = job.plan
-        for first in range(0, plan.num_segments, self.batch_segments):
-            if stop.is_set():
-                return
-            last = min(first + self.batch_segments, plan.num_segments)
-            frames = job.video.read(plan.frame_indices[first:last]) if self.frame_modalities else None
-            audio = None
+        try:
+            for first in range(0, plan.num_segments, self.batch_segments):
+                if stop.is_set():
+                    return
+                last = min(first + self.batch_segments, plan.num_segments)
+                frames = job.video.read(plan.frame_indices[first:last]) if self.frame_modalities else None
+                audio = None
+                if job.audio is not None:
+                    audio = read_audio_windows(job.audio, plan, self.config.audio_sample_rate, range(first, last))
+                if frames is not None or audio is not None:
+                    out.put(_Chunk(job, first, frames, audio))
+        finally:  # decoded, failed or stopped: release the readers (and the audio's ffmpeg process)
             if job.audio is not None:
-                audio = read_audio_windows(job.audio, plan, self.config.audio_sample_rate, range(first, last))
-            if frames is not None or audio is not None:
-                out.put(_Chunk(job, first, frames, audio))
-        job.audio = job.video = None  # decoded: release the readers (and decord's copy of the track)
+                job.audio.close()
+            job.audio = job.video = None
 
     # ---- consumer (main thread)
 
