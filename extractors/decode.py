@@ -32,8 +32,8 @@ class DecodeError(RuntimeError):
 _DECORD_PREFIX = re.compile(r"^\[[\d:]+\] \S+\.cc:\d+: (Error: )?")
 
 
-# ffmpeg prefixes its messages with "[mov,mp4,m4a,3gp,3g2,mj2 @ 0x55d0c0a8b2c0] ".
-_FFMPEG_PREFIX = re.compile(r"^\[[\w,]+ @ 0x[0-9a-f]+\] ")
+# ffmpeg prefixes its messages with "[mov,mp4,m4a,3gp,3g2,mj2 @ 0x55d0c0a8b2c0] " or "[in#0 @ 0x5639fcb03dc0] ".
+_FFMPEG_PREFIX = re.compile(r"^\[[^\]]+ @ 0x[0-9a-f]+\] ")
 _OPENING = re.compile(r"^ERROR opening: .*, ")  # decord's "ERROR opening: <path>, <ffmpeg's reason>"
 _FD2 = threading.Lock()
 
