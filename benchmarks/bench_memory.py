@@ -6,7 +6,8 @@
 Each clip (320x240, 25 fps, H.264 + AAC, made by ffmpeg's test sources) is extracted by its own
 `pipeline extract` process with the tiny random-weight backbones (rgb, flow, audio) on the CPU, and
 that process's peak resident memory is read from the kernel (wait4's ru_maxrss), so a busy machine
-slows the runs but does not change the figure. Decoding still reads every frame of the video;
+slows the runs but does not change the figure. The ffmpeg process that decodes a video's audio is a
+child of it (~37 MiB, whatever the length): ru_maxrss is the larger of the two peaks, not their sum. Decoding still reads every frame of the video;
 `--frame-stride` (default 4) only thins the frames the backbones see, to keep a 30-minute run short.
 """
 
@@ -58,6 +59,8 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, nargs="+", default=[1, 10, 30])
     parser.add_argument("--frame-stride", type=int, default=4)
     parser.add_argument("--modalities", default="rgb,flow,audio")
+    parser.add_argument("--batch-segments", type=int, default=None,
+                        help="segments per backbone call (default: extract's, 1 on a CPU; 8 is the GPU default)")
     parser.add_argument("--work", type=Path, help="folder for the clips and caches (default: a temporary one)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--commit", default=None, help="commit of the code measured (default: this tree's HEAD)")
@@ -74,6 +77,8 @@ def main() -> None:
         command = [sys.executable, "-m", "pipeline.cli", "extract", "--videos", str(videos), "--out", str(out),
                    "--backbones", "random", "--arch-size", "tiny", "--flow", "farneback", "--device", "cpu",
                    "--frame-stride", str(args.frame_stride), "--modalities", args.modalities, "--quiet"]
+        if args.batch_segments:
+            command += ["--batch-segments", str(args.batch_segments)]
         code, peak, seconds, stderr = peak_rss_of(command, env)
         if code != 0:
             raise SystemExit(f"extract failed on the {minutes:g}-minute clip (exit {code}): {stderr}")
@@ -91,7 +96,9 @@ def main() -> None:
                    f"Python {platform.python_version()}",
         "command": " ".join(["python benchmarks/bench_memory.py", *sys.argv[1:]]),
         "extract_command": "pipeline extract --backbones random --arch-size tiny --flow farneback --device cpu "
-                           f"--frame-stride {args.frame_stride} --modalities {args.modalities} (32-frame segments)",
+                           f"--frame-stride {args.frame_stride} --modalities {args.modalities}"
+                           + (f" --batch-segments {args.batch_segments}" if args.batch_segments else "")
+                           + " (32-frame segments)",
         "clips": "320x240, 25 fps, H.264 + AAC 44.1 kHz, ffmpeg testsrc2 + sine",
         "commit": args.commit or git_commit(),
         "rows": rows,

@@ -22,6 +22,7 @@ from torch import nn
 
 from extractors.base import Extractor, WeightsSource, hf_pretrained, register
 from extractors.config import ExtractionConfig
+from extractors.decode import AUDIO_DECODER
 from extractors.transforms import count_flops
 
 HUB_ID = "MIT/ast-finetuned-audioset-10-10-0.4593"
@@ -95,7 +96,7 @@ class ASTExtractor(Extractor):
     """Waveforms -> filterbanks -> AST at each window's own length -> mean of CLS and distillation tokens."""
 
     input_kind = "audio"
-    version = "1"
+    version = "2"  # 2: audio decoded by a streaming ffmpeg process (1: decord's AudioReader; see README)
 
     def __init__(self, config: ExtractionConfig, device: torch.device, weights: WeightsSource) -> None:
         super().__init__(config, device, weights)
@@ -170,6 +171,7 @@ class ASTExtractor(Extractor):
     def describe(self) -> dict:
         return {
             **super().describe(),
+            "audio_decoder": AUDIO_DECODER,
             "architecture": HUB_ID if self.config.arch_size == "full" else "ast tiny",
             "pretrained": None if self.config.random_weights else HUB_ID,
             "fbank": {**FBANK_OPTIONS, "frame_length_ms": 25, "mean_removed": True},

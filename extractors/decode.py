@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import sys
 import tempfile
 import threading
@@ -31,8 +32,8 @@ class DecodeError(RuntimeError):
 _DECORD_PREFIX = re.compile(r"^\[[\d:]+\] \S+\.cc:\d+: (Error: )?")
 
 
-# ffmpeg prefixes its messages with "[mov,mp4,m4a,3gp,3g2,mj2 @ 0x55d0c0a8b2c0] ".
-_FFMPEG_PREFIX = re.compile(r"^\[[\w,]+ @ 0x[0-9a-f]+\] ")
+# ffmpeg prefixes its messages with "[mov,mp4,m4a,3gp,3g2,mj2 @ 0x55d0c0a8b2c0] " or "[in#0 @ 0x5639fcb03dc0] ".
+_FFMPEG_PREFIX = re.compile(r"^\[[^\]]+ @ 0x[0-9a-f]+\] ")
 _OPENING = re.compile(r"^ERROR opening: .*, ")  # decord's "ERROR opening: <path>, <ffmpeg's reason>"
 _FD2 = threading.Lock()
 
@@ -252,44 +253,121 @@ def plan_segments(
     return SegmentPlan(indices, clips, clip_frames, seg_start, seg_end, start_s, end_s)
 
 
-def open_audio(path: Path, sample_rate: int):
-    """decord's AudioReader (mono, `sample_rate`) over the file; None when it has no audio track.
+AUDIO_DECODER = "ffmpeg (imageio-ffmpeg's binary): first audio stream, mono float32, resampled by libswresample"
 
-    A missing track is the "audio missing" case, not an error. Other decoding failures raise.
-    (decord decodes the whole track when it opens it: that is the one part of a video held whole.)
+
+class AudioStream:
+    """A video's audio track, decoded by an ffmpeg subprocess and read window by window, in order.
+
+    ffmpeg writes mono float32 samples at `sample_rate` to a pipe; the windows of a video come in
+    order of their start, so only the samples from the current window's start on are kept: at most
+    one window (plus what a read brings in) whatever the video's length. `max_held` records the most
+    samples ever held, for the tests. A window may reach back no earlier than the previous one began.
     """
-    import decord
 
-    with decoder_messages() as messages:
+    def __init__(self, path: Path, sample_rate: int) -> None:
+        from pipeline.samples import ffmpeg_binary
+
+        self.path, self.sample_rate = Path(path), sample_rate
+        self._buffer = np.zeros(0, np.float32)
+        self._start = 0  # sample index of _buffer[0]
+        self._ended = False
+        self.max_held = 0
+        self._errors = tempfile.TemporaryFile()  # not a pipe: ffmpeg never blocks on what it prints
+        command = [ffmpeg_binary(), "-nostdin", "-hide_banner", "-loglevel", "error", "-i", f"file:{self.path}",
+                   "-map", "0:a:0", "-vn", "-sn", "-dn", "-ac", "1", "-ar", str(sample_rate), "-f", "f32le", "pipe:1"]
+        self._process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                          stderr=self._errors)
+
+    def _fill(self, end: int) -> None:
+        """Read from the pipe until the buffer reaches sample `end` or the track ends."""
+        parts = [self._buffer]
+        held = self._start + len(self._buffer)
+        while held < end and not self._ended:
+            data = self._process.stdout.read(4 * min(end - held, 1 << 16))
+            data = data[: len(data) - len(data) % 4]  # a partial sample only at the end of the pipe
+            if not data:
+                self._finish()
+                break
+            parts.append(np.frombuffer(data, np.float32))
+            held += len(data) // 4
+        self._buffer = np.concatenate(parts) if len(parts) > 1 else self._buffer
+        self.max_held = max(self.max_held, len(self._buffer))
+
+    def _skip(self, first: int) -> None:
+        """Drop every sample before `first`, reading past those still in the pipe a block at a time."""
+        if first < self._start:
+            raise ValueError(f"audio window at sample {first} starts before the previous one ({self._start})")
+        while (held_end := self._start + len(self._buffer)) < first and not self._ended:
+            self._start, self._buffer = held_end, np.zeros(0, np.float32)
+            self._fill(min(first, held_end + (1 << 16)))
+        drop = min(first - self._start, len(self._buffer))  # all of it when the track ended before `first`
+        self._buffer, self._start = self._buffer[drop:], self._start + drop
+
+    def window(self, first: int, length: int) -> np.ndarray:
+        """Samples [first, first + length), zero-padded past the end of the track."""
+        self._skip(first)
+        self._fill(first + length)
+        return cut_window(self._buffer[:length].copy(), length)
+
+    def _message(self) -> str:
+        self._errors.seek(0)
+        lines = [_FFMPEG_PREFIX.sub("", line.strip()) for line in self._errors.read().decode("utf-8", "replace").splitlines()]
+        lines = [line for line in lines if line]
+        return "; ".join(lines[:2])[:300] or f"ffmpeg exited with code {self._process.returncode}"
+
+    def _finish(self) -> None:
+        """The pipe is empty: the track ended, or ffmpeg failed (then the error names its reason)."""
+        self._ended = True
+        if self._process.wait() != 0:
+            raise DecodeError(f"cannot decode audio: {self._message()}")
+
+    def first_samples(self) -> bool:
+        """Start reading; False when the file has no audio stream (ffmpeg refuses the mapping)."""
         try:
-            reader, failure = decord.AudioReader(str(path), sample_rate=sample_rate, mono=True), None
-        except Exception as exc:
-            failure = exc
-    if failure is not None:
-        if isinstance(failure, decord.DECORDError) and "audio stream" in str(failure).lower():
-            return None
-        raise DecodeError(f"cannot decode audio: {_one_line(failure, messages)}") from None
-    return reader
+            self._fill(1)
+        except DecodeError:
+            if "matches no streams" in self._message():
+                self.close()
+                return False
+            self.close()
+            raise
+        return True
+
+    def close(self) -> None:
+        if self._process.poll() is None:
+            self._process.kill()
+        self._process.wait()
+        self._process.stdout.close()
+        self._errors.close()
+        self._buffer = np.zeros(0, np.float32)
+
+    def __del__(self) -> None:
+        if getattr(self, "_process", None) is not None and self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
 
 
-def _read_samples(reader, span: slice) -> np.ndarray:
-    """The samples `span` of an open AudioReader, mono float32; decoder noise becomes the reason."""
-    with decoder_messages() as messages:
-        try:
-            samples, failure = reader[span].asnumpy(), None
-        except Exception as exc:
-            failure = exc
-    if failure is not None:
-        raise DecodeError(f"cannot decode audio: {_one_line(failure, messages)}") from None
-    return np.ascontiguousarray(samples.reshape(-1), dtype=np.float32)
+def open_audio(path: Path, sample_rate: int) -> AudioStream | None:
+    """The audio track of `path` as an AudioStream (mono, `sample_rate`); None when it has no audio track.
+
+    A missing track is the "audio missing" case, not an error. Other decoding failures raise DecodeError.
+    """
+    stream = AudioStream(path, sample_rate)
+    return stream if stream.first_samples() else None
 
 
 def load_audio(path: Path, sample_rate: int) -> np.ndarray | None:
-    """The whole audio track, mono float32 at `sample_rate`; None when the file has no audio track."""
-    reader = open_audio(path, sample_rate)
-    if reader is None:
+    """The whole audio track, mono float32 at `sample_rate`; None when the file has no audio track.
+    (For tests and benchmarks: extraction reads windows from an AudioStream instead.)"""
+    stream = open_audio(path, sample_rate)
+    if stream is None:
         return None
-    return _read_samples(reader, slice(None))
+    try:
+        stream._fill(np.iinfo(np.int64).max)
+        return stream._buffer.copy()
+    finally:
+        stream.close()
 
 
 def window_span(start_s: float, end_s: float, sample_rate: int) -> tuple[int, int]:
@@ -316,14 +394,6 @@ def audio_windows(waveform: np.ndarray, plan: SegmentPlan, sample_rate: int) -> 
     return windows
 
 
-def read_audio_windows(reader, plan: SegmentPlan, sample_rate: int, segments: range) -> list[np.ndarray]:
-    """`audio_windows` for some segments, sliced from an open AudioReader by sample index (the same
-    samples, without a second whole-track copy)."""
-    total = reader.shape[1]
-    windows = []
-    for index in segments:
-        first, length = window_span(plan.start_s[index], plan.end_s[index], sample_rate)
-        first_in, last_in = min(first, total), min(first + length, total)
-        part = _read_samples(reader, slice(first_in, last_in)) if last_in > first_in else np.zeros(0, np.float32)
-        windows.append(cut_window(part, length))
-    return windows
+def read_audio_windows(stream: AudioStream, plan: SegmentPlan, sample_rate: int, segments: range) -> list[np.ndarray]:
+    """`audio_windows` for some segments, read from an open AudioStream (segments in increasing order)."""
+    return [stream.window(*window_span(plan.start_s[i], plan.end_s[i], sample_rate)) for i in segments]

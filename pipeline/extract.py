@@ -15,6 +15,7 @@ two processes on the same output split the videos between them instead of collid
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import queue
@@ -32,7 +33,15 @@ from tqdm import tqdm
 
 from extractors.base import Extractor
 from extractors.config import ExtractionConfig
-from extractors.decode import DecodeError, SegmentPlan, VideoFrames, count_segments, open_audio, read_audio_windows
+from extractors.decode import (
+    AudioStream,
+    DecodeError,
+    SegmentPlan,
+    VideoFrames,
+    count_segments,
+    open_audio,
+    read_audio_windows,
+)
 from manifests.cache import (
     DONE,
     FAILED,
@@ -48,6 +57,9 @@ from manifests.claims import Claims
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".avi", ".mov", ".webm")
 LEGACY_FINGERPRINT_BYTES = 1 << 20
+# Decoded segments waiting for the backbones, at most (rounded up to one batch): enough to keep the
+# backbones fed, and the same for a long video as for a short one, whose few segments never fill it.
+LOOKAHEAD_SEGMENTS = 8
 
 
 @dataclass(frozen=True)
@@ -217,7 +229,7 @@ class _VideoJob:
     record: VideoRecord
     plan: SegmentPlan | None = None
     video: VideoFrames | None = None
-    audio: object | None = None  # the open AudioReader, None if no track (or no audio modality)
+    audio: AudioStream | None = None  # None if no track (or no audio modality)
     features: dict[str, np.ndarray] = field(default_factory=dict)
     filled: dict[str, int] = field(default_factory=dict)
     audio_missing: bool = False
@@ -378,17 +390,21 @@ class _Extraction:
 
     def _decode(self, job: _VideoJob, out: queue.Queue, stop: threading.Event) -> None:
         plan = job.plan
-        for first in range(0, plan.num_segments, self.batch_segments):
-            if stop.is_set():
-                return
-            last = min(first + self.batch_segments, plan.num_segments)
-            frames = job.video.read(plan.frame_indices[first:last]) if self.frame_modalities else None
-            audio = None
+        try:
+            for first in range(0, plan.num_segments, self.batch_segments):
+                if stop.is_set():
+                    return
+                last = min(first + self.batch_segments, plan.num_segments)
+                frames = job.video.read(plan.frame_indices[first:last]) if self.frame_modalities else None
+                audio = None
+                if job.audio is not None:
+                    audio = read_audio_windows(job.audio, plan, self.config.audio_sample_rate, range(first, last))
+                if frames is not None or audio is not None:
+                    out.put(_Chunk(job, first, frames, audio))
+        finally:  # decoded, failed or stopped: release the readers (and the audio's ffmpeg process)
             if job.audio is not None:
-                audio = read_audio_windows(job.audio, plan, self.config.audio_sample_rate, range(first, last))
-            if frames is not None or audio is not None:
-                out.put(_Chunk(job, first, frames, audio))
-        job.audio = job.video = None  # decoded: release the readers (and decord's copy of the track)
+                job.audio.close()
+            job.audio = job.video = None
 
     # ---- consumer (main thread)
 
@@ -407,7 +423,7 @@ class _Extraction:
         if todo and not self.extractors:
             raise CacheError(f"{len(todo)} video(s) changed while extract was starting; run it again")
         self._plan(todo)
-        items: queue.Queue = queue.Queue(maxsize=4)
+        items: queue.Queue = queue.Queue(maxsize=max(1, LOOKAHEAD_SEGMENTS // self.batch_segments))
         stop = threading.Event()
         producer = threading.Thread(target=self._produce, args=(todo, items, stop), daemon=True)
         producer.start()
@@ -543,6 +559,8 @@ class _Extraction:
             for chunk in chunks:
                 self._fail(chunk.job, f"backbone error: {type(exc).__name__}: {str(exc)[:200]}")
             return
+        finally:
+            _return_free_heap()
         self._tick(chunks)
         for job in {id(c.job): c.job for c in chunks}.values():
             self._maybe_finish(job)
@@ -627,6 +645,25 @@ class _Extraction:
         self._settle(job.source.video_id, done=job.record.status == DONE)
         self.postfix.update(videos=f"{len(self.summary.records)}/{self.videos_total}", failed=len(self.summary.failed))
         self.bar.set_postfix(self.postfix, refresh=False)
+
+
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc; absent elsewhere (macOS, musl keep their own ways)
+    except (AttributeError, OSError):
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def _return_free_heap() -> None:
+    """Give the C heap's free pages back to the system after each batch of segments.
+
+    A batch's tensors and frames leave free holes in glibc's heaps, which it keeps: they made a long
+    video's peak memory a few hundred MB higher than a short one's (benchmarks/results/README.md)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def _terminal():

@@ -14,8 +14,10 @@ import torch
 
 from extractors import base as extractors_base
 from extractors.base import WeightsSource, build_extractors
-from extractors.decode import VideoFrames, audio_windows, load_audio, open_audio, read_audio_windows
+from extractors.config import ExtractionConfig
+from extractors.decode import DecodeError, VideoFrames, audio_windows, load_audio, open_audio, read_audio_windows
 from manifests.cache import FeatureCache, video_dir_name
+from pipeline import extract as pipeline_extract
 from pipeline.cli import main
 from pipeline.extract import (
     discover_videos,
@@ -25,6 +27,7 @@ from pipeline.extract import (
     prepare_cache,
     same_file,
 )
+from pipeline.samples import ClipSpec, write_clip
 from tests.conftest import TINY_EXTRACT_FLAGS, tiny_config
 
 CPU = torch.device("cpu")
@@ -195,10 +198,57 @@ def test_audio_read_per_window_equals_the_whole_track_cut(clip_folder):
     config = tiny_config(segment_frames=8)
     plan = VideoFrames(clip_folder / "good.mp4", 64).plan(config)
     whole = audio_windows(load_audio(clip_folder / "good.mp4", 16000), plan, 16000)
-    reader = open_audio(clip_folder / "good.mp4", 16000)
-    parts = read_audio_windows(reader, plan, 16000, range(2, 7))
+    stream = open_audio(clip_folder / "good.mp4", 16000)
+    parts = read_audio_windows(stream, plan, 16000, range(2, 7))
+    stream.close()
     for got, expected in zip(parts, whole[2:7]):
         np.testing.assert_array_equal(got, expected)
+
+
+def test_overlapping_audio_windows_are_read_without_holding_the_track(tmp_path):
+    """fs1000 windows (5 s every 2 s) overlap: each is read from the stream as from the whole track,
+    and the stream never holds more than one window."""
+    write_clip(ClipSpec("long", 0.5, seconds=11.0, width=64, height=48, seed=9), tmp_path / "long.mp4")
+    config = ExtractionConfig(protocol="fs1000")
+    plan = VideoFrames(tmp_path / "long.mp4", 48).plan(config)
+    track = load_audio(tmp_path / "long.mp4", 16000)
+    stream = open_audio(tmp_path / "long.mp4", 16000)
+    windows = read_audio_windows(stream, plan, 16000, range(plan.num_segments))
+    stream.close()
+    assert plan.num_segments == 4
+    for got, expected in zip(windows, audio_windows(track, plan, 16000)):
+        np.testing.assert_array_equal(got, expected)
+    assert stream.max_held == 5 * 16000 < len(track) / 2
+
+
+def test_extraction_holds_one_audio_window_at_a_time(clip_folder, tmp_path, monkeypatch):
+    """The audio streams extraction opens never hold more samples than one window, while the track is
+    ten windows long: reading the whole track at once (as decord's AudioReader did) fails here."""
+    opened = []
+
+    def recording_open_audio(path, sample_rate):
+        stream = open_audio(path, sample_rate)
+        opened.append(stream)
+        return stream
+
+    monkeypatch.setattr(pipeline_extract, "open_audio", recording_open_audio)
+    videos = copy_clips(clip_folder, tmp_path / "videos", ("good.mp4",))
+    config = tiny_config(segment_frames=8, modalities=("audio",), backbones={"audio": "ast"})
+    cache, summary = extract(videos, tmp_path / "out", config)
+    assert not summary.failed and cache.load_features("good")["audio"].shape[0] == 10
+    (stream,) = opened
+    window = round(8 / 25 * 16000)
+    assert 0 < stream.max_held <= window
+    assert len(load_audio(videos / "good.mp4", 16000)) >= 10 * window
+    assert stream._process.poll() is not None  # the ffmpeg process ended with the video
+
+
+def test_unreadable_audio_is_a_one_line_decode_error(clip_folder):
+    with pytest.raises(DecodeError) as error:
+        open_audio(clip_folder / "notvideo.avi", 16000)
+    message = str(error.value)
+    assert message.startswith("cannot decode audio: ") and "\n" not in message, message
+    assert open_audio(clip_folder / "sub" / "good.mp4", 16000) is None  # no track: missing, not an error
 
 
 def test_extract_with_nothing_to_do_builds_no_backbone(clip_folder, tmp_path, monkeypatch, capsys):
