@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_extract import git_commit  # noqa: E402
-from pipeline.samples import ffmpeg_binary  # noqa: E402
+from extractors.decode import ffmpeg_binary  # noqa: E402
 
 
 def long_clip(path: Path, minutes: float) -> Path:

@@ -256,6 +256,13 @@ def plan_segments(
 AUDIO_DECODER = "ffmpeg (imageio-ffmpeg's binary): first audio stream, mono float32, resampled by libswresample"
 
 
+def ffmpeg_binary() -> str:
+    """The ffmpeg executable that imageio-ffmpeg ships (a pinned dependency), so no system ffmpeg is needed."""
+    import imageio_ffmpeg
+
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
 class AudioStream:
     """A video's audio track, decoded by an ffmpeg subprocess and read window by window, in order.
 
@@ -266,8 +273,6 @@ class AudioStream:
     """
 
     def __init__(self, path: Path, sample_rate: int) -> None:
-        from pipeline.samples import ffmpeg_binary
-
         self.path, self.sample_rate = Path(path), sample_rate
         self._buffer = np.zeros(0, np.float32)
         self._start = 0  # sample index of _buffer[0]

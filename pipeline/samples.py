@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from extractors.decode import ffmpeg_binary
+
 SHARED_WEIGHT = 0.5
 MODALITY_LATENTS = {"rgb": "appearance", "flow": "motion", "audio": "sound"}
 AUDIO_RATE = 44100
@@ -86,12 +88,6 @@ class ClipSpec:
 
     def key_hz(self) -> float:
         return 165.0 * 2.0 ** (3.0 * self.shown("audio"))  # 165 Hz to 1320 Hz
-
-
-def ffmpeg_binary() -> str:
-    import imageio_ffmpeg
-
-    return imageio_ffmpeg.get_ffmpeg_exe()
 
 
 def render_frames(spec: ClipSpec) -> np.ndarray:

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from extractors.config import ExtractionConfig
-from pipeline.samples import ClipSpec, ffmpeg_binary, sample_set, score_of, write_clip
+from extractors.decode import ffmpeg_binary
+from pipeline.samples import ClipSpec, sample_set, score_of, write_clip
 
 # One thread: tiny models gain nothing from more, and oversubscribed cores slow them down many-fold.
 torch.set_num_threads(1)
