@@ -243,6 +243,37 @@ def test_extraction_holds_one_audio_window_at_a_time(clip_folder, tmp_path, monk
     assert stream._process.poll() is not None  # the ffmpeg process ended with the video
 
 
+def test_decoding_runs_at_most_a_few_segments_ahead_of_the_backbones(tmp_path, monkeypatch):
+    """Decoded frames wait for the backbones in a bounded queue: segments decoded but not yet embedded
+    never exceed LOOKAHEAD_SEGMENTS plus the batch being decoded and the batch being embedded, however
+    long the video. (A queue of 4 batches let 32 segments wait at 8 per batch: a long video's peak grew.)"""
+    write_clip(ClipSpec("long", 0.5, seconds=24.0, width=160, height=120, seed=1, with_audio=False),
+               tmp_path / "videos" / "long.mp4")
+    config = tiny_config(segment_frames=8, modalities=("rgb",), backbones={"rgb": "vst"})
+    extractors = build_extractors(config, CPU, WeightsSource())
+    counts = {"decoded": 0, "embedded": 0, "ahead": 0}
+    original_read, original_embed = VideoFrames.read, extractors["rgb"].embed
+
+    def counting_read(self, frame_indices):
+        frames = original_read(self, frame_indices)
+        counts["decoded"] += len(frame_indices)
+        counts["ahead"] = max(counts["ahead"], counts["decoded"] - counts["embedded"])
+        return frames
+
+    def counting_embed(batch):
+        features = original_embed(batch)
+        counts["embedded"] += len(batch)
+        return features
+
+    monkeypatch.setattr(VideoFrames, "read", counting_read)
+    monkeypatch.setattr(extractors["rgb"], "embed", counting_embed)
+    batch = 8
+    cache, summary = extract(tmp_path / "videos", tmp_path / "out", config, extractors, batch_segments=batch)
+    segments = cache.load_features("long")["rgb"].shape[0]
+    assert not summary.failed and segments >= 60 and counts["embedded"] == segments
+    assert counts["ahead"] <= pipeline_extract.LOOKAHEAD_SEGMENTS + 2 * batch, counts
+
+
 def test_unreadable_audio_is_a_one_line_decode_error(clip_folder):
     with pytest.raises(DecodeError) as error:
         open_audio(clip_folder / "notvideo.avi", 16000)
