@@ -122,3 +122,10 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert (tmp_path / "demo" / "scores.csv").is_file() and (tmp_path / "demo" / "comparison" / "test.png").is_file()
     scores = pd.read_csv(tmp_path / "demo" / "scores.csv")
     assert scores.loc[0, "imputed"] == "audio"
+
+
+def test_demo_refuses_settings_it_cannot_run(tmp_path, capsys):
+    for flags in (["--training-seeds", "0"], ["--test-clips", "2"]):
+        assert main(["demo", "--out", str(tmp_path / "demo"), *flags]) == 2
+        assert "--training-seeds >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()  # refused before any clip is made
