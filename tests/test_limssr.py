@@ -51,7 +51,7 @@ def test_config_round_trip_and_training_defaults(tiny_llm_folder):
     defaults = LIMSSRConfig.training_defaults()
     assert defaults["optimizer"] == "adamw" and defaults["lr"] == 2e-4 and defaults["batch_size"] == 8
     assert defaults["mask_policy"] == "any" and defaults["min_lr_ratio"] == 0.1
-    with pytest.raises(ValueError, match="unknown LIMSSR config fields"):
+    with pytest.raises(ValueError, match="LIMSSRConfig: unknown key 'hidden'"):
         LIMSSRConfig.from_dict({**config.to_dict(), "hidden": 3})
     with pytest.raises(ValueError, match="feature_dims"):
         LIMSSRConfig(modalities=["rgb", "depth"], feature_dims={"rgb": 4})
