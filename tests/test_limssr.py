@@ -108,6 +108,8 @@ def test_outputs_and_per_sample_masking(model):
         # values of a masked modality never reach the score; those of an available one do
         noisy = {k: v + 5.0 * (~MIXED[:, i, None, None]) for i, (k, v) in enumerate(features.items())}
         torch.testing.assert_close(model(noisy, MIXED)["score"], out["score"])
+        # the contract's call (models/__init__.py): `present` is accepted and changes nothing
+        assert torch.equal(model(features, MIXED, torch.ones_like(MIXED))["score"], out["score"])
         changed = dict(features, audio=features["audio"] + 1.0)
         assert not torch.allclose(model(changed, MIXED)["score"][3], out["score"][3])
 
