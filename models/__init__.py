@@ -18,6 +18,10 @@ Every model follows one contract, so `pipeline train/evaluate/score` never branc
 
 Per-sample masks: one batch may mix samples missing different modalities.
 
+Optional, used when a model has them: out["grade_weights"] (B, N) (reported by evaluate / score),
+`sequence_length(T)` (recorded in run.json), `state_to_save()` / `load_saved_state(state)` (a smaller
+checkpoint: models/checkpoint.py).
+
 Each model's config class inherits `ModelConfig` and declares, as class-level data, everything the
 pipeline needs to know about the model's settings (the pipeline reads them through `config_class(name)`
 and never names a model):
