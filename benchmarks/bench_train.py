@@ -13,8 +13,9 @@ itself; `rss_before_mib` is the resident set after setup, before the first step)
 MCMoE is timed twice: the model as written (modalities stacked for the STEM, all experts in one
 grouped convolution, generators attending from one query step without projecting their context) and
 a straightforward per-modality loop over the same parameters (the structure of the published code: one
-STEM call per modality, M x M expert calls, full-length generator queries). Before timing, both are run
-once on the same batch and must give the same score, loss, gradients and running statistics.
+STEM call per modality, M x M expert calls, full-length generator queries; tests/reference_mcmoe.py,
+which the tests check the model against). Before timing, both are run once on the same batch and must
+give the same score, loss, gradients and running statistics.
 
 Every row also counts one step's floating-point operations and computing operators (`count_step`).
 Where arithmetic bounds a step (a CPU), the GFLOP ratio caps the speed-up; where dispatch and kernel

@@ -52,3 +52,11 @@ def test_limssr_configs_load_with_the_values_they_were_written_with():
     old = json.loads((FIXTURES / "limssr_old" / "model_config.json").read_text())["config"]
     assert LIMSSRConfig.from_dict(old).triplet_distance == "euclidean"
     assert LIMSSRConfig.from_dict(old) == LIMSSRConfig(**{**expected.__dict__, "triplet_distance": "euclidean"})
+
+
+def test_configs_written_now_record_their_version_and_read_back_equal():
+    config = MCMoEConfig(modalities=list(DIMS), feature_dims=DIMS, **TINY)
+    written = json.loads(json.dumps(config.to_dict()))
+    assert written["schema_version"] == 2 and MCMoEConfig.from_dict(written) == config
+    del written["div_distance"]  # a version-2 file without a setting: today's default, not the legacy value
+    assert MCMoEConfig.from_dict(written).div_distance == "cosine"
