@@ -152,8 +152,8 @@ def resolve_config(
     with underscores; `model_options`, model-config field names), recording each value's source."""
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     chosen = get_preset(preset, action) if preset else None
-    model_config = config_class(model)
-    defaults = model_config.training_defaults()
+    config_cls = config_class(model)
+    defaults = config_cls.training_defaults()
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
 
@@ -169,7 +169,7 @@ def resolve_config(
     if chosen is not None:
         where = f"preset {chosen.dataset}/{chosen.target}"
         put(chosen.data_overrides(), where)
-        training, fields = model_config.from_preset(chosen)
+        training, fields = config_cls.from_preset(chosen)
         put(training, where)
         for key, value in fields.items():
             options[key] = value
@@ -181,7 +181,7 @@ def resolve_config(
     # Everything else keeps its default; run.json says so too (a preset's seed, say, versus seed 0).
     for key in RECORDED_KEYS:
         sources.setdefault(key, "default")
-    for key in sorted(model_config.settings()):
+    for key in sorted(config_cls.settings()):
         sources.setdefault(f"model.{key}", f"{model} defaults")
     absolute = lambda path: str(Path(path).expanduser().resolve())  # noqa: E731 (a resumed run may start elsewhere)
     config = TrainConfig(
