@@ -12,8 +12,8 @@ No preset turns on the sinusoidal position encoding of the STEM input: the refer
 `--use_pe True` was parsed and never applied by the reference code (later removed), so the published
 numbers were made without it. `--position-encoding` remains an explicit option.
 
-Each preset carries the seed of the reference command (RG 0, Fis-V 3, FS1000 1), used (by the models that
-take the published settings: MCMoE) when no --seed is given; run.json records, for every setting, whether it came from the preset, a flag or a
+Each preset carries the seed of the reference command (RG 0, Fis-V 3, FS1000 1), used by MCMoE when no
+--seed is given; run.json records, for every setting, whether it came from the preset, a flag or a
 default.
 
 FS1000's PCS labels are divided by the factor in the label file's last column; that happens when the
