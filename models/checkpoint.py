@@ -132,7 +132,7 @@ def load_model(
     """Rebuild the model from model_config.json and load <weights>.safetensors; eval mode, on device."""
     directory = Path(directory)
     name, config = read_model_config(directory)
-    model = build_model(name, config)
+    model = build_model(name, config, str(directory / MODEL_CONFIG_NAME))
     state, _ = load_tensors(directory / f"{weights}.safetensors")
     load_model_state(model, state, directory / f"{weights}.safetensors")
     return model.to(device).eval()

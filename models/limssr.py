@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models import ModelConfig
 from models.losses import DISTANCES, hardest_triplet_loss
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -42,7 +43,17 @@ MODALITY_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
 
 
 @dataclass
-class LIMSSRConfig:
+class LIMSSRConfig(ModelConfig):
+    """Schema version 2 records `schema_version`; version-1 files lacking triplet_distance were trained
+    with Euclidean distance (see `upgrade`). The presets' published settings are MCMoE's: LIMSSR takes
+    none of them (DESIGN.md section 4), only the dataset facts every model uses."""
+
+    SCHEMA_VERSION = 2
+    FLAG_FIELDS = {"dropout": "dropout", "alpha": "alpha", "llm": "llm", "llm_dtype": "torch_dtype",
+                   "gradient_checkpointing": "gradient_checkpointing"}
+    PATH_FIELDS = ("llm",)  # evaluate / score / resume must find a local LLM folder from any working folder
+    GPUS_PER_RUN = 1.0  # an LLM each
+
     modalities: list[str]
     feature_dims: dict[str, int]
     llm: str = "Qwen/Qwen2.5-0.5B"  # hub id or local folder holding weights + tokenizer
@@ -80,17 +91,15 @@ class LIMSSRConfig:
         if self.torch_dtype not in DTYPES:
             raise ValueError(f"torch_dtype must be one of {sorted(DTYPES)}, got {self.torch_dtype!r}")
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    @classmethod
+    def upgrade(cls, data: dict[str, Any], version: int) -> dict[str, Any]:
+        # Configurations recorded before triplet_distance existed were trained with Euclidean distance.
+        return {"triplet_distance": "euclidean", **data}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "LIMSSRConfig":
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown LIMSSR config fields {unknown}")
-        # Configurations recorded before triplet_distance existed were trained with Euclidean distance.
-        return cls(**{"triplet_distance": "euclidean", **data})
+    def device_defaults(cls, device_type: str) -> dict[str, Any]:
+        # the LLM trains in bf16 on a GPU unless told otherwise
+        return {"torch_dtype": "bfloat16"} if device_type == "cuda" else {}
 
     @classmethod
     def training_defaults(cls) -> dict[str, Any]:
@@ -378,7 +387,11 @@ class LIMSSR(nn.Module):
             raise ValueError(f"all modalities need the same number of time steps, got {shapes}")
         return next(iter(shapes.values()))
 
-    def forward(self, features: dict[str, Tensor], available: Tensor) -> dict[str, Tensor]:
+    def forward(
+        self, features: dict[str, Tensor], available: Tensor, present: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """The contract's forward (models/__init__.py); `present` is accepted and unused: LIMSSR reads
+        only what `available` lets it see and has no reconstruction-type targets."""
         num_steps = self._check_inputs(features, available)
         available = available.to(self.new_token_embeddings.device)
         layout = self.build_sequence(available, num_steps)

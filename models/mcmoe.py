@@ -27,7 +27,6 @@ L_div measures 1 - cosine between grade patterns, as the published code does (DE
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from models import ModelConfig
 from models.layers import (
     MaskedBatchNorm1d, batch_norm_per_group, single_query_attention, sinusoidal_position_encoding,
 )
@@ -47,12 +47,10 @@ CHOICES = {
     "projection_stats": ("present", "available"),
     "recon_mean_over": ("present", "imputed"),
 }
-# Values of settings added after runs were recorded, for model_config.json files that lack them.
-LEGACY = {"div_distance": "euclidean", "projection_stats": "available", "recon_mean_over": "imputed"}
 
 
 @dataclass
-class MCMoEConfig:
+class MCMoEConfig(ModelConfig):
     """Architecture, loss weights and ablation switches. Defaults are the published settings.
 
     Ablations (DESIGN.md Table 3): switch off use_stem / use_agmg / use_moe / use_cfm / use_recon /
@@ -60,7 +58,28 @@ class MCMoEConfig:
     sequence; without CFM the F^m are summed. `baseline` switches off STEM, AGMG, MoE, CFM, L_recon and
     L_align at once: the projected available features are summed and read by the grade decoder,
     trained with L_div + L_task.
+
+    Schema version 2 records `schema_version`; a version-1 file (written before it) that lacks a
+    setting added later gets the behaviour it was trained with (see `upgrade`).
     """
+
+    SCHEMA_VERSION = 2
+    # `--ablation NAME` (DESIGN.md Table 3)
+    ABLATIONS = {
+        "baseline": {"baseline": True},
+        "no-stem": {"use_stem": False},
+        "no-agmg": {"use_agmg": False},
+        "no-moe": {"use_moe": False},
+        "no-cfm": {"use_cfm": False},
+        "no-recon": {"use_recon": False},
+        "no-align": {"use_align": False},
+        "no-div": {"use_div": False},
+    }
+    FLAG_FIELDS = {"hidden": "hidden", "dropout": "dropout", "alpha": "div_weight", "position_encoding": "position_encoding"}
+    # The presets are MCMoE's published settings: all of them apply (alpha is the L_div weight).
+    PRESET_TRAINING = ("epochs", "lr", "batch_size", "optimizer", "weight_decay", "min_lr_ratio", "warmup_epochs", "seed")
+    PRESET_FIELDS = {"alpha": "div_weight", "position_encoding": "position_encoding", "dropout": "dropout", "hidden": "hidden"}
+    GPUS_PER_RUN = 0.25  # runs are small: four share a GPU
 
     modalities: list[str]
     feature_dims: dict[str, int]
@@ -138,17 +157,10 @@ class MCMoEConfig:
             self.use_stem = self.use_agmg = self.use_moe = self.use_cfm = False
             self.use_recon = self.use_align = False
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "MCMoEConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown MCMoEConfig fields {unknown}; known: {sorted(known)}")
-        # A configuration recorded before a setting existed gets the behaviour it was trained with.
-        return cls(**{**LEGACY, **data})
+    def upgrade(cls, data: dict[str, Any], version: int) -> dict[str, Any]:
+        # Version 1 files lack the settings added after they were written: the values they trained with.
+        return {"div_distance": "euclidean", "projection_stats": "available", "recon_mean_over": "imputed", **data}
 
     @classmethod
     def training_defaults(cls) -> dict[str, Any]:

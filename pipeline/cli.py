@@ -232,6 +232,8 @@ def print_extract_summary(summary, cache) -> None:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
+    from models import REGISTRY
+
     parser = sub.add_parser(
         "train",
         help="train a scorer on cached features (MCMoE or LIMSSR)",
@@ -246,7 +248,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     io.add_argument("--features", type=Path, help="feature cache (its --out folder or one configuration folder)")
     io.add_argument("--labels", type=Path, help="labels CSV: video_id,score and optionally split (train/val/test)")
     io.add_argument("--out", type=Path, required=True, help="run folder to create (or continue with --resume)")
-    io.add_argument("--model", choices=["mcmoe", "limssr"], help="scorer (default: mcmoe)")
+    io.add_argument("--model", choices=sorted(REGISTRY), help="scorer (default: mcmoe)")
     io.add_argument("--preset", choices=["rg", "fisv", "fs1000"],
                     help="published settings of a benchmark (clip_num, score range, epochs, lr, ...)")
     io.add_argument("--action", help="RG apparatus (Ball, Clubs, Hoop, Ribbon) or score type (TES, PCS, ...) of --preset")
@@ -314,7 +316,7 @@ def _run_train(args: argparse.Namespace) -> int:
     try:
         if args.train_missing is not None:
             overrides["train_missing"] = data.parse_missing_rates(args.train_missing)
-        model_flags = {k: getattr(args, k) for k in training.FLAG_FIELDS}
+        model_flags = {k: getattr(args, k) for k in training.MODEL_FLAGS}
         if args.resume and (args.out / training.RUN_JSON).is_file():
             given = {k: getattr(args, k) for k in ("features", "labels", "model", "preset", "action")}
             config, preset = training.recorded_config(
@@ -525,6 +527,8 @@ def _run_import_checkpoint(args: argparse.Namespace) -> int:
 
 
 def _add_reproduce(sub: argparse._SubParsersAction) -> None:
+    from models import REGISTRY
+
     parser = sub.add_parser(
         "reproduce",
         help="a benchmark's Table 1 block: every action / score type x every seed, trained on Ray",
@@ -544,7 +548,7 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 per action (default: %(default)s)")
     parser.add_argument("--out", type=folder_path, required=True, help="results folder")
     parser.add_argument("--actions", help="comma-separated subset of the preset's actions / score types (default: all)")
-    parser.add_argument("--model", choices=["mcmoe", "limssr"], default="mcmoe", help="(default: %(default)s)")
+    parser.add_argument("--model", choices=sorted(REGISTRY), default="mcmoe", help="(default: %(default)s)")
     parser.add_argument("--epochs", type=int, help="override the preset's epochs (smoke runs)")
     parser.add_argument("--batch-size", type=int, help="override the preset's batch size")
     parser.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
@@ -553,7 +557,7 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
                         help="auto (a running cluster, else a local instance), local, a cluster address, or "
                         "none to train one run after another in this process (default: %(default)s)")
     parser.add_argument("--gpus-per-run", type=float,
-                        help="GPU share of each run (default with GPUs: 0.25 for mcmoe, 1 for limssr; else 0)")
+                        help="GPU share of each run (default with GPUs: the model's, 0.25 for mcmoe, 1 for limssr; else 0)")
     parser.add_argument("--cpus-per-run", type=float, default=1.0, help="CPU cores per run (default: %(default)s)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

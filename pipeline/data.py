@@ -152,18 +152,6 @@ def training_batches(
         yield collate(chosen, modalities, feature_dims, clip_num, random_starts(chosen, clip_num, generator))
 
 
-def eval_batches(
-    samples: Sequence[Sample],
-    modalities: Sequence[str],
-    feature_dims: dict[str, int],
-    clip_num: int,
-    batch_size: int,
-) -> Iterator[Batch]:
-    """Fixed order, centre crops."""
-    for first in range(0, len(samples), batch_size):
-        yield collate(samples[first : first + batch_size], modalities, feature_dims, clip_num)
-
-
 # --------------------------------------------------------------------------- modality subsets
 
 

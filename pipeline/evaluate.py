@@ -17,7 +17,6 @@ many were used).
 from __future__ import annotations
 
 import csv
-import inspect
 import io
 import json
 import math
@@ -47,11 +46,8 @@ INFORMATIONAL_CONFIG_KEYS = ("created_at", "note")
 def call_model(
     model: torch.nn.Module, features: dict[str, torch.Tensor], available: torch.Tensor, present: torch.Tensor
 ) -> dict[str, torch.Tensor]:
-    """model(features, available), passing `present` too to models whose forward takes it (MCMoE uses
-    it to pick the samples behind its loss targets' batch statistics)."""
-    if "present" in inspect.signature(model.forward).parameters:
-        return model(features, available, present=present)
-    return model(features, available)
+    """The one forward call of every model (the contract in models/__init__.py)."""
+    return model(features, available, present)
 
 
 def run_model(

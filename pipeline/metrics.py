@@ -1,7 +1,7 @@
 """The evaluation metrics of the AQA papers: Spearman rho, MSE on the score scale, and their averages.
 
-Spearman rho is computed here (Pearson correlation of average ranks) rather than taken from scipy,
-which is only a test dependency.
+Spearman rho is the Pearson correlation of average ranks (pandas' rank; scipy is only a test
+dependency), NaN where it is undefined rather than a warning.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Iterable
 
 import numpy as np
+import pandas as pd
 
 # atanh(+-1) is infinite; a perfect correlation in one setting must not swamp the Fisher-z average.
 FISHER_CLIP = 1.0 - 1e-7
@@ -16,18 +17,7 @@ FISHER_CLIP = 1.0 - 1e-7
 
 def average_ranks(values: np.ndarray) -> np.ndarray:
     """Ranks 1..n, tied values sharing the mean of the ranks they span."""
-    values = np.asarray(values, dtype=np.float64)
-    order = np.argsort(values, kind="mergesort")
-    sorted_values = values[order]
-    ranks = np.empty(len(values), dtype=np.float64)
-    start = 0
-    while start < len(values):
-        stop = start + 1
-        while stop < len(values) and sorted_values[stop] == sorted_values[start]:
-            stop += 1
-        ranks[order[start:stop]] = (start + stop + 1) / 2.0  # mean of ranks start+1 .. stop
-        start = stop
-    return ranks
+    return pd.Series(np.asarray(values, dtype=np.float64)).rank(method="average").to_numpy(copy=True)
 
 
 def spearman_rho(predicted: Iterable[float], true: Iterable[float]) -> float:

@@ -3,16 +3,17 @@
 A preset carries two kinds of values:
 - dataset facts, used by every model: clip_num (segments per sample) and the score range labels are
   divided by;
-- MCMoE's published optimisation and model settings (epochs, lr, alpha, ...), applied only when the
-  model is MCMoE; other models keep their own defaults (LIMSSR: DESIGN.md section 4).
+- the published optimisation and model settings (epochs, lr, alpha, ...; MCMoE's). Which of them a
+  model takes, and onto which of its config fields, the model's config declares (PRESET_TRAINING,
+  PRESET_FIELDS in models/): MCMoE takes them all, LIMSSR none (its own defaults, DESIGN.md section 4).
 Every value is overridable by the matching `pipeline train` flag.
 
 No preset turns on the sinusoidal position encoding of the STEM input: the reference README's
 `--use_pe True` was parsed and never applied by the reference code (later removed), so the published
 numbers were made without it. `--position-encoding` remains an explicit option.
 
-Each preset carries the seed of the reference command (RG 0, Fis-V 3, FS1000 1), used for MCMoE when
-no --seed is given; run.json records, for every setting, whether it came from the preset, a flag or a
+Each preset carries the seed of the reference command (RG 0, Fis-V 3, FS1000 1), used by MCMoE when no
+--seed is given; run.json records, for every setting, whether it came from the preset, a flag or a
 default.
 
 FS1000's PCS labels are divided by the factor in the label file's last column; that happens when the
@@ -46,33 +47,12 @@ class Preset:
     hidden: int = 256
     pcs_factor_divided: bool = False
 
-    # The MCMoEConfig fields these settings feed (alpha is its L_div weight, div_weight).
-    MODEL_FIELDS = {"alpha": "div_weight", "position_encoding": "position_encoding", "dropout": "dropout", "hidden": "hidden"}
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def data_overrides(self) -> dict[str, Any]:
+        """The dataset facts, which every model uses."""
         return {"clip_num": self.clip_num, "score_range": self.score_range}
-
-    def training_overrides(self, model: str) -> dict[str, Any]:
-        if model != "mcmoe":
-            return {}
-        return {
-            "epochs": self.epochs,
-            "lr": self.lr,
-            "batch_size": self.batch_size,
-            "optimizer": self.optimizer,
-            "weight_decay": self.weight_decay,
-            "min_lr_ratio": self.min_lr_ratio,
-            "warmup_epochs": self.warmup_epochs,
-            "seed": self.seed,
-        }
-
-    def model_overrides(self, model: str) -> dict[str, Any]:
-        if model != "mcmoe":
-            return {}
-        return {field: getattr(self, name) for name, field in self.MODEL_FIELDS.items()}
 
 
 def _rg(action: str, epochs: int) -> Preset:

@@ -43,6 +43,7 @@ import numpy as np
 from tqdm import tqdm
 
 from manifests.cache import CONFIG_NAME, CacheError, FeatureCache, atomic_write_bytes
+from models import config_class
 from pipeline.labels import LabelError, read_labels
 from pipeline.metrics import fisher_z_mean, mean_mse
 from pipeline.provenance import headline, provenance
@@ -292,8 +293,8 @@ def run_on_ray(
     from ray.exceptions import RayError
 
     gpus, cpus = float(resources.get("GPU", 0)), float(resources.get("CPU", 1))
-    if gpus_per_run is None:  # LIMSSR carries an LLM: a GPU each; MCMoE runs are small: four per GPU
-        gpus_per_run = (1.0 if model == "limssr" else 0.25) if gpus >= 1 and device != "cpu" else 0.0
+    if gpus_per_run is None:  # the model's share (LIMSSR carries an LLM: a GPU each; four MCMoE runs share one)
+        gpus_per_run = config_class(model).GPUS_PER_RUN if gpus >= 1 and device != "cpu" else 0.0
     if gpus_per_run < 0 or gpus_per_run > max(gpus, 0) or (gpus_per_run > 1 and gpus_per_run != int(gpus_per_run)):
         raise ReproduceError(f"--gpus-per-run {gpus_per_run:g}: the Ray cluster has {gpus:g} GPU(s); "
                              "use a fraction up to 1, or a whole number of GPUs it has")

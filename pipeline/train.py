@@ -152,7 +152,8 @@ def resolve_config(
     with underscores; `model_options`, model-config field names), recording each value's source."""
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     chosen = get_preset(preset, action) if preset else None
-    defaults = config_class(model).training_defaults()
+    config_cls = config_class(model)
+    defaults = config_cls.training_defaults()
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
 
@@ -168,8 +169,9 @@ def resolve_config(
     if chosen is not None:
         where = f"preset {chosen.dataset}/{chosen.target}"
         put(chosen.data_overrides(), where)
-        put(chosen.training_overrides(model), where)
-        for key, value in chosen.model_overrides(model).items():
+        training, fields = config_cls.from_preset(chosen)
+        put(training, where)
+        for key, value in fields.items():
             options[key] = value
             sources[f"model.{key}"] = where
     put(overrides, "flag")
@@ -179,7 +181,7 @@ def resolve_config(
     # Everything else keeps its default; run.json says so too (a preset's seed, say, versus seed 0).
     for key in RECORDED_KEYS:
         sources.setdefault(key, "default")
-    for key in sorted(config_fields(model) - {"modalities", "feature_dims"}):
+    for key in sorted(config_cls.settings()):
         sources.setdefault(f"model.{key}", f"{model} defaults")
     absolute = lambda path: str(Path(path).expanduser().resolve())  # noqa: E731 (a resumed run may start elsewhere)
     config = TrainConfig(
@@ -192,49 +194,27 @@ def resolve_config(
     return config, chosen
 
 
-# `--ablation NAME` -> model-config settings (MCMoE, DESIGN.md Table 3).
-ABLATIONS = {
-    "baseline": {"baseline": True},
-    "no-stem": {"use_stem": False},
-    "no-agmg": {"use_agmg": False},
-    "no-moe": {"use_moe": False},
-    "no-cfm": {"use_cfm": False},
-    "no-recon": {"use_recon": False},
-    "no-align": {"use_align": False},
-    "no-div": {"use_div": False},
-}
-# Flag names -> model-config fields, first one the model has (MCMoE calls alpha div_weight).
-FLAG_FIELDS = {
-    "hidden": ("hidden",),
-    "dropout": ("dropout",),
-    "alpha": ("div_weight", "alpha"),
-    "position_encoding": ("position_encoding",),
-    "llm": ("llm",),
-    "llm_dtype": ("torch_dtype",),
-    "gradient_checkpointing": ("gradient_checkpointing",),
-}
-
-
-def config_fields(model: str) -> set[str]:
-    return {f.name for f in dataclasses.fields(config_class(model))}
+# The generic model flags of `pipeline train`; each model maps the ones it takes (ModelConfig.FLAG_FIELDS).
+MODEL_FLAGS = ("hidden", "dropout", "alpha", "position_encoding", "llm", "llm_dtype", "gradient_checkpointing")
 
 
 def model_options_from_flags(model: str, flags: dict[str, Any], ablations: list[str], extra: list[str]) -> dict[str, Any]:
     """Model-config settings from the generic flags, --ablation names and --model-option KEY=VALUE
-    (VALUE read as JSON when it parses, else as a string)."""
-    known = config_fields(model)
+    (VALUE read as JSON when it parses, else as a string), as the model's config declares them."""
+    cls = config_class(model)
+    known = cls.settings()
     options: dict[str, Any] = {}
     for flag, value in flags.items():
         if value is None:
             continue
-        fields = [f for f in FLAG_FIELDS[flag] if f in known]
-        if not fields:
+        if flag not in cls.FLAG_FIELDS:
             raise ValueError(f"--{flag.replace('_', '-')} does not apply to model {model!r}")
-        options[fields[0]] = value
+        options[cls.FLAG_FIELDS[flag]] = value
     for name in ablations:
-        if name not in ABLATIONS:
-            raise ValueError(f"--ablation {name!r}: choose from {sorted(ABLATIONS)}")
-        options.update(ABLATIONS[name])
+        if name not in cls.ABLATIONS:
+            raise ValueError(f"--ablation {name!r}: choose from {sorted(cls.ABLATIONS)}"
+                             if cls.ABLATIONS else f"--ablation {name!r}: model {model!r} has no ablations")
+        options.update(cls.ABLATIONS[name])
     for item in extra:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
@@ -243,13 +223,14 @@ def model_options_from_flags(model: str, flags: dict[str, Any], ablations: list[
             options[key.strip()] = json.loads(text)
         except json.JSONDecodeError:
             options[key.strip()] = text
-    unknown = sorted(set(options) - known)
+    unknown = sorted(set(options) - set(known))
     if unknown:
-        raise ValueError(f"model {model!r} has no setting(s) {unknown}; its settings are {sorted(known - {'modalities', 'feature_dims'})}")
-    llm = options.get("llm")
-    if isinstance(llm, str) and Path(llm).expanduser().is_dir():
-        # the run records its base LLM; evaluate / score / resume must find it from any working folder
-        options["llm"] = str(Path(llm).expanduser().resolve())
+        raise ValueError(f"model {model!r} has no setting(s) {unknown}; its settings are {sorted(known)}")
+    for key in cls.PATH_FIELDS:
+        value = options.get(key)
+        if isinstance(value, str) and Path(value).expanduser().is_dir():
+            # the run records the folder; evaluate / score / resume must find it from any working folder
+            options[key] = str(Path(value).expanduser().resolve())
     return options
 
 
@@ -284,7 +265,7 @@ def lr_at(config: TrainConfig, epoch: int) -> float:
 
 def build_model_config(model: str, modalities: list[str], feature_dims: dict[str, int], options: dict[str, Any]):
     cls = config_class(model)
-    known = {f.name for f in dataclasses.fields(cls)} - {"modalities", "feature_dims"}
+    known = set(cls.settings())
     unknown = sorted(set(options) - known)
     if unknown:
         raise ValueError(f"model {model!r} has no setting(s) {unknown}; its settings are {sorted(known)}")
@@ -628,14 +609,12 @@ def _train_locked(
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
 
-    options = dict(config.model_options)
-    if torch_device.type == "cuda" and "torch_dtype" in config_fields(config.model):
-        options.setdefault("torch_dtype", "bfloat16")  # an LLM backbone trains in bf16 on a GPU unless told otherwise
+    options = {**config_class(config.model).device_defaults(torch_device.type), **config.model_options}
     model_config = build_model_config(config.model, bundle.modalities, bundle.feature_dims, options)
     if resume and (run_dir / MODEL_CONFIG_NAME).is_file():
         # The run's own record wins: a setting added to the model since the run began keeps the value
         # the run was trained with, not today's default.
-        model_config = config_class(config.model).from_dict(read_model_config(run_dir)[1])
+        model_config = config_class(config.model).from_dict(read_model_config(run_dir)[1], str(run_dir / MODEL_CONFIG_NAME))
     model = build_model(config.model, model_config).to(torch_device)
     counts = count_parameters(model)
     seq_len = model.sequence_length(bundle.clip_num) if hasattr(model, "sequence_length") else None

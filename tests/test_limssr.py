@@ -51,7 +51,7 @@ def test_config_round_trip_and_training_defaults(tiny_llm_folder):
     defaults = LIMSSRConfig.training_defaults()
     assert defaults["optimizer"] == "adamw" and defaults["lr"] == 2e-4 and defaults["batch_size"] == 8
     assert defaults["mask_policy"] == "any" and defaults["min_lr_ratio"] == 0.1
-    with pytest.raises(ValueError, match="unknown LIMSSR config fields"):
+    with pytest.raises(ValueError, match="LIMSSRConfig: unknown key 'hidden'"):
         LIMSSRConfig.from_dict({**config.to_dict(), "hidden": 3})
     with pytest.raises(ValueError, match="feature_dims"):
         LIMSSRConfig(modalities=["rgb", "depth"], feature_dims={"rgb": 4})
@@ -108,6 +108,8 @@ def test_outputs_and_per_sample_masking(model):
         # values of a masked modality never reach the score; those of an available one do
         noisy = {k: v + 5.0 * (~MIXED[:, i, None, None]) for i, (k, v) in enumerate(features.items())}
         torch.testing.assert_close(model(noisy, MIXED)["score"], out["score"])
+        # the contract's call (models/__init__.py): `present` is accepted and changes nothing
+        assert torch.equal(model(features, MIXED, torch.ones_like(MIXED))["score"], out["score"])
         changed = dict(features, audio=features["audio"] + 1.0)
         assert not torch.allclose(model(changed, MIXED)["score"][3], out["score"][3])
 

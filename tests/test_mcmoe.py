@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +17,7 @@ from models.layers import (
 )
 from models.losses import hardest_triplet_loss, masked_modality_mean
 from models.mcmoe import LOSS_TERMS, MCMoE, MCMoEConfig, mcmoe
+from tests.reference_mcmoe import check_mcmoe_loop_matches
 
 DIMS = {"rgb": 16, "flow": 12, "audio": 8}
 NAMES = list(DIMS)
@@ -42,14 +41,6 @@ def seeded(model, *args, seed: int = 3, **kwargs):
     return model(*args, **kwargs)
 
 
-def load_bench():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"
-    spec = importlib.util.spec_from_file_location("bench_train", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 # ----------------------------------------------------------------------------- config and count
 
 
@@ -66,6 +57,7 @@ def test_config_round_trip_registry_and_defaults():
     assert MCMoEConfig.from_dict(data) == config
     assert config.div_distance == "cosine"  # the published code's distance
     assert (config.prototype_encoding, config.projection_stats, config.recon_mean_over) == ("grade-index", "present", "present")
+    assert data.pop("schema_version") == 2
     for key in ("div_distance", "prototype_encoding", "projection_stats", "recon_mean_over"):
         del data[key]  # recorded before these fields existed: read back with the behaviour then
     old = MCMoEConfig.from_dict(data)
@@ -97,7 +89,7 @@ def test_config_errors(kwargs, message):
     base = {"modalities": NAMES, "feature_dims": DIMS, "hidden": D}
     with pytest.raises(ValueError, match=message):
         MCMoEConfig(**{**base, **kwargs})
-    with pytest.raises(ValueError, match="unknown MCMoEConfig fields"):
+    with pytest.raises(ValueError, match="MCMoEConfig: unknown key 'hiden'"):
         MCMoEConfig.from_dict({**base, "hiden": 3})
 
 
@@ -180,10 +172,9 @@ def test_single_query_attention_equals_multihead_attention():
 
 
 def test_batched_model_matches_the_per_modality_loop():
-    bench = load_bench()
     model = small()
     target = torch.rand(B, generator=torch.Generator().manual_seed(2))
-    diffs = bench.check_mcmoe_loop_matches(model, make_features(), MIXED, target, tolerance=1e-4)
+    diffs = check_mcmoe_loop_matches(model, make_features(), MIXED, target, tolerance=1e-4)
     assert diffs["score"] < 1e-5
 
 

@@ -21,6 +21,24 @@ def test_ranks_and_spearman_match_scipy_with_ties(seed):
     assert spearman_rho(predicted, true) == pytest.approx(stats.spearmanr(predicted, true).statistic, abs=1e-12)
 
 
+@pytest.mark.parametrize("predicted, true", [
+    ([2.0, 2.0, 2.0, 2.0], [1.0, 2.0, 3.0, 4.0]),  # constant predictions
+    ([1.0, 2.0, 3.0, 4.0], [5.0, 5.0, 5.0, 5.0]),  # constant labels
+    ([0.0, 0.0], [0.0, 0.0]),
+])
+def test_spearman_of_a_constant_side_is_nan_as_in_scipy(predicted, true):
+    with pytest.warns(stats.ConstantInputWarning):
+        assert math.isnan(stats.spearmanr(predicted, true).statistic)
+    assert math.isnan(spearman_rho(predicted, true))  # and no warning of ours
+
+
+def test_spearman_matches_scipy_on_all_ties_but_one_and_large_offsets():
+    predicted = [1e6 + 0.5, 1e6, 1e6, 1e6, 1e6]
+    true = [3.0, 1.0, 1.0, 2.0, 2.0]
+    assert spearman_rho(predicted, true) == pytest.approx(stats.spearmanr(predicted, true).statistic, abs=1e-12)
+    np.testing.assert_array_equal(average_ranks(predicted), stats.rankdata(predicted))
+
+
 def test_spearman_hand_values_and_undefined_cases():
     assert spearman_rho([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman_rho([4, 3, 2, 1], [10, 20, 30, 40]) == pytest.approx(-1.0)
