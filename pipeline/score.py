@@ -26,7 +26,7 @@ from pipeline.extract import (
     legacy_fingerprint,
     prepare_cache,
 )
-from pipeline.evaluate import Run, RunError, load_run
+from pipeline.inference import Run, RunError, load_run
 from pipeline.provenance import headline, provenance
 
 
@@ -117,7 +117,7 @@ def score_clips(
     if features is not None:
         target = run.open_features(features)  # refuses features made differently
     else:
-        target = FeatureCache(run.directory / "score_cache" / config.config_hash())
+        target = FeatureCache(run.folder.score_cache() / config.config_hash())
         try:
             lookup.append(run.open_features())
         except (CacheError, RunError, OSError):
