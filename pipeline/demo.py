@@ -136,6 +136,8 @@ def run_demo(
 
     `pipeline` runs one command line and returns its exit code: the CLI's own `main`, which hands
     itself over (the demo drives the real command line without importing it)."""
+    from manifests.run import RunDir
+
     out = Path(out).expanduser()
     seconds: dict[str, float] = {}
     started = time.perf_counter()
@@ -176,7 +178,7 @@ def run_demo(
                  "--epochs", str(settings.epochs), "--batch-size", str(settings.batch_size), "--lr", str(settings.lr),
                  "--hidden", str(settings.hidden), "--dropout", str(settings.dropout), "--alpha", str(settings.alpha),
                  "--seed", str(settings.seed + k), "--device", device,
-                 *(["--resume"] if (run_dir / "run.json").is_file() else []), *quiet],
+                 *(["--resume"] if RunDir(run_dir).has_run() else []), *quiet],
             ))
     for index, (stage, title, argv) in enumerate(commands):
         _say(f"\n{title}\n$ pipeline {' '.join(argv)}")

@@ -179,10 +179,12 @@ def evaluate_labels(
     device: str = "auto",
     batch_size: int = 32,
     say: Callable[[str], None] = _stderr,
+    show: Callable[[str], None] = print,
 ) -> EvaluateResult:
     """`pipeline evaluate`: the run's checkpoint on the labelled videos (their test rows when the labels
-    have a split column and `split` is "test"); prints the table, writes OUT.{csv,json,predictions.csv}
-    (default RUN/evaluation/eval-<labels name>) and the plot. EvaluateError: nothing could be evaluated."""
+    have a split column and `split` is "test"); shows the table, writes OUT.{csv,json,predictions.csv}
+    (default RUN/evaluation/eval-<labels name>) and the plot; `say` gets the notes (stderr by default).
+    EvaluateError: the run, labels and features cannot be evaluated together."""
     from manifests.cache import CacheError
     from pipeline.inference import RunError
     from pipeline.labels import LabelError
@@ -214,8 +216,8 @@ def evaluate_labels(
         f"evaluated on {len(samples)} videos of {labels_path}"
         + (", which played no part in training or choosing it" if held_out else ""))
     evaluation = run.evaluate(samples, batch_size=batch_size)
-    print(headline(f"{run.model_name} run {run.directory} on {labels_path.name}", run.provenance))
-    print(format_table(evaluation))
+    show(headline(f"{run.model_name} run {run.directory} on {labels_path.name}", run.provenance))
+    show(format_table(evaluation))
     base = out or run.folder.evaluation(f"eval-{labels_path.stem}")
     csv_path, json_path = write_evaluation(base, run, evaluation, labels_path, split, overlap)
     say(f"wrote {csv_path}, {json_path}")

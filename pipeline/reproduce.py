@@ -195,22 +195,13 @@ def is_evaluated(run_dir: Path) -> bool:
     return path.is_file() and weights.is_file() and path.stat().st_mtime >= weights.stat().st_mtime
 
 
-def evaluate_run(run_dir: Path, labels_path: Path, device: str = "auto") -> Path:
+def evaluate_run(run_dir: Path, labels_path: Path, device: str = "auto", log: Callable[[str], None] = lambda m: None) -> Path:
     """The run's chosen checkpoint on the test rows of its labels: evaluation/test.{csv,json,predictions.csv}."""
-    from pipeline import data
-    from pipeline.evaluate import write_evaluation
-    from pipeline.inference import load_run
-    from pipeline.labels import check_against_cache
+    from pipeline.evaluate import evaluate_labels
 
-    run = load_run(run_dir, device)
-    cache = run.open_features()
-    labels = read_labels(labels_path)
-    ids = labels.ids_in_split("test")
-    check_against_cache(labels, cache, ids, require_all_labelled=False)
-    evaluation = run.evaluate(data.load_samples(cache, ids, labels.scores))
-    overlap = sorted(set(ids) & run.trained_ids)
-    _, json_path = write_evaluation(run.folder.evaluation("test"), run, evaluation, Path(labels_path), "test", overlap)
-    return json_path
+    result = evaluate_labels(run_dir, labels_path, split="test", out=RunDir(run_dir).evaluation("test"), device=device,
+                             say=log, show=log)
+    return result.json_path
 
 
 def train_and_evaluate(spec: RunSpec, device: str = "auto", threads: int | None = None) -> dict[str, Any]:
@@ -242,7 +233,7 @@ def train_and_evaluate(spec: RunSpec, device: str = "auto", threads: int | None 
             outcome["best"] = result.best
         outcome["status"] = {"new": "trained", "partial": "resumed", "finished": "already trained"}[state]
         if not is_evaluated(spec.run_dir):
-            evaluate_run(spec.run_dir, spec.labels, device)
+            evaluate_run(spec.run_dir, spec.labels, device, log)
         outcome["table"] = json.loads(evaluation_file(spec.run_dir).read_text())["table"]
     except (TrainError, LabelError, CacheError, RunError, ReproduceError, ValueError, FileNotFoundError) as exc:
         outcome["error"] = f"{type(exc).__name__}: {exc}"

@@ -1,19 +1,11 @@
 """`pipeline train`: fit a scorer on cached features, select on validation, resume exactly.
 
-Run folder (everything JSON, CSV or safetensors; nothing is unpickled when loading it; its layout is
-manifests/run.py's `RunDir`):
-
-    RUN/
-      run.json                 TrainConfig, preset, score range / clip_num and where they came from,
-                               modalities, feature dims, the cache and labels used, the splits,
-                               simulated missingness, parameter count, how the checkpoint was chosen
-      model_config.json        {"model": name, "config": config.to_dict()}
-      extraction_config.json   the feature cache's config.json, so scoring re-extracts identically
-      best.safetensors         the weights of the epoch chosen on validation (its metadata repeats best.json)
-      best.json                that epoch, its validation metrics, per-setting validation metrics
-      train_log.csv            one row per finished epoch
-      last/                    resume state after the last finished epoch: model.safetensors,
-                               optimizer.safetensors, rng.safetensors, state.json (written last)
+Writes a run folder (its layout, readers and writers: manifests/run.py's `RunDir`; everything JSON,
+CSV or safetensors, nothing is unpickled when loading it): run.json records the TrainConfig, preset,
+score range / clip_num and where they came from, modalities, feature dims, the cache and labels used,
+the splits, simulated missingness, parameter count and how the checkpoint was chosen; best.safetensors
+holds the epoch chosen on validation, last/ the resume state after the last finished epoch (model,
+optimizer and random streams).
 
 The learning rate follows a per-epoch schedule: linear warm-up over `warmup_epochs`, then cosine decay
 to `min_lr_ratio * lr`; it is a pure function of the epoch, so the "scheduler state" is the epoch.
