@@ -587,7 +587,7 @@ def _run_score(args: argparse.Namespace) -> int:
     from manifests.cache import CacheError
     from pipeline.devices import resolve_device
     from pipeline.inference import RunError
-    from pipeline.score import ScoreError, collect_clips, score_clips, scores_headline, write_scores
+    from pipeline.score import ScoreError, collect_clips, format_scores, score_clips, scores_headline, write_scores
 
     if args.out is not None and args.out.suffix.lower() not in (".csv", ".json"):
         raise UsageError(f"--out must end in .csv or .json, got {args.out}")
@@ -603,11 +603,8 @@ def _run_score(args: argparse.Namespace) -> int:
         )
     except (ScoreError, RunError, CacheError, BackboneUnavailableError, ValueError, FileNotFoundError) as exc:
         raise UsageError(str(exc)) from None
-    import pandas as pd
-
-    table = pd.DataFrame([r.row() for r in results]).drop(columns=["grade_weights", "random_weights", "config_hash"])
     print(scores_headline(results, args.run))
-    print(table.astype(object).fillna("").to_string(index=False))
+    print(format_scores(results))
     if args.out is not None:
         write_scores(args.out, results, args.run)
         print(f"wrote {args.out}", file=sys.stderr)

@@ -182,6 +182,12 @@ def scores_headline(results: list[ClipScore], run_dir: Path) -> str:
                                                   "config_hash": results[0].config_hash})
 
 
+def format_scores(results: list[ClipScore]) -> str:
+    """The score table as the terminal shows it (the provenance is in the headline above it)."""
+    table = pd.DataFrame([r.row() for r in results]).drop(columns=["grade_weights", "random_weights", "config_hash"])
+    return table.astype(object).fillna("").to_string(index=False)
+
+
 def write_scores(path: Path, results: list[ClipScore], run_dir: Path) -> None:
     """CSV or JSON by extension, atomically; grade weights as one column per grade in CSV.
 
