@@ -112,7 +112,7 @@ class Comparison:
     csv: Path
     json: Path
     plot: Path
-    evaluations: dict  # demo model name -> [pipeline.evaluate.Evaluation], one per training seed
+    evaluations: dict  # demo model name -> [pipeline.inference.Evaluation], one per training seed
 
 
 @dataclass

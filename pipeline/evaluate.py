@@ -18,11 +18,14 @@ from typing import Any, Callable
 
 import numpy as np
 
-from manifests.cache import atomic_write_bytes
+from manifests.cache import CacheError, atomic_write_bytes
 from pipeline import data
-from pipeline.inference import Evaluation, Run, json_number, load_run
-from pipeline.labels import check_against_cache, read_labels
+from pipeline.inference import Evaluation, Run, RunError, json_number, load_run
+from pipeline.labels import LabelError, check_against_cache, read_labels
 from pipeline.provenance import headline
+
+# --------------------------------------------------------------------------- the table, files and plot
+
 
 def format_table(evaluation: Evaluation) -> str:
     columns = evaluation.columns()
@@ -185,10 +188,6 @@ def evaluate_labels(
     have a split column and `split` is "test"); shows the table, writes OUT.{csv,json,predictions.csv}
     (default RUN/evaluation/eval-<labels name>) and the plot; `say` gets the notes (stderr by default).
     EvaluateError: the run, labels and features cannot be evaluated together."""
-    from manifests.cache import CacheError
-    from pipeline.inference import RunError
-    from pipeline.labels import LabelError
-
     labels_path = Path(labels_path)
     try:
         run = load_run(run_dir, device)
