@@ -69,6 +69,17 @@ def test_an_older_run_records_a_train_config_that_opens_and_unknown_keys_are_nam
         TrainConfig.from_dict({**recorded, "epochz": 4}, source=str(folder.run_json))
 
 
+def test_resuming_a_run_whose_record_has_an_unknown_setting_names_it(tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(RUN, run)
+    info = json.loads((run / RunDir.RUN).read_text())
+    info["config"]["epochz"] = 5  # a hand edit gone wrong
+    (run / RunDir.RUN).write_text(json.dumps(info))
+    assert main(["train", "--out", str(run), "--resume", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{run / RunDir.RUN}: unknown key 'epochz'" in err and len(err.splitlines()) == 1
+
+
 def test_the_training_log_is_rewritten_byte_for_byte(tmp_path):
     shutil.copyfile(RUN / RunDir.LOG, tmp_path / RunDir.LOG)
     folder = RunDir(tmp_path)
