@@ -24,6 +24,7 @@ from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.cli import main as pipeline_main  # noqa: E402
 from pipeline.demo import DemoSettings, run_demo  # noqa: E402
 
 
@@ -34,7 +35,7 @@ def main() -> None:
     args = parser.parse_args()
     settings = DemoSettings()
     with tempfile.TemporaryDirectory() as work:
-        result = run_demo(Path(work) / "demo", settings, device=args.device, progress=False)
+        result = run_demo(Path(work) / "demo", settings, device=args.device, progress=False, pipeline=pipeline_main)
     total = time.perf_counter() - STARTED
     evaluations = result.comparison.evaluations if result.comparison else {}
     record = {

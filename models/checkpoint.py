@@ -21,9 +21,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from manifests.cache import atomic_write_file, atomic_write_json
+from manifests.run import RunDir
 from models import REGISTRY, build_model
 
-MODEL_CONFIG_NAME = "model_config.json"
+MODEL_CONFIG_NAME = RunDir.MODEL_CONFIG  # the run folder format (manifests/run.py) names it
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -305,6 +305,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     from manifests.cache import CacheError
+    from manifests.run import RunDir
     from pipeline import data
     from pipeline import train as training
     from pipeline.labels import LabelError
@@ -317,7 +318,7 @@ def _run_train(args: argparse.Namespace) -> int:
         if args.train_missing is not None:
             overrides["train_missing"] = data.parse_missing_rates(args.train_missing)
         model_flags = {k: getattr(args, k) for k in training.MODEL_FLAGS}
-        if args.resume and (args.out / training.RUN_JSON).is_file():
+        if args.resume and RunDir(args.out).has_run():
             given = {k: getattr(args, k) for k in ("features", "labels", "model", "preset", "action")}
             config, preset = training.recorded_config(
                 args.out, {**overrides, **given}, model_flags, args.ablation, args.model_option
@@ -373,46 +374,13 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from manifests.cache import CacheError
-    from pipeline import data, evaluate
-    from pipeline.labels import LabelError, check_against_cache, read_labels
-    from pipeline.provenance import headline
+    from pipeline.evaluate import EvaluateError, evaluate_labels
 
     try:
-        run = evaluate.load_run(args.run, args.device)
-        cache = run.open_features(args.features)
-        labels = read_labels(args.labels)
-        if labels.splits is not None and args.split == "test":
-            ids = labels.ids_in_split("test")
-            if not ids:
-                raise UsageError(f"{args.labels} has a split column but no split=test rows; pass --split all")
-        else:
-            ids = labels.video_ids
-        check_against_cache(labels, cache, ids, require_all_labelled=False)
-        samples = data.load_samples(cache, ids, labels.scores)
-    except (LabelError, CacheError, evaluate.RunError, ValueError, FileNotFoundError) as exc:
+        evaluate_labels(args.run, args.labels, features=args.features, split=args.split, out=args.out,
+                        plot=args.plot, device=args.device, batch_size=args.batch_size)
+    except EvaluateError as exc:
         raise UsageError(str(exc)) from None
-    overlap = sorted(set(ids) & run.trained_ids)
-    if overlap:
-        print(f"WARNING: {len(overlap)} of these videos were used in training or validation "
-              f"(e.g. {overlap[0]}); the numbers below are not a held-out test", file=sys.stderr)
-    checkpoint = f"checkpoint of {evaluate.describe_checkpoint(run)}"
-    if run.info.get("imported"):  # pipeline import-checkpoint
-        checkpoint = f"checkpoint imported from {run.info['imported']['file']}, {run.info['selection']}"
-    held_out = not overlap and not run.info.get("test_used_for_selection")
-    print(f"{run.model_name} run {run.directory}: {checkpoint}; "
-          f"evaluated on {len(samples)} videos of {args.labels}"
-          + (", which played no part in training or choosing it" if held_out else ""), file=sys.stderr)
-    evaluation = run.evaluate(samples, batch_size=args.batch_size)
-    print(headline(f"{run.model_name} run {run.directory} on {args.labels.name}", run.provenance))
-    print(evaluate.format_table(evaluation))
-    base = args.out or run.directory / "evaluation" / f"eval-{args.labels.stem}"
-    csv_path, json_path = evaluate.write_evaluation(base, run, evaluation, args.labels, args.split, overlap)
-    print(f"wrote {csv_path}, {json_path}", file=sys.stderr)
-    if args.plot:
-        evaluate.plot_predictions(args.plot, evaluation, f"{run.model_name}: {run.directory.name} on {args.labels.name}",
-                                  run.provenance)
-        print(f"wrote {args.plot}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -622,8 +590,8 @@ def _run_score(args: argparse.Namespace) -> int:
     from extractors.base import BackboneUnavailableError, WeightsSource
     from manifests.cache import CacheError
     from pipeline.devices import resolve_device
-    from pipeline.evaluate import RunError
-    from pipeline.score import ScoreError, collect_clips, score_clips, scores_headline, write_scores
+    from pipeline.inference import RunError
+    from pipeline.score import ScoreError, collect_clips, format_scores, score_clips, scores_headline, write_scores
 
     if args.out is not None and args.out.suffix.lower() not in (".csv", ".json"):
         raise UsageError(f"--out must end in .csv or .json, got {args.out}")
@@ -639,11 +607,8 @@ def _run_score(args: argparse.Namespace) -> int:
         )
     except (ScoreError, RunError, CacheError, BackboneUnavailableError, ValueError, FileNotFoundError) as exc:
         raise UsageError(str(exc)) from None
-    import pandas as pd
-
-    table = pd.DataFrame([r.row() for r in results]).drop(columns=["grade_weights", "random_weights", "config_hash"])
     print(scores_headline(results, args.run))
-    print(table.astype(object).fillna("").to_string(index=False))
+    print(format_scores(results))
     if args.out is not None:
         write_scores(args.out, results, args.run)
         print(f"wrote {args.out}", file=sys.stderr)
@@ -686,7 +651,7 @@ def _run_demo(args: argparse.Namespace) -> int:
                          "and --training-seeds >= 1")
     settings = DemoSettings(train_clips=args.train_clips, val_clips=args.val_clips, test_clips=args.test_clips,
                             steps=args.steps, training_seeds=args.training_seeds, arch_size=args.arch_size, seed=args.seed)
-    return run_demo(args.out, settings, device=args.device, progress=not args.quiet).code
+    return run_demo(args.out, settings, device=args.device, progress=not args.quiet, pipeline=main).code
 
 
 # ============================================================================ wiring
@@ -737,14 +702,13 @@ def main(argv: list[str] | None = None) -> int:
 def kept_after_io_error(args: argparse.Namespace) -> str:
     """What an interrupted command leaves behind (files are written whole or not at all)."""
     if args.command == "train":
-        from pipeline.train import find_resume_state
+        from manifests.run import RunDir
 
-        state = find_resume_state(args.out)
+        folder = RunDir(args.out)
+        state = folder.resume_folder()
         if state is None:
             return f"no epoch had finished, nothing in {args.out} counts as done; rerun to start again"
-        import json
-
-        epoch = json.loads((state / "state.json").read_text()).get("epoch")
+        epoch = folder.read_resume_state(state).get("epoch")
         return (f"the state after epoch {epoch} is kept in {state}; continue with "
                 f"`pipeline train --out {args.out} --resume` once there is room")
     return {

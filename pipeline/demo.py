@@ -20,6 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 from pipeline.samples import ClipSpec, sample_set, write_clip
 
@@ -111,7 +112,7 @@ class Comparison:
     csv: Path
     json: Path
     plot: Path
-    evaluations: dict  # demo model name -> [pipeline.evaluate.Evaluation], one per training seed
+    evaluations: dict  # demo model name -> [pipeline.inference.Evaluation], one per training seed
 
 
 @dataclass
@@ -123,9 +124,19 @@ class DemoResult:
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of each stage
 
 
-def run_demo(out: Path, settings: DemoSettings = DemoSettings(), device: str = "auto", progress: bool = True) -> DemoResult:
-    """Make the sample data, run the `pipeline` commands a user would (printing each), then compare."""
-    from pipeline.cli import main  # the demo drives the real command line
+def run_demo(
+    out: Path,
+    settings: DemoSettings = DemoSettings(),
+    device: str = "auto",
+    progress: bool = True,
+    *,
+    pipeline: Callable[[list[str]], int],
+) -> DemoResult:
+    """Make the sample data, run the `pipeline` commands a user would (printing each), then compare.
+
+    `pipeline` runs one command line and returns its exit code: the CLI's own `main`, which hands
+    itself over (the demo drives the real command line without importing it)."""
+    from manifests.run import RunDir
 
     out = Path(out).expanduser()
     seconds: dict[str, float] = {}
@@ -167,11 +178,11 @@ def run_demo(out: Path, settings: DemoSettings = DemoSettings(), device: str = "
                  "--epochs", str(settings.epochs), "--batch-size", str(settings.batch_size), "--lr", str(settings.lr),
                  "--hidden", str(settings.hidden), "--dropout", str(settings.dropout), "--alpha", str(settings.alpha),
                  "--seed", str(settings.seed + k), "--device", device,
-                 *(["--resume"] if (run_dir / "run.json").is_file() else []), *quiet],
+                 *(["--resume"] if RunDir(run_dir).has_run() else []), *quiet],
             ))
     for index, (stage, title, argv) in enumerate(commands):
         _say(f"\n{title}\n$ pipeline {' '.join(argv)}")
-        code = main(argv)
+        code = pipeline(argv)
         if code != 0:
             hint = (f" If {out} was made by an older version of this tool, remove it or pass another --out."
                     if stage == "extract" else "")
@@ -218,7 +229,7 @@ def compare_models(out: Path, labels: Path, device: str, settings: DemoSettings 
 
     from manifests.cache import atomic_write_bytes, atomic_write_json
     from pipeline import data
-    from pipeline.evaluate import load_run
+    from pipeline.inference import load_run
     from pipeline.labels import read_labels
     from pipeline.provenance import headline, provenance
 

@@ -51,7 +51,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from manifests.cache import FeatureCache, atomic_write_json
+from manifests.cache import FeatureCache
+from manifests.run import RunDir
 from models.checkpoint import model_state, save_model_config, save_tensors
 from models.layers import sinusoidal_position_encoding
 from models.mcmoe import MCMoE, MCMoEConfig
@@ -309,10 +310,11 @@ def import_reference_checkpoint(
         "torch_version": torch.__version__,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    folder = RunDir(out)
     out.mkdir(parents=True, exist_ok=True)
     save_model_config(out, "mcmoe", model)
-    atomic_write_json(out / "extraction_config.json", cache.read_config())
-    save_tensors(out / "best.safetensors", model_state(model), {"best": best, "model": "mcmoe", "imported": origin})
-    atomic_write_json(out / "best.json", {**best, "selection": SELECTION, "imported": origin})
-    atomic_write_json(out / "run.json", info)  # last: a folder with run.json is complete
+    folder.write_extraction_config(cache.read_config())
+    save_tensors(folder.weights(), model_state(model), {"best": best, "model": "mcmoe", "imported": origin})
+    folder.write_best({**best, "selection": SELECTION, "imported": origin})
+    folder.write_info(info)  # last: a folder with run.json is complete
     return ImportedCheckpoint(out, config, len(state), sha)

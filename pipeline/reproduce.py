@@ -32,6 +32,8 @@ Aggregation (OUT/table.csv, table.json, table.md, rho.png):
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import sys
@@ -44,12 +46,12 @@ from tqdm import tqdm
 
 from manifests.cache import CONFIG_NAME, CacheError, FeatureCache, atomic_write_bytes
 from models import config_class
+from manifests.run import RunDir, describe_differences, differing_settings
 from pipeline.labels import LabelError, read_labels
 from pipeline.metrics import fisher_z_mean, mean_mse
 from pipeline.provenance import headline, provenance
 from pipeline.presets import PRESETS, get_preset
 
-RUN_JSON, BEST_JSON, BEST_WEIGHTS = "run.json", "best.json", "best.safetensors"  # as pipeline.train writes them
 AVERAGE = "Average"
 
 
@@ -171,57 +173,36 @@ def plan_runs(
 
 def run_state(spec: RunSpec) -> str:
     """"new", "partial" (resume it) or "finished"; a folder with another run in it is an error."""
-    run_dir = spec.run_dir
-    if not (run_dir / RUN_JSON).is_file():
-        if run_dir.is_dir() and any(p.name != ".lock" for p in run_dir.iterdir()):  # .lock: a train killed early
-            raise ReproduceError(f"{run_dir} holds files but no {RUN_JSON}: not a run folder; move it away")
+    folder = RunDir(spec.run_dir)
+    if not folder.has_run():
+        if folder.holds_other_files():  # a lock alone: a train killed early
+            raise ReproduceError(f"{folder.path} holds files but no {folder.RUN}: not a run folder; move it away")
         return "new"
-    from pipeline.train import find_resume_state
-
-    info = json.loads((run_dir / RUN_JSON).read_text())
-    stored = info["config"]
-    differ = sorted(k for k, v in spec.config.items() if k not in ("sources", "out") and stored.get(k) != v)
+    info = folder.read_info()
+    differ = differing_settings(folder.read_train_config(info), spec.config)
     if differ:
-        raise ReproduceError(
-            f"{run_dir} holds a run with other settings ("
-            + "; ".join(f"{k}: run {stored.get(k)!r}, now {spec.config[k]!r}" for k in differ)
-            + "); use another --out or remove that folder"
-        )
-    state = find_resume_state(run_dir)
-    if state is None or not (run_dir / BEST_WEIGHTS).is_file():
-        return "partial"
-    if int(json.loads((state / "state.json").read_text())["epoch"]) < int(stored["epochs"]):
-        return "partial"
-    best = json.loads((run_dir / BEST_JSON).read_text()) if (run_dir / BEST_JSON).is_file() else {}
-    if info["splits"]["val"] and "val_settings" not in best:
-        return "partial"  # killed after the last epoch, before its closing validation pass: resume does it
-    return "finished"
+        raise ReproduceError(f"{folder.path} holds a run with other settings ({describe_differences(differ)}); "
+                             "use another --out or remove that folder")
+    # not finished: resume it (also when killed after the last epoch, before its closing validation pass)
+    return "finished" if folder.is_finished(info) else "partial"
 
 
 def evaluation_file(run_dir: Path) -> Path:
-    return run_dir / "evaluation" / "test.json"
+    return RunDir(run_dir).evaluation("test").with_suffix(".json")
 
 
 def is_evaluated(run_dir: Path) -> bool:
-    path, weights = evaluation_file(run_dir), run_dir / BEST_WEIGHTS
+    path, weights = evaluation_file(run_dir), RunDir(run_dir).weights()
     return path.is_file() and weights.is_file() and path.stat().st_mtime >= weights.stat().st_mtime
 
 
-def evaluate_run(run_dir: Path, labels_path: Path, device: str = "auto") -> Path:
+def evaluate_run(run_dir: Path, labels_path: Path, device: str = "auto", log: Callable[[str], None] = lambda m: None) -> Path:
     """The run's chosen checkpoint on the test rows of its labels: evaluation/test.{csv,json,predictions.csv}."""
-    from pipeline import data
-    from pipeline.evaluate import load_run, write_evaluation
-    from pipeline.labels import check_against_cache
+    from pipeline.evaluate import evaluate_labels
 
-    run = load_run(run_dir, device)
-    cache = run.open_features()
-    labels = read_labels(labels_path)
-    ids = labels.ids_in_split("test")
-    check_against_cache(labels, cache, ids, require_all_labelled=False)
-    evaluation = run.evaluate(data.load_samples(cache, ids, labels.scores))
-    overlap = sorted(set(ids) & run.trained_ids)
-    _, json_path = write_evaluation(run_dir / "evaluation" / "test", run, evaluation, Path(labels_path), "test", overlap)
-    return json_path
+    result = evaluate_labels(run_dir, labels_path, split="test", out=RunDir(run_dir).evaluation("test"), device=device,
+                             say=log, show=log)
+    return result.json_path
 
 
 def train_and_evaluate(spec: RunSpec, device: str = "auto", threads: int | None = None) -> dict[str, Any]:
@@ -229,7 +210,7 @@ def train_and_evaluate(spec: RunSpec, device: str = "auto", threads: int | None 
 
     A problem of this run (bad labels, a non-finite loss, ...) comes back as the outcome's error
     rather than an exception, so the other runs and the table go on."""
-    from pipeline.evaluate import RunError
+    from pipeline.inference import RunError
     from pipeline.train import TrainConfig, TrainError, train
 
     if threads is not None:
@@ -247,13 +228,13 @@ def train_and_evaluate(spec: RunSpec, device: str = "auto", threads: int | None 
     try:
         state = run_state(spec)
         if state != "finished":
-            config = TrainConfig.from_dict(spec.config)
+            config = TrainConfig.from_dict(spec.config, source=f"the plan of run {spec.run_dir}")
             result = train(config, get_preset(spec.preset, spec.action), resume=state == "partial", device=device,
                            progress=False, log=log)
             outcome["best"] = result.best
         outcome["status"] = {"new": "trained", "partial": "resumed", "finished": "already trained"}[state]
         if not is_evaluated(spec.run_dir):
-            evaluate_run(spec.run_dir, spec.labels, device)
+            evaluate_run(spec.run_dir, spec.labels, device, log)
         outcome["table"] = json.loads(evaluation_file(spec.run_dir).read_text())["table"]
     except (TrainError, LabelError, CacheError, RunError, ReproduceError, ValueError, FileNotFoundError) as exc:
         outcome["error"] = f"{type(exc).__name__}: {exc}"
@@ -412,18 +393,21 @@ def write_table(
     """OUT/table.csv (long form), table.json (everything), table.md, rho.png; all carry random_weights
     and the config hash. `made`: pipeline.provenance of each row's features, by row name."""
     out = Path(out)
-    csv_lines = ["scope,name,setting,rho_mean,rho_std,mse_mean,mse_std,seeds_rho,seeds_mse,random_weights,config_hash"]
-    plain = lambda v: "" if math.isnan(v) else repr(v)  # noqa: E731
+    columns = ["scope", "name", "setting", "rho_mean", "rho_std", "mse_mean", "mse_std", "seeds_rho", "seeds_mse",
+               "random_weights", "config_hash"]
+    plain = lambda v: None if math.isnan(v) else v  # noqa: E731 (an empty cell)
+    lines = io.StringIO()
+    writer = csv.writer(lines, lineterminator="\n")
+    writer.writerow(columns)
     for row in table["rows"]:
         origin = made[row["name"]]
         for setting in table["settings"]:
             rho, error = row["settings"][setting]["rho"], row["settings"][setting]["mse"]
-            csv_lines.append(",".join([row["scope"], f'"{row["name"]}"', f'"{setting}"', plain(rho["mean"]), plain(rho["std"]),
-                                       plain(error["mean"]), plain(error["std"]), str(rho["seeds"]), str(error["seeds"]),
-                                       str(origin["random_weights"]), origin["config_hash"]]))
+            writer.writerow([row["scope"], row["name"], setting, plain(rho["mean"]), plain(rho["std"]), plain(error["mean"]),
+                             plain(error["std"]), rho["seeds"], error["seeds"], origin["random_weights"], origin["config_hash"]])
     overall = made[table["rows"][-1]["name"]]  # the dataset row: every action's features
     paths = [out / "table.csv", out / "table.json", out / "table.md", out / "rho.png"]
-    atomic_write_bytes(paths[0], ("\n".join(csv_lines) + "\n").encode())
+    atomic_write_bytes(paths[0], lines.getvalue().encode())
     payload = {"note": headline(title, overall), **overall, **meta, **table}
     atomic_write_bytes(paths[1], (json.dumps(_json_safe(payload), indent=2) + "\n").encode())  # unsorted: the note first
     atomic_write_bytes(paths[2], (markdown_table(table, title, overall) + "\n").encode())

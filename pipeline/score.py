@@ -26,7 +26,7 @@ from pipeline.extract import (
     legacy_fingerprint,
     prepare_cache,
 )
-from pipeline.evaluate import Run, RunError, load_run
+from pipeline.inference import Run, RunError, load_run
 from pipeline.provenance import headline, provenance
 
 
@@ -117,7 +117,7 @@ def score_clips(
     if features is not None:
         target = run.open_features(features)  # refuses features made differently
     else:
-        target = FeatureCache(run.directory / "score_cache" / config.config_hash())
+        target = FeatureCache(run.folder.score_cache() / config.config_hash())
         try:
             lookup.append(run.open_features())
         except (CacheError, RunError, OSError):
@@ -180,6 +180,12 @@ def scores_headline(results: list[ClipScore], run_dir: Path) -> str:
     """The line above a score table: which run, which features, random backbones above all."""
     return headline(f"scores of run {run_dir}", {"random_weights": results[0].random_weights,
                                                   "config_hash": results[0].config_hash})
+
+
+def format_scores(results: list[ClipScore]) -> str:
+    """The score table as the terminal shows it (the provenance is in the headline above it)."""
+    table = pd.DataFrame([r.row() for r in results]).drop(columns=["grade_weights", "random_weights", "config_hash"])
+    return table.astype(object).fillna("").to_string(index=False)
 
 
 def write_scores(path: Path, results: list[ClipScore], run_dir: Path) -> None:

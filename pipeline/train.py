@@ -1,18 +1,11 @@
 """`pipeline train`: fit a scorer on cached features, select on validation, resume exactly.
 
-Run folder (everything JSON, CSV or safetensors; nothing is unpickled when loading it):
-
-    RUN/
-      run.json                 TrainConfig, preset, score range / clip_num and where they came from,
-                               modalities, feature dims, the cache and labels used, the splits,
-                               simulated missingness, parameter count, how the checkpoint was chosen
-      model_config.json        {"model": name, "config": config.to_dict()}
-      extraction_config.json   the feature cache's config.json, so scoring re-extracts identically
-      best.safetensors         the weights of the epoch chosen on validation (its metadata repeats best.json)
-      best.json                that epoch, its validation metrics, per-setting validation metrics
-      train_log.csv            one row per finished epoch
-      last/                    resume state after the last finished epoch: model.safetensors,
-                               optimizer.safetensors, rng.safetensors, state.json (written last)
+Writes a run folder (its layout, readers and writers: manifests/run.py's `RunDir`; everything JSON,
+CSV or safetensors, nothing is unpickled when loading it): run.json records the TrainConfig, preset,
+score range / clip_num and where they came from, modalities, feature dims, the cache and labels used,
+the splits, simulated missingness, parameter count and how the checkpoint was chosen; best.safetensors
+holds the epoch chosen on validation, last/ the resume state after the last finished epoch (model,
+optimizer and random streams).
 
 The learning rate follows a per-epoch schedule: linear warm-up over `warmup_epochs`, then cosine decay
 to `min_lr_ratio * lr`; it is a pure function of the epoch, so the "scheduler state" is the epoch.
@@ -20,15 +13,13 @@ to `min_lr_ratio * lr`; it is a pure function of the epoch, so the "scheduler st
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import math
 import random
-import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,18 +27,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from manifests.cache import (
-    FeatureCache,
-    JsonFileError,
-    atomic_write_bytes,
-    atomic_write_json,
-    read_json_object,
-    remove_temporary_files,
-)
+from manifests.cache import FeatureCache, remove_temporary_files
 from manifests.claims import RunLock, describe_holder
+from manifests.config import RecordedConfig
+from manifests.run import RunDir, RunFolderError, describe_differences, differing_settings
 from models import build_model, config_class
 from models.checkpoint import (
-    MODEL_CONFIG_NAME,
     load_model_state,
     load_tensors,
     model_state,
@@ -57,13 +42,11 @@ from models.checkpoint import (
 )
 from pipeline import data
 from pipeline.devices import resolve_device
-from pipeline.evaluate import call_model, evaluate_samples, load_run, predict  # noqa: F401 (load_run: re-exported)
+from pipeline.inference import call_model, evaluate_samples, predict
 from pipeline.labels import LabelError, Labels, check_against_cache, read_labels
 from pipeline.metrics import mse, spearman_rho
 from pipeline.presets import Preset, get_preset
 
-RUN_JSON, BEST_JSON, LOG_CSV, EXTRACTION_JSON = "run.json", "best.json", "train_log.csv", "extraction_config.json"
-BEST_WEIGHTS, LAST_DIR = "best.safetensors", "last"
 OPTIMIZERS = ("adam", "adamw")
 TRAINING_KEYS = (
     "optimizer", "lr", "weight_decay", "batch_size", "epochs",
@@ -83,8 +66,11 @@ class NonFiniteLossError(TrainError):
 
 
 @dataclass
-class TrainConfig:
-    """Every setting of a run, resolved: model defaults < preset < flags."""
+class TrainConfig(RecordedConfig):
+    """Every setting of a run, resolved: model defaults < preset < flags; recorded in run.json.
+
+    Its layout has not changed since runs were first written (schema version 1: run.json files without
+    a schema_version hold exactly these fields), so there is nothing to upgrade yet."""
 
     features: str
     labels: str
@@ -111,14 +97,6 @@ class TrainConfig:
     # setting -> where its value came from: "flag", "preset <dataset>/<target>", "<model> defaults" or
     # "default"; model-config fields as "model.<field>"
     sources: dict[str, str] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, payload: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in payload.items() if k in known})
 
     def validate(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -238,7 +216,8 @@ def recorded_config(
     run_dir: Path, given: dict[str, Any], model_flags: dict[str, Any], ablations: list[str], extra: list[str]
 ) -> tuple[TrainConfig, Preset | None]:
     """The settings a run was started with, for --resume; `given` flags may only repeat them."""
-    config = TrainConfig.from_dict(read_run_config(Path(run_dir)))
+    folder = RunDir(run_dir)
+    config = TrainConfig.from_dict(folder.read_train_config(), source=str(folder.run_json))
     config.out = str(run_dir)  # the folder may have moved since
     preset = None if config.preset is None else get_preset(config.preset, config.action)
     options = model_options_from_flags(config.model, model_flags, ablations, extra)
@@ -246,8 +225,9 @@ def recorded_config(
     for key in ("features", "labels"):
         if key in given:
             given[key] = str(Path(given[key]).expanduser().resolve())
-    changed = {k: v for k, v in given.items() if getattr(config, k) != v}
-    changed.update({f"model.{k}": v for k, v in options.items() if config.model_options.get(k) != v})
+    recorded = {**config.to_dict(), **{f"model.{k}": v for k, v in config.model_options.items()}}
+    changed = {k: new for k, (_, new) in differing_settings(
+        recorded, {**given, **{f"model.{k}": v for k, v in options.items()}}).items()}
     if changed:
         raise TrainError(f"--resume continues {run_dir} with its recorded settings; these flags differ: {changed}")
     return config, preset
@@ -412,36 +392,19 @@ def _restore_rng(tensors: dict[str, torch.Tensor], states: dict[str, Any], gener
 
 def save_resume_state(run_dir: Path, model, optimizer, generator, epoch: int, best: dict[str, Any]) -> None:
     """Write last/ as a whole: a new folder, then swapped in by renames, so a kill never leaves a mix."""
-    new, final, old = run_dir / f"{LAST_DIR}.new", run_dir / LAST_DIR, run_dir / f"{LAST_DIR}.old"
-    shutil.rmtree(new, ignore_errors=True)
-    new.mkdir()
+    folder = RunDir(run_dir)
+    new = folder.start_resume_state()
     save_tensors(new / "model.safetensors", model_state(model))
     opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
     save_tensors(new / "optimizer.safetensors", opt_tensors)
     save_tensors(new / "rng.safetensors", _rng_tensors(generator))
-    atomic_write_json(
-        new / "state.json",  # written last: its presence marks the folder complete
-        {"epoch": epoch, "optimizer": opt_meta, "rng": _python_numpy_rng(), "best": best,
-         "scheduler": {"kind": "per-epoch warm-up + cosine", "next_epoch": epoch}},
-    )
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    new.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def find_resume_state(run_dir: Path) -> Path | None:
-    """last/, or the complete half of an interrupted swap."""
-    for name in (LAST_DIR, f"{LAST_DIR}.new", f"{LAST_DIR}.old"):
-        if (run_dir / name / "state.json").is_file():
-            return run_dir / name
-    return None
+    folder.commit_resume_state(new, {"epoch": epoch, "optimizer": opt_meta, "rng": _python_numpy_rng(), "best": best,
+                                     "scheduler": {"kind": "per-epoch warm-up + cosine", "next_epoch": epoch}})
 
 
 def load_resume_state(folder: Path, model, optimizer, generator) -> dict[str, Any]:
     """Restore model, optimizer and random streams from a last/ folder; TrainError naming the file."""
-    state = read_json_object(folder / "state.json", "resume state")
+    state = RunDir(folder.parent).read_resume_state(folder)
     weights, _ = load_tensors(folder / "model.safetensors")
     load_model_state(model, weights, folder / "model.safetensors")
     opt_tensors, _ = load_tensors(folder / "optimizer.safetensors")
@@ -486,23 +449,6 @@ def _is_better(rho: float, error: float, best: dict[str, Any]) -> bool:
         return rho > best_rho
     best_mse = math.inf if best["val_mse"] is None else best["val_mse"]
     return error < best_mse
-
-
-def _write_log(path: Path, rows: list[dict[str, Any]]) -> None:
-    if not rows:
-        return
-    columns = list(rows[0])
-    for row in rows[1:]:
-        columns += [c for c in row if c not in columns]
-    lines = [",".join(columns)] + [",".join("" if row.get(c) is None else str(row.get(c)) for c in columns) for row in rows]
-    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
-
-
-def _read_log(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    with path.open(newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 def _run_info(config: TrainConfig, preset: Preset | None, bundle: TrainData, counts: tuple[int, int], seq_len) -> dict[str, Any]:
@@ -572,34 +518,22 @@ def train(
             run_dir.rmdir()  # stopped before writing anything (bad labels, say): leave no empty folder
 
 
-def read_run_config(run_dir: Path) -> dict[str, Any]:
-    """The TrainConfig recorded in RUN/run.json, or a JsonFileError naming the file."""
-    path = run_dir / RUN_JSON
-    stored = read_json_object(path, "run record")
-    if "config" in stored and stored["config"] is None:  # written by import-checkpoint
-        raise TrainError(f"{run_dir} holds an imported checkpoint, not a run trained here; it cannot be resumed")
-    if not isinstance(stored.get("config"), dict):
-        raise JsonFileError(f"{path} is not a valid run record: no \"config\" object")
-    return stored["config"]
-
-
 def _train_locked(
     config: TrainConfig, preset: Preset | None, resume: bool, device: str, progress: bool,
     stop_after_epochs: int | None, log: Callable[[str], None], run_dir: Path,
 ) -> TrainResult:
     remove_temporary_files(run_dir)  # what a killed write left; we are the folder's only writer now
+    folder = RunDir(run_dir)
     if resume:
-        if not (run_dir / RUN_JSON).is_file():
-            raise TrainError(f"--resume: {run_dir} holds no run ({RUN_JSON} is missing)")
-        stored = read_run_config(run_dir)
-        mine = config.to_dict()
-        differ = sorted(k for k in mine if k not in ("sources", "out") and stored.get(k) != mine[k])
+        if not folder.has_run():
+            raise TrainError(f"--resume: {run_dir} holds no run ({folder.RUN} is missing)")
+        try:
+            differ = differing_settings(folder.read_train_config(), config.to_dict())
+        except RunFolderError as exc:
+            raise TrainError(str(exc)) from None
         if differ:
-            raise TrainError(
-                f"--resume: settings differ from the run in {run_dir}: "
-                + "; ".join(f"{k}: run {stored.get(k)!r}, now {mine[k]!r}" for k in differ)
-            )
-    elif any(p.name != RunLock.NAME for p in run_dir.iterdir()):
+            raise TrainError(f"--resume: settings differ from the run in {run_dir}: {describe_differences(differ)}")
+    elif folder.holds_other_files():
         raise TrainError(f"{run_dir} already holds files; pass --resume to continue that run or choose another --out")
 
     torch_device = resolve_device(device)
@@ -611,10 +545,10 @@ def _train_locked(
 
     options = {**config_class(config.model).device_defaults(torch_device.type), **config.model_options}
     model_config = build_model_config(config.model, bundle.modalities, bundle.feature_dims, options)
-    if resume and (run_dir / MODEL_CONFIG_NAME).is_file():
+    if resume and folder.model_config_json.is_file():
         # The run's own record wins: a setting added to the model since the run began keeps the value
         # the run was trained with, not today's default.
-        model_config = config_class(config.model).from_dict(read_model_config(run_dir)[1], str(run_dir / MODEL_CONFIG_NAME))
+        model_config = config_class(config.model).from_dict(read_model_config(run_dir)[1], str(folder.model_config_json))
     model = build_model(config.model, model_config).to(torch_device)
     counts = count_parameters(model)
     seq_len = model.sequence_length(bundle.clip_num) if hasattr(model, "sequence_length") else None
@@ -636,28 +570,28 @@ def _train_locked(
     info = _run_info(config, preset, bundle, counts, seq_len)
     start_epoch, best, rows = 0, {}, []
     if resume:
-        recorded = read_json_object(run_dir / RUN_JSON, "run record")
+        recorded = folder.read_info()
         if not isinstance(recorded.get("splits"), dict):
-            raise TrainError(f"{run_dir / RUN_JSON} is not a valid run record: no \"splits\" object")
+            raise TrainError(f"{folder.run_json} is not a valid run record: no \"splits\" object")
         if recorded["splits"].get("train") != info["splits"]["train"] or recorded["splits"].get("val") != info["splits"]["val"]:
-            raise TrainError(f"--resume: the labels or features changed since the run started ({run_dir / RUN_JSON})")
-        folder = find_resume_state(run_dir)
-        if folder is None:
+            raise TrainError(f"--resume: the labels or features changed since the run started ({folder.run_json})")
+        state_folder = folder.resume_folder()
+        if state_folder is None:
             log(f"--resume: {run_dir} has no finished epoch yet; starting from epoch 1")
         else:
-            state = load_resume_state(folder, model, optimizer, generator)
+            state = load_resume_state(state_folder, model, optimizer, generator)
             start_epoch, best = int(state["epoch"]), state["best"]
             log(f"resuming {run_dir} after epoch {start_epoch} of {config.epochs}")
         try:
-            rows = [r for r in _read_log(run_dir / LOG_CSV) if int(r["epoch"]) <= start_epoch]
+            rows = [r for r in folder.read_log() if int(r["epoch"]) <= start_epoch]
         except (KeyError, ValueError, TypeError) as exc:
-            raise TrainError(f"{run_dir / LOG_CSV} is not a training log written by train ({exc}); "
+            raise TrainError(f"{folder.log_csv} is not a training log written by train ({exc}); "
                              "move it away to continue without the earlier rows") from None
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_dir / RUN_JSON, info)
+        folder.write_info(info)
         save_model_config(run_dir, config.model, model)
-        atomic_write_json(run_dir / EXTRACTION_JSON, bundle.cache.read_config())
+        folder.write_extraction_config(bundle.cache.read_config())
 
     sizes = (bundle.modalities, bundle.feature_dims, bundle.clip_num)
     epochs_run = 0
@@ -687,10 +621,10 @@ def _train_locked(
                 target = batch.score / bundle.score_range
                 total, terms = model.loss(out, target, batch.present, available)
                 if not torch.isfinite(total):
-                    kept = (f"the state after epoch {start_epoch + epochs_run} is kept in {run_dir / LAST_DIR}"
-                            if find_resume_state(run_dir) else "no epoch had finished, so no state was saved")
+                    kept = (f"the state after epoch {start_epoch + epochs_run} is kept in {run_dir / folder.LAST}"
+                            if folder.resume_folder() else "no epoch had finished, so no state was saved")
                     if best:
-                        kept += f"; the best checkpoint (epoch {best['epoch']}) is {run_dir / BEST_WEIGHTS}"
+                        kept += f"; the best checkpoint (epoch {best['epoch']}) is {folder.weights()}"
                     described = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
                     raise NonFiniteLossError(
                         f"non-finite loss {total.item()} at epoch {epoch + 1}, batch {index + 1} ({described}); "
@@ -729,11 +663,11 @@ def _train_locked(
         rows.append(row)
         if not bundle.val or _is_better(row["val_rho"], row["val_mse"], best):
             best = {"epoch": epoch + 1, "val_rho": _finite_or_none(row["val_rho"]), "val_mse": _finite_or_none(row["val_mse"])}
-            save_tensors(run_dir / BEST_WEIGHTS, model_state(model), {"best": best, "model": config.model})
+            save_tensors(folder.weights(), model_state(model), {"best": best, "model": config.model})
         # every epoch, so a run stopped early says how far it got ("epoch 3 of 410, stopped after 5")
         progress_note = {"epochs_done": epoch + 1, "epochs_planned": config.epochs}
-        atomic_write_json(run_dir / BEST_JSON, {**best, "selection": info["selection"], **progress_note})
-        _write_log(run_dir / LOG_CSV, rows)  # before the swap: a resume drops rows beyond its state
+        folder.write_best({**best, "selection": info["selection"], **progress_note})
+        folder.write_log(rows)  # before the swap: a resume drops rows beyond its state
         save_resume_state(run_dir, model, optimizer, generator, epoch + 1, best)
         epochs_run += 1
 
@@ -741,11 +675,11 @@ def _train_locked(
         raise TrainError(f"{run_dir}: no epoch finished")
     if bundle.val:
         # Per-setting validation metrics of the chosen weights (2^M - 1 forward passes over val, once).
-        weights, _ = load_tensors(run_dir / BEST_WEIGHTS)
+        weights, _ = load_tensors(folder.weights())
         load_model_state(model, weights)
         evaluation = evaluate_samples(model, bundle.val, *sizes, bundle.score_range, torch_device, config.batch_size)
-        atomic_write_json(run_dir / BEST_JSON, {**best, "selection": info["selection"], "epochs_done": config.epochs,
-                                                "epochs_planned": config.epochs, "val_settings": evaluation.to_dict()})
+        folder.write_best({**best, "selection": info["selection"], "epochs_done": config.epochs,
+                           "epochs_planned": config.epochs, "val_settings": evaluation.to_dict()})
     shown = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     log(f"done: best epoch {best['epoch']}"
         + (f" (val rho {shown(best['val_rho'])}, val MSE {shown(best['val_mse'])})" if bundle.val else "")

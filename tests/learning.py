@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import spearmanr
 
+from pipeline.cli import main
 from pipeline.demo import DemoResult, DemoSettings, extract_command, run_demo
 from pipeline.samples import ClipSpec
 
@@ -62,7 +63,7 @@ class LearningRun:
 def run_reduced_demo(out: Path, seed: int = REDUCED_SEED) -> LearningRun:
     settings = reduced_settings(seed)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        result = run_demo(out, settings, device="cpu", progress=False)
+        result = run_demo(out, settings, device="cpu", progress=False, pipeline=main)
     assert result.code == 0, f"the reduced demo exited with {result.code}"
     return LearningRun(out, settings, result, result.labelled)
 
@@ -71,8 +72,7 @@ def flat_clip_rho(run: LearningRun, model: str, setting: str = "{v,f,a}") -> flo
     """Held-out rho of `model` in `setting` on copies of the test clips whose picture, movement and
     sound no longer follow the score (every modality rendered at a fixed level; labels unchanged)."""
     from pipeline import data
-    from pipeline.cli import main
-    from pipeline.evaluate import load_run
+    from pipeline.inference import load_run
     from pipeline.samples import write_clip
 
     flat = [replace(spec, name=f"flat_{spec.name}", flat=("rgb", "flow", "audio")) for spec in run.test_specs]

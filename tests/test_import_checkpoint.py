@@ -18,7 +18,7 @@ from manifests.cache import FeatureCache
 from models.mcmoe import MCMoE
 from pipeline import data
 from pipeline.cli import main
-from pipeline.evaluate import load_run
+from pipeline.inference import load_run
 from tests.synthetic import write_labels, write_synthetic_cache
 
 LETTERS = ("v", "a", "f")  # the reference's order

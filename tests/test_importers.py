@@ -11,7 +11,7 @@ import torch
 from manifests.cache import DONE, MISSING, FeatureCache
 from pipeline import data
 from pipeline.cli import main
-from pipeline.evaluate import load_run
+from pipeline.inference import load_run
 from pipeline.importers import FeatureImportError, import_pamfn, import_skating_mixer
 from pipeline.labels import check_against_cache, read_labels
 from pipeline.train import resolve_config, train

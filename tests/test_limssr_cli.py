@@ -18,7 +18,7 @@ from models.checkpoint import read_model_config
 from models.tiny_llm import save_tiny_llm
 from pipeline import data
 from pipeline.cli import main
-from pipeline.evaluate import load_run
+from pipeline.inference import load_run
 from pipeline.metrics import mse, spearman_rho
 from tests.synthetic import write_labels, write_synthetic_cache
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from manifests.cache import FeatureCache
 from models import REGISTRY, ModelConfig, config_class
 from pipeline import data
-from pipeline.evaluate import call_model, load_run
+from pipeline.inference import call_model, load_run
 from pipeline.presets import Preset, get_preset
 from pipeline.train import MODEL_FLAGS, TRAINING_KEYS, TrainConfig, model_options_from_flags, resolve_config, train
 from tests.synthetic import write_labels, write_synthetic_cache

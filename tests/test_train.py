@@ -11,18 +11,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from manifests.run import RunDir
 from models import build_model
 from models.checkpoint import load_model, load_model_state, model_state, save_model
 from models.mcmoe import MCMoE, MCMoEConfig
 from pipeline import data
 from pipeline.cli import main
-from pipeline.evaluate import load_run
+from pipeline.inference import load_run
 from pipeline.metrics import fisher_z_mean, mean_mse
 from pipeline.presets import PRESETS, get_preset
 from pipeline.train import (
     NonFiniteLossError,
     TrainError,
-    find_resume_state,
     lr_at,
     prepare_data,
     resolve_config,
@@ -277,8 +277,8 @@ def test_an_interrupted_state_swap_is_recovered(tmp_path):
     (tmp_path / "last.new").mkdir()
     (tmp_path / "last.new" / "state.json").write_text("{}")
     (tmp_path / "last.old").mkdir()  # incomplete: no state.json
-    assert find_resume_state(tmp_path) == tmp_path / "last.new"
-    assert find_resume_state(tmp_path / "nothing") is None
+    assert RunDir(tmp_path).resume_folder() == tmp_path / "last.new"
+    assert RunDir(tmp_path / "nothing").resume_folder() is None
 
 
 def test_non_finite_loss_stops_with_epoch_and_batch_keeping_the_last_good_state(tmp_path, small, monkeypatch):

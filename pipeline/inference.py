@@ -1,0 +1,336 @@
+"""The inference layer below the stages: load a run, forward a batch, predict, score every modality setting.
+
+    run = load_run("runs/rg-ball", device="auto")          # model + everything run.json recorded
+    samples = data.load_samples(cache, ids)                   # or data.Sample(id, {modality: (T, C)})
+    pairs = run.predict(samples)                              # [(score, grade weights or None)], original scale
+    scores = run.scores(samples, subset=("rgb",))             # (N,) array, NaN where nothing is usable
+    outputs = run.forward(samples)                            # raw model outputs of one batch
+    evaluation = run.evaluate(labelled_samples)               # every modality setting: rho, MSE, predictions
+
+`pipeline train` (validation), `evaluate`, `score` and `reproduce` all predict through this module.
+
+Evaluation follows the papers' Table 1: every non-empty modality combination (2^M - 1; for v/f/a the
+full set and the six incomplete subsets), Spearman rho and MSE on the original score scale, and an
+Average over the incomplete settings (Fisher-z mean of rho, arithmetic mean of MSE). A modality left
+out by a setting is zeroed and masked, so nothing of it reaches the model. A video that has none of a
+setting's modalities in its data cannot be scored in that setting and is left out of it (`n` says how
+many were used).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from contextlib import contextmanager, redirect_stderr
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from manifests.cache import CONFIG_NAME, FeatureCache
+from manifests.run import RunDir
+from models.checkpoint import load_model_state, load_tensors, read_model_config
+from pipeline import data
+from pipeline.devices import resolve_device
+from pipeline.metrics import fisher_z_mean, mean_mse, mse, spearman_rho
+from pipeline.provenance import provenance
+
+# Keys of a cache's config.json that say when/why it was written, not what the features are.
+INFORMATIONAL_CONFIG_KEYS = ("created_at", "note")
+
+
+# --------------------------------------------------------------------------- prediction
+
+
+def call_model(
+    model: torch.nn.Module, features: dict[str, torch.Tensor], available: torch.Tensor, present: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The one forward call of every model (the contract in models/__init__.py)."""
+    return model(features, available, present)
+
+
+def run_model(
+    model: torch.nn.Module, batch: data.Batch, available: torch.Tensor, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """One inference pass in which masked-out modalities are zeroed: the model cannot see them."""
+    batch = batch.to(device)
+    available = available.to(device)
+    features = {m: x * available[:, i, None, None].to(x.dtype) for i, (m, x) in enumerate(batch.features.items())}
+    return call_model(model, features, available, available)
+
+
+@torch.no_grad()
+def predict(
+    model: torch.nn.Module,
+    samples: Sequence[data.Sample],
+    modalities: Sequence[str],
+    feature_dims: dict[str, int],
+    clip_num: int,
+    device: torch.device | str = "cpu",
+    batch_size: int = 32,
+    subset: Sequence[str] | None = None,
+) -> np.ndarray:
+    """Normalised scores in [0, 1] (centre crops), using the modalities each sample has, restricted to
+    `subset` when given; NaN for a sample left with no modality."""
+    model.eval()
+    device = torch.device(device)
+    keep = torch.ones(len(modalities), dtype=torch.bool) if subset is None else data.subset_mask(subset, modalities)
+    out = np.full(len(samples), np.nan, dtype=np.float64)
+    usable = [i for i, s in enumerate(samples) if any(m in s.features for m, k in zip(modalities, keep.tolist()) if k)]
+    for first in range(0, len(usable), batch_size):
+        indices = usable[first : first + batch_size]
+        batch = data.collate([samples[i] for i in indices], modalities, feature_dims, clip_num)
+        available = batch.present & keep[None]
+        scores = run_model(model, batch, available, device)["score"]
+        out[indices] = scores.float().cpu().numpy()
+    return out
+
+
+# --------------------------------------------------------------------------- Table 1
+
+
+@dataclass
+class SettingResult:
+    name: str  # "{v,f}"
+    modalities: tuple[str, ...]
+    complete: bool  # every modality of the run
+    n: int
+    rho: float
+    mse: float
+
+
+@dataclass
+class Evaluation:
+    settings: list[SettingResult]
+    average_rho: float  # Fisher-z mean over the incomplete settings
+    average_mse: float  # arithmetic mean over the incomplete settings
+    video_ids: list[str]
+    true: np.ndarray
+    predictions: dict[str, np.ndarray] = field(default_factory=dict)  # setting name -> (N,) original scale
+
+    def columns(self) -> list[tuple[str, float, float, int | None]]:
+        """Table order: the incomplete settings, their Average, then the complete set."""
+        incomplete = [s for s in self.settings if not s.complete]
+        complete = [s for s in self.settings if s.complete]
+        cols = [(s.name, s.rho, s.mse, s.n) for s in incomplete]
+        if incomplete:
+            cols.append(("Average", self.average_rho, self.average_mse, None))
+        cols += [(s.name, s.rho, s.mse, s.n) for s in complete]
+        return cols
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "settings": [
+                {"setting": s.name, "modalities": list(s.modalities), "complete": s.complete, "n": s.n,
+                 "rho": json_number(s.rho), "mse": json_number(s.mse)}
+                for s in self.settings
+            ],
+            "average": {"rho": json_number(self.average_rho), "mse": json_number(self.average_mse),
+                        "over": [s.name for s in self.settings if not s.complete],
+                        "rho_method": "Fisher z (mean of atanh, then tanh)", "mse_method": "arithmetic mean"},
+        }
+
+
+def json_number(value: float) -> float | None:
+    return None if value is None or math.isnan(value) else float(value)
+
+
+def evaluate_samples(
+    model: torch.nn.Module,
+    samples: Sequence[data.Sample],
+    modalities: Sequence[str],
+    feature_dims: dict[str, int],
+    clip_num: int,
+    score_range: float,
+    device: torch.device | str = "cpu",
+    batch_size: int = 32,
+) -> Evaluation:
+    """Every modality combination on labelled samples: rho and MSE on the original scale."""
+    true = np.array([s.score for s in samples], dtype=np.float64)
+    results, predictions = [], {}
+    for subset in data.modality_subsets(modalities):
+        name = data.subset_name(subset)
+        predicted = predict(model, samples, modalities, feature_dims, clip_num, device, batch_size, subset) * score_range
+        used = ~np.isnan(predicted)
+        results.append(SettingResult(
+            name, tuple(subset), len(subset) == len(modalities), int(used.sum()),
+            spearman_rho(predicted[used], true[used]), mse(predicted[used], true[used]),
+        ))
+        predictions[name] = predicted
+    incomplete = [r for r in results if not r.complete]
+    return Evaluation(
+        results,
+        fisher_z_mean(r.rho for r in incomplete) if incomplete else float("nan"),
+        mean_mse(r.mse for r in incomplete) if incomplete else float("nan"),
+        [s.video_id for s in samples],
+        true,
+        predictions,
+    )
+
+
+
+# --------------------------------------------------------------------------- runs
+
+
+class RunError(RuntimeError):
+    """A run folder is missing, incomplete or does not match the features it is used with."""
+
+
+@dataclass
+class Run:
+    directory: Path
+    model: torch.nn.Module
+    model_name: str
+    info: dict[str, Any]  # run.json
+    extraction_config: dict[str, Any]
+    best: dict[str, Any]  # best.json
+    device: torch.device
+
+    @property
+    def folder(self) -> RunDir:
+        return RunDir(self.directory)
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.info["modalities"])
+
+    @property
+    def feature_dims(self) -> dict[str, int]:
+        return {m: int(c) for m, c in self.info["feature_dims"].items()}
+
+    @property
+    def clip_num(self) -> int:
+        return int(self.info["clip_num"])
+
+    @property
+    def score_range(self) -> float:
+        return float(self.info["score_range"])
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """{"random_weights", "config_hash"} of the features the run was trained on."""
+        return provenance(self.extraction_config)
+
+    @property
+    def trained_ids(self) -> set[str]:
+        splits = self.info.get("splits", {})
+        return set(splits.get("train", [])) | set(splits.get("val", []))
+
+    def open_features(self, path: str | Path | None = None) -> FeatureCache:
+        """The run's own feature cache, or another one after checking it was made the same way."""
+        cache = FeatureCache.open(path if path is not None else self.info["features"])
+        check_same_features(self.extraction_config, cache.read_config(), self.directory, cache.root)
+        return cache
+
+    def scores(self, samples: Sequence[data.Sample], subset: Sequence[str] | None = None, batch_size: int = 32) -> np.ndarray:
+        """(N,) scores on the original scale (centre crops); NaN for a sample with no usable modality."""
+        normalised = predict(self.model, samples, self.modalities, self.feature_dims, self.clip_num, self.device, batch_size, subset)
+        return normalised * self.score_range
+
+    @torch.no_grad()
+    def predict(self, samples: Sequence[data.Sample], batch_size: int = 32) -> list[tuple[float, list[float] | None]]:
+        """(score on the original scale, grade weights or None) per sample, using the modalities it has.
+
+        Every sample needs at least one of the run's modalities (the others are imputed by the model)."""
+        self.model.eval()
+        results: list[tuple[float, list[float] | None]] = []
+        for first in range(0, len(samples), batch_size):
+            chunk = samples[first : first + batch_size]
+            empty = [s.video_id for s in chunk if not any(m in s.features for m in self.modalities)]
+            if empty:
+                raise ValueError(f"videos {empty} have none of the run's modalities {self.modalities}")
+            batch = data.collate(chunk, self.modalities, self.feature_dims, self.clip_num)
+            out = run_model(self.model, batch, batch.present, self.device)
+            grades = out.get("grade_weights")
+            for i, score in enumerate(out["score"].float().cpu().tolist()):
+                results.append((score * self.score_range, None if grades is None else grades[i].float().cpu().tolist()))
+        return results
+
+    @torch.no_grad()
+    def forward(self, samples: Sequence[data.Sample], available: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Raw model outputs for one batch; `available` (B, M) defaults to what each sample has."""
+        self.model.eval()
+        batch = data.collate(samples, self.modalities, self.feature_dims, self.clip_num)
+        mask = batch.present if available is None else batch.present & available.cpu()
+        return run_model(self.model, batch, mask, self.device)
+
+    def evaluate(self, samples: Sequence[data.Sample], batch_size: int = 32) -> Evaluation:
+        return evaluate_samples(self.model, samples, self.modalities, self.feature_dims, self.clip_num,
+                                self.score_range, self.device, batch_size)
+
+
+def describe_features(config: dict[str, Any]) -> str:
+    """One line naming a feature configuration: hash, protocol, backbones, weights."""
+    extraction = config.get("extraction") or {}
+    backbones = ",".join(f"{m}={e.get('name')}" for m, e in (config.get("extractors") or {}).items())
+    weights = "RANDOM weights" if config.get("random_weights") else "pretrained weights"
+    origin = extraction.get("protocol") or config.get("source")
+    return f"{config.get('config_hash')} ({origin}; {backbones}; {weights})"
+
+
+def check_same_features(expected: dict[str, Any], actual: dict[str, Any], run_dir: Path, cache_root: Path) -> None:
+    """Refuse features made differently from the run's, random vs pretrained weights included."""
+    strip = lambda c: {k: v for k, v in c.items() if k not in INFORMATIONAL_CONFIG_KEYS}  # noqa: E731
+    a, b = strip(expected), strip(actual)
+    if a != b:
+        differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        weights = ""
+        if bool(a.get("random_weights")) != bool(b.get("random_weights")):
+            weights = (f"; the features use {'random' if b.get('random_weights') else 'pretrained'} backbone "
+                       f"weights, the run was trained on {'random' if a.get('random_weights') else 'pretrained'} ones")
+        raise RunError(
+            f"the features in {cache_root} were made with a different extraction configuration than run "
+            f"{run_dir} was trained on (config.json differs in {differ}{weights}).\n"
+            f"  run:      {describe_features(expected)}  [{RunDir(run_dir).extraction_json}]\n"
+            f"  features: {describe_features(actual)}  [{cache_root / CONFIG_NAME}]"
+        )
+
+
+@contextmanager
+def quiet_libraries() -> Iterator[list[str]]:
+    """Keep library chatter off the terminal while a model is built: transformers' "Loading weights"
+    bar and the deprecation notices peft and transformers give each other (LIMSSR's LLM). Errors still
+    raise; what was printed is handed back (a list of lines) for whoever keeps a log."""
+    caught, buffer = [], io.StringIO()
+    with warnings.catch_warnings(), redirect_stderr(buffer):
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            yield caught
+        finally:
+            caught += [line for line in buffer.getvalue().replace("\r", "\n").splitlines() if line.strip()]
+
+
+def load_run(directory: str | Path, device: str | torch.device = "auto", weights: str = "best") -> Run:
+    """Rebuild a run's model from its JSON config and load the chosen (or given) weights."""
+    from models import build_model
+
+    folder = RunDir(directory)
+    directory = folder.path
+    try:  # each a one-line error naming the file (JsonFileError, CheckpointError are ValueErrors)
+        info = folder.read_info()
+        extraction = folder.read_extraction_config()
+        best = folder.read_best()
+    except FileNotFoundError as exc:
+        raise RunError(f"{directory} is not a finished run folder: {Path(exc.filename).name} is missing") from None
+    weights_path = folder.weights(weights)
+    if not weights_path.is_file():
+        raise RunError(f"{weights_path} is missing: the run has no finished epoch yet")
+    torch_device = device if isinstance(device, torch.device) else resolve_device(device)
+    name, config = read_model_config(directory)
+    try:
+        with quiet_libraries():
+            model = build_model(name, config)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise RunError(f"{folder.model_config_json} does not describe a buildable {name} model: {exc}") from None
+    state, metadata = load_tensors(weights_path)
+    load_model_state(model, state, weights_path)
+    if "best" in metadata:
+        if not isinstance(metadata["best"], dict):
+            raise RunError(f"{weights_path}: its \"best\" metadata is not an object; the file was not written by train")
+        best = {**best, **metadata["best"]}  # the weights' own header wins over a stale best.json
+    model.to(torch_device).eval()
+    return Run(directory, model, name, info, extraction, best, torch_device)
