@@ -30,7 +30,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from manifests.cache import FeatureCache, atomic_write_bytes, atomic_write_json, read_json_object
+from manifests.cache import FeatureCache
+from manifests.files import atomic_write_bytes, atomic_write_json, read_json_object
 from models.checkpoint import load_model_state, load_tensors, read_model_config
 from pipeline import data
 from pipeline.devices import resolve_device

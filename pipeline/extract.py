@@ -51,9 +51,9 @@ from manifests.cache import (
     ModalityRecord,
     VideoRecord,
     file_sha256,
-    remove_temporary_files,
 )
 from manifests.claims import Claims
+from manifests.files import remove_temporary_files
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".avi", ".mov", ".webm")
 LEGACY_FINGERPRINT_BYTES = 1 << 20

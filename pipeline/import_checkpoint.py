@@ -51,7 +51,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from manifests.cache import FeatureCache, atomic_write_json
+from manifests.cache import FeatureCache
+from manifests.files import atomic_write_json
 from models.checkpoint import model_state, save_model_config, save_tensors
 from models.layers import sinusoidal_position_encoding
 from models.mcmoe import MCMoE, MCMoEConfig

@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 
-from manifests.cache import DONE, MISSING, CacheError, FeatureCache, ModalityRecord, VideoRecord, atomic_write_bytes
+from manifests.cache import DONE, MISSING, CacheError, FeatureCache, ModalityRecord, VideoRecord
+from manifests.files import atomic_write_bytes
 
 RG_ACTIONS = ("Ball", "Clubs", "Hoop", "Ribbon")
 FISV_NAME = "FISV"

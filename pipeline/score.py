@@ -16,7 +16,8 @@ import torch
 
 from extractors.base import WeightsSource, build_extractors
 from extractors.config import ExtractionConfig
-from manifests.cache import DONE, CacheError, FeatureCache, VideoRecord, atomic_write_bytes
+from manifests.cache import DONE, CacheError, FeatureCache, VideoRecord
+from manifests.files import atomic_write_bytes
 from pipeline.data import Sample
 from pipeline.extract import (
     VIDEO_EXTENSIONS,

@@ -36,14 +36,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from manifests.cache import (
-    FeatureCache,
-    JsonFileError,
-    atomic_write_bytes,
-    atomic_write_json,
-    read_json_object,
-    remove_temporary_files,
-)
+from manifests.cache import FeatureCache
+from manifests.files import JsonFileError, atomic_write_bytes, atomic_write_json, read_json_object, remove_temporary_files
 from manifests.claims import RunLock, describe_holder
 from models import build_model, config_class
 from models.checkpoint import (

@@ -149,10 +149,10 @@ def test_full_disk_during_a_checkpoint_write_is_one_line_and_resumable(tmp_path,
 
 
 def test_full_disk_while_writing_an_evaluation(random_run, tmp_path, capsys, monkeypatch):
-    import manifests.cache
+    import manifests.files
 
     root, _ = random_run
-    real_fdopen = manifests.cache.os.fdopen
+    real_fdopen = manifests.files.os.fdopen
 
     class FullFile:
         def __init__(self, handle):
@@ -167,7 +167,7 @@ def test_full_disk_while_writing_an_evaluation(random_run, tmp_path, capsys, mon
         def write(self, data):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(manifests.cache.os, "fdopen", lambda fd, mode: FullFile(real_fdopen(fd, mode)))
+    monkeypatch.setattr(manifests.files.os, "fdopen", lambda fd, mode: FullFile(real_fdopen(fd, mode)))
     capsys.readouterr()
     code = main(["evaluate", "--run", str(root / "run"), "--labels", str(root / "labels" / "TES.csv"),
                  "--out", str(tmp_path / "eval"), "--device", "cpu"])
@@ -269,13 +269,13 @@ def test_every_missing_weight_file_at_once(clip_folder, tmp_path):
 
 
 def test_full_disk_during_extraction_keeps_finished_videos(clip_folder, tmp_path, capsys, monkeypatch):
-    import manifests.cache
+    import manifests.files
 
     videos = tmp_path / "videos"
     videos.mkdir()
     for name in ("good.mp4", "wide.mov"):
         (videos / name).write_bytes((clip_folder / name).read_bytes())
-    real_save, saved = manifests.cache.np.save, []
+    real_save, saved = manifests.files.np.save, []
 
     def fills_the_disk(handle, array, allow_pickle):
         if len(saved) == 3:  # good.mp4's three modalities fit, the first of wide.mov does not
@@ -283,7 +283,7 @@ def test_full_disk_during_extraction_keeps_finished_videos(clip_folder, tmp_path
         saved.append(array)
         return real_save(handle, array, allow_pickle=allow_pickle)
 
-    monkeypatch.setattr(manifests.cache.np, "save", fills_the_disk)
+    monkeypatch.setattr(manifests.files.np, "save", fills_the_disk)
     out = tmp_path / "out"
     assert main(["extract", "--videos", str(videos), "--out", str(out), *TINY_EXTRACT, "--quiet"]) == 1
     line = capsys.readouterr().err.strip().splitlines()[-1]
@@ -292,6 +292,6 @@ def test_full_disk_during_extraction_keeps_finished_videos(clip_folder, tmp_path
     cache = next(out.glob("*/config.json")).parent
     assert (cache / "videos" / "good" / "record.json").is_file()
     assert not (cache / "videos" / "wide" / "record.json").exists()  # nothing half-written counts as done
-    monkeypatch.setattr(manifests.cache.np, "save", real_save)
+    monkeypatch.setattr(manifests.files.np, "save", real_save)
     assert main(["extract", "--videos", str(videos), "--out", str(out), *TINY_EXTRACT, "--quiet"]) == 0
     assert "1 extracted, 1 already done" in capsys.readouterr().out
