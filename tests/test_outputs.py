@@ -203,7 +203,8 @@ def test_videos_may_be_one_file_and_the_manifest_path_is_absolute(clip_folder, t
 def test_progress_total_is_known_before_decoding_and_never_changes(clip_folder, tmp_path, capsys):
     from extractors.base import WeightsSource, build_extractors
     from extractors.decode import VideoFrames, count_segments
-    from pipeline.extract import discover_videos, extract_videos, prepare_cache
+    from manifests.cache import CacheConfig, open_cache
+    from pipeline.extract import discover_videos, extract_videos
     from tests.conftest import tiny_config
 
     config = tiny_config()
@@ -215,7 +216,7 @@ def test_progress_total_is_known_before_decoding_and_never_changes(clip_folder, 
     assert {p.name: count_segments(p, config) for p in videos.iterdir()} == expected  # metadata only
     assert count_segments(clip_folder / "notvideo.avi", config) == 0
     extractors = build_extractors(config, __import__("torch").device("cpu"), WeightsSource())
-    cache = prepare_cache(tmp_path / "out", config, extractors)
+    cache = open_cache(tmp_path / "out", CacheConfig.extracted(config, extractors))
     embed, calls = extractors["rgb"].embed, []
 
     def slow_first_call(batch):  # a full-size backbone on a CPU: seconds for one segment
