@@ -99,10 +99,10 @@ class CacheConfig(RecordedConfig):
         )
 
     @classmethod
-    def imported(cls, format: str, dataset: str, subset: str | None, protocol: str,
+    def imported(cls, format: str, dataset: str, subset: str | None, protocol: str, modalities: list[str],
                  extractors: dict[str, dict[str, Any]]) -> "CacheConfig":
         """The config of a published feature set (pipeline/importers.py); random_weights is False."""
-        config = cls(source=f"import:{format}", config_hash="", modalities=list(extractors), extractors=extractors,
+        config = cls(source=f"import:{format}", config_hash="", modalities=list(modalities), extractors=extractors,
                      format=format, dataset=dataset, subset=subset, protocol=protocol, created_at=_now())
         # json's default separators, as the importer hashed its sets before this class: same folder names.
         config.config_hash = feature_hash(hashed_fields(config, cls.IMPORT_HASHED_SINCE_V1), spaced=True)

@@ -101,7 +101,7 @@ def _write_set(
         m: {"name": backbones[m], "version": "published", "feature_dim": dims[m], "origin": description["format"]}
         for m in MODALITIES
     }
-    cache = open_cache(out, CacheConfig.imported(**description, extractors=extractors))
+    cache = open_cache(out, CacheConfig.imported(**description, modalities=list(MODALITIES), extractors=extractors))
 
     warnings, trimmed = [], 0
     for video_id in sorted(videos):
