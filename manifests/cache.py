@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 
+from manifests.claims import STALE_AFTER_S, Claims
 from manifests.config import SCHEMA_KEY, ConfigError, RecordedConfig
 from manifests.files import atomic_save_npy, atomic_write_bytes, atomic_write_json
 from manifests.hashing import feature_hash, hashed_fields
@@ -38,6 +39,7 @@ from manifests.hashing import feature_hash, hashed_fields
 RECORD_NAME = "record.json"
 CONFIG_NAME = "config.json"
 MANIFEST_NAME = "manifest.csv"
+CLAIMS_NAME = "claims"
 
 # Per-modality status values.
 DONE, MISSING, FAILED = "done", "missing", "failed"
@@ -320,6 +322,10 @@ class FeatureCache:
             except OSError:
                 pass
         return folder
+
+    def claims(self, stale_after: float = STALE_AFTER_S) -> Claims:
+        """The claims on this cache's videos (`claims/`): whoever extracts a video holds its claim."""
+        return Claims(self.root / CLAIMS_NAME, stale_after)
 
     def feature_path(self, video_id: str, modality: str) -> Path:
         return self.video_dir(video_id) / f"{modality}.npy"

@@ -52,7 +52,6 @@ from manifests.cache import (
     VideoRecord,
     file_sha256,
 )
-from manifests.claims import Claims
 from manifests.files import remove_temporary_files
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".avi", ".mov", ".webm")
@@ -260,7 +259,7 @@ class _Extraction:
         self.retry_failed, self.verify = retry_failed, verify
         self.frame_modalities = [m for m, e in extractors.items() if e.input_kind == "frames"]
         self.audio_modalities = [m for m, e in extractors.items() if e.input_kind == "audio"]
-        self.claims = Claims(cache.root / "claims")
+        self.claims = cache.claims()
         self.seen: dict[str, str | None] = {}  # video id -> finished_at of the record run() judged
         self.summary = ExtractSummary()
         # Progress in segments, the total planned from container metadata before the first decode; the

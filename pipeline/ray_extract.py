@@ -35,7 +35,6 @@ from tqdm import tqdm
 from extractors.base import BackboneUnavailableError, WeightsSource, build_extractors
 from extractors.config import ExtractionConfig
 from manifests.cache import FAILED, CacheConfig, CacheError, FeatureCache, open_cache
-from manifests.claims import Claims
 from pipeline.extract import ExtractSummary, VideoSource, cache_if_complete, extract_videos
 from pipeline.ray_session import import_ray
 
@@ -119,7 +118,7 @@ class RayExtractResult:
 def _release_claims(cache: FeatureCache, video_ids: list[str], owner: dict[str, Any]) -> None:
     """Remove the claims a dead actor held, so its videos are redone now rather than once its
     claims go stale (manifests/claims.py)."""
-    Claims(cache.root / "claims").release_for(video_ids, owner.get("host"), owner.get("pid"))
+    cache.claims().release_for(video_ids, owner.get("host"), owner.get("pid"))
 
 
 def _batches(sources: list[VideoSource], size: int) -> list[list[VideoSource]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -310,6 +311,12 @@ def test_two_processes_on_one_output_split_the_work(clip_folder, tmp_path):
     cache = FeatureCache.open(tmp_path / "out")
     records = cache.records()
     assert len(records) == 8 and all(r.status == "done" for r in records)
+    # Each process's summary table lists the videos it extracted itself (not those it skipped or left to
+    # the other): together they are every video, none of them twice.
+    extracted = [re.findall(r"^\s*(copy\d)/.* done ", out.decode(), re.MULTILINE) for out, _ in outputs]
+    counts = [int(re.search(r"^(\d+) extracted,", out.decode(), re.MULTILINE).group(1)) for out, _ in outputs]
+    assert counts == [len(ids) for ids in extracted] and sum(counts) == 8, outputs
+    assert sorted(extracted[0] + extracted[1]) == [f"copy{i}" for i in range(8)]
     reference, _ = run_extract(folder, tmp_path / "single", tiny_config(modalities=("rgb",), backbones={"rgb": "vst"}))
     for record in records:
         np.testing.assert_array_equal(cache.load_features(record.video_id)["rgb"],
