@@ -30,7 +30,8 @@ from extractors.base import WeightsSource, build_extractors  # noqa: E402
 from extractors.config import ExtractionConfig  # noqa: E402
 from extractors.decode import VideoFrames, audio_windows, load_audio  # noqa: E402
 from pipeline.devices import resolve_device  # noqa: E402
-from pipeline.extract import discover_videos, extract_videos, prepare_cache  # noqa: E402
+from manifests.cache import CacheConfig, open_cache  # noqa: E402
+from pipeline.extract import discover_videos, extract_videos  # noqa: E402
 from pipeline.samples import ClipSpec, write_clip  # noqa: E402
 
 
@@ -172,7 +173,7 @@ def main() -> None:
                                 "gflop_per_s": flops / 1e9 / per_segment,
                                 "fraction_of_matmul_ceiling": flops / 1e9 / per_segment / ceiling}
 
-    cache = prepare_cache(work / "cache", config, extractors)
+    cache = open_cache(work / "cache", CacheConfig.extracted(config, extractors))
     start = time.perf_counter()
     extract_videos(sources, cache, extractors, config, batch_segments=args.batch_segments, progress=False)
     synchronize(device)

@@ -157,6 +157,13 @@ def extractor_class(modality: str, name: str) -> type[Extractor]:
         raise ValueError(f"unknown {modality} backbone {name!r}; choose from {choices}") from None
 
 
+def feature_versions(config: ExtractionConfig) -> dict[str, tuple[str, str]]:
+    """{modality: (backbone name, feature version)} of the extractors `config` builds, without building
+    them: what a cache of `config` must record to be extended (CacheConfig.version_mismatch)."""
+    return {m: (config.backbones[m], extractor_class(m, config.backbones[m]).feature_version(config))
+            for m in config.modalities}
+
+
 def build_extractors(
     config: ExtractionConfig, device: torch.device, weights: WeightsSource
 ) -> dict[str, Extractor]:

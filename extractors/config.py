@@ -1,17 +1,20 @@
 """The extraction configuration: everything that decides what a feature row contains.
 
-It is recorded as JSON beside the features it produced, and its hash names the cache folder, so
-features made with different settings never mix. Settings that only change how fast features are
-made (device, batch size, workers) are deliberately left out of the hash.
+It is recorded as JSON beside the features it produced (inside the cache's config.json, see
+manifests/cache.py), and its hash names the cache folder, so features made with different settings
+never mix. Settings that only change how fast features are made (device, batch size, workers) are
+deliberately not part of it. A field added from now on must have a default that reproduces today's
+features: it then enters the hash only when set to something else (manifests/hashing.py), so the
+caches made before it keep their names.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import ClassVar
+
+from manifests.config import RecordedConfig
+from manifests.hashing import feature_hash, hashed_fields
 
 PROTOCOLS = ("rg", "fs1000")
 BACKBONE_MODES = ("pretrained", "random")
@@ -30,8 +33,8 @@ BACKBONE_NAMES: dict[str, tuple[str, ...]] = {
 }
 
 
-@dataclass(frozen=True)
-class ExtractionConfig:
+@dataclass
+class ExtractionConfig(RecordedConfig):
     """How raw video becomes one feature row per segment per modality.
 
     protocol "rg" (RG and Fis-V): non-overlapping windows of `segment_frames` frames taken every
@@ -56,6 +59,13 @@ class ExtractionConfig:
     audio_sample_rate: int = 16000
     feature_dtype: str = "float32"
 
+    # The fields every cache folder name was computed from when the hash was introduced: hashed whatever
+    # their value. Later fields enter only when they differ from their defaults (see the module docstring).
+    HASHED_SINCE_V1: ClassVar[tuple[str, ...]] = (
+        "protocol", "segment_frames", "frame_stride", "window_seconds", "hop_seconds", "clip_frames", "modalities",
+        "backbones", "weights", "arch_size", "seed", "decode_short_side", "audio_sample_rate", "feature_dtype",
+    )
+
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
@@ -73,8 +83,8 @@ class ExtractionConfig:
         if missing:
             raise ValueError(f"no backbone chosen for modalities {missing}")
         # Keep only the backbones of extracted modalities so the hash does not depend on unused choices.
-        object.__setattr__(self, "modalities", tuple(self.modalities))
-        object.__setattr__(self, "backbones", {m: self.backbones[m] for m in self.modalities})
+        self.modalities = tuple(self.modalities)
+        self.backbones = {m: self.backbones[m] for m in self.modalities}
 
     @property
     def frames_per_clip(self) -> int:
@@ -85,19 +95,6 @@ class ExtractionConfig:
     def random_weights(self) -> bool:
         return self.weights == "random"
 
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["modalities"] = list(self.modalities)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ExtractionConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in data.items() if k in known}
-        if "modalities" in kwargs:
-            kwargs["modalities"] = tuple(kwargs["modalities"])
-        return cls(**kwargs)
-
     def config_hash(self) -> str:
-        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha1(canonical.encode()).hexdigest()[:12]
+        """The name of this configuration's cache folder (OUT/<config-hash>/)."""
+        return feature_hash(hashed_fields(self, self.HASHED_SINCE_V1))

@@ -3,8 +3,8 @@
 Layout (everything written atomically: temporary file + rename):
 
     OUT/
-      <config-hash>/                   one folder per extraction configuration
-        config.json                    the ExtractionConfig (or the importer's description) + extractors
+      <config-hash>/                   one folder per extraction configuration (see CacheConfig)
+        config.json                    how the features were made: CacheConfig (schema_version 1)
         manifest.csv                   one row per video, rebuilt from the records below
         videos/<video_id>/             (an id component that could name a file here, record.json,
                                        *.npy, .* or %*, gets a leading '%': see video_dir_name)
@@ -23,20 +23,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import stat
-import uuid
 from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
 
+from manifests.claims import STALE_AFTER_S, Claims
+from manifests.config import SCHEMA_KEY, ConfigError, RecordedConfig
+from manifests.files import atomic_save_npy, atomic_write_bytes, atomic_write_json
+from manifests.hashing import feature_hash, hashed_fields
+
 RECORD_NAME = "record.json"
 CONFIG_NAME = "config.json"
 MANIFEST_NAME = "manifest.csv"
-TMP_SUFFIX = ".tmp"
+CLAIMS_NAME = "claims"
 
 # Per-modality status values.
 DONE, MISSING, FAILED = "done", "missing", "failed"
@@ -46,107 +49,130 @@ class CacheError(RuntimeError):
     """The feature cache is absent, ambiguous or inconsistent; the message names the path."""
 
 
-# --------------------------------------------------------------------------- atomic writes
+# --------------------------------------------------------------------------- config.json
+
+EXTRACTED = "extract"  # CacheConfig.source of features made by `pipeline extract`; imports: "import:<format>"
+RANDOM_WEIGHTS_NOTE = "RANDOM-WEIGHT BACKBONES: these features carry no pretrained knowledge"
 
 
-def with_path(exc: BaseException, path: Path) -> BaseException:
-    """An OSError from write() names no file (a full disk): give it the path being written."""
-    if isinstance(exc, OSError) and exc.filename is None:
-        return OSError(exc.errno, exc.strerror or str(exc), str(path))
-    return exc
+@dataclass
+class CacheConfig(RecordedConfig):
+    """A cache folder's config.json: how its features were made. Its `config_hash` names the folder.
+
+    Written once, by `open_cache` when it makes the folder. Two kinds:
+    - source "extract": `extraction` is the ExtractionConfig (extractors/config.py), whose hash names
+      the folder; `extractors` holds each built extractor's describe() (name, version, feature_dim, ...).
+    - source "import:<format>": a published feature set named by `format`, `dataset`, `subset` and
+      `protocol`; the folder is named by the hash of those with the modalities and `extractors`
+      (name, version "published", feature_dim, origin): see `imported`.
+    The extractors' versions are the folder's contract: features of another version (a backbone whose
+    features changed) never join it (`version_mismatch`, checked by `open_cache`).
+    """
+
+    source: str
+    config_hash: str = field(metadata={"hash": False})
+    modalities: list[str]
+    extractors: dict[str, dict[str, Any]]
+    random_weights: bool = False
+    extraction: dict[str, Any] | None = None
+    format: str | None = None
+    dataset: str | None = None
+    subset: str | None = None
+    protocol: str | None = None
+    note: str | None = field(default=None, metadata={"hash": False})
+    created_at: str | None = field(default=None, metadata={"hash": False})
+
+    IMPORT_FIELDS: ClassVar[tuple[str, ...]] = ("format", "dataset", "subset", "protocol")
+    # What an imported set's hash covered when it was introduced (later fields: only when not default).
+    IMPORT_HASHED_SINCE_V1: ClassVar[tuple[str, ...]] = (
+        "source", *IMPORT_FIELDS, "modalities", "extractors", "random_weights",
+    )
+
+    @classmethod
+    def extracted(cls, extraction: Any, extractors: dict[str, Any]) -> "CacheConfig":
+        """The config of features made under `extraction` (an ExtractionConfig) by the built `extractors`
+        ({modality: Extractor}); their describe() records name, version and feature_dim."""
+        random = bool(extraction.random_weights)
+        return cls(
+            source=EXTRACTED, config_hash=extraction.config_hash(), modalities=list(extraction.modalities),
+            extractors={m: e.describe() for m, e in extractors.items()}, random_weights=random,
+            extraction=extraction.to_dict(), note=RANDOM_WEIGHTS_NOTE if random else "pretrained backbones",
+            created_at=_now(),
+        )
+
+    @classmethod
+    def imported(cls, format: str, dataset: str, subset: str | None, protocol: str, modalities: list[str],
+                 extractors: dict[str, dict[str, Any]]) -> "CacheConfig":
+        """The config of a published feature set (pipeline/importers.py); random_weights is False."""
+        config = cls(source=f"import:{format}", config_hash="", modalities=list(modalities), extractors=extractors,
+                     format=format, dataset=dataset, subset=subset, protocol=protocol, created_at=_now())
+        # json's default separators, as the importer hashed its sets before this class: same folder names.
+        config.config_hash = feature_hash(hashed_fields(config, cls.IMPORT_HASHED_SINCE_V1), spaced=True)
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        """config.json's layout: the fields of the other kind of source are left out, not written as null."""
+        data = super().to_dict()
+        imported = self.source.startswith("import:")
+        keep_null = set(self.IMPORT_FIELDS) if imported else set()  # an import without a subset says so
+        return {k: v for k, v in data.items() if v is not None or k in keep_null}
+
+    def extractor_versions(self) -> dict[str, tuple[Any, Any]]:
+        """{modality: (extractor name, feature version)}: the only features this folder takes."""
+        return {m: (d.get("name"), d.get("version")) for m, d in self.extractors.items()}
+
+    def version_mismatch(self, versions: dict[str, tuple[Any, Any]]) -> str | None:
+        """Why features from extractors of `versions` ({modality: (name, version)}) must not join a cache of
+        this config (a one-line reason), or None when they may."""
+        mine = self.extractor_versions()
+        if {m: tuple(v) for m, v in versions.items()} == mine:
+            return None
+        return f"holds features from extractors {mine}, but this code has {dict(versions)}"
+
+    def settings(self) -> dict[str, Any]:
+        """What made these features as flat `name: value` pairs, to tell configurations apart: the source,
+        the modalities, every extraction setting (or the published set's description), each modality's
+        extractor as name@version, and whether the weights were random."""
+        out: dict[str, Any] = {"source": self.source, "modalities": ",".join(self.modalities)}
+        skip = {SCHEMA_KEY, "modalities", "backbones"}  # the backbones appear as the extractors below
+        out.update({k: v for k, v in (self.extraction or {}).items() if k not in skip})
+        out.update({k: getattr(self, k) for k in self.IMPORT_FIELDS if getattr(self, k) is not None})
+        out.update({m: f"{d.get('name')}@{d.get('version')}" for m, d in self.extractors.items()})
+        out["random_weights"] = self.random_weights
+        return out
 
 
-def temporary_path(path: Path) -> Path:
-    """A unique hidden name beside `path` (`.<name>.<random>.tmp`): written, then renamed over it."""
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through `write(handle)` into a temporary file, fsync, rename over `path`.
+def config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The keys in which two config.json payloads (or a run's copy of one) differ; [] when they describe
+    the same features. When each was written (created_at), its note and the schema version its file
+    was written with (there and in `extraction`) are not differences."""
 
-    The file is created with mode 0666 minus the user's umask, like any file the user makes (a
-    shared cache stays readable by the group); mkstemp's 0600 would hide it from everyone else.
-    An OSError that names no file (a full disk) is raised naming `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_path(path)
-    try:
-        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        raise with_path(exc, path)
+    def relevant(config: dict[str, Any]) -> dict[str, Any]:
+        out = {k: v for k, v in config.items() if k not in ("created_at", "note", SCHEMA_KEY)}
+        if isinstance(out.get("extraction"), dict):
+            out["extraction"] = {k: v for k, v in out["extraction"].items() if k != SCHEMA_KEY}
+        return out
+
+    a, b = relevant(a), relevant(b)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    _atomic_write(Path(path), lambda handle: handle.write(data))
-
-
-def atomic_write_file(path: Path, fill: Callable[[Path], None]) -> None:
-    """`fill(tmp)` writes a temporary file beside `path` by name; it is fsynced and renamed over `path`.
-
-    For writers that take a file name (safetensors' save_file). The file keeps the mode 0666 minus
-    the user's umask it was created with, though such a writer resets it to 0600. An OSError that
-    names no file (a full disk) is raised naming `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_path(path)
-    try:
-        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-        mode = stat.S_IMODE(os.stat(tmp).st_mode)
-        fill(tmp)
-        os.chmod(tmp, mode)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        raise with_path(exc, path)
-
-
-def atomic_write_json(path: Path, payload: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
-
-
-def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    _atomic_write(Path(path), lambda handle: np.save(handle, np.ascontiguousarray(array), allow_pickle=False))
-
-
-def remove_temporary_files(folder: Path) -> int:
-    """Delete the temporary files interrupted writes left in `folder` (not recursive); the count.
-    Only for a folder the caller is the single writer of (a claimed video's, a locked run's)."""
-    removed = 0
-    for path in Path(folder).glob(f".*{TMP_SUFFIX}"):
-        try:
-            path.unlink()
-            removed += 1
-        except OSError:
-            pass
-    return removed
-
-
-class JsonFileError(ValueError):
-    """A JSON file that cannot be read or is not the object expected; the message names it."""
-
-
-def read_json_object(path: Path, what: str = "file") -> dict[str, Any]:
-    """The JSON object in `path`, or JsonFileError naming the file (missing files raise FileNotFoundError)."""
-    path = Path(path)
-    try:
-        payload = json.loads(path.read_text())
-    except UnicodeDecodeError:
-        raise JsonFileError(f"{path} is not a valid {what}: not UTF-8 text") from None
-    except json.JSONDecodeError as exc:
-        raise JsonFileError(f"{path} is not a valid {what}: not JSON ({exc})") from None
-    if not isinstance(payload, dict):
-        raise JsonFileError(f"{path} is not a valid {what}: a JSON {type(payload).__name__}, not an object")
-    return payload
+def open_cache(out: Path, config: CacheConfig) -> "FeatureCache":
+    """The folder OUT/<config-hash>/ of `config`: made, with its config.json, when it does not exist yet;
+    when it does, it must record the same extractor versions (else CacheError naming the folder)."""
+    cache = FeatureCache(Path(out).expanduser() / config.config_hash)
+    if not (cache.root / CONFIG_NAME).is_file():
+        cache.write_config(config)
+        return cache
+    problem = cache.config.version_mismatch(config.extractor_versions())
+    if problem:
+        verb = "extract" if config.source == EXTRACTED else "import"
+        raise CacheError(f"{cache.root} {problem}; {verb} into a new --out folder")
+    return cache
 
 
 # --------------------------------------------------------------------------- records
@@ -270,7 +296,7 @@ class FeatureCache:
         if not configs:
             raise CacheError(f"{path} holds no feature cache (no */{CONFIG_NAME}); run `pipeline extract` first")
         if len(configs) > 1:
-            listing = "\n".join(f"  {p}  ({_describe_config(p)})" for p in configs)
+            listing = "\n".join(describe_configurations(configs))
             raise CacheError(
                 f"{path} holds features from {len(configs)} extraction configurations; "
                 f"pass one of these folders instead:\n{listing}"
@@ -297,6 +323,10 @@ class FeatureCache:
                 pass
         return folder
 
+    def claims(self, stale_after: float = STALE_AFTER_S) -> Claims:
+        """The claims on this cache's videos (`claims/`): whoever extracts a video holds its claim."""
+        return Claims(self.root / CLAIMS_NAME, stale_after)
+
     def feature_path(self, video_id: str, modality: str) -> Path:
         return self.video_dir(video_id) / f"{modality}.npy"
 
@@ -306,6 +336,7 @@ class FeatureCache:
     # ---- config
 
     def read_config(self) -> dict[str, Any]:
+        """config.json as written (runs keep a copy of it); `config` is the same, checked and upgraded."""
         path = self.root / CONFIG_NAME
         try:
             return json.loads(path.read_text())
@@ -314,8 +345,16 @@ class FeatureCache:
         except json.JSONDecodeError as exc:
             raise CacheError(f"{path} is not valid JSON: {exc}") from None
 
-    def write_config(self, payload: dict[str, Any]) -> None:
-        atomic_write_json(self.root / CONFIG_NAME, payload)
+    @property
+    def config(self) -> CacheConfig:
+        try:
+            return CacheConfig.from_dict(self.read_config(), source=str(self.root / CONFIG_NAME))
+        except ConfigError as exc:
+            raise CacheError(str(exc)) from None
+
+    def write_config(self, config: CacheConfig) -> None:
+        """The one writer of config.json (open_cache calls it when it makes the folder)."""
+        atomic_write_json(self.root / CONFIG_NAME, config.to_dict())
 
     @property
     def modalities(self) -> list[str]:
@@ -450,12 +489,29 @@ def check_array_file(path: Path, record: ModalityRecord, full: bool = False) -> 
     return None
 
 
-def _describe_config(root: Path) -> str:
-    try:
-        config = json.loads((root / CONFIG_NAME).read_text())
-    except (OSError, json.JSONDecodeError):
-        return "unreadable config.json"
-    parts = [f"protocol={config.get('protocol')}", f"modalities={','.join(config.get('modalities', []))}"]
-    if config.get("random_weights"):
-        parts.append("RANDOM WEIGHTS")
-    return " ".join(parts)
+def describe_configurations(roots: list[Path]) -> list[str]:
+    """One line per configuration folder: its path (ending in its hash) and the settings that take more
+    than one value among the configurations (CacheConfig.settings), e.g. `arch_size=tiny seed=0`."""
+    settings: dict[Path, dict[str, Any] | None] = {}
+    for root in roots:
+        try:
+            settings[root] = FeatureCache(root).config.settings()
+        except CacheError:
+            settings[root] = None
+    readable = [s for s in settings.values() if s is not None]
+    names = list(dict.fromkeys(k for s in readable for k in s))
+    differing = [k for k in names if len({json.dumps(s[k], sort_keys=True) for s in readable if k in s}) > 1]
+    lines = []
+    for root, found in settings.items():
+        if found is None:
+            lines.append(f"  {root}  (unreadable config.json)")
+            continue
+        parts = [f"{k}={_setting(found[k])}" for k in differing if k in found and k != "random_weights"]
+        if found["random_weights"]:
+            parts.append("RANDOM WEIGHTS")
+        lines.append(f"  {root}  (hash {root.name}: {' '.join(parts) or 'same settings'})")
+    return lines
+
+
+def _setting(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)

@@ -26,7 +26,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from manifests.cache import JsonFileError, atomic_write_bytes, atomic_write_json, read_json_object
+from manifests.files import JsonFileError, atomic_write_bytes, atomic_write_json, read_json_object
 from manifests.claims import RunLock
 
 # TrainConfig keys that say where the run is or where a value came from, not how it trains.

@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from manifests.cache import atomic_write_file, atomic_write_json
+from manifests.files import atomic_write_file, atomic_write_json
 from manifests.run import RunDir
 from models import REGISTRY, build_model
 
@@ -56,17 +56,18 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     """Atomic safetensors write; metadata values are stored as JSON strings. The file gets the user's
     umask like every other output (through the same atomic writer as the rest)."""
     header = {k: json.dumps(v) for k, v in (metadata or {}).items()}
-    atomic_write_file(Path(path), lambda tmp: _save_file(tensors, tmp, header, Path(path)))
+    atomic_write_file(Path(path), lambda tmp: _save_file(tensors, tmp, header))
 
 
-def _save_file(tensors: dict[str, torch.Tensor], tmp: Path, header: dict[str, str], path: Path) -> None:
+def _save_file(tensors: dict[str, torch.Tensor], tmp: Path, header: dict[str, str]) -> None:
+    """save_file, its errors from the system as OSError (atomic_write_file then names the final path)."""
     try:
         save_file(tensors, str(tmp), metadata=header)
     except Exception as exc:  # safetensors reports a full disk as SafetensorError "... (os error 28)"
         code = re.search(r"os error (\d+)", str(exc))
         if code is None:
             raise
-        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from exc
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from exc
 
 
 def load_tensors(path: Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

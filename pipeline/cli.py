@@ -126,9 +126,9 @@ def _run_extract(args: argparse.Namespace) -> int:
     extraction_config_from_args(args, "cpu")  # flag errors are usage errors before any heavy import
     batch_segments(args, "cpu")
     from extractors.base import BackboneUnavailableError, WeightsSource, build_extractors
-    from manifests.cache import CacheError
+    from manifests.cache import CacheConfig, CacheError, open_cache
     from pipeline.devices import resolve_device
-    from pipeline.extract import cache_if_complete, extract_videos, prepare_cache
+    from pipeline.extract import cache_if_complete, extract_videos
 
     if args.ray is not None:
         return _run_extract_ray(args)
@@ -145,7 +145,7 @@ def _run_extract(args: argparse.Namespace) -> int:
         cache, extractors = cache_if_complete(args.out, config, sources, args.retry_failed, args.verify), {}
         if cache is None:  # something to do: only now are the backbones worth building
             extractors = build_extractors(config, device, weights)
-            cache = prepare_cache(args.out, config, extractors)
+            cache = open_cache(args.out, CacheConfig.extracted(config, extractors))
     except (BackboneUnavailableError, CacheError) as exc:
         raise UsageError(str(exc)) from None
     if config.random_weights:

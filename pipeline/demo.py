@@ -227,7 +227,7 @@ def compare_models(out: Path, labels: Path, device: str, settings: DemoSettings 
     import numpy as np
     import pandas as pd
 
-    from manifests.cache import atomic_write_bytes, atomic_write_json
+    from manifests.files import atomic_write_bytes, atomic_write_json
     from pipeline import data
     from pipeline.inference import load_run
     from pipeline.labels import read_labels

@@ -18,7 +18,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from manifests.cache import CacheError, atomic_write_bytes
+from manifests.cache import CacheError
+from manifests.files import atomic_write_bytes
 from pipeline import data
 from pipeline.inference import Evaluation, Run, RunError, json_number, load_run
 from pipeline.labels import LabelError, check_against_cache, read_labels

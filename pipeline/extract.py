@@ -51,9 +51,8 @@ from manifests.cache import (
     ModalityRecord,
     VideoRecord,
     file_sha256,
-    remove_temporary_files,
 )
-from manifests.claims import Claims
+from manifests.files import remove_temporary_files
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".avi", ".mov", ".webm")
 LEGACY_FINGERPRINT_BYTES = 1 << 20
@@ -175,48 +174,15 @@ def cache_if_complete(
 
     Lets `extract` with nothing to do skip building the backbones. The stored extractors must be the
     ones this code would build (names and versions, known without building them)."""
-    from extractors.base import extractor_class
+    from extractors.base import feature_versions
 
     cache = FeatureCache(Path(out).expanduser() / config.config_hash())
     if not (cache.root / "config.json").is_file():
         return None
-    stored = {m: (d.get("name"), d.get("version")) for m, d in cache.read_config().get("extractors", {}).items()}
-    wanted = {m: (config.backbones[m], extractor_class(m, config.backbones[m]).feature_version(config)) for m in config.modalities}
-    if stored != wanted:
-        return None  # prepare_cache explains the difference once the extractors are built
+    if cache.config.version_mismatch(feature_versions(config)):
+        return None  # open_cache explains the difference once the extractors are built
     if any(needs_work(cache, s, retry_failed, verify) for s in sources):
         return None
-    return cache
-
-
-def prepare_cache(out: Path, config: ExtractionConfig, extractors: dict[str, Extractor]) -> FeatureCache:
-    """The cache folder for this configuration, with its config.json (checked if it already exists)."""
-    cache = FeatureCache(Path(out).expanduser() / config.config_hash())
-    described = {m: e.describe() for m, e in extractors.items()}
-    if (cache.root / "config.json").is_file():
-        stored = cache.read_config()
-        stored_versions = {m: (d["name"], d["version"]) for m, d in stored.get("extractors", {}).items()}
-        current = {m: (d["name"], d["version"]) for m, d in described.items()}
-        if stored_versions != current:
-            raise CacheError(
-                f"{cache.root} holds features from extractors {stored_versions}, but this code has "
-                f"{current}; extract into a new --out folder"
-            )
-        return cache
-    cache.write_config(
-        {
-            "config_hash": config.config_hash(),
-            "source": "extract",
-            "extraction": config.to_dict(),
-            "modalities": list(config.modalities),
-            "extractors": described,
-            "random_weights": config.random_weights,
-            "note": "RANDOM-WEIGHT BACKBONES: these features carry no pretrained knowledge"
-            if config.random_weights
-            else "pretrained backbones",
-            "created_at": _now(),
-        }
-    )
     return cache
 
 
@@ -293,7 +259,7 @@ class _Extraction:
         self.retry_failed, self.verify = retry_failed, verify
         self.frame_modalities = [m for m, e in extractors.items() if e.input_kind == "frames"]
         self.audio_modalities = [m for m, e in extractors.items() if e.input_kind == "audio"]
-        self.claims = Claims(cache.root / "claims")
+        self.claims = cache.claims()
         self.seen: dict[str, str | None] = {}  # video id -> finished_at of the record run() judged
         self.summary = ExtractSummary()
         # Progress in segments, the total planned from container metadata before the first decode; the

@@ -52,6 +52,7 @@ import torch
 from torch import Tensor
 
 from manifests.cache import FeatureCache
+from manifests.files import atomic_write_json
 from manifests.run import RunDir
 from models.checkpoint import model_state, save_model_config, save_tensors
 from models.layers import sinusoidal_position_encoding

@@ -28,15 +28,13 @@ the files the user names; import only files from a source you trust.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 
-from manifests.cache import DONE, MISSING, CacheError, FeatureCache, ModalityRecord, VideoRecord, atomic_write_bytes
+from manifests.cache import DONE, MISSING, CacheConfig, FeatureCache, ModalityRecord, VideoRecord, open_cache
+from manifests.files import atomic_write_bytes
 
 RG_ACTIONS = ("Ball", "Clubs", "Hoop", "Ribbon")
 FISV_NAME = "FISV"
@@ -99,25 +97,11 @@ def _write_set(
     missing_modalities = [m for m in MODALITIES if m not in dims]
     if missing_modalities:
         raise FeatureImportError(f"no {missing_modalities} features found for {description.get('dataset')}")
-    config = {
-        "source": f"import:{description['format']}",
-        **description,
-        "modalities": list(MODALITIES),
-        "extractors": {
-            m: {"name": backbones[m], "version": "published", "feature_dim": dims[m], "origin": description["format"]}
-            for m in MODALITIES
-        },
-        "random_weights": False,
+    extractors = {
+        m: {"name": backbones[m], "version": "published", "feature_dim": dims[m], "origin": description["format"]}
+        for m in MODALITIES
     }
-    config_hash = hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
-    config["config_hash"] = config_hash
-    cache = FeatureCache(out / config_hash)
-    if (cache.root / "config.json").is_file():
-        stored = {k: v for k, v in cache.read_config().items() if k != "created_at"}
-        if stored != config:
-            raise CacheError(f"{cache.root} holds a different feature set; import into another --out")
-    else:
-        cache.write_config({**config, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    cache = open_cache(out, CacheConfig.imported(**description, modalities=list(MODALITIES), extractors=extractors))
 
     warnings, trimmed = [], 0
     for video_id in sorted(videos):

@@ -30,16 +30,13 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from manifests.cache import CONFIG_NAME, FeatureCache
+from manifests.cache import CONFIG_NAME, FeatureCache, config_differences
 from manifests.run import RunDir
 from models.checkpoint import load_model_state, load_tensors, read_model_config
 from pipeline import data
 from pipeline.devices import resolve_device
 from pipeline.metrics import fisher_z_mean, mean_mse, mse, spearman_rho
 from pipeline.provenance import provenance
-
-# Keys of a cache's config.json that say when/why it was written, not what the features are.
-INFORMATIONAL_CONFIG_KEYS = ("created_at", "note")
 
 
 # --------------------------------------------------------------------------- prediction
@@ -273,10 +270,9 @@ def describe_features(config: dict[str, Any]) -> str:
 
 def check_same_features(expected: dict[str, Any], actual: dict[str, Any], run_dir: Path, cache_root: Path) -> None:
     """Refuse features made differently from the run's, random vs pretrained weights included."""
-    strip = lambda c: {k: v for k, v in c.items() if k not in INFORMATIONAL_CONFIG_KEYS}  # noqa: E731
-    a, b = strip(expected), strip(actual)
-    if a != b:
-        differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    differ = config_differences(expected, actual)
+    if differ:
+        a, b = expected, actual
         weights = ""
         if bool(a.get("random_weights")) != bool(b.get("random_weights")):
             weights = (f"; the features use {'random' if b.get('random_weights') else 'pretrained'} backbone "

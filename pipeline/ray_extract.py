@@ -34,9 +34,8 @@ from tqdm import tqdm
 
 from extractors.base import BackboneUnavailableError, WeightsSource, build_extractors
 from extractors.config import ExtractionConfig
-from manifests.cache import FAILED, CacheError, FeatureCache
-from manifests.claims import Claims
-from pipeline.extract import ExtractSummary, VideoSource, cache_if_complete, extract_videos, prepare_cache
+from manifests.cache import FAILED, CacheConfig, CacheError, FeatureCache, open_cache
+from pipeline.extract import ExtractSummary, VideoSource, cache_if_complete, extract_videos
 from pipeline.ray_session import import_ray
 
 MAX_RESTARTS = 3  # per actor; a worker that keeps dying is given up and its share goes to the others
@@ -91,7 +90,7 @@ class ExtractionWorker:
         self.error: str | None = None
         try:
             self.extractors = build_extractors(self.config, torch.device(device), weights)
-            self.cache = prepare_cache(Path(out), self.config, self.extractors)
+            self.cache = open_cache(Path(out), CacheConfig.extracted(self.config, self.extractors))
         except (BackboneUnavailableError, CacheError, ValueError) as exc:
             self.error = str(exc)  # reported by ready(): a clean usage error, not a dead actor
 
@@ -119,7 +118,7 @@ class RayExtractResult:
 def _release_claims(cache: FeatureCache, video_ids: list[str], owner: dict[str, Any]) -> None:
     """Remove the claims a dead actor held, so its videos are redone now rather than once its
     claims go stale (manifests/claims.py)."""
-    Claims(cache.root / "claims").release_for(video_ids, owner.get("host"), owner.get("pid"))
+    cache.claims().release_for(video_ids, owner.get("host"), owner.get("pid"))
 
 
 def _batches(sources: list[VideoSource], size: int) -> list[list[VideoSource]]:

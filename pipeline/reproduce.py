@@ -44,9 +44,10 @@ from typing import Any, Callable
 import numpy as np
 from tqdm import tqdm
 
-from manifests.cache import CONFIG_NAME, CacheError, FeatureCache, atomic_write_bytes
-from models import config_class
+from manifests.cache import CONFIG_NAME, CacheError, FeatureCache
+from manifests.files import atomic_write_bytes
 from manifests.run import RunDir, describe_differences, differing_settings
+from models import config_class
 from pipeline.labels import LabelError, read_labels
 from pipeline.metrics import fisher_z_mean, mean_mse
 from pipeline.provenance import headline, provenance

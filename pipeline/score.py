@@ -16,7 +16,8 @@ import torch
 
 from extractors.base import WeightsSource, build_extractors
 from extractors.config import ExtractionConfig
-from manifests.cache import DONE, CacheError, FeatureCache, VideoRecord, atomic_write_bytes
+from manifests.cache import DONE, CacheConfig, CacheError, FeatureCache, VideoRecord, open_cache
+from manifests.files import atomic_write_bytes
 from pipeline.data import Sample
 from pipeline.extract import (
     VIDEO_EXTENSIONS,
@@ -24,7 +25,6 @@ from pipeline.extract import (
     extract_videos,
     file_fingerprint,
     legacy_fingerprint,
-    prepare_cache,
 )
 from pipeline.inference import Run, RunError, load_run
 from pipeline.provenance import headline, provenance
@@ -147,7 +147,7 @@ def score_clips(
 
     if to_extract:
         extractors = build_extractors(config, device, weights)
-        target = prepare_cache(target.root.parent, config, extractors) if features is None else target
+        target = open_cache(target.root.parent, CacheConfig.extracted(config, extractors)) if features is None else target
         extract_videos(to_extract, target, extractors, config, batch_segments=batch_segments, progress=progress)
         del extractors
         if device.type == "cuda":

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from manifests.cache import FeatureCache, remove_temporary_files
+from manifests.cache import FeatureCache
+from manifests.files import remove_temporary_files
 from manifests.claims import RunLock, describe_holder
 from manifests.config import RecordedConfig
 from manifests.run import RunDir, RunFolderError, describe_differences, differing_settings

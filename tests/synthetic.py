@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from manifests.cache import DONE, MISSING, FeatureCache, ModalityRecord, VideoRecord
+from manifests.cache import DONE, MISSING, CacheConfig, FeatureCache, ModalityRecord, VideoRecord
 
 DEFAULT_DIMS = {"rgb": 16, "flow": 12, "audio": 8}
 
@@ -68,14 +68,15 @@ def write_synthetic_cache(
     rng = np.random.default_rng(seed)
     directions = {m: rng.standard_normal(c) * 3.0 / np.sqrt(c) for m, c in dims.items()}
     cache = FeatureCache(Path(root) / "synthetic")
-    cache.write_config({
-        "config_hash": "synthetic",
-        "source": "synthetic",
-        "modalities": list(dims),
-        "extractors": {m: {"name": "synthetic", "version": "1", "feature_dim": c} for m, c in dims.items()},
-        "random_weights": random_weights,
-        "seed": seed,
-    })
+    cache.write_config(CacheConfig(
+        config_hash="synthetic",
+        source="synthetic",
+        modalities=list(dims),
+        extractors={m: {"name": "synthetic", "version": "1", "feature_dim": c} for m, c in dims.items()},
+        random_weights=random_weights,
+        dataset="synthetic",
+        subset=f"seed {seed}",
+    ))
     scores, quality = {}, {}
     for index in range(num_videos):
         vid = video_id(index)

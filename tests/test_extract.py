@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,10 +18,10 @@ import torch
 from extractors.base import WeightsSource, build_extractors
 from extractors.config import ExtractionConfig
 from extractors.decode import VideoFrames, audio_windows, load_audio, plan_segments
-from manifests.cache import FeatureCache
+from manifests.cache import CacheConfig, FeatureCache, open_cache
 from pipeline.cli import main
 from manifests.claims import Claims
-from pipeline.extract import discover_videos, extract_videos, prepare_cache
+from pipeline.extract import discover_videos, extract_videos
 from pipeline.samples import ClipSpec, write_clip
 from tests.conftest import tiny_config
 
@@ -29,7 +30,7 @@ CPU = torch.device("cpu")
 
 def run_extract(videos, out, config, **kwargs):
     extractors = build_extractors(config, CPU, WeightsSource())
-    cache = prepare_cache(out, config, extractors)
+    cache = open_cache(out, CacheConfig.extracted(config, extractors))
     return cache, extract_videos(discover_videos(videos), cache, extractors, config, progress=False, **kwargs)
 
 
@@ -191,7 +192,7 @@ def test_interrupted_run_finishes_with_identical_features(clip_folder, tmp_path,
     reference, _ = run_extract(folder, tmp_path / "reference", config, batch_segments=4)
 
     extractors = build_extractors(config, CPU, WeightsSource())
-    cache = prepare_cache(tmp_path / "crashed", config, extractors)
+    cache = open_cache(tmp_path / "crashed", CacheConfig.extracted(config, extractors))
     real_embed, calls = extractors["rgb"].embed, {"n": 0}
 
     def crashing_embed(batch):
@@ -219,7 +220,7 @@ def test_stale_claim_of_a_killed_process_is_taken_over(clip_folder, tmp_path):
     folder = good_only(clip_folder, tmp_path)
     config = tiny_config(modalities=("rgb",), backbones={"rgb": "vst"})
     extractors = build_extractors(config, CPU, WeightsSource())
-    cache = prepare_cache(tmp_path / "out", config, extractors)
+    cache = open_cache(tmp_path / "out", CacheConfig.extracted(config, extractors))
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     claims = Claims(cache.root / "claims")
@@ -310,6 +311,12 @@ def test_two_processes_on_one_output_split_the_work(clip_folder, tmp_path):
     cache = FeatureCache.open(tmp_path / "out")
     records = cache.records()
     assert len(records) == 8 and all(r.status == "done" for r in records)
+    # Each process's summary table lists the videos it extracted itself (not those it skipped or left to
+    # the other): together they are every video, none of them twice.
+    extracted = [re.findall(r"^\s*(copy\d)/.* done ", out.decode(), re.MULTILINE) for out, _ in outputs]
+    counts = [int(re.search(r"^(\d+) extracted,", out.decode(), re.MULTILINE).group(1)) for out, _ in outputs]
+    assert counts == [len(ids) for ids in extracted] and sum(counts) == 8, outputs
+    assert sorted(extracted[0] + extracted[1]) == [f"copy{i}" for i in range(8)]
     reference, _ = run_extract(folder, tmp_path / "single", tiny_config(modalities=("rgb",), backbones={"rgb": "vst"}))
     for record in records:
         np.testing.assert_array_equal(cache.load_features(record.video_id)["rgb"],
@@ -327,6 +334,6 @@ def test_a_cache_of_older_random_flow_features_is_not_extended(clip_folder, tmp_
     cache, _ = run_extract(good_only(clip_folder, tmp_path), tmp_path / "out", config)
     stored = cache.read_config()
     stored["extractors"]["flow"]["version"] = "1"  # as the previous code wrote it
-    cache.write_config(stored)
+    cache.write_config(CacheConfig.from_dict(stored))
     with pytest.raises(Exception, match="extract into a new --out folder"):
         run_extract(clip_folder / "good.mp4", tmp_path / "out", config)

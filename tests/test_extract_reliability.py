@@ -16,7 +16,7 @@ from extractors import base as extractors_base
 from extractors.base import WeightsSource, build_extractors
 from extractors.config import ExtractionConfig
 from extractors.decode import DecodeError, VideoFrames, audio_windows, load_audio, open_audio, read_audio_windows
-from manifests.cache import FeatureCache, video_dir_name
+from manifests.cache import CacheConfig, FeatureCache, open_cache, video_dir_name
 from pipeline import extract as pipeline_extract
 from pipeline.cli import main
 from pipeline.extract import (
@@ -24,7 +24,6 @@ from pipeline.extract import (
     extract_videos,
     file_fingerprint,
     legacy_fingerprint,
-    prepare_cache,
     same_file,
 )
 from pipeline.samples import ClipSpec, write_clip
@@ -36,7 +35,7 @@ RGB_ONLY = dict(modalities=("rgb",), backbones={"rgb": "vst"})
 
 def extract(videos, out, config, extractors=None, **kwargs):
     extractors = extractors or build_extractors(config, CPU, WeightsSource())
-    cache = prepare_cache(out, config, extractors)
+    cache = open_cache(out, CacheConfig.extracted(config, extractors))
     return cache, extract_videos(discover_videos(videos), cache, extractors, config, progress=False, **kwargs)
 
 

@@ -149,10 +149,10 @@ def test_full_disk_during_a_checkpoint_write_is_one_line_and_resumable(tmp_path,
 
 
 def test_full_disk_while_writing_an_evaluation(random_run, tmp_path, capsys, monkeypatch):
-    import manifests.cache
+    import manifests.files
 
     root, _ = random_run
-    real_fdopen = manifests.cache.os.fdopen
+    real_fdopen = manifests.files.os.fdopen
 
     class FullFile:
         def __init__(self, handle):
@@ -167,7 +167,7 @@ def test_full_disk_while_writing_an_evaluation(random_run, tmp_path, capsys, mon
         def write(self, data):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(manifests.cache.os, "fdopen", lambda fd, mode: FullFile(real_fdopen(fd, mode)))
+    monkeypatch.setattr(manifests.files.os, "fdopen", lambda fd, mode: FullFile(real_fdopen(fd, mode)))
     capsys.readouterr()
     code = main(["evaluate", "--run", str(root / "run"), "--labels", str(root / "labels" / "TES.csv"),
                  "--out", str(tmp_path / "eval"), "--device", "cpu"])
@@ -203,7 +203,8 @@ def test_videos_may_be_one_file_and_the_manifest_path_is_absolute(clip_folder, t
 def test_progress_total_is_known_before_decoding_and_never_changes(clip_folder, tmp_path, capsys):
     from extractors.base import WeightsSource, build_extractors
     from extractors.decode import VideoFrames, count_segments
-    from pipeline.extract import discover_videos, extract_videos, prepare_cache
+    from manifests.cache import CacheConfig, open_cache
+    from pipeline.extract import discover_videos, extract_videos
     from tests.conftest import tiny_config
 
     config = tiny_config()
@@ -215,7 +216,7 @@ def test_progress_total_is_known_before_decoding_and_never_changes(clip_folder, 
     assert {p.name: count_segments(p, config) for p in videos.iterdir()} == expected  # metadata only
     assert count_segments(clip_folder / "notvideo.avi", config) == 0
     extractors = build_extractors(config, __import__("torch").device("cpu"), WeightsSource())
-    cache = prepare_cache(tmp_path / "out", config, extractors)
+    cache = open_cache(tmp_path / "out", CacheConfig.extracted(config, extractors))
     embed, calls = extractors["rgb"].embed, []
 
     def slow_first_call(batch):  # a full-size backbone on a CPU: seconds for one segment
@@ -269,13 +270,13 @@ def test_every_missing_weight_file_at_once(clip_folder, tmp_path):
 
 
 def test_full_disk_during_extraction_keeps_finished_videos(clip_folder, tmp_path, capsys, monkeypatch):
-    import manifests.cache
+    import manifests.files
 
     videos = tmp_path / "videos"
     videos.mkdir()
     for name in ("good.mp4", "wide.mov"):
         (videos / name).write_bytes((clip_folder / name).read_bytes())
-    real_save, saved = manifests.cache.np.save, []
+    real_save, saved = manifests.files.np.save, []
 
     def fills_the_disk(handle, array, allow_pickle):
         if len(saved) == 3:  # good.mp4's three modalities fit, the first of wide.mov does not
@@ -283,7 +284,7 @@ def test_full_disk_during_extraction_keeps_finished_videos(clip_folder, tmp_path
         saved.append(array)
         return real_save(handle, array, allow_pickle=allow_pickle)
 
-    monkeypatch.setattr(manifests.cache.np, "save", fills_the_disk)
+    monkeypatch.setattr(manifests.files.np, "save", fills_the_disk)
     out = tmp_path / "out"
     assert main(["extract", "--videos", str(videos), "--out", str(out), *TINY_EXTRACT, "--quiet"]) == 1
     line = capsys.readouterr().err.strip().splitlines()[-1]
@@ -292,6 +293,6 @@ def test_full_disk_during_extraction_keeps_finished_videos(clip_folder, tmp_path
     cache = next(out.glob("*/config.json")).parent
     assert (cache / "videos" / "good" / "record.json").is_file()
     assert not (cache / "videos" / "wide" / "record.json").exists()  # nothing half-written counts as done
-    monkeypatch.setattr(manifests.cache.np, "save", real_save)
+    monkeypatch.setattr(manifests.files.np, "save", real_save)
     assert main(["extract", "--videos", str(videos), "--out", str(out), *TINY_EXTRACT, "--quiet"]) == 0
     assert "1 extracted, 1 already done" in capsys.readouterr().out

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from extractors.base import WeightsSource, build_extractors
-from manifests.cache import FeatureCache
+from manifests.cache import CacheConfig, FeatureCache, open_cache
 from pipeline.cli import main
-from pipeline.extract import discover_videos, extract_videos, prepare_cache
+from pipeline.extract import discover_videos, extract_videos
 from pipeline.presets import get_preset
 from pipeline.ray_extract import ExtractionWorker, WorkerSetupError, extract_on_ray, plan_workers
 from pipeline.reproduce import ReproduceError, find_inputs, plan_runs, reproduce
@@ -45,7 +45,7 @@ def reference(clip_folder, tmp_path_factory):
     """The single-process extraction of the generated clips (good and bad ones)."""
     config = tiny_config()
     extractors = build_extractors(config, torch.device("cpu"), WeightsSource())
-    cache = prepare_cache(tmp_path_factory.mktemp("single"), config, extractors)
+    cache = open_cache(tmp_path_factory.mktemp("single"), CacheConfig.extracted(config, extractors))
     extract_videos(discover_videos(clip_folder), cache, extractors, config, progress=False)
     return cache
 
