@@ -18,16 +18,10 @@ from extractors.base import WeightsSource, build_extractors
 from extractors.config import ExtractionConfig
 from manifests.cache import DONE, CacheError, FeatureCache, VideoRecord, atomic_write_bytes
 from pipeline.data import Sample
-from pipeline.extract import (
-    VIDEO_EXTENSIONS,
-    VideoSource,
-    extract_videos,
-    file_fingerprint,
-    legacy_fingerprint,
-    prepare_cache,
-)
+from pipeline.extract import extract_videos, prepare_cache
 from pipeline.evaluate import Run, RunError, load_run
 from pipeline.provenance import headline, provenance
+from pipeline.videos import VIDEO_EXTENSIONS, VideoSource, file_fingerprint, legacy_fingerprint
 
 
 class ScoreError(RuntimeError):

@@ -20,8 +20,9 @@ from extractors.decode import VideoFrames, audio_windows, load_audio, plan_segme
 from manifests.cache import FeatureCache
 from pipeline.cli import main
 from manifests.claims import Claims
-from pipeline.extract import discover_videos, extract_videos, prepare_cache
+from pipeline.extract import extract_videos, prepare_cache
 from pipeline.samples import ClipSpec, write_clip
+from pipeline.videos import discover_videos
 from tests.conftest import tiny_config
 
 CPU = torch.device("cpu")

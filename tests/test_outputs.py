@@ -203,7 +203,8 @@ def test_videos_may_be_one_file_and_the_manifest_path_is_absolute(clip_folder, t
 def test_progress_total_is_known_before_decoding_and_never_changes(clip_folder, tmp_path, capsys):
     from extractors.base import WeightsSource, build_extractors
     from extractors.decode import VideoFrames, count_segments
-    from pipeline.extract import discover_videos, extract_videos, prepare_cache
+    from pipeline.extract import extract_videos, prepare_cache
+    from pipeline.videos import discover_videos
     from tests.conftest import tiny_config
 
     config = tiny_config()
