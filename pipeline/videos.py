@@ -71,7 +71,8 @@ def file_fingerprint(path: Path) -> tuple[int, str]:
 
     A file is hashed once per process while it stays as it is: deciding whether a video needs work,
     opening it for extraction and scoring's look-up share the hash. "As it is" is its whole stat,
-    change time included, which every write moves and no tool can set back."""
+    change time included, which every write moves and no tool can set back. (`same_file(rehash=True)`,
+    i.e. `--verify`, hashes afresh all the same.)"""
     stat = Path(path).stat()
     key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
     return stat.st_size, _sha256(os.path.abspath(path), *key)
@@ -99,8 +100,8 @@ def same_file(record: VideoRecord, path: Path, rehash: bool = False) -> bool:
     """True when `path` is the file `record` was made from.
 
     Size and mtime equal to the recorded ones stand for the recorded hash (only a tool that restores
-    mtimes could change a file keeping both); otherwise, or with `rehash` (`--verify`), the whole file
-    is hashed again. Records from before
+    mtimes could change a file keeping both); otherwise the whole file is hashed again (once per
+    process, see `file_fingerprint`), and with `rehash` (`--verify`) afresh. Records from before
     whole-file hashing are compared with their sampled fingerprint."""
     stat = path.stat()
     if record.size_bytes != stat.st_size or not record.fingerprint:
@@ -109,4 +110,5 @@ def same_file(record: VideoRecord, path: Path, rehash: bool = False) -> bool:
         return legacy_fingerprint(path) == record.fingerprint
     if not rehash and record.mtime_ns == stat.st_mtime_ns:
         return True
-    return file_fingerprint(path)[1] == record.fingerprint
+    current = file_sha256(path) if rehash else file_fingerprint(path)[1]
+    return current == record.fingerprint
