@@ -4,6 +4,7 @@ and score), and each video file hashed once per run."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -125,3 +126,24 @@ def test_each_video_file_is_hashed_once_per_run(clip_folder, tmp_path, monkeypat
     hashed.clear()
     assert main([*args, "--verify"]) == 0 and "good.mp4" in hashed  # although hashed unchanged in this process
     assert "0 extracted, 1 already done" in capsys.readouterr().out
+
+
+def test_a_cache_written_before_the_loop_was_split_is_kept_and_reproduced_bitwise(tmp_path, capsys):
+    """tests/fixtures/extractloop: two clips extracted by the previous loop, sharing a batch. A rerun on
+    that cache keeps both; a fresh extraction gives the very same arrays (torch on one thread, as
+    the fixture was written and as tests/conftest.py sets it)."""
+    fixture = Path(__file__).parent / "fixtures" / "extractloop"
+    shutil.copytree(fixture / "videos", tmp_path / "videos")  # new mtimes: the files are rehashed, found equal
+    shutil.copytree(fixture / "cache", tmp_path / "old")
+    base = ["extract", "--videos", str(tmp_path / "videos"), *TINY_EXTRACT_FLAGS, "--batch-segments", "3"]
+    assert main([*base, "--out", str(tmp_path / "old")]) == 0
+    assert "0 extracted, 2 already done, 0 failed" in capsys.readouterr().out
+    assert main([*base, "--out", str(tmp_path / "new")]) == 0
+    old, new = FeatureCache.open(tmp_path / "old"), FeatureCache.open(tmp_path / "new")
+    assert old.root.name == new.root.name
+    for video_id in ("quiet", "tiny"):
+        assert set(new.load_features(video_id)) == set(old.load_features(video_id))
+        for modality in old.read_record(video_id).present_modalities():
+            stored, made = (np.load(c.feature_path(video_id, modality)) for c in (old, new))
+            assert stored.dtype == made.dtype and np.array_equal(stored, made), (video_id, modality)
+        assert new.read_record(video_id).segments == old.read_record(video_id).segments
