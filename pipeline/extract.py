@@ -216,7 +216,7 @@ class _Extraction:
         batcher = Batcher(self.batch_segments)
         self.progress.start()
         try:
-            with source, self.claims.heartbeat():  # the heartbeat keeps our claims fresh (manifests.claims)
+            with self.claims.heartbeat(), source:  # the heartbeat keeps our claims fresh (manifests.claims)
                 for event in source:
                     match event:
                         case VideoOpened(job):
