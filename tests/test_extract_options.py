@@ -88,10 +88,12 @@ def test_float16_features_are_stored_as_float16_and_train_and_score_read_them(ex
     run = tmp_path / "run"
     assert main(["train", "--features", str(out), "--labels", str(extracted_clips.labels), "--out", str(run),
                  *TINY_TRAIN]) == 0
+    unseen = tmp_path / "new" / "unseen.mp4"  # a copy: other tests in this process may have hashed the fixture's
+    unseen.parent.mkdir()
+    shutil.copy(extracted_clips.unseen, unseen)
     hashed = count_hashes(monkeypatch)
     scores = tmp_path / "scores.csv"
-    assert main(["score", str(extracted_clips.unseen), "--run", str(run), "--out", str(scores), "--device", "cpu",
-                 "--quiet"]) == 0
+    assert main(["score", str(unseen), "--run", str(run), "--out", str(scores), "--device", "cpu", "--quiet"]) == 0
     assert hashed == ["unseen.mp4"]  # looked up and extracted on one hash
     row = pd.read_csv(scores).iloc[0]
     assert np.isfinite(row["score"]) and row["present"] == "rgb,flow"
