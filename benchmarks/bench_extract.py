@@ -31,7 +31,8 @@ from extractors.config import ExtractionConfig  # noqa: E402
 from extractors.decode import VideoFrames, audio_windows, load_audio  # noqa: E402
 from pipeline.devices import resolve_device  # noqa: E402
 from manifests.cache import CacheConfig, open_cache  # noqa: E402
-from pipeline.extract import discover_videos, extract_videos  # noqa: E402
+from pipeline.extract import extract_videos  # noqa: E402
+from pipeline.videos import discover_videos  # noqa: E402
 from pipeline.samples import ClipSpec, write_clip  # noqa: E402
 
 

@@ -203,7 +203,7 @@ def video_sources(path: Path) -> list:
     """--videos: every video under a folder, or one video file (its id is the file name without extension).
 
     Paths are made absolute, so the manifest's `path` column does not depend on where extract ran."""
-    from pipeline.extract import VIDEO_EXTENSIONS, VideoSource, discover_videos
+    from pipeline.videos import VIDEO_EXTENSIONS, VideoSource, discover_videos
 
     path = path.expanduser().absolute()
     if path.is_file():

@@ -35,8 +35,9 @@ from tqdm import tqdm
 from extractors.base import BackboneUnavailableError, WeightsSource, build_extractors
 from extractors.config import ExtractionConfig
 from manifests.cache import FAILED, CacheConfig, CacheError, FeatureCache, open_cache
-from pipeline.extract import ExtractSummary, VideoSource, cache_if_complete, extract_videos
+from pipeline.extract import ExtractSummary, cache_if_complete, extract_videos
 from pipeline.ray_session import import_ray
+from pipeline.videos import VideoSource
 
 MAX_RESTARTS = 3  # per actor; a worker that keeps dying is given up and its share goes to the others
 MAX_VIDEOS_PER_TASK = 8

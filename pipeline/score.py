@@ -19,15 +19,10 @@ from extractors.config import ExtractionConfig
 from manifests.cache import DONE, CacheConfig, CacheError, FeatureCache, VideoRecord, open_cache
 from manifests.files import atomic_write_bytes
 from pipeline.data import Sample
-from pipeline.extract import (
-    VIDEO_EXTENSIONS,
-    VideoSource,
-    extract_videos,
-    file_fingerprint,
-    legacy_fingerprint,
-)
+from pipeline.extract import extract_videos
 from pipeline.inference import Run, RunError, load_run
 from pipeline.provenance import headline, provenance
+from pipeline.videos import VIDEO_EXTENSIONS, VideoSource, file_fingerprint, legacy_fingerprint
 
 
 class ScoreError(RuntimeError):
@@ -125,6 +120,7 @@ def score_clips(
     made = provenance(run.extraction_config)
     results = [ClipScore(clip=str(clip), **made) for clip in clips]
     known = _fingerprint_index(lookup + ([target] if (target.root / "config.json").is_file() else []))
+    legacy_known = any(not fingerprint.startswith("sha256:") for fingerprint in known)  # caches from before whole-file hashes
 
     to_extract: list[VideoSource] = []
     queued: dict[str, str] = {}  # fingerprint -> video id, for clips queued in this call
@@ -133,8 +129,8 @@ def score_clips(
         if not clip.is_file():
             results[index].error = f"no such file: {clip}"
             continue
-        _, fingerprint = file_fingerprint(clip)
-        found = known.get(fingerprint) or known.get(legacy_fingerprint(clip))  # caches from before whole-file hashes
+        _, fingerprint = file_fingerprint(clip)  # hashed once: extraction below reuses it
+        found = known.get(fingerprint) or (known.get(legacy_fingerprint(clip)) if legacy_known else None)
         if found is not None:
             cache, record = found
             located[index] = (cache, record.video_id)

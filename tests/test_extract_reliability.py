@@ -17,16 +17,11 @@ from extractors.base import WeightsSource, build_extractors
 from extractors.config import ExtractionConfig
 from extractors.decode import DecodeError, VideoFrames, audio_windows, load_audio, open_audio, read_audio_windows
 from manifests.cache import CacheConfig, FeatureCache, open_cache, video_dir_name
-from pipeline import extract as pipeline_extract
+from pipeline import extract_source
 from pipeline.cli import main
-from pipeline.extract import (
-    discover_videos,
-    extract_videos,
-    file_fingerprint,
-    legacy_fingerprint,
-    same_file,
-)
+from pipeline.extract import extract_videos
 from pipeline.samples import ClipSpec, write_clip
+from pipeline.videos import discover_videos, file_fingerprint, legacy_fingerprint, same_file
 from tests.conftest import TINY_EXTRACT_FLAGS, tiny_config
 
 CPU = torch.device("cpu")
@@ -230,7 +225,7 @@ def test_extraction_holds_one_audio_window_at_a_time(clip_folder, tmp_path, monk
         opened.append(stream)
         return stream
 
-    monkeypatch.setattr(pipeline_extract, "open_audio", recording_open_audio)
+    monkeypatch.setattr(extract_source, "open_audio", recording_open_audio)
     videos = copy_clips(clip_folder, tmp_path / "videos", ("good.mp4",))
     config = tiny_config(segment_frames=8, modalities=("audio",), backbones={"audio": "ast"})
     cache, summary = extract(videos, tmp_path / "out", config)
@@ -270,7 +265,7 @@ def test_decoding_runs_at_most_a_few_segments_ahead_of_the_backbones(tmp_path, m
     cache, summary = extract(tmp_path / "videos", tmp_path / "out", config, extractors, batch_segments=batch)
     segments = cache.load_features("long")["rgb"].shape[0]
     assert not summary.failed and segments >= 60 and counts["embedded"] == segments
-    assert counts["ahead"] <= pipeline_extract.LOOKAHEAD_SEGMENTS + 2 * batch, counts
+    assert counts["ahead"] <= extract_source.LOOKAHEAD_SEGMENTS + 2 * batch, counts
 
 
 def test_unreadable_audio_is_a_one_line_decode_error(clip_folder):
