@@ -19,6 +19,7 @@ from manifests.config import ConfigError
 from manifests.hashing import hashed_fields
 from pipeline.cli import main
 from pipeline.importers import import_pamfn, import_skating_mixer
+from tests.fixture_numbers import assert_close_to_fixture
 from tests.fixtures.cache.make_fixtures import TINY, pamfn, skating_mixer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "cache"
@@ -72,7 +73,7 @@ def test_extracting_again_gives_the_old_folder_and_identical_features(old_out, t
         assert new.config.extractor_versions() == old.config.extractor_versions()
         assert config_differences(old.read_config(), new.read_config()) == []
         for modality, array in old.load_features("clip").items():
-            np.testing.assert_array_equal(new.load_features("clip")[modality], array)
+            assert_close_to_fixture(new.load_features("clip")[modality], array, f"{name} {modality}")
         # into the old cache itself: nothing to do, the old record is trusted as it is
         before = old.read_record("clip").finished_at
         capsys.readouterr()

@@ -14,6 +14,7 @@ from manifests.cache import FeatureCache
 from pipeline import videos
 from pipeline.cli import main
 from tests.conftest import TINY_EXTRACT_FLAGS
+from tests.fixture_numbers import assert_close_to_fixture
 
 TINY_TRAIN = ["--epochs", "2", "--batch-size", "4", "--hidden", "32", "--device", "cpu", "--quiet"]
 
@@ -130,10 +131,11 @@ def test_each_video_file_is_hashed_once_per_run(clip_folder, tmp_path, monkeypat
     assert "0 extracted, 1 already done" in capsys.readouterr().out
 
 
-def test_a_cache_written_before_the_loop_was_split_is_kept_and_reproduced_bitwise(tmp_path, capsys):
+def test_a_cache_written_before_the_loop_was_split_is_kept_and_reproduced(tmp_path, capsys):
     """tests/fixtures/extractloop: two clips extracted by the previous loop, sharing a batch. A rerun on
-    that cache keeps both; a fresh extraction gives the very same arrays (torch on one thread, as
-    the fixture was written and as tests/conftest.py sets it)."""
+    that cache keeps both; a fresh extraction gives the same arrays (bit for bit on the machine that
+    wrote them, float32 rounding elsewhere; torch on one thread, as the fixture was written and as
+    tests/conftest.py sets it)."""
     fixture = Path(__file__).parent / "fixtures" / "extractloop"
     shutil.copytree(fixture / "videos", tmp_path / "videos")  # new mtimes: the files are rehashed, found equal
     shutil.copytree(fixture / "cache", tmp_path / "old")
@@ -147,5 +149,6 @@ def test_a_cache_written_before_the_loop_was_split_is_kept_and_reproduced_bitwis
         assert set(new.load_features(video_id)) == set(old.load_features(video_id))
         for modality in old.read_record(video_id).present_modalities():
             stored, made = (np.load(c.feature_path(video_id, modality)) for c in (old, new))
-            assert stored.dtype == made.dtype and np.array_equal(stored, made), (video_id, modality)
+            assert stored.dtype == made.dtype
+            assert_close_to_fixture(made, stored, f"{video_id} {modality}")
         assert new.read_record(video_id).segments == old.read_record(video_id).segments

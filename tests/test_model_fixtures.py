@@ -1,5 +1,5 @@
 """Model configs and a checkpoint written by an earlier version (tests/fixtures/models) still load to the
-same configuration and give the same outputs, bit for bit."""
+same configuration and give the same outputs, up to float32 rounding on another CPU (tests/fixture_numbers.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from models import build_model
 from models.checkpoint import load_model, load_tensors, read_model_config
 from models.limssr import LIMSSRConfig
 from models.mcmoe import MCMoEConfig
+from tests.fixture_numbers import assert_close_to_fixture
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "models"
 DIMS = {"rgb": 8, "flow": 6, "audio": 4}
@@ -28,14 +29,15 @@ def test_mcmoe_checkpoint_loads_to_the_same_config_and_outputs():
     features = {m: tensors[f"features.{m}"] for m in DIMS}
     available, present, target = tensors["available"], tensors["present"], tensors["target"]
     with torch.no_grad():
-        assert torch.equal(model(features, available)["score"], tensors["eval_score"])
+        assert_close_to_fixture(model(features, available)["score"], tensors["eval_score"], "eval score")
     torch.manual_seed(5)
     model.train()
     out = model(features, available, present)
     total, terms = model.loss(out, target, present, available)
-    assert torch.equal(out["score"], tensors["train_score"]) and torch.equal(total, tensors["train_loss"])
+    assert_close_to_fixture(out["score"], tensors["train_score"], "train score")
+    assert_close_to_fixture(total, tensors["train_loss"], "train loss")
     for key, value in terms.items():
-        assert torch.equal(value, tensors[f"train_{key}"]), key
+        assert_close_to_fixture(value, tensors[f"train_{key}"], key)
 
 
 def test_mcmoe_config_from_before_the_newer_settings_keeps_their_old_values():

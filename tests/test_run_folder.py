@@ -1,5 +1,5 @@
 """The run folder (manifests/run.py): a run written by the code of 5115771 (tests/fixtures/rundir/) still
-opens, predicts the same scores bit for bit and goes through `pipeline evaluate` and `pipeline score`;
+opens, predicts the same scores (tests/fixture_numbers.py) and goes through `pipeline evaluate` and `pipeline score`;
 RunDir's readers and writers keep the files' formats."""
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 
@@ -21,26 +20,31 @@ from pipeline.inference import load_run
 from pipeline.labels import read_labels
 from pipeline.samples import ClipSpec, sample_set, write_clip
 from pipeline.train import TrainConfig
+from tests.fixture_numbers import ATOL, RTOL, assert_close_to_fixture
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "rundir"
 RUN, CACHE, LABELS, EXPECTED = FIXTURE / "run", FIXTURE / "cache", FIXTURE / "labels.csv", FIXTURE / "expected"
 
 
-def test_a_run_written_by_older_code_predicts_the_same_scores_bit_for_bit():
+def test_a_run_written_by_older_code_predicts_the_same_scores():
     expected = json.loads((EXPECTED / "inference.json").read_text())
     run = load_run(RUN, "cpu")
     labels = read_labels(LABELS)
     samples = data.load_samples(FeatureCache.open(CACHE), expected["video_ids"], labels.scores)
-    assert [[score, grades] for score, grades in run.predict(samples)] == expected["predict"]
+    predicted = run.predict(samples)
+    assert [grades is None for _, grades in predicted] == [grades is None for _, grades in expected["predict"]]
+    assert_close_to_fixture([[score, *(grades or [])] for score, grades in predicted],
+                            [[score, *(grades or [])] for score, grades in expected["predict"]], "predict")
     for subset, scores in expected["scores"].items():
-        np.testing.assert_array_equal(run.scores(samples, subset.split(",")), np.array(scores, dtype=float))
+        assert_close_to_fixture(run.scores(samples, subset.split(",")), scores, subset)
 
 
 def test_pipeline_evaluate_reads_an_older_run_and_writes_the_same_tables(tmp_path):
     assert main(["evaluate", "--run", str(RUN), "--labels", str(LABELS), "--split", "all", "--features", str(CACHE),
                  "--out", str(tmp_path / "evaluation"), "--device", "cpu"]) == 0
     for name in ("evaluation.csv", "evaluation.predictions.csv"):
-        assert (tmp_path / name).read_bytes() == (EXPECTED / name).read_bytes(), name
+        written, recorded = (pd.read_csv(folder / name) for folder in (tmp_path, EXPECTED))
+        pd.testing.assert_frame_equal(written, recorded, rtol=RTOL, atol=ATOL, obj=name)
     written, recorded = (json.loads((folder / "evaluation.json").read_text()) for folder in (tmp_path, EXPECTED))
     for key in ("table", "settings", "average", "checkpoint", "random_weights", "config_hash", "videos_also_in_training"):
         assert written[key] == recorded[key], key
