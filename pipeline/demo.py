@@ -287,6 +287,8 @@ def plot_comparison(path: Path, evaluations: dict, title: str) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
+    from pipeline.provenance import save_figure
+
     first = next(iter(evaluations.values()))
     full = next(s.name for s in first.settings if s.complete)
     # the hardest missing setting: lowest rho averaged over the models
@@ -305,7 +307,7 @@ def plot_comparison(path: Path, evaluations: dict, title: str) -> None:
             ax.tick_params(labelsize=7)
     figure.suptitle(textwrap.fill(title, 90), fontsize=9, color="red" if title.startswith("RANDOM") else "black")
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    save_figure(path, figure, title)
     plt.close(figure)
 
 

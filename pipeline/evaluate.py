@@ -23,7 +23,7 @@ from manifests.files import atomic_write_bytes
 from pipeline import data
 from pipeline.inference import Evaluation, Run, RunError, json_number, load_run
 from pipeline.labels import LabelError, check_against_cache, read_labels
-from pipeline.provenance import headline
+from pipeline.provenance import headline, save_figure
 
 # --------------------------------------------------------------------------- the table, files and plot
 
@@ -95,14 +95,6 @@ def plot_predictions(path: Path, evaluation: Evaluation, title: str, made: dict[
     figure.tight_layout()
     save_figure(path, figure, headline(title, made) if made else title)
     plt.close(figure)
-
-
-def save_figure(path: Path, figure, description: str) -> None:
-    """A matplotlib figure as a PNG, written atomically (a full disk leaves no half image), with
-    `description` (how it was made) in the file's Description text chunk."""
-    buffer = io.BytesIO()
-    figure.savefig(buffer, dpi=120, format="png", metadata={"Description": description})
-    atomic_write_bytes(Path(path), buffer.getvalue())
 
 
 def describe_checkpoint(run: Run) -> str:

@@ -1,5 +1,5 @@
 """How an output was made, in the words every output file uses: random or pretrained backbones, and
-the extraction configuration hash of its features.
+the extraction configuration hash of its features; and the one writer of figures, which carry them too.
 
 Scores, evaluation tables and reproduction tables all carry these two fields, and anything built on
 random-weight backbones says so in its title or first line, because such numbers look exactly like
@@ -8,7 +8,11 @@ real ones and mean nothing.
 
 from __future__ import annotations
 
+import io
+from pathlib import Path
 from typing import Any, Iterable
+
+from manifests.files import atomic_write_bytes
 
 
 def provenance(configs: dict[str, Any] | Iterable[dict[str, Any]]) -> dict[str, Any]:
@@ -25,3 +29,11 @@ def headline(what: str, made: dict[str, Any]) -> str:
         return (f"RANDOM-WEIGHT BACKBONES: {what} from features {made['config_hash']} made by untrained "
                 "backbones; smoke-test numbers, not results")
     return f"{what} from features {made['config_hash']} (pretrained backbones)"
+
+
+def save_figure(path: Path, figure, description: str) -> None:
+    """A matplotlib figure as a PNG, written atomically (a full disk leaves no half image), with
+    `description` (how it was made) in the file's Description text chunk."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, dpi=120, format="png", metadata={"Description": description})
+    atomic_write_bytes(Path(path), buffer.getvalue())

@@ -50,7 +50,7 @@ from manifests.run import RunDir, describe_differences, differing_settings
 from models import config_class
 from pipeline.labels import LabelError, read_labels
 from pipeline.metrics import fisher_z_mean, mean_mse
-from pipeline.provenance import headline, provenance
+from pipeline.provenance import headline, provenance, save_figure
 from pipeline.presets import PRESETS, get_preset
 
 AVERAGE = "Average"
@@ -433,7 +433,6 @@ def plot_rho(path: Path, table: dict[str, Any], title: str, made: dict[str, Any]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pipeline.evaluate import save_figure
 
     settings, rows = table["settings"], table["rows"]
     width = 0.8 / len(rows)
