@@ -305,7 +305,6 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     from manifests.cache import CacheError
-    from manifests.run import RunDir
     from pipeline import data
     from pipeline import train as training
     from pipeline.labels import LabelError
@@ -318,19 +317,10 @@ def _run_train(args: argparse.Namespace) -> int:
         if args.train_missing is not None:
             overrides["train_missing"] = data.parse_missing_rates(args.train_missing)
         model_flags = {k: getattr(args, k) for k in training.MODEL_FLAGS}
-        if args.resume and RunDir(args.out).has_run():
-            given = {k: getattr(args, k) for k in ("features", "labels", "model", "preset", "action")}
-            config, preset = training.recorded_config(
-                args.out, {**overrides, **given}, model_flags, args.ablation, args.model_option
-            )
-        else:
-            if args.features is None or args.labels is None:
-                raise UsageError("--features and --labels are required (except with --resume of an existing run)")
-            model = args.model or "mcmoe"
-            options = training.model_options_from_flags(model, model_flags, args.ablation, args.model_option)
-            config, preset = training.resolve_config(
-                args.features, args.labels, args.out, model, args.preset, args.action, overrides, options,
-            )
+        given = {k: getattr(args, k) for k in ("features", "labels", "model", "preset", "action")}
+        config, preset = training.command_config(
+            args.out, given, overrides, model_flags, args.ablation, args.model_option, args.resume
+        )
         result = training.train(
             config, preset, resume=args.resume, device=args.device, progress=not args.quiet,
             stop_after_epochs=args.stop_after_epochs,

@@ -234,6 +234,23 @@ def recorded_config(
     return config, preset
 
 
+def command_config(
+    out: Path, given: dict[str, Any], overrides: dict[str, Any], model_flags: dict[str, Any], ablations: list[str],
+    extra: list[str], resume: bool,
+) -> tuple[TrainConfig, Preset | None]:
+    """The settings of one `pipeline train` command. `given`: features, labels, model, preset, action as
+    passed (None when absent). With --resume of a run that exists, the run's recorded settings (flags may
+    only repeat them); otherwise model defaults < preset < flags."""
+    if resume and RunDir(out).has_run():
+        return recorded_config(out, {**overrides, **given}, model_flags, ablations, extra)
+    if given["features"] is None or given["labels"] is None:
+        raise TrainError("--features and --labels are required (except with --resume of an existing run)")
+    model = given["model"] or "mcmoe"
+    options = model_options_from_flags(model, model_flags, ablations, extra)
+    return resolve_config(given["features"], given["labels"], out, model, given["preset"], given["action"],
+                          overrides, options)
+
+
 def lr_at(config: TrainConfig, epoch: int) -> float:
     """Learning rate of epoch `epoch` (0-based): linear warm-up, then cosine to min_lr_ratio * lr."""
     if epoch < config.warmup_epochs:
