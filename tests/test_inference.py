@@ -16,14 +16,19 @@ from pipeline.labels import read_labels
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "rundir"
-STAGES = ("train", "evaluate", "score", "reproduce", "extract", "demo", "cli")
+STAGES = ("train", "evaluate", "score", "reproduce", "extract", "ray_extract", "importers", "import_checkpoint",
+          "demo", "cli")
+# Folders in layer order: each may import only from the folders before it (README's folder table).
+LAYERS = ("manifests", ("extractors", "models"), "pipeline")
 
 
 def imports_of(module: str) -> set[tuple[str, str]]:
     """(module, name) for every `from pipeline.X import name` and `import pipeline.X` in pipeline/<module>.py."""
     found = set()
     for node in ast.walk(ast.parse((ROOT / "pipeline" / f"{module}.py").read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pipeline."):
+        if isinstance(node, ast.ImportFrom) and node.module == "pipeline":  # from pipeline import data
+            found |= {(alias.name, "*") for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pipeline."):
             found |= {(node.module.split(".")[1], alias.name) for alias in node.names}
         elif isinstance(node, ast.Import):
             found |= {(a.name.split(".")[1], "*") for a in node.names if a.name.startswith("pipeline.")}
@@ -45,6 +50,26 @@ def test_stages_depend_only_downward():
         assert stages <= may_use, f"pipeline/{module}.py imports the stages {sorted(stages - may_use)}"
         private = sorted(f"{m}.{name}" for m, name in used if m in STAGES and name.startswith("_"))
         assert not private, f"pipeline/{module}.py imports private names {private}"
+
+
+def test_shared_modules_import_no_stage_and_folders_import_only_lower_layers():
+    for path in sorted((ROOT / "pipeline").glob("*.py")):
+        if path.stem not in STAGES and path.stem != "__init__":
+            stages = sorted({m for m, _ in imports_of(path.stem) if m in STAGES})
+            assert not stages, f"pipeline/{path.name} sits below the stages but imports {stages}"
+    allowed: set[str] = set()
+    for layer in LAYERS:
+        folders = (layer,) if isinstance(layer, str) else layer
+        for folder in folders:
+            for path in sorted((ROOT / folder).glob("*.py")):
+                for node in ast.walk(ast.parse(path.read_text())):
+                    names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                        [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                    for name in names:
+                        top = name.split(".")[0]
+                        if top in {"manifests", "extractors", "models", "pipeline"} and top != folder:
+                            assert top in allowed, f"{folder}/{path.name} imports {name}, a layer above it"
+        allowed |= set(folders)
 
 
 def test_a_runs_entry_points_agree():
