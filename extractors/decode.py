@@ -315,6 +315,11 @@ class AudioStream:
         self._fill(first + length)
         return cut_window(self._buffer[:length].copy(), length)
 
+    def read_to_end(self) -> np.ndarray:
+        """Every sample from the first one held to the end of the track, all at once (whole short tracks)."""
+        self._fill(np.iinfo(np.int64).max)
+        return self._buffer.copy()
+
     def _message(self) -> str:
         self._errors.seek(0)
         lines = [_FFMPEG_PREFIX.sub("", line.strip()) for line in self._errors.read().decode("utf-8", "replace").splitlines()]
@@ -369,8 +374,7 @@ def load_audio(path: Path, sample_rate: int) -> np.ndarray | None:
     if stream is None:
         return None
     try:
-        stream._fill(np.iinfo(np.int64).max)
-        return stream._buffer.copy()
+        return stream.read_to_end()
     finally:
         stream.close()
 
