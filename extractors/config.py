@@ -19,6 +19,7 @@ from manifests.hashing import feature_hash, hashed_fields
 PROTOCOLS = ("rg", "fs1000")
 BACKBONE_MODES = ("pretrained", "random")
 ARCH_SIZES = ("full", "tiny")
+ATTENTIONS = ("fused", "reference")
 
 # The published feature sets put these backbones behind each modality (DESIGN.md section 2).
 DEFAULT_BACKBONES = {"rgb": "vst", "flow": "raft", "audio": "ast"}
@@ -58,6 +59,11 @@ class ExtractionConfig(RecordedConfig):
     decode_short_side: int = 256  # frames are resized to this at decode time, before any backbone
     audio_sample_rate: int = 16000
     feature_dtype: str = "float32"
+    # Video Swin's window attention: "fused" (one kernel; the default since this field exists) or
+    # "reference" (torchvision's own code, which every cache made before the field used). Both give the
+    # same features up to float rounding, so the default keeps old caches' folder names; "reference"
+    # enters the hash and gets its own folder.
+    attention: str = "fused"
 
     # The fields every cache folder name was computed from when the hash was introduced: hashed whatever
     # their value. Later fields enter only when they differ from their defaults (see the module docstring).
@@ -79,6 +85,8 @@ class ExtractionConfig(RecordedConfig):
             raise ValueError("segment_frames and clip_frames must be >= 2, frame_stride >= 1")
         if self.feature_dtype not in ("float32", "float16"):
             raise ValueError("feature_dtype must be float32 or float16")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
         missing = [m for m in self.modalities if m not in self.backbones]
         if missing:
             raise ValueError(f"no backbone chosen for modalities {missing}")

@@ -1,12 +1,22 @@
-"""RGB: Video Swin Transformer (torchvision `swin3d_b`, Kinetics-400), 1024-d per clip."""
+"""RGB: Video Swin Transformer (torchvision `swin3d_b`, Kinetics-400), 1024-d per clip.
+
+Window attention runs fused by default (`attention="fused"` in the ExtractionConfig): torchvision
+computes softmax(q k^T * scale + bias + mask) v as a matmul, two additions, a softmax and a matmul,
+each a pass over the (windows, heads, 392, 392) scores, which made half of Swin-B's CPU time
+(benchmarks/profile_backbone.py); torch's scaled_dot_product_attention does it in one kernel. Same
+weights, same arithmetic up to float rounding (tests/test_backbones.py bounds the difference);
+`attention="reference"` keeps torchvision's own code.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models.video import Swin3D_B_Weights, swin3d_b
-from torchvision.models.video.swin_transformer import SwinTransformer3d
+from torchvision.models.video import swin_transformer as tv_swin
+from torchvision.models.video.swin_transformer import ShiftedWindowAttention3d, SwinTransformer3d
 
 from extractors.base import Extractor, WeightsSource, checkpoint_path, register
 from extractors.config import ExtractionConfig
@@ -36,6 +46,55 @@ def swin3d_tiny() -> SwinTransformer3d:
     )
 
 
+class FusedWindowAttention3d(ShiftedWindowAttention3d):
+    """torchvision's shifted-window attention with the attention itself in one fused kernel.
+
+    The parameters and the state_dict are the parent's; only forward differs. Windows are attended one
+    clip at a time: with a 4-D (windows, heads, tokens, dim) query and a (windows, heads, tokens, tokens)
+    additive mask, torch's CPU kernel runs ~2.9x faster than the written-out attention, while a 5-D
+    call over the whole batch falls back to a slow path (1.06x; benchmarks/bench_attention.py)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, t, h, w, channels = x.shape
+        window, shift = tv_swin._get_window_and_shift_size(self.shift_size.copy(), [t, h, w], self.window_size.copy())
+        pad = tv_swin._compute_pad_size_3d((t, h, w), tuple(window))
+        x = F.pad(x, (0, 0, 0, pad[2], 0, pad[1], 0, pad[0]))
+        padded = x.shape[1:4]
+        shifted = sum(shift) > 0
+        if shifted:
+            x = torch.roll(x, shifts=tuple(-s for s in shift), dims=(1, 2, 3))
+        grid = [size // win for size, win in zip(padded, window)]
+        windows, tokens, heads = grid[0] * grid[1] * grid[2], window[0] * window[1] * window[2], self.num_heads
+        x = x.view(batch, grid[0], window[0], grid[1], window[1], grid[2], window[2], channels)
+        x = x.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(batch, windows, tokens, channels)
+
+        qkv = F.linear(x, self.qkv.weight, self.qkv.bias).view(batch, windows, tokens, 3, heads, channels // heads)
+        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5)  # each (batch, windows, heads, tokens, head_dim)
+        mask = self.get_relative_position_bias(window)  # (1, heads, tokens, tokens)
+        if shifted:
+            mask = mask + tv_swin._compute_attention_mask_3d(x, tuple(padded), tuple(window), tuple(shift))[:, None]
+        mask = mask.to(q.dtype).expand(windows, heads, tokens, tokens)
+        dropout = self.attention_dropout if self.training else 0.0
+        out = torch.stack([F.scaled_dot_product_attention(q[i], k[i], v[i], attn_mask=mask, dropout_p=dropout)
+                           for i in range(batch)])
+        x = out.transpose(2, 3).reshape(batch, windows, tokens, channels)
+        x = F.dropout(F.linear(x, self.proj.weight, self.proj.bias), p=self.dropout, training=self.training)
+
+        x = x.view(batch, grid[0], grid[1], grid[2], window[0], window[1], window[2], channels)
+        x = x.permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(batch, *padded, channels)
+        if shifted:
+            x = torch.roll(x, shifts=tuple(shift), dims=(1, 2, 3))
+        return x[:, :t, :h, :w].contiguous()
+
+
+def fuse_window_attention(model: SwinTransformer3d) -> SwinTransformer3d:
+    """Every window attention of `model` runs fused (FusedWindowAttention3d); weights untouched."""
+    for module in model.modules():
+        if type(module) is ShiftedWindowAttention3d:
+            module.__class__ = FusedWindowAttention3d
+    return model
+
+
 @register("rgb", "vst")
 class VideoSwinExtractor(Extractor):
     """Frames -> ImageNet-normalised 224x224 crops -> Swin3D trunk -> pooled features (head removed).
@@ -55,6 +114,8 @@ class VideoSwinExtractor(Extractor):
             if not config.random_weights:
                 path = checkpoint_path(weights, PRETRAINED.url)
                 model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        if config.attention == "fused":
+            fuse_window_attention(model)
         self.feature_dim = model.num_features
         model.head = nn.Identity()
         self.model = model.to(device).eval().requires_grad_(False)

@@ -149,12 +149,14 @@ def _now() -> str:
 def config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """The keys in which two config.json payloads (or a run's copy of one) differ; [] when they describe
     the same features. When each was written (created_at), its note and the schema version its file
-    was written with (there and in `extraction`) are not differences."""
+    was written with are not differences, nor are extraction settings outside the hash (see below)."""
 
     def relevant(config: dict[str, Any]) -> dict[str, Any]:
         out = {k: v for k, v in config.items() if k not in ("created_at", "note", SCHEMA_KEY)}
-        if isinstance(out.get("extraction"), dict):
-            out["extraction"] = {k: v for k, v in out["extraction"].items() if k != SCHEMA_KEY}
+        if out.get("config_hash") is not None:
+            # The extraction settings count through config_hash, which covers every setting that changes the
+            # features: a setting added later at its default (which reproduces the old features) is none.
+            out.pop("extraction", None)
         return out
 
     a, b = relevant(a), relevant(b)

@@ -273,3 +273,33 @@ def test_video_swin_loads_its_torchvision_file_from_the_weights_dir(tmp_path, no
         assert torch.equal(value, state[key]), key
     assert extractor.describe()["pretrained"] == "Swin3D_B_Weights.KINETICS400_V1"
     assert extractor.embed(random_frames(1, 4)).shape == (1, extractor.feature_dim)
+
+
+def test_fused_window_attention_matches_torchvision_with_the_same_weights():
+    """Shifted and unshifted windows, padding (a 10x9 token grid is no multiple of the 7x7 windows) and a
+    batch of two clips: equal up to float rounding, and the weights / state_dict are untouched."""
+    torch.manual_seed(0)
+    reference = rgb_vst.swin3d_tiny().eval()
+    fused = rgb_vst.swin3d_tiny()
+    fused.load_state_dict(reference.state_dict())
+    rgb_vst.fuse_window_attention(fused.eval())
+    kinds = {type(m).__name__ for m in fused.modules()}
+    assert "FusedWindowAttention3d" in kinds and "ShiftedWindowAttention3d" not in kinds
+    assert fused.state_dict().keys() == reference.state_dict().keys()
+    clips = torch.randn(2, 3, 16, 40, 36)
+    with torch.no_grad():
+        expected, got = reference(clips), fused(clips)
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5), (got - expected).abs().max()
+    assert expected.std() > 0.01  # a real output, not zeros on both sides
+
+
+def test_attention_setting_reaches_the_video_swin_and_only_reference_changes_the_cache_name():
+    tiny = dict(weights="random", arch_size="tiny", modalities=("rgb",))
+    fused, reference = ExtractionConfig(**tiny), ExtractionConfig(**tiny, attention="reference")
+    kinds = lambda config: {type(m).__name__ for m in build_extractors(config, torch.device("cpu"), WeightsSource())["rgb"].model.modules()}  # noqa: E731
+    assert "FusedWindowAttention3d" in kinds(fused) and "FusedWindowAttention3d" not in kinds(reference)
+    before = {k: v for k, v in fused.to_dict().items() if k not in ("attention", "schema_version")}
+    assert ExtractionConfig.from_dict(before).config_hash() == fused.config_hash()  # a cache made before the field
+    assert reference.config_hash() != fused.config_hash()
+    with pytest.raises(ValueError, match="attention must be one of"):
+        ExtractionConfig(**tiny, attention="flash")
