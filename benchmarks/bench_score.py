@@ -2,6 +2,7 @@
 
     python benchmarks/bench_score.py                         # tiny random backbones, CPU or the GPU
     python benchmarks/bench_score.py --arch-size full --clips 16 --device cuda --json out.json
+    python benchmarks/bench_score.py --arch-size full --clips 0 --seconds 180 --device cpu   # one 3-minute routine
 
 It first builds a run to score with (generated labelled clips -> extract -> a 1-epoch MCMoE run),
 then times `score_clips` on clips the run has never seen, so every timing includes extraction:
@@ -46,7 +47,7 @@ def build_run(work: Path, arch_size: str, device: str) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clips", type=int, default=6, help="clips scored together (default: %(default)s)")
+    parser.add_argument("--clips", type=int, default=6, help="clips scored together after the single clip; 0: the single clip only (default: %(default)s)")
     parser.add_argument("--seconds", type=float, default=6.0, help="length of each clip (default: %(default)s)")
     parser.add_argument("--arch-size", default="tiny", choices=["tiny", "full"])
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -62,7 +63,8 @@ def main() -> None:
                 for i in range(count)]
 
     timings = {}
-    for name, clips in (("one clip", new_clips("single", 1)), (f"{args.clips} clips", new_clips("many", args.clips))):
+    batches = [("one clip", new_clips("single", 1))] + ([(f"{args.clips} clips", new_clips("many", args.clips))] if args.clips else [])
+    for name, clips in batches:
         start = time.perf_counter()
         results = score_clips(clips, run, device=device, progress=False)
         if device.type == "cuda":

@@ -26,8 +26,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from manifests.files import JsonFileError, atomic_write_bytes, atomic_write_json, read_json_object
 from manifests.claims import RunLock
+from manifests.files import JsonFileError, atomic_write_bytes, atomic_write_json, read_json_object
 
 # TrainConfig keys that say where the run is or where a value came from, not how it trains.
 NOT_SETTINGS = ("out", "sources", "schema_version")
