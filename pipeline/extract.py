@@ -28,7 +28,7 @@ import pandas as pd
 
 from extractors.base import Extractor
 from extractors.config import ExtractionConfig
-from manifests.cache import DONE, FAILED, CacheError, FeatureCache, VideoRecord
+from manifests.cache import CONFIG_NAME, DONE, FAILED, CacheError, FeatureCache, VideoRecord
 from pipeline.extract_batcher import Batch, Batcher, embed_batch
 from pipeline.extract_events import (
     ClaimedElsewhere,
@@ -73,7 +73,7 @@ def cache_if_complete(
     from extractors.base import feature_versions
 
     cache = FeatureCache(Path(out).expanduser() / config.config_hash())
-    if not (cache.root / "config.json").is_file():
+    if not (cache.root / CONFIG_NAME).is_file():
         return None
     if cache.config.version_mismatch(feature_versions(config)):
         return None  # open_cache explains the difference once the extractors are built

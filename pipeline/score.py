@@ -16,7 +16,7 @@ import torch
 
 from extractors.base import WeightsSource, build_extractors
 from extractors.config import ExtractionConfig
-from manifests.cache import DONE, CacheConfig, CacheError, FeatureCache, VideoRecord, open_cache
+from manifests.cache import CONFIG_NAME, DONE, CacheConfig, CacheError, FeatureCache, VideoRecord, open_cache
 from manifests.files import atomic_write_bytes
 from pipeline.data import Sample
 from pipeline.extract import extract_videos
@@ -119,7 +119,7 @@ def score_clips(
             pass  # the training cache moved or is gone: only reuse is lost
     made = provenance(run.extraction_config)
     results = [ClipScore(clip=str(clip), **made) for clip in clips]
-    known = _fingerprint_index(lookup + ([target] if (target.root / "config.json").is_file() else []))
+    known = _fingerprint_index(lookup + ([target] if (target.root / CONFIG_NAME).is_file() else []))
     legacy_known = any(not fingerprint.startswith("sha256:") for fingerprint in known)  # caches from before whole-file hashes
 
     to_extract: list[VideoSource] = []
