@@ -165,14 +165,18 @@ def config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
 def open_cache(out: Path, config: CacheConfig) -> "FeatureCache":
     """The folder OUT/<config-hash>/ of `config`: made, with its config.json, when it does not exist yet;
-    when it does, it must record the same extractor versions (else CacheError naming the folder)."""
+    when it does, it must record the same extractor versions and, for an imported set (whose hash covers
+    its whole description), the same description (else CacheError naming the folder)."""
     cache = FeatureCache(Path(out).expanduser() / config.config_hash)
     if not (cache.root / CONFIG_NAME).is_file():
         cache.write_config(config)
         return cache
+    verb = "extract" if config.source == EXTRACTED else "import"
     problem = cache.config.version_mismatch(config.extractor_versions())
+    if problem is None and config.source != EXTRACTED:
+        differ = config_differences(cache.read_config(), config.to_dict())
+        problem = f"holds a different feature set (its config.json differs in {differ})" if differ else None
     if problem:
-        verb = "extract" if config.source == EXTRACTED else "import"
         raise CacheError(f"{cache.root} {problem}; {verb} into a new --out folder")
     return cache
 

@@ -95,6 +95,16 @@ def test_importing_again_gives_the_old_folders(old_out, tmp_path):
     assert config_differences(FeatureCache(old_out / "abe976db5030").read_config(), fresh.read_config()) == []
 
 
+def test_importing_into_a_folder_whose_description_was_changed_is_refused(tmp_path):
+    (tmp_path / "pamfn").mkdir()
+    pamfn(tmp_path / "pamfn")
+    cache = import_pamfn(tmp_path / "pamfn", tmp_path / "out")[0].cache
+    edited = {**cache.read_config(), "dataset": "another"}  # the folder name no longer matches its content
+    (cache.root / "config.json").write_text(json.dumps(edited))
+    with pytest.raises(CacheError, match=r"holds a different feature set .*'dataset'.*import into a new --out"):
+        import_pamfn(tmp_path / "pamfn", tmp_path / "out")
+
+
 # --------------------------------------------------------------------------- one folder, several configurations
 
 
