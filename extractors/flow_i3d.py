@@ -47,7 +47,10 @@ class FlowI3DExtractor(Extractor):
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
             load_pytorch_i3d_state_dict(i3d, state_dict, str(path))
         self.feature_dim = i3d.feature_dim
-        self.i3d = i3d.to(device).eval().requires_grad_(False)
+        # channels-last 3D lets oneDNN run the convolutions without reordering every activation
+        # (benchmarks/bench_cpu_backends.py); "contiguous" keeps the layout of caches made before it.
+        self.memory_format = torch.channels_last_3d if config.memory_format == "channels_last" else torch.contiguous_format
+        self.i3d = i3d.to(device, memory_format=self.memory_format).eval().requires_grad_(False)
 
     @classmethod
     def feature_version(cls, config: ExtractionConfig) -> str:
@@ -65,7 +68,7 @@ class FlowI3DExtractor(Extractor):
         frames = as_frames(batch)
         if frames.shape[1] < 2:
             raise ValueError(f"flow needs at least 2 frames per clip, got {frames.shape[1]}")
-        flow = flow_clip(self.flow(flow_input(frames, self.device)))
+        flow = flow_clip(self.flow(flow_input(frames, self.device))).contiguous(memory_format=self.memory_format)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             if self.device.type == "cuda":
                 features = self.i3d.extract_features(flow)

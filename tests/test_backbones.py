@@ -303,3 +303,22 @@ def test_attention_setting_reaches_the_video_swin_and_only_reference_changes_the
     assert reference.config_hash() != fused.config_hash()
     with pytest.raises(ValueError, match="attention must be one of"):
         ExtractionConfig(**tiny, attention="flash")
+
+
+def test_memory_format_reaches_the_i3d_keeps_features_and_only_contiguous_changes_the_cache_name():
+    tiny = dict(weights="random", arch_size="tiny", modalities=("flow",), backbones={"flow": "farneback"})
+    channels_last, contiguous = ExtractionConfig(**tiny), ExtractionConfig(**tiny, memory_format="contiguous")
+    fast = build_extractors(channels_last, torch.device("cpu"), WeightsSource())["flow"]
+    plain = build_extractors(contiguous, torch.device("cpu"), WeightsSource())["flow"]
+    conv = lambda extractor: next(m for m in extractor.i3d.modules() if isinstance(m, torch.nn.Conv3d)).weight  # noqa: E731
+    assert conv(fast).is_contiguous(memory_format=torch.channels_last_3d)
+    assert not conv(plain).is_contiguous(memory_format=torch.channels_last_3d)
+    frames = random_frames(2, 8)
+    expected, got = plain.embed(frames), fast.embed(frames)
+    assert expected.abs().max() > 0.01  # a real output, not zeros on both sides
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+    before = {k: v for k, v in channels_last.to_dict().items() if k not in ("memory_format", "schema_version")}
+    assert ExtractionConfig.from_dict(before).config_hash() == channels_last.config_hash()  # a cache made before
+    assert contiguous.config_hash() != channels_last.config_hash()
+    with pytest.raises(ValueError, match="memory_format must be one of"):
+        ExtractionConfig(**tiny, memory_format="nhwc")
