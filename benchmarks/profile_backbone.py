@@ -6,6 +6,11 @@
 Builds the backbone as `pipeline extract` does (random weights unless --backbones pretrained), runs
 `embed` once to warm up, then once under torch.profiler, and prints the operators by their own time
 with the share that is arithmetic (matmul / convolution) and the share that only moves memory.
+
+With --ceiling it first measures this machine's fp32 matmul rate (bench_extract's `matmul_rates`) and
+gives each operator its FLOPs (torch's FLOP counter; a fused attention kernel, which the counter cannot
+see into, gets the extractor's written-out count minus what the counter saw) and its rate as a fraction
+of that ceiling: how fast the arithmetic itself runs, and what the other operators cost the whole.
 """
 
 from __future__ import annotations
@@ -21,11 +26,15 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_extract import git_commit  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from benchmarks.bench_extract import git_commit, matmul_rates  # noqa: E402
 from extractors.base import WeightsSource, build_extractors  # noqa: E402
 from extractors.config import ExtractionConfig  # noqa: E402
 from extractors.transforms import dummy_frames  # noqa: E402
 
+# The kernels torch may run for an operator the FLOP counter names.
+KERNELS = {"aten::convolution": ("convolution", "slow_conv")}
 ARITHMETIC = ("addmm", "mm", "bmm", "matmul", "convolution", "linear", "baddbmm")
 
 
@@ -37,7 +46,9 @@ def main() -> None:
     parser.add_argument("--backbones", default="random", choices=["random", "pretrained"])
     parser.add_argument("--segments", type=int, default=1)
     parser.add_argument("--rows", type=int, default=15)
+    parser.add_argument("--ceiling", action="store_true", help="measure the matmul ceiling and each operator's rate")
     args = parser.parse_args()
+    ceiling = max(matmul_rates(torch.device("cpu")).values()) if args.ceiling else None
 
     defaults = {"rgb": "vst", "flow": "farneback", "audio": "ast"}
     name = args.backbone or defaults[args.modality]
@@ -50,7 +61,10 @@ def main() -> None:
     else:
         samples = round(config.segment_frames / 25.0 * config.audio_sample_rate)
         batch = [np.random.default_rng(i).standard_normal(samples).astype(np.float32) * 0.1 for i in range(args.segments)]
-    extractor.embed(batch)  # warm-up
+    with FlopCounterMode(display=False) as counter:
+        extractor.embed(batch)  # also the warm-up
+    flops = {str(op).replace(".", "::"): count for op, count in counter.get_flop_counts()["Global"].items()}
+    unseen = extractor.flops_per_clip(config.frames_per_clip) * args.segments - sum(flops.values())
     started = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU]) as profiler:
         extractor.embed(batch)
@@ -62,10 +76,34 @@ def main() -> None:
     print(f"{args.modality}: {name} ({config.arch_size}, {config.weights} weights), {args.segments} segment(s), "
           f"{torch.get_num_threads()} threads, commit {git_commit()}: {seconds:.2f} s under the profiler")
     print(f"arithmetic operators (matmul, convolution): {arithmetic / total:.0%} of the operators' own time")
-    print(f"{'operator':32s} {'own time':>10s} {'share':>7s} {'calls':>7s}")
-    for event in events[: args.rows]:
-        print(f"{event.key:32s} {event.self_cpu_time_total / 1e6:9.2f}s {event.self_cpu_time_total / total:7.1%} {event.count:7d}")
-
+    # Rows: (operator, own microseconds, calls, FLOPs or None).
+    rows = {e.key: [e.key, e.self_cpu_time_total, e.count, None] for e in events}
+    if ceiling:
+        # The counter names the operator called (aten::convolution), the profiler the kernels that ran
+        # under it (mkldnn_convolution, slow_conv3d_forward): one row for all of them.
+        for op, count in flops.items():
+            kernels = [key for key in rows if key == op or any(k in key for k in KERNELS.get(op, ()))]
+            if len(kernels) == 1:
+                rows[kernels[0]][3] = count
+            elif kernels:
+                merged = [f"{op}, all kernels", sum(rows[k][1] for k in kernels), max(rows[k][2] for k in kernels), count]
+                for key in kernels:
+                    del rows[key]
+                rows[merged[0]] = merged
+        fused = [key for key in rows if "scaled_dot_product" in key and rows[key][3] is None]
+        if fused and unseen > 0:  # the kernel that did the attention the counter could not see
+            rows[max(fused, key=lambda key: rows[key][1])][3] = unseen
+        arithmetic_rows = [row for row in rows.values() if row[3]]
+        gflop = sum(row[3] for row in arithmetic_rows) / 1e9
+        print(f"matmul ceiling {ceiling:.0f} GFLOP/s; {gflop:.0f} GFLOP: {gflop / (total / 1e6) / ceiling:.0%} of the "
+              f"ceiling over all operators' own time, {gflop / (sum(r[1] for r in arithmetic_rows) / 1e6) / ceiling:.0%} "
+              "over the arithmetic operators' own time alone")
+    print(f"{'operator':48s} {'own time':>10s} {'share':>7s} {'calls':>7s}" + (f" {'GFLOP':>7s} {'of ceiling':>10s}" if ceiling else ""))
+    for key, micros, calls, count in sorted(rows.values(), key=lambda row: row[1], reverse=True)[: args.rows]:
+        line = f"{key:48s} {micros / 1e6:9.2f}s {micros / total:7.1%} {calls:7d}"
+        if count:
+            line += f" {count / 1e9:7.1f} {count / 1e9 / (micros / 1e6) / ceiling:10.0%}"
+        print(line)
 
 if __name__ == "__main__":
     main()
