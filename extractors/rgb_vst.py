@@ -10,6 +10,9 @@ weights, same arithmetic up to float rounding (tests/test_backbones.py bounds th
 
 from __future__ import annotations
 
+import functools
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -46,45 +49,77 @@ def swin3d_tiny() -> SwinTransformer3d:
     )
 
 
+@functools.lru_cache(maxsize=16)
+def window_order(padded: tuple[int, int, int], window: tuple[int, int, int], shift: tuple[int, int, int],
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, inverse): token k of the windowed sequence is token order[k] of the padded (t, h, w) grid
+    rolled back by `shift`, and inverse undoes it. One gather replaces torchvision's roll (a copy of the
+    whole activation per rolled dimension on a CPU) and window partition (another copy)."""
+    grid = torch.arange(padded[0] * padded[1] * padded[2], device=device).view(padded)
+    if any(shift):
+        grid = grid.roll(shifts=tuple(-s for s in shift), dims=(0, 1, 2))
+    blocks = [size // win for size, win in zip(padded, window)]
+    grid = grid.view(blocks[0], window[0], blocks[1], window[1], blocks[2], window[2])
+    order = grid.permute(0, 2, 4, 1, 3, 5).flatten()
+    return order, torch.argsort(order)
+
+
 class FusedWindowAttention3d(ShiftedWindowAttention3d):
     """torchvision's shifted-window attention with the attention itself in one fused kernel.
 
     The parameters and the state_dict are the parent's; only forward differs. Windows are attended one
     clip at a time: with a 4-D (windows, heads, tokens, dim) query and a (windows, heads, tokens, tokens)
     additive mask, torch's CPU kernel runs ~2.9x faster than the written-out attention, while a 5-D
-    call over the whole batch falls back to a slow path (1.06x; benchmarks/bench_attention.py)."""
+    call over the whole batch falls back to a slow path (1.06x; benchmarks/bench_attention.py).
+    Rolling and window partition are one gather (`window_order`) and a frozen block makes its mask once
+    (`attention_mask`): the same numbers move as in torchvision's code, so the output is the same to the
+    bit as that of the fused attention before these two changes."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, t, h, w, channels = x.shape
         window, shift = tv_swin._get_window_and_shift_size(self.shift_size.copy(), [t, h, w], self.window_size.copy())
-        pad = tv_swin._compute_pad_size_3d((t, h, w), tuple(window))
-        x = F.pad(x, (0, 0, 0, pad[2], 0, pad[1], 0, pad[0]))
-        padded = x.shape[1:4]
-        shifted = sum(shift) > 0
-        if shifted:
-            x = torch.roll(x, shifts=tuple(-s for s in shift), dims=(1, 2, 3))
-        grid = [size // win for size, win in zip(padded, window)]
-        windows, tokens, heads = grid[0] * grid[1] * grid[2], window[0] * window[1] * window[2], self.num_heads
-        x = x.view(batch, grid[0], window[0], grid[1], window[1], grid[2], window[2], channels)
-        x = x.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(batch, windows, tokens, channels)
+        window, shift = tuple(window), tuple(shift)
+        pad = tv_swin._compute_pad_size_3d((t, h, w), window)
+        if any(pad):
+            x = F.pad(x, (0, 0, 0, pad[2], 0, pad[1], 0, pad[0]))
+        padded = tuple(x.shape[1:4])
+        order, inverse = window_order(padded, window, shift, x.device)
+        windows, tokens, heads = order.numel() // math.prod(window), math.prod(window), self.num_heads
+        x = x.reshape(batch, -1, channels).index_select(1, order).view(batch, windows, tokens, channels)
 
         qkv = F.linear(x, self.qkv.weight, self.qkv.bias).view(batch, windows, tokens, 3, heads, channels // heads)
         q, k, v = qkv.permute(3, 0, 1, 4, 2, 5)  # each (batch, windows, heads, tokens, head_dim)
-        mask = self.get_relative_position_bias(window)  # (1, heads, tokens, tokens)
-        if shifted:
-            mask = mask + tv_swin._compute_attention_mask_3d(x, tuple(padded), tuple(window), tuple(shift))[:, None]
-        mask = mask.to(q.dtype).expand(windows, heads, tokens, tokens)
+        mask = self.attention_mask(padded, window, shift, q.dtype).expand(windows, heads, tokens, tokens)
         dropout = self.attention_dropout if self.training else 0.0
-        out = torch.stack([F.scaled_dot_product_attention(q[i], k[i], v[i], attn_mask=mask, dropout_p=dropout)
-                           for i in range(batch)])
-        x = out.transpose(2, 3).reshape(batch, windows, tokens, channels)
+        attend = lambda i: F.scaled_dot_product_attention(q[i], k[i], v[i], attn_mask=mask, dropout_p=dropout)  # noqa: E731
+        out = attend(0)[None] if batch == 1 else torch.stack([attend(i) for i in range(batch)])
+        x = out.transpose(2, 3).reshape(batch, windows * tokens, channels)
         x = F.dropout(F.linear(x, self.proj.weight, self.proj.bias), p=self.dropout, training=self.training)
+        x = x.index_select(1, inverse).view(batch, *padded, channels)
+        return x[:, :t, :h, :w].contiguous() if any(pad) else x
 
-        x = x.view(batch, grid[0], grid[1], grid[2], window[0], window[1], window[2], channels)
-        x = x.permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(batch, *padded, channels)
-        if shifted:
-            x = torch.roll(x, shifts=tuple(shift), dims=(1, 2, 3))
-        return x[:, :t, :h, :w].contiguous()
+    def attention_mask(self, padded: tuple[int, int, int], window: tuple[int, int, int], shift: tuple[int, int, int],
+                       dtype: torch.dtype) -> torch.Tensor:
+        """Relative position bias (1, heads, tokens, tokens), plus the shifted windows' mask when shifted.
+
+        A frozen block keeps its mask: making it (a gather, the shifted windows' mask, a sum over every
+        window and head, in freshly touched memory) cost as much as a third of Swin-B's CPU time. The
+        price is memory: 1273 MiB for Swin-B's 24 blocks at 32x224x224 (stage 3's nine shifted blocks
+        hold 78 MB each)."""
+        table = self.relative_position_bias_table
+        reusable = not (torch.is_grad_enabled() and table.requires_grad)  # training needs the bias's gradient
+        # The version counter moves when weights are loaded or changed in place: a stale mask is never used.
+        key = (padded, window, shift, dtype, table.device, table._version)
+        cached = self.__dict__.get("_cached_mask")
+        if reusable and cached is not None and cached[0] == key:
+            return cached[1]
+        mask = self.get_relative_position_bias(list(window))
+        if any(shift):
+            mask = mask + tv_swin._compute_attention_mask_3d(table, padded, window, shift)[:, None]
+        mask = mask.to(dtype)
+        if reusable:
+            self.__dict__["_cached_mask"] = (key, mask)
+        return mask
 
 
 def fuse_window_attention(model: SwinTransformer3d) -> SwinTransformer3d:

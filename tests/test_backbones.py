@@ -322,3 +322,30 @@ def test_memory_format_reaches_the_i3d_keeps_features_and_only_contiguous_change
     assert contiguous.config_hash() != channels_last.config_hash()
     with pytest.raises(ValueError, match="memory_format must be one of"):
         ExtractionConfig(**tiny, memory_format="nhwc")
+
+
+def test_fused_attention_keeps_each_blocks_mask_until_its_weights_change():
+    torch.manual_seed(0)
+    fused = rgb_vst.fuse_window_attention(rgb_vst.swin3d_tiny().eval())
+    clips = torch.randn(1, 3, 16, 40, 36)
+    blocks = [m for m in fused.modules() if type(m).__name__ == "FusedWindowAttention3d"]
+    with torch.no_grad():
+        fused(clips)
+        masks = [block._cached_mask[1] for block in blocks]
+        fused(clips)
+        assert all(block._cached_mask[1] is mask for block, mask in zip(blocks, masks))
+        reference = rgb_vst.swin3d_tiny().eval()  # other weights, loaded into the fused model in place
+        fused.load_state_dict(reference.state_dict())
+        expected, got = reference(clips), fused(clips)
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5), (got - expected).abs().max()
+
+
+def test_fused_attention_still_trains_the_relative_position_bias():
+    torch.manual_seed(0)
+    fused = rgb_vst.fuse_window_attention(rgb_vst.swin3d_tiny().eval())
+    clips = torch.randn(1, 3, 16, 40, 36)
+    with torch.no_grad():
+        fused(clips)  # frozen use first: each block keeps a mask without gradient
+    fused.train()(clips).square().sum().backward()
+    tables = [m.relative_position_bias_table for m in fused.modules() if type(m).__name__ == "FusedWindowAttention3d"]
+    assert all(table.grad is not None and table.grad.abs().sum() > 0 for table in tables)
