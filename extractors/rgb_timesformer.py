@@ -9,7 +9,7 @@ import torch
 
 from extractors.base import Extractor, WeightsSource, hf_pretrained, register
 from extractors.config import ExtractionConfig
-from extractors.transforms import count_flops, crop_resize, dummy_frames, normalise, uniform_frame_indices
+from extractors.transforms import count_flops, crop_resize, dummy_frames, normalise, one_clip_per_call, uniform_frame_indices
 
 HUB_ID = "facebook/timesformer-base-finetuned-k400"
 INPUT_SIZE = 224
@@ -53,7 +53,7 @@ class TimesformerExtractor(Extractor):
             model = hf_pretrained(TimesformerModel, HUB_ID, weights, dtype=torch.float32)
         self.num_frames = model.config.num_frames
         self.feature_dim = model.config.hidden_size
-        self.model = model.to(device).eval().requires_grad_(False)
+        self.model = self.freeze(model)
 
     @classmethod
     def check_weights(cls, config: ExtractionConfig, weights: WeightsSource) -> None:
@@ -68,8 +68,8 @@ class TimesformerExtractor(Extractor):
             frames = frames[:, uniform_frame_indices(frames.shape[1], self.num_frames)]
         x = normalise(crop_resize(frames, CROP, INPUT_SIZE, self.device), MEAN, STD)  # (B, F, 3, H, W)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            hidden = self.model(pixel_values=x).last_hidden_state
-        return hidden[:, 0].float().cpu()
+            cls = one_clip_per_call(lambda clips: self.model(pixel_values=clips).last_hidden_state[:, 0], x)
+        return cls.float().cpu()
 
     def flops_per_clip(self, frames: int) -> float:
         return count_flops(self.embed, dummy_frames(frames, self.config.decode_short_side))

@@ -30,6 +30,7 @@ from extractors.transforms import (
     crop_resize,
     dummy_frames,
     normalise,
+    one_clip_per_call,
 )
 
 PRETRAINED = Swin3D_B_Weights.KINETICS400_V1
@@ -87,14 +88,14 @@ class FusedWindowAttention3d(ShiftedWindowAttention3d):
         windows, tokens, heads = order.numel() // math.prod(window), math.prod(window), self.num_heads
         x = x.reshape(batch, -1, channels).index_select(1, order).view(batch, windows, tokens, channels)
 
-        qkv = F.linear(x, self.qkv.weight, self.qkv.bias).view(batch, windows, tokens, 3, heads, channels // heads)
+        qkv = self.qkv(x).view(batch, windows, tokens, 3, heads, channels // heads)
         q, k, v = qkv.permute(3, 0, 1, 4, 2, 5)  # each (batch, windows, heads, tokens, head_dim)
         mask = self.attention_mask(padded, window, shift, q.dtype).expand(windows, heads, tokens, tokens)
         dropout = self.attention_dropout if self.training else 0.0
         attend = lambda i: F.scaled_dot_product_attention(q[i], k[i], v[i], attn_mask=mask, dropout_p=dropout)  # noqa: E731
         out = attend(0)[None] if batch == 1 else torch.stack([attend(i) for i in range(batch)])
         x = out.transpose(2, 3).reshape(batch, windows * tokens, channels)
-        x = F.dropout(F.linear(x, self.proj.weight, self.proj.bias), p=self.dropout, training=self.training)
+        x = F.dropout(self.proj(x), p=self.dropout, training=self.training)
         x = x.index_select(1, inverse).view(batch, *padded, channels)
         return x[:, :t, :h, :w].contiguous() if any(pad) else x
 
@@ -153,7 +154,7 @@ class VideoSwinExtractor(Extractor):
             fuse_window_attention(model)
         self.feature_dim = model.num_features
         model.head = nn.Identity()
-        self.model = model.to(device).eval().requires_grad_(False)
+        self.model = self.freeze(model)
 
     @classmethod
     def check_weights(cls, config: ExtractionConfig, weights: WeightsSource) -> None:
@@ -164,7 +165,7 @@ class VideoSwinExtractor(Extractor):
         x = normalise(crop_resize(batch, CROP, INPUT_SIZE, self.device), IMAGENET_MEAN, IMAGENET_STD)
         x = x.permute(0, 2, 1, 3, 4)  # (B, 3, F, H, W)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            features = self.model(x)
+            features = one_clip_per_call(self.model, x)
         return features.float().cpu()
 
     def flops_per_clip(self, frames: int) -> float:

@@ -79,3 +79,15 @@ def count_flops(fn, *args) -> float:
     with FlopCounterMode(display=False) as counter:
         fn(*args)
     return float(counter.get_total_flops())
+
+
+def one_clip_per_call(forward, x: torch.Tensor) -> torch.Tensor:
+    """forward(x) on a GPU; on a CPU one clip (row of x) per call, concatenated.
+
+    oneDNN picks its convolution and matmul kernels by the shape of the call, and they round
+    differently (~1e-7 relative): a batched call would make a clip's features depend on which clips
+    shared its batch (--batch-segments, the number of processes). A CPU runs one segment per batch by
+    default, so this costs nothing there; a GPU keeps its batches (and bf16)."""
+    if x.device.type != "cpu":
+        return forward(x)
+    return torch.cat([forward(x[i : i + 1]) for i in range(len(x))])

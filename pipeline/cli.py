@@ -61,6 +61,9 @@ def add_extraction_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--memory-format", choices=["channels_last", "contiguous"], default="channels_last",
                        help="how I3D's 3D convolutions hold activations: channels_last (1.29x faster I3D on a 2-core "
                             "CPU) or contiguous, as before; equal up to float rounding (default: %(default)s)")
+    group.add_argument("--cpu-linear", choices=["onednn", "torch"], default="onednn",
+                       help="library for the transformers' linear layers on a CPU: oneDNN (AVX-512 where the CPU has it) "
+                            "or torch's default (MKL); equal up to float rounding (default: %(default)s)")
     run = parser.add_argument_group("how it is computed (not part of the cache key)")
     run.add_argument("--weights-dir", type=Path, default=None,
                      help="folder with pretrained weight files under their public names, searched first")
@@ -96,7 +99,7 @@ def extraction_config_from_args(args: argparse.Namespace, device_type: str) -> "
             window_seconds=args.window_seconds, hop_seconds=args.hop_seconds, clip_frames=args.clip_frames,
             modalities=modalities, backbones=backbones, weights=args.backbones, arch_size=args.arch_size,
             seed=args.seed, feature_dtype=args.feature_dtype, attention=args.attention,
-            memory_format=args.memory_format,
+            memory_format=args.memory_format, cpu_linear=args.cpu_linear,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None

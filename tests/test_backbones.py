@@ -349,3 +349,34 @@ def test_fused_attention_still_trains_the_relative_position_bias():
     fused.train()(clips).square().sum().backward()
     tables = [m.relative_position_bias_table for m in fused.modules() if type(m).__name__ == "FusedWindowAttention3d"]
     assert all(table.grad is not None and table.grad.abs().sum() > 0 for table in tables)
+
+
+@pytest.mark.parametrize("modality, backbone", [("rgb", "vst"), ("rgb", "timesformer"), ("audio", "ast")])
+def test_cpu_linear_runs_the_transformers_on_onednn_with_the_same_features(modality, backbone):
+    tiny = dict(weights="random", arch_size="tiny", modalities=(modality,), backbones={modality: backbone})
+    onednn, plain = ExtractionConfig(**tiny), ExtractionConfig(**tiny, cpu_linear="torch")
+    fast = build_extractors(onednn, torch.device("cpu"), WeightsSource())[modality]
+    reference = build_extractors(plain, torch.device("cpu"), WeightsSource())[modality]
+    kinds = lambda extractor: {type(m).__name__ for m in extractor.model.modules()}  # noqa: E731
+    assert "OneDNNLinear" in kinds(fast) and "Linear" not in kinds(fast)
+    assert "OneDNNLinear" not in kinds(reference)
+    batch = random_frames(2, 8) if modality == "rgb" else random_waves([20480, 20480])
+    expected, got = reference.embed(batch), fast.embed(batch)
+    assert expected.abs().max() > 0.01
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+    before = {k: v for k, v in onednn.to_dict().items() if k not in ("cpu_linear", "schema_version")}
+    assert ExtractionConfig.from_dict(before).config_hash() == onednn.config_hash()  # a cache made before
+    assert plain.config_hash() != onednn.config_hash()
+
+
+def test_onednn_linear_leaves_gradients_and_other_dtypes_to_torch():
+    from extractors.onednn import OneDNNLinear, use_onednn_linears
+
+    layer = use_onednn_linears(torch.nn.Sequential(torch.nn.Linear(8, 4)))[0]
+    assert type(layer) is OneDNNLinear
+    x = torch.randn(3, 8)
+    layer(x).sum().backward()  # oneDNN's op has no backward: this must take torch's path
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert torch.allclose(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-6)
+        assert layer.double()(x.double()).dtype == torch.float64

@@ -1,0 +1,46 @@
+"""Linear layers through oneDNN on a CPU (`cpu_linear="onednn"` in the ExtractionConfig, the default).
+
+torch sends an fp32 matmul on a CPU to MKL, which picks its kernels by the CPU's vendor: on the AMD
+EPYC machines this project is measured on (AVX-512 with bf16) it runs its AVX2 code, while oneDNN,
+also inside torch, picks by the CPU's features and runs AVX-512. Per core that is 2-3x the rate at the
+backbones' shapes (benchmarks/bench_extract.py measures both and takes the faster as the ceiling).
+Same weights and the same sums in another order: outputs agree to float rounding (~1e-6 relative;
+tests/test_backbones.py). The frozen backbones only: oneDNN's op here has no backward, so a call that
+needs a gradient, a GPU tensor or another dtype takes torch's own path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def onednn_linear_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear, through oneDNN when the call is an fp32 CPU inference one."""
+    frozen = not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    if frozen and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+class OneDNNLinear(nn.Linear):
+    """nn.Linear whose inference calls on a CPU run through oneDNN; parameters and state_dict unchanged."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def use_onednn_linears(model: nn.Module) -> nn.Module:
+    """Every nn.Linear of `model` becomes a OneDNNLinear (in place; weights untouched). Needs a torch
+    built with oneDNN (every x86 and arm64 wheel of torch on PyPI): ValueError otherwise."""
+    if not onednn_linear_available():
+        raise ValueError("cpu_linear='onednn' needs a torch built with oneDNN (mkldnn); use cpu_linear='torch'")
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = OneDNNLinear
+    return model
