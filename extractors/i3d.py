@@ -71,7 +71,11 @@ class Unit3D(nn.Module):
         self.bn = nn.BatchNorm3d(out_channels, eps=0.001, momentum=0.01) if use_batch_norm else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv3d(F.pad(x, same_padding(x.shape[2:], self.kernel, self.stride)))
+        pads = same_padding(x.shape[2:], self.kernel, self.stride)
+        if pads[0::2] == pads[1::2]:  # symmetric: the convolution pads by itself, without a padded copy
+            x = F.conv3d(x, self.conv3d.weight, self.conv3d.bias, self.stride, pads[4::-2])
+        else:
+            x = self.conv3d(F.pad(x, pads))
         if self.bn is not None:
             x = self.bn(x)
         return F.relu(x) if self.activation else x
@@ -86,8 +90,11 @@ class MaxPool3dSame(nn.Module):
         self.kernel, self.stride = kernel, stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.pad(x, same_padding(x.shape[2:], self.kernel, self.stride))
-        return F.max_pool3d(x, self.kernel, self.stride)
+        pads = same_padding(x.shape[2:], self.kernel, self.stride)
+        if pads[0::2] == pads[1::2] and all(2 * p <= k for p, k in zip(pads[4::-2], self.kernel)):
+            # The pool pads by itself (with -inf; the same maximum, as above), without a padded copy.
+            return F.max_pool3d(x, self.kernel, self.stride, pads[4::-2])
+        return F.max_pool3d(F.pad(x, pads), self.kernel, self.stride)
 
 
 class InceptionBlock(nn.Module):
