@@ -46,6 +46,28 @@ def swin3d_tiny() -> SwinTransformer3d:
     )
 
 
+def shifted_window_mask(padded: tuple[int, int, int], window: tuple[int, int, int], shift: tuple[int, int, int],
+                        device: torch.device | None = None) -> torch.Tensor:
+    """torchvision's `_compute_attention_mask_3d` (windows, tokens, tokens): -100 between tokens that the
+    cyclic shift brought from different regions, 0 within one, the same values exactly.
+
+    torchvision labels the regions by 27 slice assignments into a zeros tensor; torch.compile's C++ code
+    for those nested masked stores does not build in torch 2.10/2.11 (pytorch/pytorch#179135). Here the
+    label is arithmetic: along each axis a position is in region 0, 1 or 2 (before size - window, before
+    size - shift, the rest), the last slice covering it in torchvision's order. A zero shift along an
+    axis makes torchvision's last slice, and so one label, cover that whole axis.
+    """
+    labels = torch.zeros((), dtype=torch.long, device=device)
+    for axis, (size, win, step) in enumerate(zip(padded, window, shift)):
+        index = torch.arange(size, device=device)
+        region = (index >= size - win).long() + (index >= size - step).long() if step else torch.zeros_like(index)
+        labels = labels[..., None] * 3 + region.view(*[1] * axis, size)
+    grid = [size // win for size, win in zip(padded, window)]
+    labels = labels.view(grid[0], window[0], grid[1], window[1], grid[2], window[2])
+    labels = labels.permute(0, 2, 4, 1, 3, 5).reshape(grid[0] * grid[1] * grid[2], -1)
+    return torch.where(labels[:, None, :] != labels[:, :, None], -100.0, 0.0)
+
+
 class FusedWindowAttention3d(ShiftedWindowAttention3d):
     """torchvision's shifted-window attention with the attention itself in one fused kernel.
 
@@ -72,7 +94,7 @@ class FusedWindowAttention3d(ShiftedWindowAttention3d):
         q, k, v = qkv.permute(3, 0, 1, 4, 2, 5)  # each (batch, windows, heads, tokens, head_dim)
         mask = self.get_relative_position_bias(window)  # (1, heads, tokens, tokens)
         if shifted:
-            mask = mask + tv_swin._compute_attention_mask_3d(x, tuple(padded), tuple(window), tuple(shift))[:, None]
+            mask = mask + shifted_window_mask(tuple(padded), tuple(window), tuple(shift), x.device)[:, None]
         mask = mask.to(q.dtype).expand(windows, heads, tokens, tokens)
         dropout = self.attention_dropout if self.training else 0.0
         out = torch.stack([F.scaled_dot_product_attention(q[i], k[i], v[i], attn_mask=mask, dropout_p=dropout)
