@@ -6,7 +6,8 @@
 For Video Swin-B and the I3D flow stream (full size, random weights, one 32-frame segment at 224x224),
 times the network as the extractors run it today (fp32, Swin's fused window attention, inference
 mode) against each try alone: torch.no_grad instead of inference_mode, channels-last 3D memory, bf16
-autocast (emulated unless the CPU has AVX-512 BF16 and oneDNN uses it) and torch.compile. After one
+autocast (emulated unless the CPU has AVX-512 BF16 and oneDNN uses it) and torch.compile (inductor),
+also with frozen weights. After one
 warm-up call of each, today's call and the try's call alternate `--repeats` times, so a load that comes
 and goes on a shared machine hits both alike; prints the ratio of the medians (> 1: faster), the first
 call's time (compilation) and the largest output difference relative to the output's largest value, or
@@ -47,7 +48,8 @@ def network(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
 
 
 NETWORKS = ("Video Swin-B", "I3D flow")
-TRIES = ("no_grad instead of inference_mode", "channels-last 3D", "bf16 autocast", "torch.compile")
+TRIES = ("no_grad instead of inference_mode", "channels-last 3D", "bf16 autocast", "torch.compile",
+         "torch.compile, frozen weights")
 
 
 def seconds(call) -> float:
@@ -76,11 +78,15 @@ def tries(model: torch.nn.Module, x: torch.Tensor) -> dict[str, object]:
                 return model(x)
         return call
 
-    def compiled():
+    def compiled(**options):
         # Builds for Swin-B since its shifted-window mask is arithmetic (rgb_vst.shifted_window_mask):
         # torchvision's slice-assigned mask hits pytorch/pytorch#179135 in torch 2.10/2.11's C++ code.
-        compiled_model = torch.compile(model)
+        compiled_model = torch.compile(model, options=options)
         return in_inference_mode(lambda: compiled_model(x))
+
+    def frozen():
+        # Inductor's freezing: weights become constants, folded and prepacked for oneDNN's linear/conv.
+        return compiled(freezing=True)
 
     def no_grad():
         def call():
@@ -88,7 +94,7 @@ def tries(model: torch.nn.Module, x: torch.Tensor) -> dict[str, object]:
                 return model(x)
         return call
 
-    return dict(zip(TRIES, (no_grad, channels_last, bf16, compiled)))
+    return dict(zip(TRIES, (no_grad, channels_last, bf16, compiled, frozen)))
 
 
 def compiler_error(exc: Exception) -> str:

@@ -322,7 +322,7 @@ def test_torch_compile_builds_and_matches_a_shifted_window_block():
     torch.manual_seed(0)
     block = rgb_vst.fuse_window_attention(swin3d_tiny_shifted()).features[0][1].eval()
     assert sum(block.attn.shift_size) > 0
-    tokens = torch.randn(1, 8, 14, 14, 16)
+    tokens = torch.randn(1, 16, 14, 14, 16)  # windows shift along all three axes (torchvision's mask fails here)
     with torch.inference_mode():
         expected, got = block(tokens), torch.compile(block)(tokens)
     torch._dynamo.reset()
