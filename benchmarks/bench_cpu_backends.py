@@ -1,13 +1,17 @@
 """What the CPU inference options the ecosystem offers do for the frozen backbones, one try each (#13).
 
     python benchmarks/bench_cpu_backends.py --json benchmarks/results/cpu_backends.json
+    python benchmarks/bench_cpu_backends.py --networks "Video Swin-B" --tries torch.compile --repeats 5
 
 For Video Swin-B and the I3D flow stream (full size, random weights, one 32-frame segment at 224x224),
 times the network as the extractors run it today (fp32, Swin's fused window attention, inference
 mode) against each try alone: torch.no_grad instead of inference_mode, channels-last 3D memory, bf16
-autocast (this CPU has AVX2/FMA and no AVX-512 BF16, so bf16 is emulated) and torch.compile. Prints the
-time ratio of each try (> 1: faster) and its largest output difference relative to the output's scale,
-or the error that stopped it. Needs an idle machine; one warm-up and `--repeats` timed calls each.
+autocast (emulated unless the CPU has AVX-512 BF16 and oneDNN uses it) and torch.compile (inductor),
+also with frozen weights. After one
+warm-up call of each, today's call and the try's call alternate `--repeats` times, so a load that comes
+and goes on a shared machine hits both alike; prints the ratio of the medians (> 1: faster), the first
+call's time (compilation) and the largest output difference relative to the output's largest value, or
+the error that stopped the try (for a C++ compile error, gcc's first error line too).
 Each network runs in a process of its own: run after Swin-B (and after a failed torch.compile, whose
 compiler workers linger), the I3D timings were 4x slower.
 """
@@ -15,7 +19,9 @@ compiler workers linger), the I3D timings were 4x slower.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,17 +48,14 @@ def network(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
 
 
 NETWORKS = ("Video Swin-B", "I3D flow")
+TRIES = ("no_grad instead of inference_mode", "channels-last 3D", "bf16 autocast", "torch.compile",
+         "torch.compile, frozen weights")
 
 
-def run_time(call, repeats: int) -> tuple[float, float, torch.Tensor]:
-    """(seconds of the first call: kernel choice, compilation; seconds per later call; the output)."""
+def seconds(call) -> float:
     start = time.perf_counter()
-    out = call()
-    first = time.perf_counter() - start
-    start = time.perf_counter()
-    for _ in range(repeats):
-        out = call()
-    return first, (time.perf_counter() - start) / repeats, out.float()
+    call()
+    return time.perf_counter() - start
 
 
 def in_inference_mode(fn):
@@ -65,7 +68,7 @@ def in_inference_mode(fn):
 def tries(model: torch.nn.Module, x: torch.Tensor) -> dict[str, object]:
     """Each try as a builder of a zero-argument call (a failing build is that try's result)."""
     def channels_last():
-        converted = model.to(memory_format=torch.channels_last_3d)
+        converted = copy.deepcopy(model).to(memory_format=torch.channels_last_3d)
         fast_x = x.contiguous(memory_format=torch.channels_last_3d)
         return in_inference_mode(lambda: converted(fast_x))
 
@@ -75,9 +78,15 @@ def tries(model: torch.nn.Module, x: torch.Tensor) -> dict[str, object]:
                 return model(x)
         return call
 
-    def compiled():
-        compiled_model = torch.compile(model)
+    def compiled(**options):
+        # Builds for Swin-B since its shifted-window mask is arithmetic (rgb_vst.shifted_window_mask):
+        # torchvision's slice-assigned mask hits pytorch/pytorch#179135 in torch 2.10/2.11's C++ code.
+        compiled_model = torch.compile(model, options=options)
         return in_inference_mode(lambda: compiled_model(x))
+
+    def frozen():
+        # Inductor's freezing: weights become constants, folded and prepacked for oneDNN's linear/conv.
+        return compiled(freezing=True)
 
     def no_grad():
         def call():
@@ -85,42 +94,57 @@ def tries(model: torch.nn.Module, x: torch.Tensor) -> dict[str, object]:
                 return model(x)
         return call
 
-    return {"no_grad instead of inference_mode": no_grad, "channels-last 3D": channels_last,
-            "bf16 autocast": bf16, "torch.compile": compiled}
+    return dict(zip(TRIES, (no_grad, channels_last, bf16, compiled, frozen)))
 
 
-def measure(name: str, repeats: int) -> dict[str, dict]:
+def compiler_error(exc: Exception) -> str:
+    """The exception's first line and, for a C++ compile error, gcc's first error line."""
+    lines = str(exc).strip().splitlines() or [""]
+    gcc = next((line.strip() for line in lines if "error:" in line), "")
+    return f"{type(exc).__name__}: {lines[0][:300]}" + (f" ({gcc[:400]})" if gcc else "")
+
+
+def measure(name: str, repeats: int, only: list[str] | None = None) -> dict[str, dict]:
     model, x = network(name)
-    _, base_s, expected = run_time(in_inference_mode(lambda: model(x)), repeats)
-    rows: dict[str, dict] = {"today (fp32, inference_mode)": {"seconds": base_s}}
-    print(f"{name}: today {base_s:.2f} s per segment", flush=True)
+    today = in_inference_mode(lambda: model(x))
+    expected = today().float()
+    rows: dict[str, dict] = {}
     for label, build in tries(model, x).items():
+        if only and label not in only:
+            continue
         started = time.perf_counter()
         try:
-            first, seconds, out = run_time(build(), repeats)
+            call = build()
+            out = call().float()
+            first = time.perf_counter() - started
         except Exception as exc:  # noqa: BLE001 - a try that cannot run is a result
-            error = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
-            rows[label] = {"error": error, "seconds_until_error": time.perf_counter() - started}
-            print(f"  {label:36s} failed: {error}", flush=True)
+            rows[label] = {"error": compiler_error(exc), "seconds_until_error": time.perf_counter() - started}
+            print(f"{name}: {label:36s} failed: {rows[label]['error']}", flush=True)
             continue
-        finally:
-            model.to(memory_format=torch.contiguous_format)
+        base_times, try_times = [], []
+        for _ in range(repeats):
+            base_times.append(seconds(today))
+            try_times.append(seconds(call))
+        base_s, try_s = statistics.median(base_times), statistics.median(try_times)
         difference = ((out - expected).abs().max() / expected.abs().max()).item()
-        rows[label] = {"seconds": seconds, "first_call_seconds": first, "speedup": base_s / seconds,
-                       "relative_difference": difference}
-        print(f"  {label:36s} {seconds:6.2f} s  {base_s / seconds:5.2f}x  difference {difference:.1e}"
-              f"  (first call {first:.1f} s)", flush=True)
+        rows[label] = {"seconds": try_s, "today_seconds": base_s, "first_call_seconds": first,
+                       "speedup": base_s / try_s, "relative_difference": difference,
+                       "times": try_times, "today_times": base_times}
+        print(f"{name}: {label:36s} {try_s:6.2f} s (today {base_s:.2f} s)  {base_s / try_s:5.2f}x  "
+              f"difference {difference:.1e}  (first call {first:.1f} s)", flush=True)
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--network", choices=NETWORKS, help="measure this one here (the default runs each in a child)")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating timed calls of each")
+    parser.add_argument("--networks", nargs="+", choices=NETWORKS, default=list(NETWORKS))
+    parser.add_argument("--tries", nargs="+", choices=TRIES, help="only these tries (default: all)")
+    parser.add_argument("--network", choices=NETWORKS, help=argparse.SUPPRESS)  # one network, in a child
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.network:
-        rows = measure(args.network, args.repeats)
+        rows = measure(args.network, args.repeats, args.tries)
         if args.json:
             args.json.write_text(json.dumps(rows))
         return
@@ -128,10 +152,10 @@ def main() -> None:
                "command": "python benchmarks/bench_cpu_backends.py " + " ".join(sys.argv[1:]), "networks": {}}
     print(f"{results['device']}, commit {results['commit']}", flush=True)
     with tempfile.TemporaryDirectory() as work:
-        for name in NETWORKS:
+        for name in args.networks:
             out = Path(work) / "rows.json"
             subprocess.run([sys.executable, __file__, "--network", name, "--repeats", str(args.repeats),
-                            "--json", str(out)], check=True)
+                            "--json", str(out)] + (["--tries", *args.tries] if args.tries else []), check=True)
             results["networks"][name] = json.loads(out.read_text())
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

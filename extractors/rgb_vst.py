@@ -65,6 +65,28 @@ def window_order(padded: tuple[int, int, int], window: tuple[int, int, int], shi
     return order, torch.argsort(order)
 
 
+def shifted_window_mask(padded: tuple[int, int, int], window: tuple[int, int, int], shift: tuple[int, int, int],
+                        device: torch.device | None = None) -> torch.Tensor:
+    """torchvision's `_compute_attention_mask_3d` (windows, tokens, tokens): -100 between tokens that the
+    cyclic shift brought from different regions, 0 within one, the same values exactly.
+
+    torchvision labels the regions by 27 slice assignments into a zeros tensor; torch.compile's C++ code
+    for those nested masked stores does not build in torch 2.10/2.11 (pytorch/pytorch#179135). Here the
+    label is arithmetic: along each axis a position is in region 0, 1 or 2 (before size - window, before
+    size - shift, the rest), the last slice covering it in torchvision's order. A zero shift along an
+    axis makes torchvision's last slice, and so one label, cover that whole axis.
+    """
+    labels = torch.zeros((), dtype=torch.long, device=device)
+    for axis, (size, win, step) in enumerate(zip(padded, window, shift)):
+        index = torch.arange(size, device=device)
+        region = (index >= size - win).long() + (index >= size - step).long() if step else torch.zeros_like(index)
+        labels = labels[..., None] * 3 + region.view(*[1] * axis, size)
+    grid = [size // win for size, win in zip(padded, window)]
+    labels = labels.view(grid[0], window[0], grid[1], window[1], grid[2], window[2])
+    labels = labels.permute(0, 2, 4, 1, 3, 5).reshape(grid[0] * grid[1] * grid[2], -1)
+    return torch.where(labels[:, None, :] != labels[:, :, None], -100.0, 0.0)
+
+
 class FusedWindowAttention3d(ShiftedWindowAttention3d):
     """torchvision's shifted-window attention with the attention itself in one fused kernel.
 
@@ -116,7 +138,7 @@ class FusedWindowAttention3d(ShiftedWindowAttention3d):
             return cached[1]
         mask = self.get_relative_position_bias(list(window))
         if any(shift):
-            mask = mask + tv_swin._compute_attention_mask_3d(table, padded, window, shift)[:, None]
+            mask = mask + shifted_window_mask(padded, window, shift, table.device)[:, None]
         mask = mask.to(dtype)
         if reusable:
             self.__dict__["_cached_mask"] = (key, mask)

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 from torchvision.models.optical_flow import raft_large
+from torchvision.models.video import swin_transformer
+from torchvision.models.video.swin_transformer import SwinTransformer3d
 
 from extractors import (
     ExtractionConfig,
@@ -275,22 +277,57 @@ def test_video_swin_loads_its_torchvision_file_from_the_weights_dir(tmp_path, no
     assert extractor.embed(random_frames(1, 4)).shape == (1, extractor.feature_dim)
 
 
+def swin3d_tiny_shifted() -> SwinTransformer3d:
+    """swin3d_tiny with two blocks in its first two stages: the second block of a stage shifts its windows
+    (swin3d_tiny's single blocks never do)."""
+    return SwinTransformer3d(patch_size=[2, 4, 4], embed_dim=16, depths=[2, 2, 1, 1], num_heads=[1, 1, 2, 2],
+                             window_size=[8, 7, 7], stochastic_depth_prob=0.0)
+
+
 def test_fused_window_attention_matches_torchvision_with_the_same_weights():
     """Shifted and unshifted windows, padding (a 10x9 token grid is no multiple of the 7x7 windows) and a
     batch of two clips: equal up to float rounding, and the weights / state_dict are untouched."""
     torch.manual_seed(0)
-    reference = rgb_vst.swin3d_tiny().eval()
-    fused = rgb_vst.swin3d_tiny()
+    reference = swin3d_tiny_shifted().eval()
+    fused = swin3d_tiny_shifted()
     fused.load_state_dict(reference.state_dict())
     rgb_vst.fuse_window_attention(fused.eval())
     kinds = {type(m).__name__ for m in fused.modules()}
     assert "FusedWindowAttention3d" in kinds and "ShiftedWindowAttention3d" not in kinds
+    assert any(sum(m.shift_size) > 0 for m in fused.modules() if isinstance(m, rgb_vst.FusedWindowAttention3d))
     assert fused.state_dict().keys() == reference.state_dict().keys()
     clips = torch.randn(2, 3, 16, 40, 36)
     with torch.no_grad():
         expected, got = reference(clips), fused(clips)
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5), (got - expected).abs().max()
     assert expected.std() > 0.01  # a real output, not zeros on both sides
+
+
+@pytest.mark.parametrize("padded, window, shift", [
+    ((16, 56, 56), (8, 7, 7), (4, 3, 3)),  # Swin-B's first stage
+    ((16, 7, 7), (8, 7, 7), (4, 0, 0)),  # its last: the window fills the frame, no shift there
+    ((8, 14, 21), (8, 7, 7), (0, 3, 3)),  # 8 frames (fs1000)
+    ((4, 12, 10), (2, 6, 5), (1, 2, 3)),  # a shift past half the window
+])
+def test_shifted_window_mask_is_torchvisions_exactly(padded, window, shift):
+    expected = swin_transformer._compute_attention_mask_3d(torch.zeros(1), padded, window, shift)
+    got = rgb_vst.shifted_window_mask(padded, window, shift)
+    assert got.dtype == expected.dtype and torch.equal(got, expected)
+    assert (expected == -100).any() and (expected == 0).any()
+
+
+def test_torch_compile_builds_and_matches_a_shifted_window_block():
+    """torch.compile (inductor's C++ code) of one shifted-window block; torchvision's own mask code does not
+    build on torch 2.10/2.11 CPUs (pytorch/pytorch#179135), which stopped the compile of Swin-B."""
+    torch.manual_seed(0)
+    block = rgb_vst.fuse_window_attention(swin3d_tiny_shifted()).features[0][1].eval()
+    assert sum(block.attn.shift_size) > 0
+    tokens = torch.randn(1, 16, 14, 14, 16)  # windows shift along all three axes (torchvision's mask fails here)
+    with torch.inference_mode():  # compiled first: a mask made by an eager call before could be reused
+        got = torch.compile(block)(tokens)
+        expected = block(tokens)
+    torch._dynamo.reset()
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5), (got - expected).abs().max()
 
 
 def test_attention_setting_reaches_the_video_swin_and_only_reference_changes_the_cache_name():
