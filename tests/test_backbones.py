@@ -417,3 +417,18 @@ def test_onednn_linear_leaves_gradients_and_other_dtypes_to_torch():
     with torch.no_grad():
         assert torch.allclose(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-6)
         assert layer.double()(x.double()).dtype == torch.float64
+
+
+def test_onednn_linear_takes_in_the_gelu_that_follows_it():
+    from extractors.onednn import use_onednn_linears
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Dropout(0.0), torch.nn.Linear(64, 16))
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        expected = mlp(x)
+        use_onednn_linears(mlp)
+        assert mlp[0].gelu and isinstance(mlp[1], torch.nn.Identity) and not mlp[3].gelu
+        assert torch.allclose(mlp(x), expected, rtol=1e-5, atol=1e-6)
+    mlp(x).sum().backward()  # torch's path, GELU included
+    assert mlp[0].weight.grad.abs().sum() > 0
