@@ -11,13 +11,24 @@ needs a gradient, a GPU tensor or another dtype takes torch's own path.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import flop_registry, register_flop_formula
 
 
 def onednn_linear_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+if onednn_linear_available() and torch.ops.mkldnn._linear_pointwise not in flop_registry:
+    # torch's FLOP counter knows aten's matmuls only: without this, flops_per_clip and the benchmarks'
+    # fractions of the ceiling would miss every linear layer.
+    @register_flop_formula(torch.ops.mkldnn._linear_pointwise)
+    def _linear_pointwise_flops(x_shape, w_shape, *args, **kwargs) -> int:
+        return 2 * math.prod(x_shape[:-1]) * w_shape[1] * w_shape[0]
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
