@@ -10,12 +10,21 @@ time ratio of each try (> 1: faster) and its largest output difference relative 
 or the error that stopped it. Needs an idle machine; one warm-up and `--repeats` timed calls each.
 Each network runs in a process of its own: run after Swin-B (and after a failed torch.compile, whose
 compiler workers linger), the I3D timings were 4x slower.
+
+ONNX Runtime (optional, not a dependency of the project; without it its row says "not installed"):
+the network is exported with torch.onnx.export (this torch's default exporter, then dynamo=False if
+that fails) and run on the CPUExecutionProvider with all graph optimisations and torch's thread count.
+Its ratio is measured apart from the others: eager and ONNX Runtime calls alternate in one process and
+the medians are compared, so that load from other work on the machine falls on both alike.
+
+    python benchmarks/bench_cpu_backends.py --onnx-only --repeats 5 --json benchmarks/results/cpu_backends_onnx.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,6 +39,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_extract import device_name, git_commit  # noqa: E402
 from extractors.i3d import inception_i3d  # noqa: E402
 from extractors.rgb_vst import fuse_window_attention  # noqa: E402
+
+try:
+    import onnxruntime
+except ImportError:  # optional: the ONNX Runtime row then says so
+    onnxruntime = None
+
+ONNX_RUNTIME = "ONNX Runtime (CPU, ORT_ENABLE_ALL)"
 
 
 def network(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
@@ -89,6 +105,78 @@ def tries(model: torch.nn.Module, x: torch.Tensor) -> dict[str, object]:
             "bf16 autocast": bf16, "torch.compile": compiled}
 
 
+def short_error(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
+
+
+def export_onnx(model: torch.nn.Module, x: torch.Tensor, path: Path) -> dict[str, object]:
+    """Exports `model` to `path` with torch.onnx.export's default exporter, else dynamo=False.
+
+    Returns which exporter worked (None if neither), its seconds and the errors of those that failed."""
+    errors = {}
+    for exporter, options in (("default", {}), ("dynamo=False", {"dynamo": False})):
+        started = time.perf_counter()
+        try:
+            torch.onnx.export(model, (x,), str(path), **options)
+        except Exception as exc:  # noqa: BLE001 - an exporter that fails is a result
+            errors[exporter] = short_error(exc)
+            continue
+        return {"exporter": exporter, "export_seconds": time.perf_counter() - started, "export_errors": errors}
+    return {"exporter": None, "export_errors": errors}
+
+
+def onnx_runtime(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> dict[str, object]:
+    """ONNX Runtime against today's eager call, alternating the two in this process (medians)."""
+    if onnxruntime is None:
+        return {"error": "not installed"}
+    row: dict[str, object] = {"onnxruntime": onnxruntime.__version__, "torch": torch.__version__}
+    with tempfile.TemporaryDirectory() as work:
+        path = Path(work) / "model.onnx"
+        row.update(export_onnx(model, x, path))
+        if row["exporter"] is None:
+            row["error"] = "export failed"
+            return row
+        options = onnxruntime.SessionOptions()
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = torch.get_num_threads()
+        started = time.perf_counter()
+        try:  # the weights sit next to the graph (external data): load them before the folder goes
+            session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001
+            row["error"] = short_error(exc)
+            return row
+        row["session_seconds"] = time.perf_counter() - started
+    inputs = {session.get_inputs()[0].name: x.numpy()}
+
+    def ort_call() -> torch.Tensor:
+        return torch.from_numpy(session.run(None, inputs)[0])
+
+    eager_call = in_inference_mode(lambda: model(x))
+    expected, out = eager_call(), ort_call()  # warm-up of both
+    eager_s, ort_s = [], []
+    for _ in range(repeats):
+        for call, times in ((eager_call, eager_s), (ort_call, ort_s)):
+            start = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - start)
+    eager, ort = statistics.median(eager_s), statistics.median(ort_s)
+    row.update(seconds=ort, eager_seconds=eager, speedup=eager / ort, eager_times=eager_s, ort_times=ort_s,
+               relative_difference=((out - expected).abs().max() / expected.abs().max()).item())
+    return row
+
+
+def measure_onnx(name: str, repeats: int) -> dict[str, dict]:
+    model, x = network(name)
+    row = onnx_runtime(model, x, repeats)
+    if "error" in row:
+        print(f"{name}: {ONNX_RUNTIME} failed: {row['error']} {row.get('export_errors', '')}", flush=True)
+    else:
+        print(f"{name}: {ONNX_RUNTIME} {row['seconds']:.2f} s against eager {row['eager_seconds']:.2f} s"
+              f" (interleaved)  {row['speedup']:.2f}x  difference {row['relative_difference']:.1e}"
+              f"  (export {row['exporter']} {row['export_seconds']:.1f} s)", flush=True)
+    return {ONNX_RUNTIME: row}
+
+
 def measure(name: str, repeats: int) -> dict[str, dict]:
     model, x = network(name)
     _, base_s, expected = run_time(in_inference_mode(lambda: model(x)), repeats)
@@ -99,7 +187,7 @@ def measure(name: str, repeats: int) -> dict[str, dict]:
         try:
             first, seconds, out = run_time(build(), repeats)
         except Exception as exc:  # noqa: BLE001 - a try that cannot run is a result
-            error = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
+            error = short_error(exc)
             rows[label] = {"error": error, "seconds_until_error": time.perf_counter() - started}
             print(f"  {label:36s} failed: {error}", flush=True)
             continue
@@ -110,6 +198,7 @@ def measure(name: str, repeats: int) -> dict[str, dict]:
                        "relative_difference": difference}
         print(f"  {label:36s} {seconds:6.2f} s  {base_s / seconds:5.2f}x  difference {difference:.1e}"
               f"  (first call {first:.1f} s)", flush=True)
+    rows.update(measure_onnx(name, repeats))
     return rows
 
 
@@ -117,10 +206,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--network", choices=NETWORKS, help="measure this one here (the default runs each in a child)")
+    parser.add_argument("--onnx-only", action="store_true", help="only the ONNX Runtime try (its own eager timing)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.network:
-        rows = measure(args.network, args.repeats)
+        rows = (measure_onnx if args.onnx_only else measure)(args.network, args.repeats)
         if args.json:
             args.json.write_text(json.dumps(rows))
         return
@@ -131,7 +221,7 @@ def main() -> None:
         for name in NETWORKS:
             out = Path(work) / "rows.json"
             subprocess.run([sys.executable, __file__, "--network", name, "--repeats", str(args.repeats),
-                            "--json", str(out)], check=True)
+                            "--json", str(out)] + ["--onnx-only"] * args.onnx_only, check=True)
             results["networks"][name] = json.loads(out.read_text())
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
