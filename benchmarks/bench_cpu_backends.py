@@ -5,7 +5,7 @@
 For Video Swin-B and the I3D flow stream (full size, random weights, one 32-frame segment at 224x224),
 times the network as the extractors run it today (fp32, Swin's fused window attention, inference
 mode) against each try alone: torch.no_grad instead of inference_mode, channels-last 3D memory, bf16
-autocast (this CPU has AVX2/FMA and no AVX-512 BF16, so bf16 is emulated) and torch.compile. Prints the
+autocast and torch.compile. Prints the
 time ratio of each try (> 1: faster) and its largest output difference relative to the output's scale,
 or the error that stopped it. Needs an idle machine; one warm-up and `--repeats` timed calls each.
 Each network runs in a process of its own: run after Swin-B (and after a failed torch.compile, whose
