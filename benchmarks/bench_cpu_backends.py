@@ -172,7 +172,11 @@ def onnx_runtime(model: torch.nn.Module, x: torch.Tensor, repeats: int, optimize
             call()
             times.append(time.perf_counter() - start)
     eager, ort = statistics.median(eager_s), statistics.median(ort_s)
-    row.update(seconds=ort, eager_seconds=eager, speedup=eager / ort, eager_times=eager_s, ort_times=ort_s,
+    # speedup: ratio of the medians; paired_speedup: median of each eager call over the ORT call after
+    # it, steadier when the load on the machine changes during the run
+    paired = statistics.median(e / o for e, o in zip(eager_s, ort_s))
+    row.update(seconds=ort, eager_seconds=eager, speedup=eager / ort, paired_speedup=paired,
+               eager_times=eager_s, ort_times=ort_s,
                relative_difference=((out - expected).abs().max() / expected.abs().max()).item())
     return row
 
@@ -184,7 +188,7 @@ def measure_onnx(name: str, repeats: int) -> dict[str, dict]:
         print(f"{name}: {ONNX_RUNTIME} failed: {row['error']} {row.get('export_errors', '')}", flush=True)
     else:
         print(f"{name}: {ONNX_RUNTIME} {row['seconds']:.2f} s against eager {row['eager_seconds']:.2f} s"
-              f" (interleaved)  {row['speedup']:.2f}x  difference {row['relative_difference']:.1e}"
+              f" (interleaved)  {row['speedup']:.2f}x (paired {row['paired_speedup']:.2f}x)  difference {row['relative_difference']:.1e}"
               f"  (export {row['exporter']} {row['export_seconds']:.1f} s)", flush=True)
     return {ONNX_RUNTIME: row}
 
