@@ -4,14 +4,21 @@
     python benchmarks/bench_cpu_backends.py --networks "Video Swin-B" --tries torch.compile --repeats 5
 
 For Video Swin-B and the I3D flow stream (full size, random weights, one 32-frame segment at 224x224),
-times the network as the extractors run it today (fp32, Swin's fused window attention, inference
-mode) against each try alone: torch.no_grad instead of inference_mode, channels-last 3D memory, bf16
-autocast (emulated unless the CPU has AVX-512 BF16 and oneDNN uses it) and torch.compile (inductor),
-also with frozen weights. After one
-warm-up call of each, today's call and the try's call alternate `--repeats` times, so a load that comes
-and goes on a shared machine hits both alike; prints the ratio of the medians (> 1: faster), the first
-call's time (compilation) and the largest output difference relative to the output's largest value, or
-the error that stopped the try (for a C++ compile error, gcc's first error line too).
+times the network as the extractors run it today (fp32, inference mode; Swin's fused window attention
+and oneDNN linears, I3D channels-last: extractors/onednn.py, README "Speed on a CPU") against each try
+alone:
+- torch's defaults for what the extractors now choose (`--cpu-linear torch`, `--memory-format
+  contiguous`): how much today's choice gains;
+- torch.no_grad instead of inference_mode; bf16 autocast (this AMD EPYC has AVX-512 BF16, which oneDNN
+  uses); torch.compile (inductor), also with frozen weights;
+- ONNX Runtime, when installed (optional, not a dependency of the project; otherwise its row says
+  so): the network with torch's own linears is exported with torch.onnx.export (this torch's default
+  exporter, else dynamo=False) and run on the CPUExecutionProvider with every graph optimisation and
+  torch's thread count.
+After one warm-up call of each, today's call and the try's call alternate `--repeats` times, so a load
+that comes and goes on a shared machine hits both alike; prints the ratio of the medians (> 1: faster),
+the first call's time (compilation, export) and the largest output difference relative to the output's
+largest value, or the error that stopped the try (for a C++ compile error, gcc's first error line too).
 Each network runs in a process of its own: run after Swin-B (and after a failed torch.compile, whose
 compiler workers linger), the I3D timings were 4x slower.
 """
@@ -19,7 +26,6 @@ compiler workers linger), the I3D timings were 4x slower.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import subprocess
@@ -35,21 +41,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_extract import device_name, git_commit  # noqa: E402
 from extractors.i3d import inception_i3d  # noqa: E402
+from extractors.onednn import use_onednn_linears  # noqa: E402
 from extractors.rgb_vst import fuse_window_attention  # noqa: E402
 
+try:
+    import onnxruntime
+except ImportError:  # optional: the ONNX Runtime row then says so
+    onnxruntime = None
 
-def network(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
+
+def network(name: str, today: bool = True) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The network and its input as the extractors run them today, or with torch's defaults instead of
+    the oneDNN linears (Swin-B) and the channels-last layout (I3D). The same weights either way."""
     torch.manual_seed(0)
     if name == "Video Swin-B":
         swin = fuse_window_attention(swin3d_b())
         swin.head = torch.nn.Identity()
-        return swin.eval(), torch.randn(1, 3, 32, 224, 224)
-    return inception_i3d(in_channels=2).eval(), torch.randn(1, 2, 32, 224, 224)
+        return (use_onednn_linears(swin) if today else swin).eval(), torch.randn(1, 3, 32, 224, 224)
+    i3d, x = inception_i3d(in_channels=2).eval(), torch.randn(1, 2, 32, 224, 224)
+    layout = torch.channels_last_3d if today else torch.contiguous_format
+    return i3d.to(memory_format=layout), x.contiguous(memory_format=layout)
 
 
 NETWORKS = ("Video Swin-B", "I3D flow")
-TRIES = ("no_grad instead of inference_mode", "channels-last 3D", "bf16 autocast", "torch.compile",
-         "torch.compile, frozen weights")
+TRIES = ("torch's defaults (MKL linears, contiguous)", "no_grad instead of inference_mode", "bf16 autocast",
+         "torch.compile", "torch.compile, frozen weights", "ONNX Runtime")
+
+# The default (dynamo) exporter's own graph optimisation (onnxscript) had not finished on Video Swin-B
+# after 15 minutes, and ONNX Runtime optimises the graph itself; but without it I3D's bias-less Conv3d
+# gets a zero bias of shape (out, in) that ONNX Runtime refuses (torch 2.11, onnxscript 0.7.2).
+EXPORT_OPTIMIZE = {"Video Swin-B": False, "I3D flow": True}
 
 
 def seconds(call) -> float:
@@ -65,12 +86,29 @@ def in_inference_mode(fn):
     return call
 
 
-def tries(model: torch.nn.Module, x: torch.Tensor) -> dict[str, object]:
+def onnx_runtime_call(name: str, work: Path):
+    """Exports the network with torch's own layers and returns an ONNX Runtime call on its input."""
+    if onnxruntime is None:
+        raise RuntimeError("not installed")
+    model, x = network(name, today=False)
+    path = work / "model.onnx"
+    try:
+        torch.onnx.export(model, (x,), str(path), optimize=EXPORT_OPTIMIZE[name])
+    except Exception:  # noqa: BLE001 - the older exporter is the second chance
+        torch.onnx.export(model, (x,), str(path), dynamo=False)
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    inputs = {session.get_inputs()[0].name: x.contiguous().numpy()}
+    return lambda: torch.from_numpy(session.run(None, inputs)[0])
+
+
+def tries(name: str, model: torch.nn.Module, x: torch.Tensor, work: Path) -> dict[str, object]:
     """Each try as a builder of a zero-argument call (a failing build is that try's result)."""
-    def channels_last():
-        converted = copy.deepcopy(model).to(memory_format=torch.channels_last_3d)
-        fast_x = x.contiguous(memory_format=torch.channels_last_3d)
-        return in_inference_mode(lambda: converted(fast_x))
+    def torch_defaults():
+        plain, plain_x = network(name, today=False)
+        return in_inference_mode(lambda: plain(plain_x))
 
     def bf16():
         def call():
@@ -94,7 +132,7 @@ def tries(model: torch.nn.Module, x: torch.Tensor) -> dict[str, object]:
                 return model(x)
         return call
 
-    return dict(zip(TRIES, (no_grad, channels_last, bf16, compiled, frozen)))
+    return dict(zip(TRIES, (torch_defaults, no_grad, bf16, compiled, frozen, lambda: onnx_runtime_call(name, work))))
 
 
 def compiler_error(exc: Exception) -> str:
@@ -109,29 +147,30 @@ def measure(name: str, repeats: int, only: list[str] | None = None) -> dict[str,
     today = in_inference_mode(lambda: model(x))
     expected = today().float()
     rows: dict[str, dict] = {}
-    for label, build in tries(model, x).items():
-        if only and label not in only:
-            continue
-        started = time.perf_counter()
-        try:
-            call = build()
-            out = call().float()
-            first = time.perf_counter() - started
-        except Exception as exc:  # noqa: BLE001 - a try that cannot run is a result
-            rows[label] = {"error": compiler_error(exc), "seconds_until_error": time.perf_counter() - started}
-            print(f"{name}: {label:36s} failed: {rows[label]['error']}", flush=True)
-            continue
-        base_times, try_times = [], []
-        for _ in range(repeats):
-            base_times.append(seconds(today))
-            try_times.append(seconds(call))
-        base_s, try_s = statistics.median(base_times), statistics.median(try_times)
-        difference = ((out - expected).abs().max() / expected.abs().max()).item()
-        rows[label] = {"seconds": try_s, "today_seconds": base_s, "first_call_seconds": first,
-                       "speedup": base_s / try_s, "relative_difference": difference,
-                       "times": try_times, "today_times": base_times}
-        print(f"{name}: {label:36s} {try_s:6.2f} s (today {base_s:.2f} s)  {base_s / try_s:5.2f}x  "
-              f"difference {difference:.1e}  (first call {first:.1f} s)", flush=True)
+    with tempfile.TemporaryDirectory() as work:
+        for label, build in tries(name, model, x, Path(work)).items():
+            if only and label not in only:
+                continue
+            started = time.perf_counter()
+            try:
+                call = build()
+                out = call().float()
+                first = time.perf_counter() - started
+            except Exception as exc:  # noqa: BLE001 - a try that cannot run is a result
+                rows[label] = {"error": compiler_error(exc), "seconds_until_error": time.perf_counter() - started}
+                print(f"{name}: {label:44s} failed: {rows[label]['error']}", flush=True)
+                continue
+            base_times, try_times = [], []
+            for _ in range(repeats):
+                base_times.append(seconds(today))
+                try_times.append(seconds(call))
+            base_s, try_s = statistics.median(base_times), statistics.median(try_times)
+            difference = ((out - expected).abs().max() / expected.abs().max()).item()
+            rows[label] = {"seconds": try_s, "today_seconds": base_s, "first_call_seconds": first,
+                           "speedup": base_s / try_s, "relative_difference": difference,
+                           "times": try_times, "today_times": base_times}
+            print(f"{name}: {label:44s} {try_s:6.2f} s (today {base_s:.2f} s)  {base_s / try_s:5.2f}x  "
+                  f"difference {difference:.1e}  (first call {first:.1f} s)", flush=True)
     return rows
 
 
@@ -140,22 +179,27 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="alternating timed calls of each")
     parser.add_argument("--networks", nargs="+", choices=NETWORKS, default=list(NETWORKS))
     parser.add_argument("--tries", nargs="+", choices=TRIES, help="only these tries (default: all)")
+    parser.add_argument("--threads", type=int, help="torch's and ONNX Runtime's threads (default: torch's default)")
     parser.add_argument("--network", choices=NETWORKS, help=argparse.SUPPRESS)  # one network, in a child
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.network:
         rows = measure(args.network, args.repeats, args.tries)
         if args.json:
             args.json.write_text(json.dumps(rows))
         return
     results = {"device": device_name(torch.device("cpu")), "commit": git_commit(), "threads": torch.get_num_threads(),
+               "onnxruntime": onnxruntime.__version__ if onnxruntime else None,
                "command": "python benchmarks/bench_cpu_backends.py " + " ".join(sys.argv[1:]), "networks": {}}
     print(f"{results['device']}, commit {results['commit']}", flush=True)
     with tempfile.TemporaryDirectory() as work:
         for name in args.networks:
             out = Path(work) / "rows.json"
             subprocess.run([sys.executable, __file__, "--network", name, "--repeats", str(args.repeats),
-                            "--json", str(out)] + (["--tries", *args.tries] if args.tries else []), check=True)
+                            "--json", str(out)] + (["--tries", *args.tries] if args.tries else [])
+                           + (["--threads", str(args.threads)] if args.threads else []), check=True)
             results["networks"][name] = json.loads(out.read_text())
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
