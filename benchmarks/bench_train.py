@@ -355,7 +355,7 @@ def time_paired(model: str, device: torch.device, batches: int, batch_size: int,
     """All variants in one process, taking turns step by step on the same batches.
 
     Whatever else loads the machine then hits every variant alike; the median of the per-step time
-    ratios is the speed-up. The ceiling (`matmul_rates`) is measured once per round, between the
+    ratios is the speed-up. The order within a round rotates, so no variant always follows another. The ceiling (`matmul_rates`) is measured once per round, between the
     variants' steps, so each round also gives each variant's fraction of it; their median is reported.
     """
     variants = BENCHES[model][0]
@@ -364,7 +364,9 @@ def time_paired(model: str, device: torch.device, batches: int, batch_size: int,
     times: dict[str, list[float]] = {v: [] for v in variants}
     ceilings = []
     for index in range(batches + 1):
-        for variant, (step, data, *_) in setups.items():
+        turn = variants[index % len(variants):] + variants[:index % len(variants)]  # who goes first rotates
+        for variant in turn:
+            step, data, *_ = setups[variant]
             began = time.perf_counter()
             step(data[index])
             if index:  # the first round warms up

@@ -327,6 +327,7 @@ def _run_train(args: argparse.Namespace) -> int:
         config, preset = training.command_config(
             args.out, given, overrides, model_flags, args.ablation, args.model_option, args.resume
         )
+        training.keep_freed_memory()  # this process only trains
         result = training.train(
             config, preset, resume=args.resume, device=args.device, progress=not args.quiet,
             stop_after_epochs=args.stop_after_epochs,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from pipeline.presets import PRESETS, get_preset
 from pipeline.train import (
     NonFiniteLossError,
     TrainError,
+    keep_freed_memory,
     lr_at,
     prepare_data,
     resolve_config,
@@ -331,6 +333,11 @@ def test_non_finite_loss_stops_with_epoch_and_batch_keeping_the_last_good_state(
     assert len((tmp_path / "run/train_log.csv").read_text().splitlines()) == 2
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_keep_freed_memory_sets_glibcs_thresholds():
+    assert keep_freed_memory()
+
+
 # --------------------------------------------------------------------------- evaluation
 
 
@@ -358,8 +365,10 @@ def test_evaluation_table_and_average(tmp_path, small):
     assert len(pairs) == 3 and len(pairs[0][1]) == 4 and pairs[0][0] == pytest.approx(run.scores(samples[:3])[0], rel=1e-5)
 
 
-def test_cli_train_then_evaluate(tmp_path, small):
+def test_cli_train_then_evaluate(tmp_path, small, monkeypatch):
     made, _ = small
+    kept = []  # the train command tells glibc to keep freed memory for the next step; evaluate does not
+    monkeypatch.setattr("pipeline.train.keep_freed_memory", lambda: kept.append(True) or True)
     splits = {v: ("test" if i >= 9 else "train") for i, v in enumerate(made.video_ids)}
     labels = write_labels(tmp_path / "labels.csv", made.scores, splits)
     run_dir = tmp_path / "run"
@@ -367,12 +376,12 @@ def test_cli_train_then_evaluate(tmp_path, small):
                  "--epochs", "1", "--batch-size", "4", "--clip-num", "6", "--hidden", "16", "--quiet",
                  "--model-option", "encoder_layers=1", "--model-option", "decoder_layers=1",
                  "--model-option", "generator_heads=2", "--device", "cpu"])
-    assert code == 0
+    assert code == 0 and kept == [True]
     assert json.loads((run_dir / "run.json").read_text())["splits"]["test_rows_ignored"] == 3
     plot = tmp_path / "pred.png"
     code = main(["evaluate", "--run", str(run_dir), "--labels", str(labels), "--plot", str(plot),
                  "--out", str(tmp_path / "table.csv"), "--device", "cpu"])
-    assert code == 0 and plot.stat().st_size > 0
+    assert code == 0 and plot.stat().st_size > 0 and kept == [True]
     result = json.loads((tmp_path / "table.json").read_text())
     assert result["test_used_for_selection"] is False and result["num_videos"] == 3
     assert [row["setting"] for row in result["table"]][-2:] == ["Average", "{v,f,a}"]
