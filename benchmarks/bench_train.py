@@ -26,8 +26,9 @@ backbones' shapes (`bench_extract.matmul_rates`). The paired run measures the ce
 rounds as well, so its `paired_fraction` (median over rounds) holds up on a shared machine.
 
 "mcmoe-adam" times the batched MCMoE step with each implementation of Adam's update
-(`pipeline.train.OPTIMIZER_IMPLEMENTATIONS`); its check trains a few steps with each and compares the
-weights with torch's default (bit-identical for foreach, float rounding for fused).
+(`pipeline.train.OPTIMIZER_IMPLEMENTATIONS`), and the update alone, paired the same way
+(`time_adam_alone`); its check trains a few steps with each and compares the weights with torch's
+default (bit-identical for foreach, float rounding for fused).
 
 On a machine shared with other work single epochs swing by several times, so the speed-up comes from
 a separate paired run: the variants take turns step by step in one process on the same batches, and
@@ -185,6 +186,31 @@ def check_mcmoe_adam(device: torch.device, batch_size: int, clips: int, steps: i
     assert diffs["weights foreach"] == 0.0, f"foreach Adam differs from torch's default by {diffs['weights foreach']}"
     assert diffs["weights fused"] < 1e-3, f"fused Adam differs from torch's default by {diffs['weights fused']}"
     return diffs
+
+
+def time_adam_alone(device: torch.device, rounds: int = 20) -> dict[str, dict[str, float]]:
+    """Adam's update alone over MCMoE's RG-size parameters (random gradients), each implementation in
+    turn in one process as in `time_paired`: median milliseconds and speed-up over torch's default."""
+    optimizers = {}
+    for variant in OPTIMIZER_IMPLEMENTATIONS:
+        torch.manual_seed(0)
+        params = list(mcmoe(list(RG_DIMS), RG_DIMS, position_encoding=True).to(device).parameters())
+        for p in params:
+            p.grad = torch.randn_like(p) * 1e-3
+        optimizers[variant] = build_optimizer("adam", params, 2e-4, 1e-4, variant)
+    times: dict[str, list[float]] = {v: [] for v in OPTIMIZER_IMPLEMENTATIONS}
+    for index in range(rounds + 1):
+        turn = OPTIMIZER_IMPLEMENTATIONS[index % 3:] + OPTIMIZER_IMPLEMENTATIONS[:index % 3]
+        for variant in turn:
+            began = time.perf_counter()
+            optimizers[variant].step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if index:
+                times[variant].append(time.perf_counter() - began)
+    base = times["torch-default"]
+    return {v: {"optimizer_step_ms": 1000 * statistics.median(t),
+                "optimizer_speedup": statistics.median(b / x for b, x in zip(base, t))} for v, t in times.items()}
 
 
 def check_mcmoe(device: torch.device, batch_size: int, clips: int) -> dict[str, float]:
@@ -430,6 +456,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 diffs = check(torch.device(device), batch_size, args.clips)
                 report["checks"].append({"model": model, "device": device, "same": f"{variants[0]} == {variants[-1]}", **diffs})
             paired = run_child(args, model, device, batch_size)
+            alone = time_adam_alone(torch.device(device)) if model == "mcmoe-adam" else {}
             for variant in variants:
                 epochs = [run_child(args, f"{model}:{variant}", device, batch_size) for _ in range(args.repeats)]
                 best = min(epochs, key=lambda r: r["wall_s"])
@@ -438,6 +465,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "median_step_ms": 1000 * statistics.median(best["step_s"]),
                     "all_wall_s": [r["wall_s"] for r in epochs], "speedup": paired["speedup"][variant],
                     "paired_fraction": paired["paired_fraction"][variant], "paired_ceilings": paired["ceilings"],
+                    **alone.get(variant, {}),
                 })
 
     print(f"{'model':10} {'variant':13} {'device':6} {'batch':>5} {'epoch s':>8} {'step ms':>8} {'peak MiB':>9} "
@@ -447,6 +475,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{row['median_step_ms']:8.0f} {row['peak_mib']:9.0f} {row['speedup']:8.2f}x "
               f"{row['gflop_per_step']:7.1f} {row['operators_per_step']:9d} {row['gflop_per_s']:8.1f} "
               f"{row['ceiling_gflop_per_s']:8.1f} {row['fraction_of_ceiling']:8.1%} {row['paired_fraction']:7.1%}")
+    for row in report["results"]:
+        if "optimizer_step_ms" in row:
+            print(f"{row['model']} {row['variant']} on {row['device']}: Adam's update alone {row['optimizer_step_ms']:.0f} ms, "
+                  f"{row['optimizer_speedup']:.2f}x torch's default (paired)")
     for row in report["results"]:
         if row["facts"]:
             print(f"{row['model']} {row['variant']} on {row['device']}: "

@@ -1,19 +1,20 @@
-"""The MCMoE training step with glibc's default allocation and with `pipeline train`'s, in turns.
+"""The MCMoE training step with glibc's default allocation and with glibc keeping freed memory, in turns.
 
     python benchmarks/bench_train_allocator.py                 # RG setting, 8 steps each after a warm-up
     python benchmarks/bench_train_allocator.py --steps 12 --json out.json
 
 The allocator's settings belong to a process, so the two variants cannot share one: two child
 processes build the same model, optimiser and batches (bench_train's setup_mcmoe), one of them calls
-`pipeline.train.keep_freed_memory()` as `pipeline train` does, and the parent lets them run one step
-each in turn (who goes first alternates), so that whatever else loads the machine hits both alike.
-Reported: the median per-step time ratio and each process's peak resident set (glibc keeping freed
-memory may raise it).
+`keep_freed_memory()` (a candidate for `pipeline train`, not adopted: see benchmarks/results/README.md),
+and the parent lets them run one step each in turn (who goes first alternates), so that whatever else
+loads the machine hits both alike. Reported: the median per-step time ratio and each process's peak
+resident set (glibc keeping freed memory may raise it).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import statistics
 import subprocess
@@ -27,9 +28,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_extract import git_commit  # noqa: E402
 from benchmarks.bench_train import RG_CLIPS, peak_memory_mib, setup_mcmoe  # noqa: E402
-from pipeline.train import OPTIMIZER_IMPLEMENTATIONS, TrainConfig, keep_freed_memory  # noqa: E402
+from pipeline.train import OPTIMIZER_IMPLEMENTATIONS, TrainConfig  # noqa: E402
 
 VARIANTS = ("glibc default", "keep freed memory")
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep the memory a step frees for the next step rather than giving it back.
+
+    By default glibc serves large blocks with fresh mappings and trims its heap as blocks are freed, so
+    a step may fault its activations in again, and a first touch of memory is slow on this machine.
+    With a 32 MiB mmap threshold (above a step's largest tensor, ~20 MB) they come from the heap, and
+    with a 1 GiB trim threshold the heap keeps them. False where there is no glibc."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 * 2**20)) and bool(mallopt(M_TRIM_THRESHOLD, 2**30))
 
 
 def child(variant: str, steps: int, batch_size: int, clips: int, implementation: str) -> None:

@@ -261,8 +261,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     opt.add_argument("--batch-size", type=int)
     opt.add_argument("--optimizer", choices=["adam", "adamw"])
     opt.add_argument("--optimizer-implementation", choices=["fused", "foreach", "torch-default"],
-                     help="how Adam's update runs (default: fused, the fastest on a CPU; torch-default "
-                     "reproduces runs made before this setting, whose weights differ by float rounding)")
+                     help="how Adam's update runs (default: torch-default, torch's own choice; fused is "
+                     "faster, its weights differ by float rounding)")
     opt.add_argument("--weight-decay", type=float)
     opt.add_argument("--warmup-epochs", type=int, help="linear warm-up epochs before the cosine decay")
     opt.add_argument("--min-lr-ratio", type=float, help="the cosine decays to this fraction of --lr")
@@ -327,7 +327,6 @@ def _run_train(args: argparse.Namespace) -> int:
         config, preset = training.command_config(
             args.out, given, overrides, model_flags, args.ablation, args.model_option, args.resume
         )
-        training.keep_freed_memory()  # this process only trains
         result = training.train(
             config, preset, resume=args.resume, device=args.device, progress=not args.quiet,
             stop_after_epochs=args.stop_after_epochs,

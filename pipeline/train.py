@@ -13,7 +13,6 @@ to `min_lr_ratio * lr`; it is a pure function of the epoch, so the "scheduler st
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import json
 import math
@@ -87,10 +86,10 @@ class TrainConfig(RecordedConfig):
     preset: str | None = None
     action: str | None = None
     optimizer: str = "adam"
-    # How Adam's update runs (OPTIMIZER_IMPLEMENTATIONS): "fused" is several times faster on a CPU
-    # (benchmarks/results/README.md); "torch-default" reproduces runs made before, whose weights differ
-    # from fused's by float rounding.
-    optimizer_implementation: str = "fused"
+    # How Adam's update runs (OPTIMIZER_IMPLEMENTATIONS). "fused" makes the update ~4x faster on a CPU
+    # but it is ~2% of an MCMoE step there (benchmarks/results/README.md), and its weights differ from
+    # torch's default update by float rounding, so the default stays bit-identical with earlier runs.
+    optimizer_implementation: str = "torch-default"
     lr: float = 1e-4
     weight_decay: float = 1e-4
     batch_size: int = 32
@@ -306,28 +305,6 @@ def build_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weig
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     params = list(model.parameters())
     return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
-
-
-# glibc mallopt parameters, and the sizes `keep_freed_memory` gives them: a training step's largest
-# tensors are ~20 MB (batch 32, T 68, three modalities), all below the mmap threshold.
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-MMAP_THRESHOLD_BYTES, TRIM_THRESHOLD_BYTES = 32 * 2**20, 2**30
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc keep the memory a training step frees for the next step, rather than giving it back.
-
-    By default glibc serves large blocks with fresh mappings and trims its heap as blocks are freed, so
-    every step faults its ~2 GB of activations in again, and a first touch of memory is slow. With a
-    high mmap threshold they come from the heap, and with a high trim threshold the heap keeps what
-    it was given, up to the step's own peak. For the `pipeline train` process only: extraction
-    deliberately returns memory after each batch (pipeline/extract.py). False where there is no glibc.
-    """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (AttributeError, OSError):
-        return False
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
 
 
 # --------------------------------------------------------------------------- data
