@@ -58,7 +58,8 @@ TRAINING_KEYS = (
     "warmup_epochs", "min_lr_ratio", "grad_clip", "mask_policy",
 )
 # TrainConfig settings whose source run.json records (besides the model-config fields).
-RECORDED_KEYS = TRAINING_KEYS + ("optimizer_implementation", "clip_num", "score_range", "val_fraction", "seed", "train_missing", "ignore_unlabelled")
+RECORDED_KEYS = TRAINING_KEYS + ("optimizer_implementation", "clip_num", "score_range", "val_fraction", "seed",
+                                 "train_missing", "ignore_unlabelled")
 SELECTION = "best epoch on the validation split (Spearman rho, ties by lower MSE); the test set is never used"
 
 

@@ -265,6 +265,12 @@ def test_the_optimizer_implementation_is_recorded_and_fused_differs_from_torch_d
     # Rounding only: Adam moves a weight by about lr (1e-3) per step whatever the gradient's size, so
     # where a gradient is near zero a rounding difference can flip a step; six steps bound the drift.
     assert 0 < max(differences) < 6e-3
+    config = tiny_config(made, labels, tmp_path / "resumed", optimizer_implementation="fused")
+    train(config, stop_after_epochs=1, **QUIET)
+    train(config, resume=True, **QUIET)  # the fused optimiser's state saves and loads exactly too
+    for name in ("last/model.safetensors", "last/optimizer.safetensors"):
+        a, b = load_file(tmp_path / "fused" / name), load_file(tmp_path / "resumed" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
 def test_a_run_recorded_before_optimizer_implementation_resumes_with_torch_default(tmp_path, small):
