@@ -20,6 +20,15 @@ give the same score, loss, gradients and running statistics.
 Every row also counts one step's floating-point operations and computing operators (`count_step`).
 Where arithmetic bounds a step (a CPU), the GFLOP ratio caps the speed-up; where dispatch and kernel
 launches do (a GPU at these sizes), the operator ratio is the better guide. Both are counts, not timings.
+Each row's arithmetic rate (GFLOP per step over the median step) is reported as a fraction of this
+machine's ceiling, measured in the same process right after the epoch: the best matmul rate at the
+backbones' shapes (`bench_extract.matmul_rates`). The paired run measures the ceiling between its
+rounds as well, so its `paired_fraction` (median over rounds) holds up on a shared machine.
+
+"mcmoe-adam" times the batched MCMoE step with each implementation of Adam's update
+(`pipeline.train.OPTIMIZER_IMPLEMENTATIONS`), and the update alone, paired the same way
+(`time_adam_alone`); its check trains a few steps with each and compares the weights with torch's
+default (bit-identical for foreach, float rounding for fused).
 
 On a machine shared with other work single epochs swing by several times, so the speed-up comes from
 a separate paired run: the variants take turns step by step in one process on the same batches, and
@@ -58,9 +67,11 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.limssr import LIMSSR, LIMSSRConfig  # noqa: E402
+from benchmarks.bench_extract import git_commit, matmul_rates  # noqa: E402
 from models.mcmoe import mcmoe  # noqa: E402
 from models.tiny_llm import build_tiny_tokenizer, save_tiny_llm  # noqa: E402
 from pipeline.data import draw_training_masks  # noqa: E402
+from pipeline.train import OPTIMIZER_IMPLEMENTATIONS, build_optimizer  # noqa: E402
 from tests.reference_mcmoe import check_mcmoe_loop_matches, mcmoe_loop_forward  # noqa: E402
 
 RG_DIMS = {"rgb": 1024, "flow": 1024, "audio": 768}
@@ -133,13 +144,13 @@ MCMOE_VARIANTS: dict[str, Callable] = {
 }
 
 
-def setup_mcmoe(variant: str, device: torch.device, batches: int, batch_size: int, clips: int,
-                seed: int = 0) -> tuple[Callable[[Any], float], list[Any], int]:
+def setup_mcmoe(variant: str, device: torch.device, batches: int, batch_size: int, clips: int, seed: int = 0,
+                implementation: str = "torch-default", **options: Any) -> tuple[Callable[[Any], float], list[Any], int]:
     """One MCMoE training step (forward, loss, backward, Adam) for `variant`, its batches, its size."""
     torch.manual_seed(seed)
-    model = mcmoe(list(RG_DIMS), RG_DIMS, position_encoding=True).to(device).train()
+    model = mcmoe(list(RG_DIMS), RG_DIMS, position_encoding=True, **options).to(device).train()
     data = synthetic_batches(RG_DIMS, batches, batch_size, clips, device, seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-4, weight_decay=1e-4)
+    optimizer = build_optimizer("adam", list(model.parameters()), 2e-4, 1e-4, implementation)
     forward = MCMOE_VARIANTS[variant]
     present = torch.ones(batch_size, len(RG_DIMS), dtype=torch.bool, device=device)
 
@@ -150,9 +161,56 @@ def setup_mcmoe(variant: str, device: torch.device, batches: int, batch_size: in
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
-        return float(total)  # a trainer reads the loss every step; this also waits for the GPU
+        return float(total.detach())  # a trainer reads the loss every step; this also waits for the GPU
 
+    step.model = model  # for check_mcmoe_adam
     return step, data, sum(p.numel() for p in model.parameters())
+
+
+def setup_mcmoe_adam(variant: str, device: torch.device, batches: int, batch_size: int, clips: int, seed: int = 0,
+                     **options: Any) -> tuple[Callable[[Any], float], list[Any], int]:
+    """The batched MCMoE step with Adam's update done by implementation `variant`."""
+    return setup_mcmoe("batched", device, batches, batch_size, clips, seed, implementation=variant, **options)
+
+
+def check_mcmoe_adam(device: torch.device, batch_size: int, clips: int, steps: int = 3) -> dict[str, float]:
+    """Train `steps` steps (dropout off) with every implementation; largest weight difference from torch's default."""
+    weights = {}
+    for variant in OPTIMIZER_IMPLEMENTATIONS:
+        step, data, _ = setup_mcmoe_adam(variant, device, steps, batch_size, clips, seed=1, dropout=0.0)
+        for batch in data:
+            step(batch)
+        weights[variant] = [p.detach().clone() for p in step.model.parameters()]
+    reference = weights["torch-default"]
+    diffs = {f"weights {v}": max((a - b).abs().max().item() for a, b in zip(weights[v], reference)) for v in weights}
+    assert diffs["weights foreach"] == 0.0, f"foreach Adam differs from torch's default by {diffs['weights foreach']}"
+    assert diffs["weights fused"] < 1e-3, f"fused Adam differs from torch's default by {diffs['weights fused']}"
+    return diffs
+
+
+def time_adam_alone(device: torch.device, rounds: int = 20) -> dict[str, dict[str, float]]:
+    """Adam's update alone over MCMoE's RG-size parameters (random gradients), each implementation in
+    turn in one process as in `time_paired`: median milliseconds and speed-up over torch's default."""
+    optimizers = {}
+    for variant in OPTIMIZER_IMPLEMENTATIONS:
+        torch.manual_seed(0)
+        params = list(mcmoe(list(RG_DIMS), RG_DIMS, position_encoding=True).to(device).parameters())
+        for p in params:
+            p.grad = torch.randn_like(p) * 1e-3
+        optimizers[variant] = build_optimizer("adam", params, 2e-4, 1e-4, variant)
+    times: dict[str, list[float]] = {v: [] for v in OPTIMIZER_IMPLEMENTATIONS}
+    for index in range(rounds + 1):
+        turn = OPTIMIZER_IMPLEMENTATIONS[index % 3:] + OPTIMIZER_IMPLEMENTATIONS[:index % 3]
+        for variant in turn:
+            began = time.perf_counter()
+            optimizers[variant].step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if index:
+                times[variant].append(time.perf_counter() - began)
+    base = times["torch-default"]
+    return {v: {"optimizer_step_ms": 1000 * statistics.median(t),
+                "optimizer_speedup": statistics.median(b / x for b, x in zip(base, t))} for v, t in times.items()}
 
 
 def check_mcmoe(device: torch.device, batch_size: int, clips: int) -> dict[str, float]:
@@ -288,6 +346,7 @@ def check_limssr(device: torch.device, batch_size: int, clips: int) -> dict[str,
 # Speed-ups are relative to the last variant; the check compares the first and the last.
 BENCHES: dict[str, tuple[tuple[str, ...], Callable, Callable | None, int]] = {
     "mcmoe": (("batched", "loop"), setup_mcmoe, check_mcmoe, 32),
+    "mcmoe-adam": (OPTIMIZER_IMPLEMENTATIONS, setup_mcmoe_adam, check_mcmoe_adam, 32),
     "limssr": (tuple(LIMSSR_VARIANTS), setup_limssr, check_limssr, 8),
 }
 
@@ -307,10 +366,14 @@ def time_epoch(model: str, variant: str, device: torch.device, batches: int, bat
         loss = step(batch)
         step_s.append(time.perf_counter() - began)
     wall_s, peak_mib = time.perf_counter() - start, peak_memory_mib(device)
+    counts = count_step(step, data[1])
+    ceiling = max(matmul_rates(device).values())
+    rate = counts["gflop_per_step"] / statistics.median(step_s)
     return {
         "wall_s": wall_s, "step_s": step_s, "peak_mib": peak_mib,
         "rss_before_mib": rss_before if device.type == "cpu" else None, "final_loss": loss,
-        "parameters": parameters, "facts": facts[0] if facts else {}, **count_step(step, data[1]),
+        "parameters": parameters, "facts": facts[0] if facts else {}, **counts,
+        "gflop_per_s": rate, "ceiling_gflop_per_s": ceiling, "fraction_of_ceiling": rate / ceiling,
     }
 
 
@@ -318,19 +381,30 @@ def time_paired(model: str, device: torch.device, batches: int, batch_size: int,
     """All variants in one process, taking turns step by step on the same batches.
 
     Whatever else loads the machine then hits every variant alike; the median of the per-step time
-    ratios is the speed-up.
+    ratios is the speed-up. The order within a round rotates, so no variant always follows another. The ceiling (`matmul_rates`) is measured once per round, between the
+    variants' steps, so each round also gives each variant's fraction of it; their median is reported.
     """
     variants = BENCHES[model][0]
     setups = {v: BENCHES[model][1](v, device, batches + 1, batch_size, clips) for v in variants}
+    gflop = {v: count_step(step, data[0])["gflop_per_step"] for v, (step, data, *_) in setups.items()}
     times: dict[str, list[float]] = {v: [] for v in variants}
+    ceilings = []
     for index in range(batches + 1):
-        for variant, (step, data, *_) in setups.items():
+        turn = variants[index % len(variants):] + variants[:index % len(variants)]  # who goes first rotates
+        for variant in turn:
+            step, data, *_ = setups[variant]
             began = time.perf_counter()
             step(data[index])
             if index:  # the first round warms up
                 times[variant].append(time.perf_counter() - began)
+        if index:
+            ceilings.append(max(matmul_rates(device).values()))
     base = times[variants[-1]]
-    return {v: statistics.median(b / t for b, t in zip(base, times[v])) for v in variants}
+    return {
+        "speedup": {v: statistics.median(b / t for b, t in zip(base, times[v])) for v in variants},
+        "paired_fraction": {v: statistics.median(gflop[v] / t / c for t, c in zip(times[v], ceilings)) for v in variants},
+        "ceilings": ceilings,
+    }
 
 
 def run_child(args: argparse.Namespace, job: str, device: str, batch_size: int) -> dict[str, Any]:
@@ -370,7 +444,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         devices = [args.device]
     report: dict[str, Any] = {
         "setting": {"batches": args.batches, "batch_size": args.batch_size or "per model", "clips": args.clips,
-                    "repeats": args.repeats, "torch": torch.__version__, "threads": torch.get_num_threads()},
+                    "repeats": args.repeats, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "commit": git_commit()},
         "results": [], "checks": [],
     }
     for model in args.models:
@@ -380,29 +455,38 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if check is not None and not args.skip_check:
                 diffs = check(torch.device(device), batch_size, args.clips)
                 report["checks"].append({"model": model, "device": device, "same": f"{variants[0]} == {variants[-1]}", **diffs})
-            speedups = run_child(args, model, device, batch_size)
+            paired = run_child(args, model, device, batch_size)
+            alone = time_adam_alone(torch.device(device)) if model == "mcmoe-adam" else {}
             for variant in variants:
                 epochs = [run_child(args, f"{model}:{variant}", device, batch_size) for _ in range(args.repeats)]
                 best = min(epochs, key=lambda r: r["wall_s"])
                 report["results"].append({
                     **best, "model": model, "variant": variant, "device": device, "batch_size": batch_size,
                     "median_step_ms": 1000 * statistics.median(best["step_s"]),
-                    "all_wall_s": [r["wall_s"] for r in epochs], "speedup": speedups[variant],
+                    "all_wall_s": [r["wall_s"] for r in epochs], "speedup": paired["speedup"][variant],
+                    "paired_fraction": paired["paired_fraction"][variant], "paired_ceilings": paired["ceilings"],
+                    **alone.get(variant, {}),
                 })
 
-    print(f"{'model':8} {'variant':9} {'device':6} {'batch':>5} {'epoch s':>8} {'step ms':>8} {'peak MiB':>9} "
-          f"{'speed-up':>9} {'GFLOP':>7} {'operators':>9}")
+    print(f"{'model':10} {'variant':13} {'device':6} {'batch':>5} {'epoch s':>8} {'step ms':>8} {'peak MiB':>9} "
+          f"{'speed-up':>9} {'GFLOP':>7} {'operators':>9} {'GFLOP/s':>8} {'ceiling':>8} {'fraction':>8} {'paired':>7}")
     for row in report["results"]:
-        print(f"{row['model']:8} {row['variant']:9} {row['device']:6} {row['batch_size']:5d} {row['wall_s']:8.2f} "
+        print(f"{row['model']:10} {row['variant']:13} {row['device']:6} {row['batch_size']:5d} {row['wall_s']:8.2f} "
               f"{row['median_step_ms']:8.0f} {row['peak_mib']:9.0f} {row['speedup']:8.2f}x "
-              f"{row['gflop_per_step']:7.1f} {row['operators_per_step']:9d}")
+              f"{row['gflop_per_step']:7.1f} {row['operators_per_step']:9d} {row['gflop_per_s']:8.1f} "
+              f"{row['ceiling_gflop_per_s']:8.1f} {row['fraction_of_ceiling']:8.1%} {row['paired_fraction']:7.1%}")
+    for row in report["results"]:
+        if "optimizer_step_ms" in row:
+            print(f"{row['model']} {row['variant']} on {row['device']}: Adam's update alone {row['optimizer_step_ms']:.0f} ms, "
+                  f"{row['optimizer_speedup']:.2f}x torch's default (paired)")
     for row in report["results"]:
         if row["facts"]:
             print(f"{row['model']} {row['variant']} on {row['device']}: "
                   + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row["facts"].items()))
     for row in report["checks"]:
-        print(f"{row['model']} on {row['device']}: {row['same']} (max |diff| score {row['score']:.1e}, "
-              f"loss {row['loss']:.1e}, relative grad {row['grad_relative']:.1e})")
+        diffs = {k: v for k, v in row.items() if k not in ("model", "device", "same")}
+        print(f"{row['model']} on {row['device']}: {row['same']} (max |diff| "
+              + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()) + ")")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     return report

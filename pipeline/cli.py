@@ -267,6 +267,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     opt.add_argument("--lr", type=float, help="peak learning rate")
     opt.add_argument("--batch-size", type=int)
     opt.add_argument("--optimizer", choices=["adam", "adamw"])
+    opt.add_argument("--optimizer-implementation", choices=["fused", "foreach", "torch-default"],
+                     help="how Adam's update runs (default: torch-default, torch's own choice; fused is "
+                     "faster, its weights differ by float rounding)")
     opt.add_argument("--weight-decay", type=float)
     opt.add_argument("--warmup-epochs", type=int, help="linear warm-up epochs before the cosine decay")
     opt.add_argument("--min-lr-ratio", type=float, help="the cosine decays to this fraction of --lr")
@@ -320,8 +323,8 @@ def _run_train(args: argparse.Namespace) -> int:
     from pipeline.labels import LabelError
 
     overrides = {k: getattr(args, k) for k in (
-        "epochs", "lr", "batch_size", "optimizer", "weight_decay", "warmup_epochs", "min_lr_ratio",
-        "grad_clip", "mask_policy", "clip_num", "score_range", "val_fraction", "seed", "ignore_unlabelled",
+        "epochs", "lr", "batch_size", "optimizer", "optimizer_implementation", "weight_decay", "warmup_epochs",
+        "min_lr_ratio", "grad_clip", "mask_policy", "clip_num", "score_range", "val_fraction", "seed", "ignore_unlabelled",
     )}
     try:
         if args.train_missing is not None:

@@ -174,13 +174,15 @@ def plan_runs(
 
 def run_state(spec: RunSpec) -> str:
     """"new", "partial" (resume it) or "finished"; a folder with another run in it is an error."""
+    from pipeline.train import recorded_settings
+
     folder = RunDir(spec.run_dir)
     if not folder.has_run():
         if folder.holds_other_files():  # a lock alone: a train killed early
             raise ReproduceError(f"{folder.path} holds files but no {folder.RUN}: not a run folder; move it away")
         return "new"
     info = folder.read_info()
-    differ = differing_settings(folder.read_train_config(info), spec.config)
+    differ = differing_settings(recorded_settings(folder, info), spec.config)
     if differ:
         raise ReproduceError(f"{folder.path} holds a run with other settings ({describe_differences(differ)}); "
                              "use another --out or remove that folder")

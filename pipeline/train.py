@@ -49,12 +49,17 @@ from pipeline.metrics import mse, spearman_rho
 from pipeline.presets import Preset, get_preset
 
 OPTIMIZERS = ("adam", "adamw")
+# How the optimiser updates the parameters: "fused" (one kernel over each tensor), "foreach" (each
+# operator over all tensors at once) or "torch-default" (torch's choice: one set of operators per tensor
+# on a CPU, foreach on a GPU). The last is what runs recorded before the setting existed used.
+OPTIMIZER_IMPLEMENTATIONS = ("fused", "foreach", "torch-default")
 TRAINING_KEYS = (
     "optimizer", "lr", "weight_decay", "batch_size", "epochs",
     "warmup_epochs", "min_lr_ratio", "grad_clip", "mask_policy",
 )
 # TrainConfig settings whose source run.json records (besides the model-config fields).
-RECORDED_KEYS = TRAINING_KEYS + ("clip_num", "score_range", "val_fraction", "seed", "train_missing", "ignore_unlabelled")
+RECORDED_KEYS = TRAINING_KEYS + ("optimizer_implementation", "clip_num", "score_range", "val_fraction", "seed",
+                                 "train_missing", "ignore_unlabelled")
 SELECTION = "best epoch on the validation split (Spearman rho, ties by lower MSE); the test set is never used"
 
 
@@ -70,8 +75,10 @@ class NonFiniteLossError(TrainError):
 class TrainConfig(RecordedConfig):
     """Every setting of a run, resolved: model defaults < preset < flags; recorded in run.json.
 
-    Its layout has not changed since runs were first written (schema version 1: run.json files without
-    a schema_version hold exactly these fields), so there is nothing to upgrade yet."""
+    Schema version 2 added optimizer_implementation; a version-1 record (run.json without a
+    schema_version) gets "torch-default", the update its run was trained with (see `upgrade`)."""
+
+    SCHEMA_VERSION = 2
 
     features: str
     labels: str
@@ -80,6 +87,10 @@ class TrainConfig(RecordedConfig):
     preset: str | None = None
     action: str | None = None
     optimizer: str = "adam"
+    # How Adam's update runs (OPTIMIZER_IMPLEMENTATIONS). "fused" makes the update ~4x faster on a CPU
+    # but it is ~2% of an MCMoE step there (benchmarks/results/README.md), and its weights differ from
+    # torch's default update by float rounding, so the default stays bit-identical with earlier runs.
+    optimizer_implementation: str = "torch-default"
     lr: float = 1e-4
     weight_decay: float = 1e-4
     batch_size: int = 32
@@ -99,9 +110,16 @@ class TrainConfig(RecordedConfig):
     # "default"; model-config fields as "model.<field>"
     sources: dict[str, str] = field(default_factory=dict)
 
+    @classmethod
+    def upgrade(cls, data: dict[str, Any], version: int) -> dict[str, Any]:
+        return {"optimizer_implementation": "torch-default", **data}
+
     def validate(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.optimizer_implementation not in OPTIMIZER_IMPLEMENTATIONS:
+            raise ValueError(f"--optimizer-implementation must be one of {OPTIMIZER_IMPLEMENTATIONS}, "
+                             f"got {self.optimizer_implementation!r}")
         if self.mask_policy not in data.MASK_POLICIES:
             raise ValueError(f"--mask-policy must be one of {data.MASK_POLICIES}, got {self.mask_policy!r}")
         for name in ("epochs", "batch_size"):
@@ -213,6 +231,11 @@ def model_options_from_flags(model: str, flags: dict[str, Any], ablations: list[
     return options
 
 
+def recorded_settings(folder: RunDir, info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The run's TrainConfig as a dict in today's layout (an older record upgraded), for comparisons."""
+    return TrainConfig.from_dict(folder.read_train_config(info), source=str(folder.run_json)).to_dict()
+
+
 def recorded_config(
     run_dir: Path, given: dict[str, Any], model_flags: dict[str, Any], ablations: list[str], extra: list[str]
 ) -> tuple[TrainConfig, Preset | None]:
@@ -268,6 +291,16 @@ def build_model_config(model: str, modalities: list[str], feature_dims: dict[str
     if unknown:
         raise ValueError(f"model {model!r} has no setting(s) {unknown}; its settings are {sorted(known)}")
     return cls(modalities=list(modalities), feature_dims=dict(feature_dims), **options)
+
+
+def build_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float,
+                    implementation: str = "torch-default") -> torch.optim.Optimizer:
+    """Adam or AdamW over `params`, updating them with `implementation` (OPTIMIZER_IMPLEMENTATIONS)."""
+    if implementation not in OPTIMIZER_IMPLEMENTATIONS:
+        raise ValueError(f"optimizer implementation must be one of {OPTIMIZER_IMPLEMENTATIONS}, got {implementation!r}")
+    optimizer_cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
+    how = {"fused": {"fused": True}, "foreach": {"foreach": True}, "torch-default": {}}[implementation]
+    return optimizer_cls(params, lr=lr, weight_decay=weight_decay, **how)
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -546,7 +579,7 @@ def _train_locked(
         if not folder.has_run():
             raise TrainError(f"--resume: {run_dir} holds no run ({folder.RUN} is missing)")
         try:
-            differ = differing_settings(folder.read_train_config(), config.to_dict())
+            differ = differing_settings(recorded_settings(folder), config.to_dict())
         except RunFolderError as exc:
             raise TrainError(str(exc)) from None
         if differ:
@@ -571,8 +604,7 @@ def _train_locked(
     counts = count_parameters(model)
     seq_len = model.sequence_length(bundle.clip_num) if hasattr(model, "sequence_length") else None
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-    optimizer = optimizer_cls(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = build_optimizer(config.optimizer, params, config.lr, config.weight_decay, config.optimizer_implementation)
 
     log(f"{config.model}: {counts[0]:,} parameters ({counts[1]:,} trainable)"
         + (f"; LLM sequence length {seq_len} at clip_num {bundle.clip_num}" if seq_len else ""))

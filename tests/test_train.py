@@ -249,6 +249,44 @@ def test_resume_continues_exactly(tmp_path, small):
         train(changed, resume=True, **QUIET)
 
 
+def test_the_optimizer_implementation_is_recorded_and_fused_differs_from_torch_default_by_rounding(tmp_path, small):
+    made, labels = small
+    weights = {}
+    for implementation in ("fused", "torch-default"):
+        config = tiny_config(made, labels, tmp_path / implementation, optimizer_implementation=implementation)
+        run = train(config, **QUIET).run_dir
+        recorded = json.loads((run / "run.json").read_text())["config"]
+        assert recorded["optimizer_implementation"] == implementation and recorded["schema_version"] == 2
+        groups = json.loads((run / "last/state.json").read_text())["optimizer"]["param_groups"]
+        assert all(bool(g["fused"]) == (implementation == "fused") for g in groups)
+        weights[implementation] = load_file(run / "last/model.safetensors")
+    assert tiny_config(made, labels, tmp_path / "x").optimizer_implementation == "torch-default"  # the default
+    differences = [(weights["fused"][k] - weights["torch-default"][k]).abs().max().item() for k in weights["fused"]]
+    # Rounding only: Adam moves a weight by about lr (1e-3) per step whatever the gradient's size, so
+    # where a gradient is near zero a rounding difference can flip a step; six steps bound the drift.
+    assert 0 < max(differences) < 6e-3
+    config = tiny_config(made, labels, tmp_path / "resumed", optimizer_implementation="fused")
+    train(config, stop_after_epochs=1, **QUIET)
+    train(config, resume=True, **QUIET)  # the fused optimiser's state saves and loads exactly too
+    for name in ("last/model.safetensors", "last/optimizer.safetensors"):
+        a, b = load_file(tmp_path / "fused" / name), load_file(tmp_path / "resumed" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_a_run_recorded_before_optimizer_implementation_resumes_with_torch_default(tmp_path, small):
+    made, labels = small
+    straight = train(tiny_config(made, labels, tmp_path / "straight", optimizer_implementation="torch-default"), **QUIET)
+    train(tiny_config(made, labels, tmp_path / "old", optimizer_implementation="torch-default"), stop_after_epochs=1, **QUIET)
+    record = json.loads((tmp_path / "old/run.json").read_text())
+    for name in ("optimizer_implementation", "schema_version"):  # as runs were recorded then: version 1
+        del record["config"][name]
+    (tmp_path / "old/run.json").write_text(json.dumps(record))
+    assert main(["train", "--out", str(tmp_path / "old"), "--resume", "--quiet"]) == 0
+    assert (straight.run_dir / "train_log.csv").read_text() == (tmp_path / "old/train_log.csv").read_text()
+    with pytest.raises(TrainError, match="optimizer_implementation: run 'torch-default', now 'fused'"):
+        train(tiny_config(made, labels, tmp_path / "old", optimizer_implementation="fused"), resume=True, **QUIET)
+
+
 def test_resume_keeps_the_model_settings_the_run_recorded(tmp_path, small):
     """A run recorded before div_distance, projection_stats and recon_mean_over existed trained with
     Euclidean distance, projection statistics from the allowed samples and L_recon over the imputing

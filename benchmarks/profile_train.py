@@ -1,0 +1,225 @@
+"""Where one MCMoE training step spends its time on this machine: torch's profiler over a few steps.
+
+    python benchmarks/profile_train.py                    # RG setting: batch 32, T 68, rgb/flow 1024, audio 768
+    python benchmarks/profile_train.py --steps 3 --rows 25 --shapes
+
+The step is `pipeline train`'s, on synthetic samples of the RG shapes: a batch from
+`data.training_batches` (shuffle, random crops, collate), `data.draw_training_masks`, forward, loss,
+backward, the optimiser `pipeline.train.build_optimizer` makes, and the per-step bookkeeping of the
+loop (the loss terms read as floats). Each phase is a `record_function` region. After --warmup
+unprofiled steps, --steps steps run under torch.profiler (CPU, record_shapes).
+
+Printed: the operators by their own (self) CPU time; each phase's wall time, split into the time
+inside aten operators and the rest (Python, autograd engine, optimiser loop: host work outside any
+operator); and the dispatch floor, the cost of one trivial operator times the operators per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.bench_extract import git_commit  # noqa: E402
+from benchmarks.bench_train import RG_CLIPS, RG_DIMS  # noqa: E402
+from models.mcmoe import mcmoe  # noqa: E402
+from pipeline import data  # noqa: E402
+from pipeline.inference import call_model  # noqa: E402
+from pipeline.train import OPTIMIZER_IMPLEMENTATIONS, build_optimizer  # noqa: E402
+
+PHASES = ("data", "forward", "loss", "backward", "optimizer", "bookkeeping")
+ARITHMETIC = ("addmm", "mm", "bmm", "matmul", "convolution", "linear", "baddbmm", "einsum")
+
+
+def synthetic_samples(count: int, clips: int, seed: int = 0) -> list[data.Sample]:
+    """Videos of the RG feature sizes, somewhat longer than clip_num so that crops are drawn."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for index in range(count):
+        length = clips + int(rng.integers(0, clips // 2))
+        features = {m: rng.standard_normal((length, c), dtype=np.float32) for m, c in RG_DIMS.items()}
+        samples.append(data.Sample(f"video{index}", features, float(rng.uniform(0, 100))))
+    return samples
+
+
+def training_steps(implementation: str, batch_size: int, clips: int, seed: int = 0):
+    """An endless iterator of `pipeline train` steps; each call of next() runs one, in labelled phases."""
+    torch.manual_seed(seed)
+    model = mcmoe(list(RG_DIMS), RG_DIMS, position_encoding=True).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    defaults = model.config.training_defaults()
+    optimizer = build_optimizer(defaults["optimizer"], params, defaults["lr"], defaults["weight_decay"], implementation)
+    samples = synthetic_samples(4 * batch_size, clips, seed)
+    generator = torch.Generator().manual_seed(seed)
+    sizes = (list(RG_DIMS), RG_DIMS, clips, batch_size)
+    score_range = 100.0
+    while True:
+        for batch in data.training_batches(samples, *sizes, generator):
+            with record_function("data"):
+                available = data.draw_training_masks(batch.present, "incomplete", generator)
+                batch = batch.to(torch.device("cpu"))
+            with record_function("forward"):
+                out = call_model(model, batch.features, available, batch.present)
+            with record_function("loss"):
+                total, terms = model.loss(out, batch.score / score_range, batch.present, available)
+                if not torch.isfinite(total):
+                    raise RuntimeError("non-finite loss")
+            with record_function("backward"):
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+            with record_function("optimizer"):
+                optimizer.step()
+            with record_function("bookkeeping"):
+                sums = {k: float(v) * len(batch.video_ids) for k, v in {"loss": total.detach(), **terms}.items()}
+                kept = (out["score"].detach().float().cpu() * score_range, batch.score.cpu())
+            yield sums, kept
+
+
+def timed_batches(steps, count: int) -> list[float]:
+    """Wall time of `count` steps, the batch assembly (collate) included."""
+    times = []
+    for _ in range(count):
+        began = time.perf_counter()
+        next(steps)
+        times.append(time.perf_counter() - began)
+    return times
+
+
+def dispatch_floor_us(repeats: int = 20000) -> float:
+    """Microseconds of one trivial operator (an in-place add on a one-element tensor): the framework's
+    per-operator cost, which every operator of a step pays on top of its arithmetic."""
+    x = torch.zeros(1)
+    for _ in range(1000):
+        x.add_(1.0)
+    began = time.perf_counter()
+    for _ in range(repeats):
+        x.add_(1.0)
+    return (time.perf_counter() - began) / repeats * 1e6
+
+
+def phase_split(profiler) -> dict[str, dict[str, float]]:
+    """Per phase: wall time, time inside aten operators (their self times summed), and the rest, all
+    in ms summed over the profiled steps. The batch assembly (collate, inside the generator's next())
+    runs before the "data" region opens; it is the time between one step's bookkeeping and the next
+    step's first region and is reported as "collate"."""
+    split = {p: {"wall_ms": 0.0, "operators_ms": 0.0, "operators": 0} for p in PHASES}
+
+    def inside(event) -> tuple[float, int]:
+        own = event.self_cpu_time_total if event.name.startswith("aten::") else 0.0
+        count = 1 if event.name.startswith("aten::") and event.cpu_parent is not None \
+            and not event.cpu_parent.name.startswith("aten::") else 0
+        for child in event.cpu_children:
+            t, c = inside(child)
+            own, count = own + t, count + c
+        return own, count
+
+    regions = sorted((e for e in profiler.events() if e.name in PHASES and e.cpu_parent is None),
+                     key=lambda e: e.time_range.start)
+    for event in regions:
+        operators_us, count = inside(event)
+        split[event.name]["wall_ms"] += event.cpu_time_total / 1e3
+        split[event.name]["operators_ms"] += operators_us / 1e3
+        split[event.name]["operators"] += count
+    # collate: the gaps between a "bookkeeping" region's end and the next "data" region's start
+    gaps = [b.time_range.start - a.time_range.end for a, b in zip(regions, regions[1:])
+            if a.name == "bookkeeping" and b.name == "data"]
+    split["collate"] = {"wall_ms": sum(gaps) / 1e3, "operators_ms": float("nan"), "operators": 0}
+    for row in split.values():
+        row["outside_ms"] = row["wall_ms"] - row["operators_ms"]
+    return split
+
+
+def profile_steps(implementation: str, batch_size: int, clips: int, warmup: int, steps: int, rows: int,
+                  shapes: bool) -> dict:
+    stepper = training_steps(implementation, batch_size, clips)
+    timed_batches(stepper, warmup)
+    unprofiled = timed_batches(stepper, steps)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as profiler:
+        began = time.perf_counter()
+        timed_batches(stepper, steps + 1)  # the last step's "data" region closes the last collate gap
+        profiled_s = time.perf_counter() - began
+    events = [e for e in profiler.key_averages(group_by_input_shape=shapes) if e.key.startswith("aten::")]
+    events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    operators_us = sum(e.self_cpu_time_total for e in events)
+    arithmetic_us = sum(e.self_cpu_time_total for e in events
+                        if e.key.split("::")[-1].lstrip("_").startswith(ARITHMETIC) or "convolution" in e.key)
+    split = phase_split(profiler)
+    # the regions of the extra step (steps + 1) are counted too: scale per step by the regions seen
+    per_step = steps + 1
+    floor = dispatch_floor_us()
+    top_level_ops = sum(row["operators"] for row in split.values()) / per_step
+    report = {
+        "implementation": implementation, "batch_size": batch_size, "clips": clips, "steps": steps,
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "commit": git_commit(),
+        "step_ms_unprofiled": [1000 * t for t in unprofiled],
+        "median_step_ms_unprofiled": 1000 * statistics.median(unprofiled),
+        "step_ms_profiled": 1000 * profiled_s / per_step,
+        "operators_self_ms_per_step": operators_us / 1e3 / per_step,
+        "arithmetic_share_of_operators": arithmetic_us / operators_us,
+        "top_level_operators_per_step": top_level_ops,
+        "dispatch_floor_us": floor,
+        "dispatch_floor_ms_per_step": floor * top_level_ops / 1e3,
+        "phases_ms_per_step": {p: {k: (v / per_step if k != "operators" else v / per_step) for k, v in row.items()}
+                               for p, row in split.items()},
+        "top_operators": [
+            {"operator": e.key, "shapes": str(e.input_shapes) if shapes else None,
+             "self_ms_per_step": e.self_cpu_time_total / 1e3 / per_step,
+             "share": e.self_cpu_time_total / operators_us, "calls_per_step": e.count / per_step}
+            for e in events[:rows]
+        ],
+    }
+    return report
+
+
+def print_report(report: dict) -> None:
+    print(f"MCMoE training step, batch {report['batch_size']}, T {report['clips']}, optimiser "
+          f"{report['implementation']}, {report['threads']} threads, torch {report['torch']}, commit {report['commit']}")
+    print(f"step: {report['median_step_ms_unprofiled']:.0f} ms unprofiled (median of {report['steps']}), "
+          f"{report['step_ms_profiled']:.0f} ms under the profiler; aten operators' own time "
+          f"{report['operators_self_ms_per_step']:.0f} ms, of which arithmetic (matmul, convolution) "
+          f"{report['arithmetic_share_of_operators']:.0%}")
+    print(f"dispatch floor: {report['dispatch_floor_us']:.1f} us per operator x "
+          f"{report['top_level_operators_per_step']:.0f} operators per step = {report['dispatch_floor_ms_per_step']:.0f} ms")
+    print(f"\n{'phase':12s} {'wall ms':>9s} {'in ops ms':>10s} {'outside ms':>11s} {'share':>6s} {'ops':>6s}")
+    phases = report["phases_ms_per_step"]
+    whole = sum(row["wall_ms"] for row in phases.values())
+    for name, row in phases.items():
+        inside = "-" if row["operators_ms"] != row["operators_ms"] else f"{row['operators_ms']:.1f}"
+        outside = "-" if row["operators_ms"] != row["operators_ms"] else f"{row['outside_ms']:.1f}"
+        print(f"{name:12s} {row['wall_ms']:9.1f} {inside:>10s} {outside:>11s} {row['wall_ms'] / whole:6.1%} "
+              f"{row['operators']:6.0f}")
+    print(f"\n{'operator':36s} {'ms/step':>8s} {'share':>7s} {'calls':>6s}" + ("  shapes" if report["top_operators"][0]["shapes"] else ""))
+    for row in report["top_operators"]:
+        print(f"{row['operator']:36s} {row['self_ms_per_step']:8.1f} {row['share']:7.1%} {row['calls_per_step']:6.0f}"
+              + (f"  {row['shapes'][:110]}" if row["shapes"] else ""))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--clips", type=int, default=RG_CLIPS)
+    parser.add_argument("--optimizer-implementation", default="torch-default", choices=OPTIMIZER_IMPLEMENTATIONS)
+    parser.add_argument("--warmup", type=int, default=2, help="unprofiled steps first")
+    parser.add_argument("--steps", type=int, default=3, help="profiled steps")
+    parser.add_argument("--rows", type=int, default=20)
+    parser.add_argument("--shapes", action="store_true", help="group the operators by input shapes too")
+    parser.add_argument("--json", type=Path, help="also write the report here")
+    args = parser.parse_args()
+    report = profile_steps(args.optimizer_implementation, args.batch_size, args.clips, args.warmup, args.steps,
+                           args.rows, args.shapes)
+    print_report(report)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
