@@ -114,7 +114,16 @@ class InceptionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         branches = (self.b0(x), self.b1b(self.b1a(x)), self.b2b(self.b2a(x)), self.b3b(self.b3a(x)))
-        return torch.cat(branches, dim=1)
+        # Concatenated in the layout the network was put in (its 3x3x3 weights show it): the branches'
+        # layouts can differ (oneDNN's convolutions keep channels-last, torch's own small-input 3D
+        # convolution does not), and torch.cat then falls back to contiguous, which made every later pool
+        # ~10x slower on a channels-last network.
+        weight = self.b1b.conv3d.weight
+        channels_last = weight.is_contiguous(memory_format=torch.channels_last_3d) and not weight.is_contiguous()
+        layout = torch.channels_last_3d if channels_last else torch.contiguous_format
+        out = torch.empty((x.shape[0], self.out_channels, *branches[0].shape[2:]), dtype=x.dtype, device=x.device,
+                          memory_format=layout)
+        return torch.cat(branches, dim=1, out=out)
 
 
 class InceptionI3d(nn.Module):

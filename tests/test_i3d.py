@@ -133,3 +133,23 @@ def test_random_weights_keep_the_input_scale():
         features_slow, features_fast = model.extract_features(slow), model.extract_features(fast)
     assert features_fast.abs().mean() > 0.05
     assert (features_fast - features_slow).abs().mean() > 0.01  # different motion, clearly different features
+
+
+def test_a_channels_last_network_stays_channels_last_and_gives_the_same_features():
+    """Every Inception block's output keeps the input's layout (a mixed torch.cat fell back to contiguous
+    and slowed every later pool ~10x), and the layout changes the features by float rounding only."""
+    torch.manual_seed(0)
+    model = inception_i3d(in_channels=2, width_multiplier=1 / 4).eval()
+    x = torch.randn(1, 2, 16, 112, 112)
+    with torch.no_grad():
+        expected = model.extract_features(x)
+        fast = model.to(memory_format=torch.channels_last_3d)
+        layouts = []
+        hooks = [getattr(fast, name).register_forward_hook(
+            lambda module, args, out: layouts.append(out.is_contiguous(memory_format=torch.channels_last_3d)))
+            for name in TRUNK if name.startswith("Mixed")]
+        got = fast.extract_features(x.contiguous(memory_format=torch.channels_last_3d))
+        for hook in hooks:
+            hook.remove()
+    assert layouts == [True] * 9
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item())
