@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -299,3 +302,14 @@ def test_a_file_is_hashed_once_while_it_stays_unchanged(tmp_path, monkeypatch):
     os.utime(path)
     shutil.copy(path, tmp_path / "copy.mp4")
     assert file_fingerprint(path) == file_fingerprint(tmp_path / "copy.mp4") and len(hashed) == 4
+
+
+@pytest.mark.parametrize("given, expected", [(None, "1"), ("0", "0")])
+def test_the_pipeline_asks_torch_for_huge_pages_unless_told_otherwise(given, expected):
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if given is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = given
+    code = "import pipeline.cli, os; print(os.environ['THP_MEM_ALLOC_ENABLE'])"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.stdout.strip() == expected
