@@ -57,8 +57,9 @@ def network(name: str, today: bool = True) -> tuple[torch.nn.Module, torch.Tenso
     if name == "Video Swin-B":
         swin = fuse_window_attention(swin3d_b())
         swin.head = torch.nn.Identity()
-        return (use_onednn_linears(swin) if today else swin).eval(), torch.randn(1, 3, 32, 224, 224)
-    i3d, x = inception_i3d(in_channels=2).eval(), torch.randn(1, 2, 32, 224, 224)
+        swin = (use_onednn_linears(swin) if today else swin).eval().requires_grad_(False)
+        return swin, torch.randn(1, 3, 32, 224, 224)
+    i3d, x = inception_i3d(in_channels=2).eval().requires_grad_(False), torch.randn(1, 2, 32, 224, 224)
     layout = torch.channels_last_3d if today else torch.contiguous_format
     return i3d.to(memory_format=layout), x.contiguous(memory_format=layout)
 
@@ -99,6 +100,8 @@ def onnx_runtime_call(name: str, work: Path):
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = torch.get_num_threads()
+    # ONNX Runtime's threads spin after each run by default, which would slow the eager calls between.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     inputs = {session.get_inputs()[0].name: x.contiguous().numpy()}
     return lambda: torch.from_numpy(session.run(None, inputs)[0])

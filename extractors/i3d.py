@@ -121,9 +121,7 @@ class InceptionBlock(nn.Module):
         weight = self.b1b.conv3d.weight
         channels_last = weight.is_contiguous(memory_format=torch.channels_last_3d) and not weight.is_contiguous()
         layout = torch.channels_last_3d if channels_last else torch.contiguous_format
-        out = torch.empty((x.shape[0], self.out_channels, *branches[0].shape[2:]), dtype=x.dtype, device=x.device,
-                          memory_format=layout)
-        return torch.cat(branches, dim=1, out=out)
+        return torch.cat(branches, dim=1).contiguous(memory_format=layout)
 
 
 class InceptionI3d(nn.Module):
