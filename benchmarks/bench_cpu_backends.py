@@ -11,10 +11,9 @@ alone:
   contiguous`): how much today's choice gains;
 - torch.no_grad instead of inference_mode; bf16 autocast (this AMD EPYC has AVX-512 BF16, which oneDNN
   uses); torch.compile (inductor), also with frozen weights;
-- ONNX Runtime, when installed (optional, not a dependency of the project; otherwise its row says
-  so): the network with torch's own linears is exported with torch.onnx.export (this torch's default
-  exporter, else dynamo=False) and run on the CPUExecutionProvider with every graph optimisation and
-  torch's thread count.
+- ONNX Runtime, when installed (`pip install -e ".[onnx]"`; otherwise its row says how): the network
+  with torch's own layers, exported and run as `--onnxruntime flow` runs the I3D
+  (extractors/onnx_runtime.py: the dynamo exporter, every graph optimisation, torch's thread count).
 After one warm-up call of each, today's call and the try's call alternate `--repeats` times, so a load
 that comes and goes on a shared machine hits both alike; prints the ratio of the medians (> 1: faster),
 the first call's time (compilation, export) and the largest output difference relative to the output's
@@ -42,13 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_extract import device_name, git_commit  # noqa: E402
 from extractors.i3d import inception_i3d  # noqa: E402
 from extractors.onednn import use_onednn_linears  # noqa: E402
+from extractors.base import BackboneUnavailableError  # noqa: E402
+from extractors.onnx_runtime import OnnxRuntimeNetwork, import_onnxruntime  # noqa: E402
 from extractors.rgb_vst import fuse_window_attention  # noqa: E402
-
-try:
-    import onnxruntime
-except ImportError:  # optional: the ONNX Runtime row then says so
-    onnxruntime = None
-
 
 def network(name: str, today: bool = True) -> tuple[torch.nn.Module, torch.Tensor]:
     """The network and its input as the extractors run them today, or with torch's defaults instead of
@@ -68,10 +63,15 @@ NETWORKS = ("Video Swin-B", "I3D flow")
 TRIES = ("torch's defaults (MKL linears, contiguous)", "no_grad instead of inference_mode", "bf16 autocast",
          "torch.compile", "torch.compile, frozen weights", "ONNX Runtime")
 
-# The default (dynamo) exporter's own graph optimisation (onnxscript) had not finished on Video Swin-B
-# after 15 minutes, and ONNX Runtime optimises the graph itself; but without it I3D's bias-less Conv3d
-# gets a zero bias of shape (out, in) that ONNX Runtime refuses (torch 2.11, onnxscript 0.7.2).
+# See OnnxRuntimeNetwork: the exporter's optimisation is needed for I3D and never ends on Video Swin-B.
 EXPORT_OPTIMIZE = {"Video Swin-B": False, "I3D flow": True}
+
+
+def onnxruntime_version() -> str | None:
+    try:
+        return import_onnxruntime().__version__
+    except BackboneUnavailableError:  # optional: its row then says how to install it
+        return None
 
 
 def seconds(call) -> float:
@@ -87,27 +87,14 @@ def in_inference_mode(fn):
     return call
 
 
-def onnx_runtime_call(name: str, work: Path):
-    """Exports the network with torch's own layers and returns an ONNX Runtime call on its input."""
-    if onnxruntime is None:
-        raise RuntimeError("not installed")
+def onnx_runtime_call(name: str):
+    """The network with torch's own layers, exported and run by ONNX Runtime as the extractors do."""
     model, x = network(name, today=False)
-    path = work / "model.onnx"
-    try:
-        torch.onnx.export(model, (x,), str(path), optimize=EXPORT_OPTIMIZE[name])
-    except Exception:  # noqa: BLE001 - the older exporter is the second chance
-        torch.onnx.export(model, (x,), str(path), dynamo=False)
-    options = onnxruntime.SessionOptions()
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = torch.get_num_threads()
-    # ONNX Runtime's threads spin after each run by default, which would slow the eager calls between.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    inputs = {session.get_inputs()[0].name: x.contiguous().numpy()}
-    return lambda: torch.from_numpy(session.run(None, inputs)[0])
+    ort = OnnxRuntimeNetwork(model, optimize=EXPORT_OPTIMIZE[name])
+    return lambda: ort(x)
 
 
-def tries(name: str, model: torch.nn.Module, x: torch.Tensor, work: Path) -> dict[str, object]:
+def tries(name: str, model: torch.nn.Module, x: torch.Tensor) -> dict[str, object]:
     """Each try as a builder of a zero-argument call (a failing build is that try's result)."""
     def torch_defaults():
         plain, plain_x = network(name, today=False)
@@ -135,7 +122,7 @@ def tries(name: str, model: torch.nn.Module, x: torch.Tensor, work: Path) -> dic
                 return model(x)
         return call
 
-    return dict(zip(TRIES, (torch_defaults, no_grad, bf16, compiled, frozen, lambda: onnx_runtime_call(name, work))))
+    return dict(zip(TRIES, (torch_defaults, no_grad, bf16, compiled, frozen, lambda: onnx_runtime_call(name))))
 
 
 def compiler_error(exc: Exception) -> str:
@@ -150,30 +137,29 @@ def measure(name: str, repeats: int, only: list[str] | None = None) -> dict[str,
     today = in_inference_mode(lambda: model(x))
     expected = today().float()
     rows: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory() as work:
-        for label, build in tries(name, model, x, Path(work)).items():
-            if only and label not in only:
-                continue
-            started = time.perf_counter()
-            try:
-                call = build()
-                out = call().float()
-                first = time.perf_counter() - started
-            except Exception as exc:  # noqa: BLE001 - a try that cannot run is a result
-                rows[label] = {"error": compiler_error(exc), "seconds_until_error": time.perf_counter() - started}
-                print(f"{name}: {label:44s} failed: {rows[label]['error']}", flush=True)
-                continue
-            base_times, try_times = [], []
-            for _ in range(repeats):
-                base_times.append(seconds(today))
-                try_times.append(seconds(call))
-            base_s, try_s = statistics.median(base_times), statistics.median(try_times)
-            difference = ((out - expected).abs().max() / expected.abs().max()).item()
-            rows[label] = {"seconds": try_s, "today_seconds": base_s, "first_call_seconds": first,
-                           "speedup": base_s / try_s, "relative_difference": difference,
-                           "times": try_times, "today_times": base_times}
-            print(f"{name}: {label:44s} {try_s:6.2f} s (today {base_s:.2f} s)  {base_s / try_s:5.2f}x  "
-                  f"difference {difference:.1e}  (first call {first:.1f} s)", flush=True)
+    for label, build in tries(name, model, x).items():
+        if only and label not in only:
+            continue
+        started = time.perf_counter()
+        try:
+            call = build()
+            out = call().float()
+            first = time.perf_counter() - started
+        except Exception as exc:  # noqa: BLE001 - a try that cannot run is a result
+            rows[label] = {"error": compiler_error(exc), "seconds_until_error": time.perf_counter() - started}
+            print(f"{name}: {label:44s} failed: {rows[label]['error']}", flush=True)
+            continue
+        base_times, try_times = [], []
+        for _ in range(repeats):
+            base_times.append(seconds(today))
+            try_times.append(seconds(call))
+        base_s, try_s = statistics.median(base_times), statistics.median(try_times)
+        difference = ((out - expected).abs().max() / expected.abs().max()).item()
+        rows[label] = {"seconds": try_s, "today_seconds": base_s, "first_call_seconds": first,
+                       "speedup": base_s / try_s, "relative_difference": difference,
+                       "times": try_times, "today_times": base_times}
+        print(f"{name}: {label:44s} {try_s:6.2f} s (today {base_s:.2f} s)  {base_s / try_s:5.2f}x  "
+              f"difference {difference:.1e}  (first call {first:.1f} s)", flush=True)
     return rows
 
 
@@ -194,7 +180,7 @@ def main() -> None:
             args.json.write_text(json.dumps(rows))
         return
     results = {"device": device_name(torch.device("cpu")), "commit": git_commit(), "threads": torch.get_num_threads(),
-               "onnxruntime": onnxruntime.__version__ if onnxruntime else None,
+               "onnxruntime": onnxruntime_version(),
                "command": "python benchmarks/bench_cpu_backends.py " + " ".join(sys.argv[1:]), "networks": {}}
     print(f"{results['device']}, commit {results['commit']}", flush=True)
     with tempfile.TemporaryDirectory() as work:

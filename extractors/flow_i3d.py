@@ -11,9 +11,10 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from extractors.base import Extractor, WeightsSource, check_all_weights, checkpoint_path, register
+from extractors.base import BackboneUnavailableError, Extractor, WeightsSource, check_all_weights, checkpoint_path, register
 from extractors.config import ExtractionConfig
 from extractors.i3d import inception_i3d, load_pytorch_i3d_state_dict
+from extractors.onnx_runtime import OnnxRuntimeNetwork, onnxruntime_version
 from extractors.optical_flow import (
     FLOW_BOUND,
     FLOW_CROP,
@@ -39,6 +40,11 @@ class FlowI3DExtractor(Extractor):
 
     def __init__(self, config: ExtractionConfig, device: torch.device, weights: WeightsSource) -> None:
         super().__init__(config, device, weights)
+        self.on_onnxruntime = "flow" in config.onnxruntime_modalities
+        if self.on_onnxruntime and device.type != "cpu":
+            raise BackboneUnavailableError(
+                f"ONNX Runtime runs the I3D on a CPU only here, not on {device}: use --device cpu, or extract "
+                "without --onnxruntime")
         self.flow = build_flow_method(self.flow_method, config, device, weights)
         self.width = TINY_WIDTH if config.arch_size == "tiny" else 1.0
         i3d = inception_i3d(in_channels=2, num_classes=400, width_multiplier=self.width)
@@ -49,8 +55,11 @@ class FlowI3DExtractor(Extractor):
         self.feature_dim = i3d.feature_dim
         # channels-last 3D lets oneDNN run the convolutions without reordering every activation
         # (benchmarks/bench_cpu_backends.py); "contiguous" keeps the layout of caches made before it.
-        self.memory_format = torch.channels_last_3d if config.memory_format == "channels_last" else torch.contiguous_format
+        # ONNX Runtime is handed torch's plain layout and picks its own.
+        channels_last = config.memory_format == "channels_last" and not self.on_onnxruntime
+        self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
         self.i3d = self.freeze(i3d).to(memory_format=self.memory_format)
+        self.run_i3d = OnnxRuntimeNetwork(self.i3d, "extract_features") if self.on_onnxruntime else self.i3d.extract_features
 
     @classmethod
     def feature_version(cls, config: ExtractionConfig) -> str:
@@ -70,12 +79,17 @@ class FlowI3DExtractor(Extractor):
             raise ValueError(f"flow needs at least 2 frames per clip, got {frames.shape[1]}")
         flow = flow_clip(self.flow(flow_input(frames, self.device))).contiguous(memory_format=self.memory_format)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            features = one_clip_per_call(self.i3d.extract_features, flow)
+            features = one_clip_per_call(self.run_i3d, flow)
         return features.float().cpu()
 
     def flops_per_clip(self, frames: int) -> float:
-        """Network FLOPs (RAFT + I3D; the OpenCV methods' own work is not counted)."""
-        return count_flops(self.embed, dummy_frames(frames, self.config.decode_short_side))
+        """Network FLOPs (RAFT + I3D; the OpenCV methods' own work is not counted), counted on torch's
+        I3D whichever library runs it (torch's counter cannot see inside ONNX Runtime)."""
+        run_i3d, self.run_i3d = self.run_i3d, self.i3d.extract_features
+        try:
+            return count_flops(self.embed, dummy_frames(frames, self.config.decode_short_side))
+        finally:
+            self.run_i3d = run_i3d
 
     def describe(self) -> dict:
         return {
@@ -88,6 +102,8 @@ class FlowI3DExtractor(Extractor):
             "architecture": "InceptionI3d flow stream" + (f" at {self.width:g} width" if self.width != 1 else ""),
             "pretrained": None if self.config.random_weights else I3D_FLOW_URL.rsplit("/", 1)[-1],
             "pooling": "Mixed_5c spatial mean, 2-step temporal mean, then mean over temporal positions",
+            # Only when it is not torch: caches and runs made before this key keep equal descriptions.
+            **({"runtime": onnxruntime_version()} if self.on_onnxruntime else {}),
         }
 
 

@@ -5,6 +5,7 @@ pretrained code paths (the same files and folders a user would download).
 """
 
 import json
+import sys
 
 import cv2
 import numpy as np
@@ -434,3 +435,33 @@ def test_onednn_linear_takes_in_the_gelu_that_follows_it():
         assert torch.allclose(mlp(x), expected, rtol=1e-5, atol=1e-6)
     mlp(x).sum().backward()  # torch's path, GELU included
     assert mlp[0].weight.grad.abs().sum() > 0
+
+
+def test_onnxruntime_runs_the_i3d_with_torchs_weights_and_flops():
+    from extractors.onnx_runtime import OnnxRuntimeNetwork
+
+    tiny = dict(weights="random", arch_size="tiny", modalities=("flow",), backbones={"flow": "farneback"})
+    ort = build_extractors(ExtractionConfig(**tiny, onnxruntime_modalities=("flow",)), torch.device("cpu"), WeightsSource())["flow"]
+    eager = build_extractors(ExtractionConfig(**tiny), torch.device("cpu"), WeightsSource())["flow"]
+    assert isinstance(ort.run_i3d, OnnxRuntimeNetwork)
+    frames = random_frames(2, 8)
+    expected, got = eager.embed(frames), ort.embed(frames)
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert ort.flops_per_clip(8) == eager.flops_per_clip(8) > 0  # counted on torch's I3D
+    assert isinstance(ort.run_i3d, OnnxRuntimeNetwork)  # and ONNX Runtime runs it again afterwards
+    assert len(ort.run_i3d.sessions) == 1  # one export for one clip shape, not one per call
+    with pytest.raises(BackboneUnavailableError, match="on a CPU only"):
+        build_extractors(ExtractionConfig(**tiny, onnxruntime_modalities=("flow",)), torch.device("cuda"), WeightsSource())
+
+
+def test_onnxruntime_setting_is_kept_for_extracted_modalities_and_names_how_to_install(monkeypatch):
+    from extractors import onnx_runtime
+
+    config = ExtractionConfig(weights="random", arch_size="tiny", modalities=("rgb",), onnxruntime_modalities=("flow",))
+    assert config.onnxruntime_modalities == ()  # not extracted: not part of the hash either
+    assert config.config_hash() == ExtractionConfig(weights="random", arch_size="tiny", modalities=("rgb",)).config_hash()
+    with pytest.raises(ValueError, match="offered for"):
+        ExtractionConfig(onnxruntime_modalities=("audio",))
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
+    with pytest.raises(BackboneUnavailableError, match=r'pip install -e "\.\[onnx\]"'):
+        onnx_runtime.OnnxRuntimeNetwork(torch.nn.Identity())
