@@ -24,6 +24,7 @@ from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.bench_extract import cpu_model  # noqa: E402
 from pipeline.cli import main as pipeline_main  # noqa: E402
 from pipeline.demo import DemoSettings, run_demo  # noqa: E402
 
@@ -41,7 +42,7 @@ def main() -> None:
     record = {
         "command": " ".join(["python", *sys.argv]),
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
-        "machine": f"{platform.machine()} CPU, {__import__('os').cpu_count()} cores, Python {platform.python_version()}",
+        "machine": f"{cpu_model()}, {__import__('os').cpu_count()} cores, Python {platform.python_version()}",
         "note": "random-weight tiny backbones on synthetic clips",
         "exit_code": result.code,
         "total_seconds": total,
