@@ -28,7 +28,9 @@ rounds as well, so its `paired_fraction` (median over rounds) holds up on a shar
 "mcmoe-adam" times the batched MCMoE step with each implementation of Adam's update
 (`pipeline.train.OPTIMIZER_IMPLEMENTATIONS`), and the update alone, paired the same way
 (`time_adam_alone`); its check trains a few steps with each and compares the weights with torch's
-default (bit-identical for foreach, float rounding for fused).
+default (bit-identical for foreach, float rounding for fused). "mcmoe-dropout" times it with each way
+of drawing the dropout masks (`pipeline.train.DROPOUT_MASKS`); its check compares the fraction of
+elements each keeps. Every MCMoE step draws its masks as `pipeline train` does by default.
 
 On a machine shared with other work single epochs swing by several times, so the speed-up comes from
 a separate paired run: the variants take turns step by step in one process on the same batches, and
@@ -71,7 +73,8 @@ from benchmarks.bench_extract import cpu_model, git_commit, matmul_rates  # noqa
 from models.mcmoe import mcmoe  # noqa: E402
 from models.tiny_llm import build_tiny_tokenizer, save_tiny_llm  # noqa: E402
 from pipeline.data import draw_training_masks  # noqa: E402
-from pipeline.train import OPTIMIZER_IMPLEMENTATIONS, build_optimizer  # noqa: E402
+from models.layers import use_uniform_dropout  # noqa: E402
+from pipeline.train import DROPOUT_MASKS, OPTIMIZER_IMPLEMENTATIONS, TrainConfig, build_optimizer  # noqa: E402
 from tests.reference_mcmoe import check_mcmoe_loop_matches, mcmoe_loop_forward  # noqa: E402
 
 RG_DIMS = {"rgb": 1024, "flow": 1024, "audio": 768}
@@ -145,10 +148,13 @@ MCMOE_VARIANTS: dict[str, Callable] = {
 
 
 def setup_mcmoe(variant: str, device: torch.device, batches: int, batch_size: int, clips: int, seed: int = 0,
-                implementation: str = "torch-default", **options: Any) -> tuple[Callable[[Any], float], list[Any], int]:
+                implementation: str = "torch-default", dropout_masks: str = TrainConfig.dropout_masks,
+                **options: Any) -> tuple[Callable[[Any], float], list[Any], int]:
     """One MCMoE training step (forward, loss, backward, Adam) for `variant`, its batches, its size."""
     torch.manual_seed(seed)
     model = mcmoe(list(RG_DIMS), RG_DIMS, position_encoding=True, **options).to(device).train()
+    if dropout_masks == "uniform":
+        use_uniform_dropout(model)
     data = synthetic_batches(RG_DIMS, batches, batch_size, clips, device, seed)
     optimizer = build_optimizer("adam", list(model.parameters()), 2e-4, 1e-4, implementation)
     forward = MCMOE_VARIANTS[variant]
@@ -186,6 +192,24 @@ def check_mcmoe_adam(device: torch.device, batch_size: int, clips: int, steps: i
     assert diffs["weights foreach"] == 0.0, f"foreach Adam differs from torch's default by {diffs['weights foreach']}"
     assert diffs["weights fused"] < 1e-3, f"fused Adam differs from torch's default by {diffs['weights fused']}"
     return diffs
+
+
+def setup_mcmoe_dropout(variant: str, device: torch.device, batches: int, batch_size: int, clips: int, seed: int = 0,
+                        **options: Any) -> tuple[Callable[[Any], float], list[Any], int]:
+    """The batched MCMoE step with its dropout masks drawn the `variant` way."""
+    return setup_mcmoe("batched", device, batches, batch_size, clips, seed, dropout_masks=variant, **options)
+
+
+def check_mcmoe_dropout(device: torch.device, batch_size: int, clips: int) -> dict[str, float]:
+    """The fraction of a (96, 68, 768) activation each way keeps, against 1 - p (p = MCMoE's 0.3)."""
+    x = torch.ones(3 * batch_size, clips, 768, device=device)
+    layers = {"bernoulli": torch.nn.Dropout(0.3), "uniform": use_uniform_dropout(torch.nn.Sequential(torch.nn.Dropout(0.3)))}
+    kept = {f"kept {name}": (layer.train()(x) != 0).float().mean().item() for name, layer in layers.items()}
+    assert all(abs(k - 0.7) < 0.01 for k in kept.values()), kept
+    return kept
+
+
+check_mcmoe_dropout.measures = "the same distribution: fraction of elements kept, 1 - p = 0.7:"
 
 
 def time_adam_alone(device: torch.device, rounds: int = 20) -> dict[str, dict[str, float]]:
@@ -347,6 +371,7 @@ def check_limssr(device: torch.device, batch_size: int, clips: int) -> dict[str,
 BENCHES: dict[str, tuple[tuple[str, ...], Callable, Callable | None, int]] = {
     "mcmoe": (("batched", "loop"), setup_mcmoe, check_mcmoe, 32),
     "mcmoe-adam": (OPTIMIZER_IMPLEMENTATIONS, setup_mcmoe_adam, check_mcmoe_adam, 32),
+    "mcmoe-dropout": (DROPOUT_MASKS, setup_mcmoe_dropout, check_mcmoe_dropout, 32),
     "limssr": (tuple(LIMSSR_VARIANTS), setup_limssr, check_limssr, 8),
 }
 
@@ -454,7 +479,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for device in devices:
             if check is not None and not args.skip_check:
                 diffs = check(torch.device(device), batch_size, args.clips)
-                report["checks"].append({"model": model, "device": device, "same": f"{variants[0]} == {variants[-1]}", **diffs})
+                report["checks"].append({"model": model, "device": device, "same": f"{variants[0]} == {variants[-1]}",
+                                         "measured": getattr(check, "measures", "max |diff|"), **diffs})
             paired = run_child(args, model, device, batch_size)
             alone = time_adam_alone(torch.device(device)) if model == "mcmoe-adam" else {}
             for variant in variants:
@@ -484,8 +510,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"{row['model']} {row['variant']} on {row['device']}: "
                   + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row["facts"].items()))
     for row in report["checks"]:
-        diffs = {k: v for k, v in row.items() if k not in ("model", "device", "same")}
-        print(f"{row['model']} on {row['device']}: {row['same']} (max |diff| "
+        diffs = {k: v for k, v in row.items() if k not in ("model", "device", "same", "measured")}
+        print(f"{row['model']} on {row['device']}: {row['same']} ({row['measured']} "
               + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()) + ")")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

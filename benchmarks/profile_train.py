@@ -34,7 +34,8 @@ from benchmarks.bench_train import RG_CLIPS, RG_DIMS  # noqa: E402
 from models.mcmoe import mcmoe  # noqa: E402
 from pipeline import data  # noqa: E402
 from pipeline.inference import call_model  # noqa: E402
-from pipeline.train import OPTIMIZER_IMPLEMENTATIONS, build_optimizer  # noqa: E402
+from models.layers import use_uniform_dropout  # noqa: E402
+from pipeline.train import DROPOUT_MASKS, OPTIMIZER_IMPLEMENTATIONS, TrainConfig, build_optimizer  # noqa: E402
 
 PHASES = ("data", "forward", "loss", "backward", "optimizer", "bookkeeping")
 ARITHMETIC = ("addmm", "mm", "bmm", "matmul", "convolution", "linear", "baddbmm", "einsum")
@@ -51,10 +52,13 @@ def synthetic_samples(count: int, clips: int, seed: int = 0) -> list[data.Sample
     return samples
 
 
-def training_steps(implementation: str, batch_size: int, clips: int, seed: int = 0):
+def training_steps(implementation: str, batch_size: int, clips: int, seed: int = 0,
+                   dropout_masks: str = TrainConfig.dropout_masks):
     """An endless iterator of `pipeline train` steps; each call of next() runs one, in labelled phases."""
     torch.manual_seed(seed)
     model = mcmoe(list(RG_DIMS), RG_DIMS, position_encoding=True).train()
+    if dropout_masks == "uniform":
+        use_uniform_dropout(model)
     params = [p for p in model.parameters() if p.requires_grad]
     defaults = model.config.training_defaults()
     optimizer = build_optimizer(defaults["optimizer"], params, defaults["lr"], defaults["weight_decay"], implementation)
@@ -139,8 +143,8 @@ def phase_split(profiler) -> dict[str, dict[str, float]]:
 
 
 def profile_steps(implementation: str, batch_size: int, clips: int, warmup: int, steps: int, rows: int,
-                  shapes: bool) -> dict:
-    stepper = training_steps(implementation, batch_size, clips)
+                  shapes: bool, dropout_masks: str = TrainConfig.dropout_masks) -> dict:
+    stepper = training_steps(implementation, batch_size, clips, dropout_masks=dropout_masks)
     timed_batches(stepper, warmup)
     unprofiled = timed_batches(stepper, steps)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as profiler:
@@ -158,7 +162,7 @@ def profile_steps(implementation: str, batch_size: int, clips: int, warmup: int,
     floor = dispatch_floor_us()
     top_level_ops = sum(row["operators"] for row in split.values()) / per_step
     report = {
-        "implementation": implementation, "batch_size": batch_size, "clips": clips, "steps": steps,
+        "implementation": implementation, "dropout_masks": dropout_masks, "batch_size": batch_size, "clips": clips, "steps": steps,
         "threads": torch.get_num_threads(), "torch": torch.__version__, "commit": git_commit(),
         "step_ms_unprofiled": [1000 * t for t in unprofiled],
         "median_step_ms_unprofiled": 1000 * statistics.median(unprofiled),
@@ -182,7 +186,7 @@ def profile_steps(implementation: str, batch_size: int, clips: int, warmup: int,
 
 def print_report(report: dict) -> None:
     print(f"MCMoE training step, batch {report['batch_size']}, T {report['clips']}, optimiser "
-          f"{report['implementation']}, {report['threads']} threads, torch {report['torch']}, commit {report['commit']}")
+          f"{report['implementation']}, dropout masks {report['dropout_masks']}, {report['threads']} threads, torch {report['torch']}, commit {report['commit']}")
     print(f"step: {report['median_step_ms_unprofiled']:.0f} ms unprofiled (median of {report['steps']}), "
           f"{report['step_ms_profiled']:.0f} ms under the profiler; aten operators' own time "
           f"{report['operators_self_ms_per_step']:.0f} ms, of which arithmetic (matmul, convolution) "
@@ -208,6 +212,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--clips", type=int, default=RG_CLIPS)
     parser.add_argument("--optimizer-implementation", default="torch-default", choices=OPTIMIZER_IMPLEMENTATIONS)
+    parser.add_argument("--dropout-masks", default=TrainConfig.dropout_masks, choices=DROPOUT_MASKS)
     parser.add_argument("--warmup", type=int, default=2, help="unprofiled steps first")
     parser.add_argument("--steps", type=int, default=3, help="profiled steps")
     parser.add_argument("--rows", type=int, default=20)
@@ -215,7 +220,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the report here")
     args = parser.parse_args()
     report = profile_steps(args.optimizer_implementation, args.batch_size, args.clips, args.warmup, args.steps,
-                           args.rows, args.shapes)
+                           args.rows, args.shapes, args.dropout_masks)
     print_report(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

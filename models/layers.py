@@ -127,3 +127,28 @@ def single_query_attention(attention: nn.MultiheadAttention, query: Tensor, cont
     pooled = torch.einsum("bhs,bsd->bhd", scores.softmax(-1), context)
     values = torch.einsum("bhd,hed->bhe", pooled, w_v.view(heads, head_dim, width)) + b_v.view(heads, head_dim)
     return attention.out_proj(values.reshape(-1, width))
+
+
+class UniformDropout(nn.Dropout):
+    """nn.Dropout whose masks, when training on a CPU, come from uniform draws compared with p.
+
+    The same distribution as torch's masks (each element kept with probability 1 - p, kept ones scaled
+    by 1 / (1 - p)), other random numbers. torch draws its CPU masks with bernoulli_, which on this
+    project's AMD CPUs takes about twice as long as uniform_ plus a comparison; the masks of MCMoE's
+    encoder and decoder were 18% of a training step (benchmarks/profile_train.py). Outside CPU training
+    (evaluation, p = 0 or 1, a GPU, whose dropout is one fused kernel) it is nn.Dropout."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or not 0.0 < self.p < 1.0 or x.device.type != "cpu":
+            return super().forward(x)
+        keep = torch.rand_like(x) >= self.p
+        return x * (keep * (1.0 / (1.0 - self.p))).to(x.dtype)
+
+
+def use_uniform_dropout(model: nn.Module) -> nn.Module:
+    """Every nn.Dropout module of `model` becomes a UniformDropout (in place; no parameters involved).
+    Dropout applied inside an operator (nn.MultiheadAttention's on its attention weights) is unchanged."""
+    for module in model.modules():
+        if type(module) is nn.Dropout:
+            module.__class__ = UniformDropout
+    return model

@@ -33,6 +33,7 @@ from manifests.claims import RunLock, describe_holder
 from manifests.config import RecordedConfig
 from manifests.run import RunDir, RunFolderError, describe_differences, differing_settings
 from models import build_model, config_class
+from models.layers import use_uniform_dropout
 from models.checkpoint import (
     load_model_state,
     load_tensors,
@@ -53,12 +54,16 @@ OPTIMIZERS = ("adam", "adamw")
 # operator over all tensors at once) or "torch-default" (torch's choice: one set of operators per tensor
 # on a CPU, foreach on a GPU). The last is what runs recorded before the setting existed used.
 OPTIMIZER_IMPLEMENTATIONS = ("fused", "foreach", "torch-default")
+# How the dropout layers draw their masks when training on a CPU: "uniform" (uniform draws compared with
+# p: models.layers.UniformDropout, about 2x faster to draw on this project's AMD CPUs) or "bernoulli"
+# (torch's own, what runs recorded before the setting used). Same distribution, other random numbers.
+DROPOUT_MASKS = ("uniform", "bernoulli")
 TRAINING_KEYS = (
     "optimizer", "lr", "weight_decay", "batch_size", "epochs",
     "warmup_epochs", "min_lr_ratio", "grad_clip", "mask_policy",
 )
 # TrainConfig settings whose source run.json records (besides the model-config fields).
-RECORDED_KEYS = TRAINING_KEYS + ("optimizer_implementation", "clip_num", "score_range", "val_fraction", "seed",
+RECORDED_KEYS = TRAINING_KEYS + ("optimizer_implementation", "dropout_masks", "clip_num", "score_range", "val_fraction", "seed",
                                  "train_missing", "ignore_unlabelled")
 SELECTION = "best epoch on the validation split (Spearman rho, ties by lower MSE); the test set is never used"
 
@@ -75,10 +80,11 @@ class NonFiniteLossError(TrainError):
 class TrainConfig(RecordedConfig):
     """Every setting of a run, resolved: model defaults < preset < flags; recorded in run.json.
 
-    Schema version 2 added optimizer_implementation; a version-1 record (run.json without a
-    schema_version) gets "torch-default", the update its run was trained with (see `upgrade`)."""
+    Schema version 2 added optimizer_implementation, version 3 dropout_masks; an older record (run.json
+    without a schema_version is version 1) gets what its run was trained with: "torch-default" and
+    "bernoulli" (see `upgrade`)."""
 
-    SCHEMA_VERSION = 2
+    SCHEMA_VERSION = 3
 
     features: str
     labels: str
@@ -91,6 +97,9 @@ class TrainConfig(RecordedConfig):
     # but it is ~2% of an MCMoE step there (benchmarks/results/README.md), and its weights differ from
     # torch's default update by float rounding, so the default stays bit-identical with earlier runs.
     optimizer_implementation: str = "torch-default"
+    # Dropout masks on a CPU (DROPOUT_MASKS): "uniform" since schema 3 (the masks were 18% of an MCMoE
+    # step with torch's bernoulli_, benchmarks/results/README.md); no effect on a GPU or in evaluation.
+    dropout_masks: str = "uniform"
     lr: float = 1e-4
     weight_decay: float = 1e-4
     batch_size: int = 32
@@ -112,7 +121,7 @@ class TrainConfig(RecordedConfig):
 
     @classmethod
     def upgrade(cls, data: dict[str, Any], version: int) -> dict[str, Any]:
-        return {"optimizer_implementation": "torch-default", **data}
+        return {"optimizer_implementation": "torch-default", "dropout_masks": "bernoulli", **data}
 
     def validate(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -120,6 +129,8 @@ class TrainConfig(RecordedConfig):
         if self.optimizer_implementation not in OPTIMIZER_IMPLEMENTATIONS:
             raise ValueError(f"--optimizer-implementation must be one of {OPTIMIZER_IMPLEMENTATIONS}, "
                              f"got {self.optimizer_implementation!r}")
+        if self.dropout_masks not in DROPOUT_MASKS:
+            raise ValueError(f"--dropout-masks must be one of {DROPOUT_MASKS}, got {self.dropout_masks!r}")
         if self.mask_policy not in data.MASK_POLICIES:
             raise ValueError(f"--mask-policy must be one of {data.MASK_POLICIES}, got {self.mask_policy!r}")
         for name in ("epochs", "batch_size"):
@@ -601,6 +612,8 @@ def _train_locked(
         # the run was trained with, not today's default.
         model_config = config_class(config.model).from_dict(read_model_config(run_dir)[1], str(folder.model_config_json))
     model = build_model(config.model, model_config).to(torch_device)
+    if config.dropout_masks == "uniform":
+        use_uniform_dropout(model)
     counts = count_parameters(model)
     seq_len = model.sequence_length(bundle.clip_num) if hasattr(model, "sequence_length") else None
     params = [p for p in model.parameters() if p.requires_grad]

@@ -522,3 +522,25 @@ def test_sinusoidal_position_encoding_values():
     assert float(pe[2, 0]) == pytest.approx(math.sin(2.0))
     assert float(pe[1, 3]) == pytest.approx(math.cos(1.0 / 10000 ** (2 / 6)))
     assert sinusoidal_position_encoding(4, 5).shape == (4, 5)
+
+
+def test_uniform_dropout_keeps_torchs_distribution_and_gradient():
+    from models.layers import UniformDropout, use_uniform_dropout
+
+    model = use_uniform_dropout(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.3)))
+    layer = model[1]
+    assert type(layer) is UniformDropout and layer.p == 0.3
+    torch.manual_seed(0)
+    x = torch.rand(400, 1000) + 0.5
+    x.requires_grad_(True)
+    y = layer.train()(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.7) < 0.005  # 400,000 draws: 0.7 +- 5 standard errors
+    assert torch.allclose(y[kept], x[kept] / 0.7)
+    y.sum().backward()
+    assert torch.allclose(x.grad, kept / 0.7)  # dropped elements get no gradient, kept ones the scale
+    assert torch.equal(layer.eval()(x), x)
+    torch.manual_seed(1)
+    first = layer.train()(x)
+    torch.manual_seed(1)
+    assert torch.equal(layer(x), first)  # drawn from torch's generator: seeded runs repeat

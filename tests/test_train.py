@@ -256,7 +256,7 @@ def test_the_optimizer_implementation_is_recorded_and_fused_differs_from_torch_d
         config = tiny_config(made, labels, tmp_path / implementation, optimizer_implementation=implementation)
         run = train(config, **QUIET).run_dir
         recorded = json.loads((run / "run.json").read_text())["config"]
-        assert recorded["optimizer_implementation"] == implementation and recorded["schema_version"] == 2
+        assert recorded["optimizer_implementation"] == implementation and recorded["schema_version"] == 3
         groups = json.loads((run / "last/state.json").read_text())["optimizer"]["param_groups"]
         assert all(bool(g["fused"]) == (implementation == "fused") for g in groups)
         weights[implementation] = load_file(run / "last/model.safetensors")
@@ -275,10 +275,11 @@ def test_the_optimizer_implementation_is_recorded_and_fused_differs_from_torch_d
 
 def test_a_run_recorded_before_optimizer_implementation_resumes_with_torch_default(tmp_path, small):
     made, labels = small
-    straight = train(tiny_config(made, labels, tmp_path / "straight", optimizer_implementation="torch-default"), **QUIET)
-    train(tiny_config(made, labels, tmp_path / "old", optimizer_implementation="torch-default"), stop_after_epochs=1, **QUIET)
+    then = dict(optimizer_implementation="torch-default", dropout_masks="bernoulli")
+    straight = train(tiny_config(made, labels, tmp_path / "straight", **then), **QUIET)
+    train(tiny_config(made, labels, tmp_path / "old", **then), stop_after_epochs=1, **QUIET)
     record = json.loads((tmp_path / "old/run.json").read_text())
-    for name in ("optimizer_implementation", "schema_version"):  # as runs were recorded then: version 1
+    for name in ("optimizer_implementation", "dropout_masks", "schema_version"):  # as recorded then: version 1
         del record["config"][name]
     (tmp_path / "old/run.json").write_text(json.dumps(record))
     assert main(["train", "--out", str(tmp_path / "old"), "--resume", "--quiet"]) == 0
@@ -461,3 +462,24 @@ def test_checkpoint_description_says_how_far_training_got_and_how_much_validatio
     config = tiny_config(made, labels, tmp_path / "no-val", epochs=1, val_fraction=0.0)
     train(config, **QUIET)
     assert describe_checkpoint(load_run(tmp_path / "no-val", "cpu")) == "epoch 1 of 1, the last epoch (no validation split)"
+
+
+def test_dropout_masks_are_recorded_and_a_version_2_run_resumes_with_torchs_masks(tmp_path, small):
+    made, labels = small
+    runs = {}
+    for masks in ("uniform", "bernoulli"):
+        runs[masks] = train(tiny_config(made, labels, tmp_path / masks, dropout_masks=masks), **QUIET).run_dir
+        assert json.loads((runs[masks] / "run.json").read_text())["config"]["dropout_masks"] == masks
+    assert tiny_config(made, labels, tmp_path / "x").dropout_masks == "uniform"  # the default since schema 3
+    # Other masks, so other weights: the setting reaches the model (TINY trains with dropout 0.1).
+    a, b = (load_file(runs[m] / "last/model.safetensors") for m in ("uniform", "bernoulli"))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    train(tiny_config(made, labels, tmp_path / "old", dropout_masks="bernoulli"), stop_after_epochs=1, **QUIET)
+    record = json.loads((tmp_path / "old/run.json").read_text())
+    del record["config"]["dropout_masks"]
+    record["config"]["schema_version"] = 2  # as runs were recorded before the setting
+    (tmp_path / "old/run.json").write_text(json.dumps(record))
+    assert main(["train", "--out", str(tmp_path / "old"), "--resume", "--quiet"]) == 0
+    assert (runs["bernoulli"] / "train_log.csv").read_text() == (tmp_path / "old/train_log.csv").read_text()
+    with pytest.raises(ValueError, match="--dropout-masks must be one of"):
+        tiny_config(made, labels, tmp_path / "y", dropout_masks="gaussian")
