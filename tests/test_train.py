@@ -414,7 +414,10 @@ def test_mcmoe_learns_and_beats_the_baseline_with_a_modality_missing(tmp_path):
     """Quality shows in each modality's level and in how smoothly it changes over time (a latent shared
     by all three modalities, plus noise). MCMoE models temporal context (STEM, temporal experts) and
     completes what is missing; the Baseline sums per-segment projections, so it reads only the level.
-    Judged on held-out videos with one modality missing: the three pairs, Fisher-z averaged."""
+    Judged on held-out videos with one modality missing: the three pairs, Fisher-z averaged, then
+    averaged over three training seeds: on these 60 test videos one seed's pairs rho ranges over
+    0.58-0.84 for MCMoE (uniform dropout masks, seeds 0-3; 0.77-0.83 with torch's), while the mean
+    margin over the Baseline is 0.21-0.27 either way."""
     made = write_synthetic_cache(tmp_path / "cache", num_videos=220, length_range=(8, 10), seed=1,
                                  noise=1.5, level=0.5, smoothness=0.8)
     splits = {v: ("test" if i >= 160 else "train") for i, v in enumerate(made.video_ids)}
@@ -422,18 +425,20 @@ def test_mcmoe_learns_and_beats_the_baseline_with_a_modality_missing(tmp_path):
     test_ids = [v for v in made.video_ids if splits[v] == "test"]
     pairs_rho, full_rho, val_rho = {}, {}, {}
     for name, extra in (("mcmoe", {}), ("baseline", {"baseline": True})):
-        config, _ = resolve_config(
-            made.cache.root, labels, tmp_path / name,
-            overrides=dict(epochs=60, lr=2e-3, batch_size=32, clip_num=8, seed=0),
-            model_options={**TINY, "hidden": 32, **extra},
-        )
-        val_rho[name] = train(config, **QUIET).best["val_rho"]
-        run = load_run(tmp_path / name, "cpu")
-        evaluation = run.evaluate(data.load_samples(run.open_features(), test_ids, made.scores))
-        pairs_rho[name] = fisher_z_mean(s.rho for s in evaluation.settings if len(s.modalities) == 2)
-        full_rho[name] = evaluation.settings[-1].rho
-    assert val_rho["mcmoe"] > 0.5 and full_rho["mcmoe"] > 0.5, (val_rho, full_rho)
-    assert pairs_rho["mcmoe"] > pairs_rho["baseline"] + 0.1, pairs_rho
+        for seed in (0, 1, 2):
+            config, _ = resolve_config(
+                made.cache.root, labels, tmp_path / f"{name}{seed}",
+                overrides=dict(epochs=60, lr=2e-3, batch_size=32, clip_num=8, seed=seed),
+                model_options={**TINY, "hidden": 32, **extra},
+            )
+            val_rho[name, seed] = train(config, **QUIET).best["val_rho"]
+            run = load_run(tmp_path / f"{name}{seed}", "cpu")
+            evaluation = run.evaluate(data.load_samples(run.open_features(), test_ids, made.scores))
+            pairs_rho[name, seed] = fisher_z_mean(s.rho for s in evaluation.settings if len(s.modalities) == 2)
+            full_rho[name, seed] = evaluation.settings[-1].rho
+    mean = lambda rhos, name: sum(v for (model, _), v in rhos.items() if model == name) / 3  # noqa: E731
+    assert mean(val_rho, "mcmoe") > 0.5 and mean(full_rho, "mcmoe") > 0.5, (val_rho, full_rho)
+    assert mean(pairs_rho, "mcmoe") > mean(pairs_rho, "baseline") + 0.1, pairs_rho
 
 
 # --------------------------------------------------------------------------- how the checkpoint was chosen
