@@ -78,7 +78,7 @@ class ExtractionConfig(RecordedConfig):
     # before it). Same features up to float rounding, so only "torch" enters the hash. No effect on a GPU.
     cpu_linear: str = "onednn"
     # Modalities whose backbone runs through ONNX Runtime on a CPU instead of torch (optional package;
-    # flow's I3D only, 1.72x on a 2-core CPU). Features agree with torch's to float rounding but are not
+    # flow's I3D only, 1.3-1.7x on a 2-core CPU). Features agree with torch's to float rounding but are not
     # bitwise the same, so a non-empty value enters the hash and gets a cache folder of its own.
     onnxruntime_modalities: tuple[str, ...] = ()
 

@@ -1,9 +1,10 @@
 """A frozen network run by ONNX Runtime on a CPU (`onnxruntime_modalities` in the ExtractionConfig).
 
 Optional: needs `pip install -e ".[onnx]"` (onnxruntime, and onnx + onnxscript for torch's exporter).
-Measured by benchmarks/bench_cpu_backends.py on a 2-core AMD EPYC, one 32-frame segment: the full I3D
-flow stream ran 1.72x faster than eager torch (channels-last, oneDNN), features within 5.4e-7 of
-their scale; Video Swin-B ran 0.80x, so only the I3D is offered (extractors/flow_i3d.py).
+Measured by benchmarks/bench_cpu_backends.py on 2-core AMD EPYCs, one 32-frame segment: the full I3D
+flow stream ran 1.72x (Zen 5) and 1.34x (Zen 4) faster than eager torch (channels-last, oneDNN),
+features within 5.4e-7 of their scale; Video Swin-B ran 0.80x, so only the I3D is offered
+(extractors/flow_i3d.py).
 
 The network is exported once per input shape when it is first called (about 5 s for the full I3D),
 in memory; nothing is written to disk. Same weights, the same sums in another order: the extractor

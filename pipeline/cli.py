@@ -66,7 +66,7 @@ def add_extraction_options(parser: argparse.ArgumentParser) -> None:
                             "or torch's default (MKL); equal up to float rounding (default: %(default)s)")
     group.add_argument("--onnxruntime", default="", metavar="MODALITIES",
                        help="comma-separated modalities whose backbone runs through ONNX Runtime on a CPU: flow "
-                            "(I3D, 1.7x on a 2-core CPU; optional package: pip install -e \".[onnx]\"); equal "
+                            "(I3D, 1.3-1.7x on a 2-core CPU; optional package: pip install -e \".[onnx]\"); equal "
                             "to torch's features up to float rounding, in a cache folder of its own")
     run = parser.add_argument_group("how it is computed (not part of the cache key)")
     run.add_argument("--weights-dir", type=Path, default=None,
