@@ -11,9 +11,10 @@ alone:
   contiguous`): how much today's choice gains;
 - torch.no_grad instead of inference_mode; bf16 autocast (this AMD EPYC has AVX-512 BF16, which oneDNN
   uses); torch.compile (inductor), also with frozen weights;
-- ONNX Runtime, when installed (`pip install -e ".[onnx]"`; otherwise its row says how): the network
-  with torch's own layers, exported and run as `--onnxruntime flow` runs the I3D
-  (extractors/onnx_runtime.py: the dynamo exporter, every graph optimisation, torch's thread count).
+- ONNX Runtime and OpenVINO, when installed (`pip install -e ".[onnx]"`, `".[openvino]"`; otherwise
+  their rows say how): the network with torch's own layers, converted and run as `--flow-runtime`
+  runs the I3D (extractors/cpu_runtimes.py: torch's dynamo exporter and every graph optimisation, or
+  OpenVINO's converter and its CPU plugin in fp32; torch's thread count).
 After one warm-up call of each, today's call and the try's call alternate `--repeats` times, so a load
 that comes and goes on a shared machine hits both alike; prints the ratio of the medians (> 1: faster),
 the first call's time (compilation, export) and the largest output difference relative to the output's
@@ -42,15 +43,16 @@ from benchmarks.bench_extract import device_name, git_commit  # noqa: E402
 from extractors.i3d import inception_i3d  # noqa: E402
 from extractors.onednn import use_onednn_linears  # noqa: E402
 from extractors.base import BackboneUnavailableError  # noqa: E402
-from extractors.onnx_runtime import OnnxRuntimeNetwork, import_onnxruntime  # noqa: E402
+from extractors.cpu_runtimes import RUNTIMES, RuntimeNetwork, import_runtime  # noqa: E402
 from extractors.rgb_vst import fuse_window_attention  # noqa: E402
 
-def network(name: str, today: bool = True) -> tuple[torch.nn.Module, torch.Tensor]:
+def network(name: str, today: bool = True, fused: bool = True) -> tuple[torch.nn.Module, torch.Tensor]:
     """The network and its input as the extractors run them today, or with torch's defaults instead of
-    the oneDNN linears (Swin-B) and the channels-last layout (I3D). The same weights either way."""
+    the oneDNN linears (Swin-B) and the channels-last layout (I3D); `fused=False`: Swin-B with
+    torchvision's own window attention. The same weights either way."""
     torch.manual_seed(0)
     if name == "Video Swin-B":
-        swin = fuse_window_attention(swin3d_b())
+        swin = fuse_window_attention(swin3d_b()) if fused else swin3d_b()
         swin.head = torch.nn.Identity()
         swin = (use_onednn_linears(swin) if today else swin).eval().requires_grad_(False)
         return swin, torch.randn(1, 3, 32, 224, 224)
@@ -61,17 +63,20 @@ def network(name: str, today: bool = True) -> tuple[torch.nn.Module, torch.Tenso
 
 NETWORKS = ("Video Swin-B", "I3D flow")
 TRIES = ("torch's defaults (MKL linears, contiguous)", "no_grad instead of inference_mode", "bf16 autocast",
-         "torch.compile", "torch.compile, frozen weights", "ONNX Runtime")
+         "torch.compile", "torch.compile, frozen weights", "ONNX Runtime", "OpenVINO")
 
-# See OnnxRuntimeNetwork: the exporter's optimisation is needed for I3D and never ends on Video Swin-B.
+# See RuntimeNetwork: torch's ONNX exporter's optimisation is needed for I3D and never ends on Swin-B.
 EXPORT_OPTIMIZE = {"Video Swin-B": False, "I3D flow": True}
 
 
-def onnxruntime_version() -> str | None:
-    try:
-        return import_onnxruntime().__version__
-    except BackboneUnavailableError:  # optional: its row then says how to install it
-        return None
+def runtime_versions() -> dict[str, str | None]:
+    versions = {}
+    for runtime in RUNTIMES:
+        try:
+            versions[runtime] = import_runtime(runtime).__version__
+        except BackboneUnavailableError:  # optional: its row then says how to install it
+            versions[runtime] = None
+    return versions
 
 
 def seconds(call) -> float:
@@ -87,11 +92,12 @@ def in_inference_mode(fn):
     return call
 
 
-def onnx_runtime_call(name: str):
-    """The network with torch's own layers, exported and run by ONNX Runtime as the extractors do."""
-    model, x = network(name, today=False)
-    ort = OnnxRuntimeNetwork(model, optimize=EXPORT_OPTIMIZE[name])
-    return lambda: ort(x)
+def runtime_call(runtime: str, name: str):
+    """The network with torch's own layers, converted and run by `runtime` as the extractors do. OpenVINO
+    traces the network, which our fused window attention does not survive: Swin-B goes with torchvision's."""
+    model, x = network(name, today=False, fused=runtime != "openvino")
+    other = RuntimeNetwork(runtime, model, optimize=EXPORT_OPTIMIZE[name])
+    return lambda: other(x)
 
 
 def tries(name: str, model: torch.nn.Module, x: torch.Tensor) -> dict[str, object]:
@@ -122,7 +128,8 @@ def tries(name: str, model: torch.nn.Module, x: torch.Tensor) -> dict[str, objec
                 return model(x)
         return call
 
-    return dict(zip(TRIES, (torch_defaults, no_grad, bf16, compiled, frozen, lambda: onnx_runtime_call(name))))
+    return dict(zip(TRIES, (torch_defaults, no_grad, bf16, compiled, frozen, lambda: runtime_call("onnxruntime", name),
+                             lambda: runtime_call("openvino", name))))
 
 
 def compiler_error(exc: Exception) -> str:
@@ -180,7 +187,7 @@ def main() -> None:
             args.json.write_text(json.dumps(rows))
         return
     results = {"device": device_name(torch.device("cpu")), "commit": git_commit(), "threads": torch.get_num_threads(),
-               "onnxruntime": onnxruntime_version(),
+               **runtime_versions(),
                "command": "python benchmarks/bench_cpu_backends.py " + " ".join(sys.argv[1:]), "networks": {}}
     print(f"{results['device']}, commit {results['commit']}", flush=True)
     with tempfile.TemporaryDirectory() as work:

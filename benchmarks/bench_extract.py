@@ -138,8 +138,8 @@ def main() -> None:
     parser.add_argument("--rgb", default="vst")
     parser.add_argument("--flow", default=None, help="default: raft on GPU, farneback on CPU")
     parser.add_argument("--audio", default="ast")
-    parser.add_argument("--onnxruntime", default="", metavar="MODALITIES",
-                        help="modalities whose backbone runs through ONNX Runtime, as `pipeline extract --onnxruntime`")
+    parser.add_argument("--flow-runtime", default="torch", choices=["torch", "onnxruntime", "openvino"],
+                        help="the library that runs the flow I3D, as `pipeline extract --flow-runtime`")
     parser.add_argument("--batch-segments", type=int, default=8)
     parser.add_argument("--weights-dir", type=Path)
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -151,7 +151,7 @@ def main() -> None:
     names = {"rgb": args.rgb, "flow": flow, "audio": args.audio}
     config = ExtractionConfig(modalities=modalities, backbones={m: names[m] for m in modalities},
                               weights=args.backbones, arch_size=args.arch_size,
-                              onnxruntime_modalities=tuple(m for m in args.onnxruntime.split(",") if m))
+                              flow_runtime=args.flow_runtime)
     work = Path(tempfile.mkdtemp(prefix="bench_extract_"))
     sources = discover_videos(benchmark_videos(args.videos, work, args.clips, args.seconds, args.size))
     extractors = build_extractors(config, device, WeightsSource(weights_dir=args.weights_dir))

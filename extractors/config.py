@@ -22,9 +22,9 @@ ARCH_SIZES = ("full", "tiny")
 ATTENTIONS = ("fused", "reference")
 MEMORY_FORMATS = ("channels_last", "contiguous")
 CPU_LINEARS = ("onednn", "torch")
-# Modalities whose backbone can run through ONNX Runtime: where it measured faster than eager torch
-# (benchmarks/bench_cpu_backends.py; extractors/onnx_runtime.py).
-ONNXRUNTIME_MODALITIES = ("flow",)
+# Which library runs the flow stream's I3D: torch, or ONNX Runtime / OpenVINO on a CPU, where they
+# measured faster than eager torch (benchmarks/bench_cpu_backends.py; extractors/cpu_runtimes.py).
+FLOW_RUNTIMES = ("torch", "onnxruntime", "openvino")
 
 # The published feature sets put these backbones behind each modality (DESIGN.md section 2).
 DEFAULT_BACKBONES = {"rgb": "vst", "flow": "raft", "audio": "ast"}
@@ -77,10 +77,10 @@ class ExtractionConfig(RecordedConfig):
     # field exists; AVX-512 where the CPU has it, see extractors/onednn.py) or "torch" (MKL, as every cache
     # before it). Same features up to float rounding, so only "torch" enters the hash. No effect on a GPU.
     cpu_linear: str = "onednn"
-    # Modalities whose backbone runs through ONNX Runtime on a CPU instead of torch (optional package;
-    # flow's I3D only, 1.3-1.7x on a 2-core CPU). Features agree with torch's to float rounding but are not
-    # bitwise the same, so a non-empty value enters the hash and gets a cache folder of its own.
-    onnxruntime_modalities: tuple[str, ...] = ()
+    # The library that runs the I3D of the flow modality (FLOW_RUNTIMES): "torch", or on a CPU "onnxruntime"
+    # or "openvino" (optional packages; 1.3-1.7x the I3D's rate on a 2-core CPU). Features agree with
+    # torch's to float rounding but not bitwise, so another runtime enters the hash: a folder of its own.
+    flow_runtime: str = "torch"
 
     # The fields every cache folder name was computed from when the hash was introduced: hashed whatever
     # their value. Later fields enter only when they differ from their defaults (see the module docstring).
@@ -108,17 +108,16 @@ class ExtractionConfig(RecordedConfig):
             raise ValueError(f"memory_format must be one of {MEMORY_FORMATS}, got {self.memory_format!r}")
         if self.cpu_linear not in CPU_LINEARS:
             raise ValueError(f"cpu_linear must be one of {CPU_LINEARS}, got {self.cpu_linear!r}")
-        unsupported = [m for m in self.onnxruntime_modalities if m not in ONNXRUNTIME_MODALITIES]
-        if unsupported:
-            raise ValueError(f"ONNX Runtime is offered for {ONNXRUNTIME_MODALITIES} only (where it measured faster "
-                             f"than torch), not {unsupported}")
+        if self.flow_runtime not in FLOW_RUNTIMES:
+            raise ValueError(f"flow_runtime must be one of {FLOW_RUNTIMES}, got {self.flow_runtime!r}")
         missing = [m for m in self.modalities if m not in self.backbones]
         if missing:
             raise ValueError(f"no backbone chosen for modalities {missing}")
         # Keep only the backbones of extracted modalities so the hash does not depend on unused choices.
         self.modalities = tuple(self.modalities)
         self.backbones = {m: self.backbones[m] for m in self.modalities}
-        self.onnxruntime_modalities = tuple(m for m in self.modalities if m in self.onnxruntime_modalities)
+        if "flow" not in self.modalities:
+            self.flow_runtime = "torch"  # nothing runs it: not part of the hash either
 
     @property
     def frames_per_clip(self) -> int:

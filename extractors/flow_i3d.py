@@ -12,9 +12,9 @@ import numpy as np
 import torch
 
 from extractors.base import BackboneUnavailableError, Extractor, WeightsSource, check_all_weights, checkpoint_path, register
+from extractors.cpu_runtimes import RuntimeNetwork, runtime_version
 from extractors.config import ExtractionConfig
 from extractors.i3d import inception_i3d, load_pytorch_i3d_state_dict
-from extractors.onnx_runtime import OnnxRuntimeNetwork, onnxruntime_version
 from extractors.optical_flow import (
     FLOW_BOUND,
     FLOW_CROP,
@@ -40,11 +40,11 @@ class FlowI3DExtractor(Extractor):
 
     def __init__(self, config: ExtractionConfig, device: torch.device, weights: WeightsSource) -> None:
         super().__init__(config, device, weights)
-        self.on_onnxruntime = "flow" in config.onnxruntime_modalities
-        if self.on_onnxruntime and device.type != "cpu":
+        self.runtime = config.flow_runtime
+        if self.runtime != "torch" and device.type != "cpu":
             raise BackboneUnavailableError(
-                f"ONNX Runtime runs the I3D on a CPU only here, not on {device}: use --device cpu, or extract "
-                "without --onnxruntime")
+                f"--flow-runtime {self.runtime} runs the I3D on a CPU only here, not on {device}: use --device cpu, "
+                "or extract with --flow-runtime torch")
         self.flow = build_flow_method(self.flow_method, config, device, weights)
         self.width = TINY_WIDTH if config.arch_size == "tiny" else 1.0
         i3d = inception_i3d(in_channels=2, num_classes=400, width_multiplier=self.width)
@@ -55,11 +55,12 @@ class FlowI3DExtractor(Extractor):
         self.feature_dim = i3d.feature_dim
         # channels-last 3D lets oneDNN run the convolutions without reordering every activation
         # (benchmarks/bench_cpu_backends.py); "contiguous" keeps the layout of caches made before it.
-        # ONNX Runtime is handed torch's plain layout and picks its own.
-        channels_last = config.memory_format == "channels_last" and not self.on_onnxruntime
+        # Another runtime is handed torch's plain layout and picks its own.
+        channels_last = config.memory_format == "channels_last" and self.runtime == "torch"
         self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
         self.i3d = self.freeze(i3d).to(memory_format=self.memory_format)
-        self.run_i3d = OnnxRuntimeNetwork(self.i3d, "extract_features") if self.on_onnxruntime else self.i3d.extract_features
+        self.run_i3d = (self.i3d.extract_features if self.runtime == "torch"
+                        else RuntimeNetwork(self.runtime, self.i3d, "extract_features"))
 
     @classmethod
     def feature_version(cls, config: ExtractionConfig) -> str:
@@ -84,7 +85,7 @@ class FlowI3DExtractor(Extractor):
 
     def flops_per_clip(self, frames: int) -> float:
         """Network FLOPs (RAFT + I3D; the OpenCV methods' own work is not counted), counted on torch's
-        I3D whichever library runs it (torch's counter cannot see inside ONNX Runtime)."""
+        I3D whichever library runs it (torch's counter cannot see inside another runtime)."""
         run_i3d, self.run_i3d = self.run_i3d, self.i3d.extract_features
         try:
             return count_flops(self.embed, dummy_frames(frames, self.config.decode_short_side))
@@ -103,7 +104,7 @@ class FlowI3DExtractor(Extractor):
             "pretrained": None if self.config.random_weights else I3D_FLOW_URL.rsplit("/", 1)[-1],
             "pooling": "Mixed_5c spatial mean, 2-step temporal mean, then mean over temporal positions",
             # Only when it is not torch: caches and runs made before this key keep equal descriptions.
-            **({"runtime": onnxruntime_version()} if self.on_onnxruntime else {}),
+            **({"runtime": runtime_version(self.runtime)} if self.runtime != "torch" else {}),
         }
 
 

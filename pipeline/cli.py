@@ -64,10 +64,11 @@ def add_extraction_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cpu-linear", choices=["onednn", "torch"], default="onednn",
                        help="library for the transformers' linear layers on a CPU: oneDNN (AVX-512 where the CPU has it) "
                             "or torch's default (MKL); equal up to float rounding (default: %(default)s)")
-    group.add_argument("--onnxruntime", default="", metavar="MODALITIES",
-                       help="comma-separated modalities whose backbone runs through ONNX Runtime on a CPU: flow "
-                            "(I3D, 1.3-1.7x on a 2-core CPU; optional package: pip install -e \".[onnx]\"); equal "
-                            "to torch's features up to float rounding, in a cache folder of its own")
+    group.add_argument("--flow-runtime", choices=["torch", "onnxruntime", "openvino"], default="torch",
+                       help="library that runs the flow I3D: torch, or on a CPU ONNX Runtime or OpenVINO (1.3-1.7x "
+                            "the I3D's rate on a 2-core CPU; optional packages: pip install -e \".[onnx]\" or "
+                            "\".[openvino]\"); equal to torch's features up to float rounding, in a cache folder "
+                            "of its own (default: %(default)s)")
     run = parser.add_argument_group("how it is computed (not part of the cache key)")
     run.add_argument("--weights-dir", type=Path, default=None,
                      help="folder with pretrained weight files under their public names, searched first")
@@ -104,7 +105,7 @@ def extraction_config_from_args(args: argparse.Namespace, device_type: str) -> "
             modalities=modalities, backbones=backbones, weights=args.backbones, arch_size=args.arch_size,
             seed=args.seed, feature_dtype=args.feature_dtype, attention=args.attention,
             memory_format=args.memory_format, cpu_linear=args.cpu_linear,
-            onnxruntime_modalities=tuple(m.strip() for m in args.onnxruntime.split(",") if m.strip()),
+            flow_runtime=args.flow_runtime,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None

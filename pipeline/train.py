@@ -33,7 +33,6 @@ from manifests.claims import RunLock, describe_holder
 from manifests.config import RecordedConfig
 from manifests.run import RunDir, RunFolderError, describe_differences, differing_settings
 from models import build_model, config_class
-from models.layers import use_uniform_dropout
 from models.checkpoint import (
     load_model_state,
     load_tensors,
@@ -42,6 +41,7 @@ from models.checkpoint import (
     save_model_config,
     save_tensors,
 )
+from models.layers import use_uniform_dropout
 from pipeline import data
 from pipeline.devices import resolve_device
 from pipeline.inference import call_model, evaluate_samples, predict
@@ -63,8 +63,8 @@ TRAINING_KEYS = (
     "warmup_epochs", "min_lr_ratio", "grad_clip", "mask_policy",
 )
 # TrainConfig settings whose source run.json records (besides the model-config fields).
-RECORDED_KEYS = TRAINING_KEYS + ("optimizer_implementation", "dropout_masks", "clip_num", "score_range", "val_fraction", "seed",
-                                 "train_missing", "ignore_unlabelled")
+RECORDED_KEYS = TRAINING_KEYS + ("optimizer_implementation", "dropout_masks", "clip_num", "score_range",
+                                 "val_fraction", "seed", "train_missing", "ignore_unlabelled")
 SELECTION = "best epoch on the validation split (Spearman rho, ties by lower MSE); the test set is never used"
 
 
