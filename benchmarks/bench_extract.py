@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from extractors.base import WeightsSource, build_extractors  # noqa: E402
-from extractors.config import ExtractionConfig  # noqa: E402
+from extractors.config import FLOW_RUNTIMES, ExtractionConfig  # noqa: E402
 from extractors.decode import VideoFrames, audio_windows, load_audio  # noqa: E402
 from extractors.onednn import linear as onednn_linear, onednn_linear_available  # noqa: E402
 from extractors.optical_flow import flow_input  # noqa: E402
@@ -138,7 +138,7 @@ def main() -> None:
     parser.add_argument("--rgb", default="vst")
     parser.add_argument("--flow", default=None, help="default: raft on GPU, farneback on CPU")
     parser.add_argument("--audio", default="ast")
-    parser.add_argument("--flow-runtime", default="torch", choices=["torch", "onnxruntime", "openvino"],
+    parser.add_argument("--flow-runtime", default=ExtractionConfig.flow_runtime, choices=FLOW_RUNTIMES,
                         help="the library that runs the flow I3D, as `pipeline extract --flow-runtime`")
     parser.add_argument("--batch-segments", type=int, default=8)
     parser.add_argument("--weights-dir", type=Path)

@@ -24,7 +24,7 @@ class UsageError(Exception):
 
 def add_extraction_options(parser: argparse.ArgumentParser) -> None:
     """Options that decide the features (the ExtractionConfig) and how they are computed."""
-    from extractors.config import BACKBONE_NAMES, DEFAULT_BACKBONES, ExtractionConfig
+    from extractors.config import BACKBONE_NAMES, DEFAULT_BACKBONES, FLOW_RUNTIMES, ExtractionConfig
 
     defaults = ExtractionConfig()
     group = parser.add_argument_group("what is extracted (recorded in config.json; its hash names the cache folder)")
@@ -64,7 +64,7 @@ def add_extraction_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cpu-linear", choices=["onednn", "torch"], default="onednn",
                        help="library for the transformers' linear layers on a CPU: oneDNN (AVX-512 where the CPU has it) "
                             "or torch's default (MKL); equal up to float rounding (default: %(default)s)")
-    group.add_argument("--flow-runtime", choices=["torch", "onnxruntime", "openvino"], default="torch",
+    group.add_argument("--flow-runtime", choices=FLOW_RUNTIMES, default=defaults.flow_runtime,
                        help="library that runs the flow I3D: torch, or on a CPU ONNX Runtime or OpenVINO (1.3-1.7x "
                             "the I3D's rate on a 2-core CPU; optional packages: pip install -e \".[onnx]\" or "
                             "\".[openvino]\"); equal to torch's features up to float rounding, in a cache folder "
