@@ -39,7 +39,7 @@ from torchvision.models.video import swin3d_b
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_extract import device_name, git_commit  # noqa: E402
+from benchmarks.bench_extract import device_name, run_record  # noqa: E402
 from extractors.i3d import inception_i3d  # noqa: E402
 from extractors.onednn import use_onednn_linears  # noqa: E402
 from extractors.base import BackboneUnavailableError  # noqa: E402
@@ -186,10 +186,10 @@ def main() -> None:
         if args.json:
             args.json.write_text(json.dumps(rows))
         return
-    results = {"device": device_name(torch.device("cpu")), "commit": git_commit(), "threads": torch.get_num_threads(),
+    results = {"device": device_name(torch.device("cpu")), **run_record(), "threads": torch.get_num_threads(),
                **runtime_versions(),
                "command": "python benchmarks/bench_cpu_backends.py " + " ".join(sys.argv[1:]), "networks": {}}
-    print(f"{results['device']}, commit {results['commit']}", flush=True)
+    print(f"{results['device']}, commit {results['commit']}, {results['date']}", flush=True)
     with tempfile.TemporaryDirectory() as work:
         for name in args.networks:
             out = Path(work) / "rows.json"

@@ -17,14 +17,13 @@ STARTED = time.perf_counter()  # before the heavy imports: they are part of what
 import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_extract import cpu_model  # noqa: E402
+from benchmarks.bench_extract import cpu_model, run_record  # noqa: E402
 from pipeline.cli import main as pipeline_main  # noqa: E402
 from pipeline.demo import DemoSettings, run_demo  # noqa: E402
 
@@ -41,7 +40,7 @@ def main() -> None:
     evaluations = result.comparison.evaluations if result.comparison else {}
     record = {
         "command": " ".join(["python", *sys.argv]),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        **run_record(),
         "machine": f"{cpu_model()}, {__import__('os').cpu_count()} cores, Python {platform.python_version()}",
         "note": "random-weight tiny backbones on synthetic clips",
         "exit_code": result.code,

@@ -3,7 +3,9 @@
     python benchmarks/bench_extract.py                       # synthetic 25 fps clips, full-size random backbones
     python benchmarks/bench_extract.py --videos DIR --backbones pretrained --device cuda --json out.json
 
-Reports segments/s and x-real-time (seconds of video per second of wall time) for every stage, and
+Reports segments/s and x-real-time (seconds of video covered by the kept segments per second of wall
+time: the remainder after a video's last segment is never embedded, so it does not count) for every
+stage, and
 each backbone's arithmetic rate (its FLOPs per segment over its time) as a fraction of this machine's
 own ceiling, measured first in the same run: the best matmul rate with torch at the shapes the
 backbones multiply (fp32 on all CPU cores; bf16 on a GPU).
@@ -12,8 +14,10 @@ backbones multiply (fp32 on all CPU cores; bf16 on a GPU).
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -28,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from extractors.base import WeightsSource, build_extractors  # noqa: E402
 from extractors.config import FLOW_RUNTIMES, ExtractionConfig  # noqa: E402
-from extractors.decode import VideoFrames, audio_windows, load_audio  # noqa: E402
+from extractors.decode import SegmentPlan, VideoFrames, audio_windows, load_audio  # noqa: E402
 from extractors.onednn import linear as onednn_linear, onednn_linear_available  # noqa: E402
 from extractors.optical_flow import flow_input  # noqa: E402
 from extractors.transforms import as_frames  # noqa: E402
@@ -118,11 +122,33 @@ def cpu_model() -> str:
 
 
 def git_commit() -> str:
+    """HEAD's short hash, with "+uncommitted changes" when tracked files other than the results differ
+    from it (a figure from a working tree is not the commit's)."""
+    root = Path(__file__).resolve().parents[1]
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                  ":(exclude)benchmarks/results"], capture_output=True, text=True, cwd=root).stdout.strip()
     except OSError:
         return "unknown"
+    return f"{head}+uncommitted changes" if head and changed else head or "unknown"
+
+
+def run_record() -> dict[str, str]:
+    """What every results file records about its run: the commit measured, the CPU with its family
+    (hosts of one name differ 2x in speed) and the UTC date."""
+    return {"commit": git_commit(), "cpu": cpu_model(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def covered_seconds(plan: SegmentPlan) -> float:
+    """Seconds of video the kept segments cover (overlapping windows counted once): what a real-time
+    ratio must divide, since the remainder after the last segment is never decoded or embedded."""
+    covered, reached = 0.0, float("-inf")
+    for start, end in sorted(zip(plan.start_s.tolist(), plan.end_s.tolist())):
+        covered += max(0.0, end - max(start, reached))
+        reached = max(reached, end)
+    return covered
 
 
 def main() -> None:
@@ -158,13 +184,14 @@ def main() -> None:
 
     # decode + audio, per video
     decode_s = audio_s = 0.0
-    video_seconds = 0.0
+    video_seconds = covered = 0.0
     segments = 0
     sample_batch = sample_audio = None
     for source in sources:
         video = VideoFrames(source.path, config.decode_short_side)
         plan = video.plan(config)
         video_seconds += video.info.duration_s
+        covered += covered_seconds(plan)
         segments += plan.num_segments
         start = time.perf_counter()
         for first in range(0, plan.num_segments, args.batch_segments):
@@ -219,15 +246,16 @@ def main() -> None:
     synchronize(device)
     rows.append(("end to end", time.perf_counter() - start, segments))
 
-    name = device_name(device)
-    print(f"device: {name}; {len(sources)} videos, {video_seconds:.1f} s of video, {segments} segments; "
-          f"backbones: {config.backbones} ({config.weights}, {config.arch_size}); commit {git_commit()}")
+    name, record = device_name(device), run_record()
+    print(f"device: {name}; {len(sources)} videos, {video_seconds:.2f} s of video, of which {segments} segments "
+          f"cover {covered:.2f} s (x real time is over these); backbones: {config.backbones} ({config.weights}, "
+          f"{config.arch_size}); commit {record['commit']}, {record['date']}")
     print("matmul ceiling (GFLOP/s): " + ", ".join(f"{n} {r:.0f}" for n, r in rates.items()) + f"; best {ceiling:.0f}")
     print(f"{'stage':28s} {'seconds':>9s} {'segments/s':>11s} {'x real time':>12s}")
     results = []
     for stage, seconds, count in rows:
         rate = count / seconds if seconds else float("inf")
-        realtime = video_seconds / seconds if seconds else float("inf")
+        realtime = covered / seconds if seconds else float("inf")
         print(f"{stage:28s} {seconds:9.2f} {rate:11.2f} {realtime:12.2f}")
         results.append({"stage": stage, "seconds": seconds, "segments_per_s": rate, "x_real_time": realtime})
     for modality, info in flops_rows.items():
@@ -241,13 +269,16 @@ def main() -> None:
     print(f"end to end: {end_to_end / slowest[0]:.0%} of the slowest backbone's rate ({slowest[1]}); "
           f"{end_to_end / serial:.0%} of the rate of all stages one after another ({serial:.3f} segments/s)")
     if args.json:
-        args.json.write_text(json.dumps({"device": name, "commit": git_commit(), "config": config.to_dict(),
-                                         "video_seconds": video_seconds, "segments": segments,
+        args.json.write_text(json.dumps({"device": name, **record, "config": config.to_dict(),
+                                         "video_seconds": video_seconds, "covered_seconds": covered,
+                                         "segments": segments,
                                          "command": " ".join(["python", *sys.argv]),
                                          "matmul_gflop_per_s": rates, "matmul_ceiling_gflop_per_s": ceiling,
                                          "stages": results, "flops": flops_rows,
                                          "end_to_end_fraction_of_slowest_backbone": end_to_end / slowest[0],
-                                         "end_to_end_fraction_of_stages_in_series": end_to_end / serial},
+                                         "end_to_end_fraction_of_stages_in_series": end_to_end / serial,
+                                         # the whole run's: backbones, decoded batches, extract's own state
+                                         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
                                         indent=2) + "\n")
 
 

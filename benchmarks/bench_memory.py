@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_extract import git_commit  # noqa: E402
+from benchmarks.bench_extract import run_record  # noqa: E402
 from extractors.decode import ffmpeg_binary  # noqa: E402
 
 
@@ -100,7 +100,8 @@ def main() -> None:
                            + (f" --batch-segments {args.batch_segments}" if args.batch_segments else "")
                            + " (32-frame segments)",
         "clips": "320x240, 25 fps, H.264 + AAC 44.1 kHz, ffmpeg testsrc2 + sine",
-        "commit": args.commit or git_commit(),
+        **run_record(),
+        **({"commit": args.commit} if args.commit else {}),
         "rows": rows,
         "spread": round(spread, 4),
         "note": "wall times depend on the machine's load; peak RSS does not",

@@ -31,7 +31,7 @@ from extractors.config import CPU_FLOW_BACKBONE, ExtractionConfig  # noqa: E402
 from pipeline.videos import discover_videos  # noqa: E402
 from pipeline.ray_extract import extract_on_ray  # noqa: E402
 from pipeline.ray_session import ray_session  # noqa: E402
-from benchmarks.bench_extract import benchmark_videos  # noqa: E402
+from benchmarks.bench_extract import benchmark_videos, run_record  # noqa: E402
 
 
 def timed_run(sources, out: Path, config: ExtractionConfig, workers: int, args) -> tuple[float, object]:
@@ -95,7 +95,8 @@ def main() -> None:
         print(f"{row['workers']:7d}  {row['plan']:34s} {row['wall_s']:7.1f} {row['fixed_s']:8.1f} {row['work_s']:7.1f} "
               f"{row['videos_per_s']:9.2f} {row['segments_per_s']:11.1f} {row['efficiency']:10.2f}")
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine, "config": config.to_dict(), "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({"machine": machine, **run_record(), "config": config.to_dict(), "rows": rows},
+                                        indent=2))
     shutil.rmtree(work, ignore_errors=True)
 
 

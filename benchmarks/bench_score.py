@@ -7,7 +7,8 @@
 It first builds a run to score with (generated labelled clips -> extract -> a 1-epoch MCMoE run),
 then times `score_clips` on clips the run has never seen, so every timing includes extraction:
 one clip alone (start-up included: backbones and scorer loaded once per invocation), then many
-clips in one invocation (their segments batched together through the backbones).
+clips in one invocation (their segments batched together through the backbones). x real time is
+over the seconds of video the clips' segments cover (what is embedded), not the clips' whole length.
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_extract import device_name, git_commit  # noqa: E402
+from benchmarks.bench_extract import covered_seconds, device_name, run_record  # noqa: E402
+from extractors.config import ExtractionConfig  # noqa: E402
+from extractors.decode import VideoFrames  # noqa: E402
+from manifests.run import RunDir  # noqa: E402
 from pipeline.cli import main as pipeline_main  # noqa: E402
 from pipeline.devices import resolve_device  # noqa: E402
 from pipeline.samples import ClipSpec, sample_set, write_clip  # noqa: E402
@@ -62,6 +66,7 @@ def main() -> None:
         return [write_clip(ClipSpec(f"{prefix}{i}", 0.5, seconds=args.seconds, seed=100 + i), work / prefix / f"{prefix}{i}.mp4")
                 for i in range(count)]
 
+    extraction = ExtractionConfig.from_dict(RunDir(run).read_extraction_config()["extraction"])
     timings = {}
     batches = [("one clip", new_clips("single", 1))] + ([(f"{args.clips} clips", new_clips("many", args.clips))] if args.clips else [])
     for name, clips in batches:
@@ -71,17 +76,21 @@ def main() -> None:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         assert not any(r.error for r in results), [r.error for r in results]
-        video_seconds = len(clips) * args.seconds
+        covered = sum(covered_seconds(VideoFrames(clip, extraction.decode_short_side).plan(extraction)) for clip in clips)
         timings[name] = {"clips": len(clips), "seconds": seconds, "clips_per_s": len(clips) / seconds,
-                         "x_real_time": video_seconds / seconds}
+                         "video_seconds": len(clips) * args.seconds, "covered_seconds": covered,
+                         "x_real_time": covered / seconds}
 
+    record = run_record()
     print(f"device: {device_name(device)}; {args.arch_size} random backbones (rgb vst, flow "
-          f"{'raft' if device.type == 'cuda' else 'farneback'}, audio ast); {args.seconds:g} s clips; commit {git_commit()}")
-    print(f"{'scoring':12s} {'seconds':>9s} {'clips/s':>9s} {'x real time':>12s}")
+          f"{'raft' if device.type == 'cuda' else 'farneback'}, audio ast); {args.seconds:g} s clips; "
+          f"commit {record['commit']}, {record['date']}")
+    print(f"{'scoring':12s} {'seconds':>9s} {'clips/s':>9s} {'video s':>8s} {'covered s':>10s} {'x real time':>12s}")
     for name, row in timings.items():
-        print(f"{name:12s} {row['seconds']:9.2f} {row['clips_per_s']:9.2f} {row['x_real_time']:12.2f}")
+        print(f"{name:12s} {row['seconds']:9.2f} {row['clips_per_s']:9.2f} {row['video_seconds']:8.2f} "
+              f"{row['covered_seconds']:10.2f} {row['x_real_time']:12.2f}")
     if args.json:
-        args.json.write_text(json.dumps({"device": device_name(device), "commit": git_commit(),
+        args.json.write_text(json.dumps({"device": device_name(device), **record,
                                          "arch_size": args.arch_size, "clip_seconds": args.seconds,
                                          "timings": timings}, indent=2))
 

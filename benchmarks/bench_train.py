@@ -69,7 +69,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.limssr import LIMSSR, LIMSSRConfig  # noqa: E402
-from benchmarks.bench_extract import cpu_model, git_commit, matmul_rates  # noqa: E402
+from benchmarks.bench_extract import matmul_rates, run_record  # noqa: E402
 from models.mcmoe import mcmoe  # noqa: E402
 from models.tiny_llm import build_tiny_tokenizer, save_tiny_llm  # noqa: E402
 from pipeline.data import draw_training_masks  # noqa: E402
@@ -470,7 +470,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {
         "setting": {"batches": args.batches, "batch_size": args.batch_size or "per model", "clips": args.clips,
                     "repeats": args.repeats, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "cpu": cpu_model(), "commit": git_commit()},
+                    **run_record()},
         "results": [], "checks": [],
     }
     for model in args.models:

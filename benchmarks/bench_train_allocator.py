@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_extract import git_commit  # noqa: E402
+from benchmarks.bench_extract import run_record  # noqa: E402
 from benchmarks.bench_train import RG_CLIPS, peak_memory_mib, setup_mcmoe  # noqa: E402
 from pipeline.train import OPTIMIZER_IMPLEMENTATIONS, TrainConfig  # noqa: E402
 
@@ -99,7 +99,7 @@ def main() -> None:
     report = {
         "setting": {"steps": args.steps, "batch_size": args.batch_size, "clips": args.clips,
                     "optimizer_implementation": args.optimizer_implementation, "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "commit": git_commit()},
+                    "threads": torch.get_num_threads(), **run_record()},
         "results": [{"variant": v, "median_step_ms": 1000 * statistics.median(times[v]), "step_s": times[v],
                      "speedup": statistics.median(b / t for b, t in zip(base, times[v])), "peak_mib": peaks[v]}
                     for v in VARIANTS],

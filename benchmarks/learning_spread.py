@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,6 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.bench_extract import run_record  # noqa: E402
 from tests.learning import flat_clip_rho, run_reduced_demo  # noqa: E402
 
 
@@ -55,9 +55,8 @@ def main() -> None:
     for key, stats in summary.items():
         print(f"{key:24} min {stats['min']:.3f}  mean {stats['mean']:.3f}  max {stats['max']:.3f}")
     if args.json:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
         args.json.write_text(json.dumps({
-            "command": " ".join(["python", *sys.argv]), "commit": commit,
+            "command": " ".join(["python", *sys.argv]), **run_record(),
             "machine": f"{platform.machine()} CPU, {platform.python_version()}",
             "note": "random-weight tiny backbones on synthetic clips", "rows": rows, "summary": summary,
         }, indent=2) + "\n")

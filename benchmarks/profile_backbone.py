@@ -2,6 +2,7 @@
 
     python benchmarks/profile_backbone.py --modality rgb            # Video Swin-B, full size, one segment
     python benchmarks/profile_backbone.py --modality flow --segments 2 --rows 25
+    python benchmarks/profile_backbone.py --modality rgb --ceiling --json benchmarks/results/profile_rgb_cpu.json
 
 Builds the backbone as `pipeline extract` does (random weights unless --backbones pretrained), runs
 `embed` once to warm up, then once under torch.profiler, and prints the operators by their own time
@@ -16,6 +17,7 @@ of that ceiling: how fast the arithmetic itself runs, and what the other operato
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -28,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from benchmarks.bench_extract import git_commit, matmul_rates  # noqa: E402
+from benchmarks.bench_extract import matmul_rates, run_record  # noqa: E402
 from extractors.base import WeightsSource, build_extractors  # noqa: E402
 from extractors.config import ExtractionConfig  # noqa: E402
 from extractors.transforms import dummy_frames  # noqa: E402
@@ -47,6 +49,7 @@ def main() -> None:
     parser.add_argument("--segments", type=int, default=1)
     parser.add_argument("--rows", type=int, default=15)
     parser.add_argument("--ceiling", action="store_true", help="measure the matmul ceiling and each operator's rate")
+    parser.add_argument("--json", type=Path, help="also write the shares and the top operators here")
     args = parser.parse_args()
     ceiling = max(matmul_rates(torch.device("cpu")).values()) if args.ceiling else None
 
@@ -73,8 +76,13 @@ def main() -> None:
     total = sum(e.self_cpu_time_total for e in events)
     arithmetic = sum(e.self_cpu_time_total for e in events if e.key.split("::")[-1].lstrip("_").startswith(ARITHMETIC)
                      or "convolution" in e.key)
+    record = {**run_record(), "threads": torch.get_num_threads(), "command": " ".join(["python", *sys.argv]),
+              "modality": args.modality, "backbone": name, "arch_size": config.arch_size, "weights": config.weights,
+              "segments": args.segments, "profiled_s": seconds, "arithmetic_share_of_operators": arithmetic / total,
+              "matmul_ceiling_gflop_per_s": ceiling}
     print(f"{args.modality}: {name} ({config.arch_size}, {config.weights} weights), {args.segments} segment(s), "
-          f"{torch.get_num_threads()} threads, commit {git_commit()}: {seconds:.2f} s under the profiler")
+          f"{record['cpu']}, {record['threads']} threads, commit {record['commit']}, {record['date']}: "
+          f"{seconds:.2f} s under the profiler")
     print(f"arithmetic operators (matmul, convolution): {arithmetic / total:.0%} of the operators' own time")
     # Rows: (operator, own microseconds, calls, FLOPs or None).
     rows = {e.key: [e.key, e.self_cpu_time_total, e.count, None] for e in events}
@@ -95,15 +103,23 @@ def main() -> None:
             rows[max(fused, key=lambda key: rows[key][1])][3] = unseen
         arithmetic_rows = [row for row in rows.values() if row[3]]
         gflop = sum(row[3] for row in arithmetic_rows) / 1e9
+        record["fraction_of_ceiling_over_all_operators"] = gflop / (total / 1e6) / ceiling
+        record["fraction_of_ceiling_over_arithmetic_operators"] = gflop / (sum(r[1] for r in arithmetic_rows) / 1e6) / ceiling
         print(f"matmul ceiling {ceiling:.0f} GFLOP/s; {gflop:.0f} GFLOP: {gflop / (total / 1e6) / ceiling:.0%} of the "
               f"ceiling over all operators' own time, {gflop / (sum(r[1] for r in arithmetic_rows) / 1e6) / ceiling:.0%} "
               "over the arithmetic operators' own time alone")
     print(f"{'operator':48s} {'own time':>10s} {'share':>7s} {'calls':>7s}" + (f" {'GFLOP':>7s} {'of ceiling':>10s}" if ceiling else ""))
+    record["top_operators"] = []
     for key, micros, calls, count in sorted(rows.values(), key=lambda row: row[1], reverse=True)[: args.rows]:
         line = f"{key:48s} {micros / 1e6:9.2f}s {micros / total:7.1%} {calls:7d}"
+        operator = {"operator": key, "own_s": micros / 1e6, "share": micros / total, "calls": calls}
         if count:
             line += f" {count / 1e9:7.1f} {count / 1e9 / (micros / 1e6) / ceiling:10.0%}"
+            operator |= {"gflop": count / 1e9, "fraction_of_ceiling": count / 1e9 / (micros / 1e6) / ceiling}
         print(line)
+        record["top_operators"].append(operator)
+    if args.json:
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
 
 if __name__ == "__main__":
     main()

@@ -29,7 +29,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_extract import git_commit  # noqa: E402
+from benchmarks.bench_extract import run_record  # noqa: E402
 from benchmarks.bench_train import RG_CLIPS, RG_DIMS  # noqa: E402
 from models.mcmoe import mcmoe  # noqa: E402
 from pipeline import data  # noqa: E402
@@ -163,7 +163,7 @@ def profile_steps(implementation: str, batch_size: int, clips: int, warmup: int,
     top_level_ops = sum(row["operators"] for row in split.values()) / per_step
     report = {
         "implementation": implementation, "dropout_masks": dropout_masks, "batch_size": batch_size, "clips": clips, "steps": steps,
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "commit": git_commit(),
+        "threads": torch.get_num_threads(), "torch": torch.__version__, **run_record(),
         "step_ms_unprofiled": [1000 * t for t in unprofiled],
         "median_step_ms_unprofiled": 1000 * statistics.median(unprofiled),
         "step_ms_profiled": 1000 * profiled_s / per_step,
