@@ -70,8 +70,8 @@ def append(entry: dict, path: Path = RECORD) -> None:
     path.write_text(json.dumps([*runs, entry], indent=2) + "\n")
 
 
-def main(argv: list[str]) -> int:
-    command = [str(ROOT / "scripts" / "test.sh"), *argv]
+def record_run(command: list[str], shown: str, path: Path = RECORD) -> int:
+    """Run `command` (pytest's output passed through), append its result to `path`; its exit code."""
     started = time.monotonic()
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -86,10 +86,14 @@ def main(argv: list[str]) -> int:
     except ValueError as error:
         print(f"suite_record: {error}; nothing recorded (exit code {code})", file=sys.stderr)
         return code or 1
-    append({"commit": git_commit(), "date": date, "cpu": cpu_description(), "command": " ".join(["scripts/test.sh", *argv]),
-            "exit_code": code, **result, "wall_seconds": round(wall, 1)})
-    print(f"suite_record: appended to {RECORD.relative_to(ROOT)}")
+    append({"commit": git_commit(), "date": date, "cpu": cpu_description(), "command": shown, "exit_code": code,
+            **result, "wall_seconds": round(wall, 1)}, path)
+    print(f"suite_record: appended to {path}")
     return code
+
+
+def main(argv: list[str]) -> int:
+    return record_run([str(ROOT / "scripts" / "test.sh"), *argv], " ".join(["scripts/test.sh", *argv]))
 
 
 if __name__ == "__main__":

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
-from benchmarks.suite_record import append, cpu_description, parse_summary
+from benchmarks.suite_record import append, cpu_description, parse_summary, record_run
 
 OUTPUT = """\
 ........................F.........s..................................... [ 22%]
@@ -41,3 +42,15 @@ def test_runs_are_appended_to_the_record(tmp_path):
     append({"commit": "b", "cpu": cpu_description()}, record)
     runs = json.loads(record.read_text())
     assert [r["commit"] for r in runs] == ["a", "b"] and {"vendor", "family", "model", "name"} <= set(runs[1]["cpu"])
+
+
+def test_a_run_is_timed_parsed_and_recorded(tmp_path, capsys):
+    record = tmp_path / "suite_runs.json"
+    fake = [sys.executable, "-c", "print('FAILED tests/a.py::b - x'); print('1 failed, 4 passed in 0.10s'); exit(1)"]
+    assert record_run(fake, "fake", record) == 1
+    assert "1 failed, 4 passed" in capsys.readouterr().out  # passed through
+    (run,) = json.loads(record.read_text())
+    assert (run["passed"], run["failed"], run["failed_tests"], run["exit_code"]) == (4, 1, ["tests/a.py::b"], 1)
+    assert run["wall_seconds"] >= 0 and run["commit"] and run["cpu"]["family"]
+    assert record_run([sys.executable, "-c", "print('collection error')"], "fake", record) == 1  # nothing to record
+    assert len(json.loads(record.read_text())) == 1
