@@ -19,7 +19,7 @@ from manifests.config import ConfigError
 from manifests.hashing import hashed_fields
 from pipeline.cli import main
 from pipeline.importers import import_pamfn, import_skating_mixer
-from tests.fixture_numbers import assert_close_to_fixture
+from tests.fixture_numbers import assert_features_close
 from tests.fixtures.cache.make_fixtures import TINY, pamfn, skating_mixer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "cache"
@@ -63,7 +63,7 @@ def test_old_caches_keep_their_names_and_open(old_out):
         assert FeatureCache(old_out / name).feature_dims == {"rgb": 8, "flow": 6, "audio": 4}
 
 
-def test_extracting_again_gives_the_old_folder_and_identical_features(old_out, tmp_path, capsys):
+def test_extracting_again_gives_the_old_folder_and_the_same_features(old_out, tmp_path, capsys):
     clip = FIXTURES / "videos" / "clip.mp4"
     fresh = tmp_path / "fresh"
     for name, flags in EXTRACTED.items():
@@ -73,7 +73,7 @@ def test_extracting_again_gives_the_old_folder_and_identical_features(old_out, t
         assert new.config.extractor_versions() == old.config.extractor_versions()
         assert config_differences(old.read_config(), new.read_config()) == []
         for modality, array in old.load_features("clip").items():
-            assert_close_to_fixture(new.load_features("clip")[modality], array, f"{name} {modality}")
+            assert_features_close(new.load_features("clip")[modality], array, modality, name)
         # into the old cache itself: nothing to do, the old record is trusted as it is
         before = old.read_record("clip").finished_at
         capsys.readouterr()
