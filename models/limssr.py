@@ -1,4 +1,4 @@
-"""LIMSSR: LLM-driven sequence-to-score reasoning for incomplete multimodal AQA (DESIGN.md section 4).
+"""LIMSSR: LLM-driven sequence-to-score reasoning for incomplete multimodal AQA (docs/design/limssr.md).
 
 A causal LLM (frozen, with LoRA adapters) reads one sequence per sample:
 
@@ -46,7 +46,7 @@ MODALITY_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
 class LIMSSRConfig(ModelConfig):
     """Schema version 2 records `schema_version`; version-1 files lacking triplet_distance were trained
     with Euclidean distance (see `upgrade`). The presets' published settings are MCMoE's: LIMSSR takes
-    none of them (DESIGN.md section 4), only the dataset facts every model uses."""
+    none of them (docs/design/limssr.md), only the dataset facts every model uses."""
 
     SCHEMA_VERSION = 2
     FLAG_FIELDS = {"dropout": "dropout", "alpha": "alpha", "llm": "llm", "llm_dtype": "torch_dtype",
@@ -103,7 +103,7 @@ class LIMSSRConfig(ModelConfig):
 
     @classmethod
     def training_defaults(cls) -> dict[str, Any]:
-        # DESIGN.md section 4. The papers give no epoch count for LIMSSR; 100 epochs at batch 8 is about
+        # docs/design/limssr.md. The papers give no epoch count for LIMSSR; 100 epochs at batch 8 is about
         # 2,500 steps on an RG-sized split (~200 training clips): enough for heads trained from scratch
         # plus LoRA, which adapts far faster than MCMoE's from-scratch 270-560 epochs, and a few minutes
         # per run for Qwen2.5-0.5B on one GPU. Validation-based selection guards against the tail.

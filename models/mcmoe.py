@@ -13,7 +13,7 @@ training, a modality hidden by the training mask still counts in the projections
 the data has it (as in the published code), so it may shift other samples' scores slightly; a modality
 absent from the data never does.
 
-Where this departs from the published code (DESIGN.md section 3 describes the model):
+Where this departs from the published code (docs/design/mcmoe.md describes the model):
 - per-sample masks instead of one mask per batch; with one mask per batch the masking gives the same
   numbers as generating from the available modalities alone. L_recon and L_align are means over the
   samples whose data has the modality, so their expectation over the per-sample masks equals the
@@ -21,7 +21,7 @@ Where this departs from the published code (DESIGN.md section 3 describes the mo
 - the grade prototypes get the position encoding of their grade index (the published code indexes the
   encoding by the sample's position in the batch, so a score depended on where a video sat in it;
   `prototype_encoding="batch-position"` reproduces that, for the authors' released checkpoints).
-L_div measures 1 - cosine between grade patterns, as the published code does (DESIGN.md says Euclidean;
+L_div measures 1 - cosine between grade patterns, as the published code does (the paper's text suggests Euclidean;
 `div_distance="euclidean"` gives that).
 """
 
@@ -53,7 +53,7 @@ CHOICES = {
 class MCMoEConfig(ModelConfig):
     """Architecture, loss weights and ablation switches. Defaults are the published settings.
 
-    Ablations (DESIGN.md Table 3): switch off use_stem / use_agmg / use_moe / use_cfm / use_recon /
+    Ablations (the paper's Table 3): switch off use_stem / use_agmg / use_moe / use_cfm / use_recon /
     use_align / use_div. Without AGMG a missing modality stays zeros; without MoE F^m is the completed
     sequence; without CFM the F^m are summed. `baseline` switches off STEM, AGMG, MoE, CFM, L_recon and
     L_align at once: the projected available features are summed and read by the grade decoder,
@@ -64,7 +64,7 @@ class MCMoEConfig(ModelConfig):
     """
 
     SCHEMA_VERSION = 2
-    # `--ablation NAME` (DESIGN.md Table 3)
+    # `--ablation NAME` (the paper's Table 3)
     ABLATIONS = {
         "baseline": {"baseline": True},
         "no-stem": {"use_stem": False},
@@ -111,7 +111,7 @@ class MCMoEConfig(ModelConfig):
     recon_mean_over: str = "present"
     margin: float = 1.0
     # L_div's distance. The published code (GDLT's HardTripletLoss, which MCMoE imports) measures
-    # 1 - cosine between L2-normalised patterns; DESIGN.md's "Euclidean" is not what it runs.
+    # 1 - cosine between L2-normalised patterns; the paper's "Euclidean" is not what it runs.
     div_distance: str = "cosine"
     recon_weight: float = 1.0
     align_weight: float = 1.0

@@ -1,11 +1,11 @@
-"""The published benchmark settings (DESIGN.md section 3), as data.
+"""The published benchmark settings (docs/design/mcmoe.md), as data.
 
 A preset carries two kinds of values:
 - dataset facts, used by every model: clip_num (segments per sample) and the score range labels are
   divided by;
 - the published optimisation and model settings (epochs, lr, alpha, ...; MCMoE's). Which of them a
   model takes, and onto which of its config fields, the model's config declares (PRESET_TRAINING,
-  PRESET_FIELDS in models/): MCMoE takes them all, LIMSSR none (its own defaults, DESIGN.md section 4).
+  PRESET_FIELDS in models/): MCMoE takes them all, LIMSSR none (its own defaults, docs/design/limssr.md).
 Every value is overridable by the matching `pipeline train` flag.
 
 No preset turns on the sinusoidal position encoding of the STEM input: the reference README's
