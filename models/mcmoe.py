@@ -46,7 +46,10 @@ CHOICES = {
     "prototype_encoding": ("grade-index", "batch-position"),
     "projection_stats": ("present", "available"),
     "recon_mean_over": ("present", "imputed"),
+    "expert_stats_order": ("modalities", "reference"),
 }
+# The reference code applies the experts to visual, audio, flow in this order (its v, a, f).
+REFERENCE_MODALITY_ORDER = ("rgb", "audio", "flow")
 
 
 @dataclass
@@ -77,8 +80,10 @@ class MCMoEConfig(ModelConfig):
     }
     FLAG_FIELDS = {"hidden": "hidden", "dropout": "dropout", "alpha": "div_weight", "position_encoding": "position_encoding"}
     # The presets are MCMoE's published settings: all of them apply (alpha is the L_div weight).
-    PRESET_TRAINING = ("epochs", "lr", "batch_size", "optimizer", "weight_decay", "min_lr_ratio", "warmup_epochs", "seed")
-    PRESET_FIELDS = {"alpha": "div_weight", "position_encoding": "position_encoding", "dropout": "dropout", "hidden": "hidden"}
+    PRESET_TRAINING = ("epochs", "lr", "batch_size", "optimizer", "weight_decay", "min_lr_ratio", "warmup_epochs", "seed",
+                       "mask_policy")
+    PRESET_FIELDS = {"alpha": "div_weight", "position_encoding": "position_encoding", "dropout": "dropout", "hidden": "hidden",
+                     "expert_stats_order": "expert_stats_order"}
     GPUS_PER_RUN = 0.25  # runs are small: four share a GPU
 
     modalities: list[str]
@@ -109,6 +114,11 @@ class MCMoEConfig(ModelConfig):
     # published per-batch loss) or over the samples that imputed it ("imputed"; runs recorded before this
     # setting existed, about twice the published weight in expectation with three modalities).
     recon_mean_over: str = "present"
+    # The order in which each expert's BatchNorm running statistics take their per-modality updates in
+    # training: "modalities" (this model's modality order) or "reference" (rgb, audio, flow, then the
+    # others: the reference code's v, a, f, so that a step's statistics equal its step's). Outputs and
+    # gradients do not depend on it; the running statistics used at evaluation do.
+    expert_stats_order: str = "modalities"
     margin: float = 1.0
     # L_div's distance. The published code (GDLT's HardTripletLoss, which MCMoE imports) measures
     # 1 - cosine between L2-normalised patterns; the paper's "Euclidean" is not what it runs.
@@ -223,16 +233,17 @@ class ExpertBank(nn.Module):
         self.conv2 = nn.Conv1d(count * self.inner, count * hidden, 1, groups=count)
         self.norm2 = MaskedBatchNorm1d(count * hidden)
 
-    def all_pairs(self, x: Tensor) -> Tensor:
+    def all_pairs(self, x: Tensor, order: list[int] | None = None) -> Tensor:
         """x (M, B, T, d) -> (M, B, E, T, d): expert e applied to modality m.
 
-        Batch statistics are taken per (expert, modality) pair, as separate expert calls would.
+        Batch statistics are taken per (expert, modality) pair, as separate expert calls would; the
+        running statistics take the modalities' updates in `order` (default: 0, 1, ..., M-1).
         """
         groups, batch, length, hidden = x.shape
         h = self.conv1(x.reshape(groups * batch, length, hidden).transpose(1, 2))
-        h = F.gelu(batch_norm_per_group(h.view(groups, batch, -1, length), self.norm1))
+        h = F.gelu(batch_norm_per_group(h.view(groups, batch, -1, length), self.norm1, order))
         y = self.conv2(h.view(groups * batch, -1, length))
-        y = batch_norm_per_group(y.view(groups, batch, -1, length), self.norm2)
+        y = batch_norm_per_group(y.view(groups, batch, -1, length), self.norm2, order)
         return y.view(groups, batch, self.count, hidden, length).transpose(-1, -2)
 
     def own(self, x: Tensor, rows: Tensor) -> Tensor:
@@ -283,6 +294,10 @@ class MCMoE(nn.Module):
         self.grade_prototypes = nn.Parameter(torch.randn(config.num_grades, d))
         self.head = nn.Linear(d, config.num_grades)
         self.register_buffer("grade_values", torch.linspace(0, 1, config.num_grades), persistent=False)
+        self.expert_order = None  # the experts' BatchNorm update order over modalities (None: as listed)
+        if config.expert_stats_order == "reference":
+            rank = {m: i for i, m in enumerate(REFERENCE_MODALITY_ORDER)}
+            self.expert_order = sorted(range(count), key=lambda i: rank.get(self.modalities[i], len(rank)))
         # The published Transformer initialises every weight matrix of its encoder and decoder this way.
         for module in (self.stem, self.decoder):
             if module is not None:
@@ -400,7 +415,7 @@ class MCMoE(nn.Module):
             completed = torch.where(available.T[:, :, None, None], real, 0.0)
 
         if self.experts is not None:
-            expert_out = self.experts.all_pairs(completed)  # (M, B, E, T, d)
+            expert_out = self.experts.all_pairs(completed, self.expert_order)  # (M, B, E, T, d)
             weights = torch.softmax(self.router(completed), dim=-1)  # (M, B, T, E)
             fused = torch.einsum("mbte,mbetd->mbtd", weights, expert_out)
             out["fused"] = fused.transpose(0, 1)
