@@ -77,7 +77,7 @@ class LIMSSRConfig(ModelConfig):
     lora_dropout: float = 0.1
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     num_fusion_tokens: int = 4
-    head_hidden: int = 256  # width of the refinement / regressor MLPs
+    head_hidden: int = 256  # width of the refinement / regressor MLPs (project variant; the reference: H and H/2)
     mda_heads: int = 4  # heads of the self-attention across modality vectors; must divide the LLM width
     dropout: float | None = None  # None: the variant's (project 0.1, reference 0.15)
     margin: float = 1.0  # hardest-triplet margin
