@@ -26,7 +26,7 @@ CPU_LINEARS = ("onednn", "torch")
 # measured faster than eager torch (benchmarks/bench_cpu_backends.py; extractors/cpu_runtimes.py).
 FLOW_RUNTIMES = ("torch", "onnxruntime", "openvino")
 
-# The published feature sets put these backbones behind each modality (DESIGN.md section 2).
+# The published feature sets put these backbones behind each modality (docs/design/features.md).
 DEFAULT_BACKBONES = {"rgb": "vst", "flow": "raft", "audio": "ast"}
 CPU_FLOW_BACKBONE = "farneback"  # RAFT is the GPU default; on a CPU Farneback is ~50x cheaper.
 

@@ -1,7 +1,7 @@
 """Dense optical flow between consecutive frames: RAFT (torchvision), Farneback and TV-L1 (OpenCV).
 
 Flow is computed at the I3D input resolution: frames at short side 256 are centre-cropped to
-224x224 first (DESIGN.md section 2), never at the source resolution. Each method maps float frames
+224x224 first (docs/design/features.md), never at the source resolution. Each method maps float frames
 (B, F, 3, 224, 224) in [0, 255] to flow in pixels (B, F-1, 2, 224, 224), x then y, from frame t to
 t+1; `flow_clip` turns that into the I3D flow input, clipped to [-20, 20] and scaled to [-1, 1].
 """

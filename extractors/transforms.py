@@ -1,6 +1,6 @@
 """Frame preparation shared by the frame backbones: checks, centre crops, resizing, normalisation.
 
-Crops are specified in pixels at the protocol's reference short side of 256 (DESIGN.md section 2:
+Crops are specified in pixels at the protocol's reference short side of 256 (docs/design/features.md:
 short side 256, centre crop 224 x 300, ...). Frames decoded at another short side get the same crop
 scaled to their size, so the field of view never depends on the decode resolution; the crop is then
 resized to the backbone's input size.

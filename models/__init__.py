@@ -28,6 +28,8 @@ and never names a model):
 
     training_defaults()   optimiser and schedule: the TrainConfig keys optimizer, lr, weight_decay,
                           batch_size, epochs, warmup_epochs, min_lr_ratio, grad_clip, mask_policy
+    training_defaults_for(options)  the same given the model settings chosen (a variant of the model
+                          may train differently); by default training_defaults()
     ABLATIONS             `--ablation NAME` -> config fields it sets
     FLAG_FIELDS           generic `pipeline train` flag (hidden, dropout, alpha, ...) -> the config field
                           it sets; a flag not listed does not apply to the model
@@ -70,6 +72,10 @@ class ModelConfig(RecordedConfig):
     @classmethod
     def training_defaults(cls) -> dict[str, Any]:
         raise NotImplementedError(f"{cls.__name__} must declare its training defaults")
+
+    @classmethod
+    def training_defaults_for(cls, options: dict[str, Any]) -> dict[str, Any]:
+        return cls.training_defaults()
 
     @classmethod
     def device_defaults(cls, device_type: str) -> dict[str, Any]:

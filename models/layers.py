@@ -60,18 +60,20 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
             self.num_batches_tracked.add_(1)
             momentum = _momentum_factor(self)
             # A channel with no selected row keeps its running statistics.
-            factor = torch.where(count > 0, momentum, 0.0).to(mean.dtype)
+            # in the statistics' dtype (a float32 momentum would be off by 1e-9 in a float64 model)
+            factor = (count > 0).to(mean.dtype) * momentum
             unbiased = var * count / (count - 1).clamp_min(1.0)
             self.running_mean.mul_(1 - factor).add_(factor * mean)
             self.running_var.mul_(1 - factor).add_(factor * unbiased)
         return out
 
 
-def batch_norm_per_group(x: Tensor, norm: nn.BatchNorm1d) -> Tensor:
+def batch_norm_per_group(x: Tensor, norm: nn.BatchNorm1d, order: list[int] | None = None) -> Tensor:
     """Apply `norm` to x (G, B, C, T) as if it were called on each of the G groups in turn.
 
     Each group gets its own batch statistics, and the running statistics end where G successive calls
-    would leave them, so one call over stacked groups gives the numbers of G separate calls.
+    would leave them, so one call over stacked groups gives the numbers of G separate calls; `order`
+    (a permutation of range(G), default in turn) is the order of those calls.
     """
     groups, batch, channels, length = x.shape
     if not norm.training or not norm.track_running_stats:
@@ -87,6 +89,10 @@ def batch_norm_per_group(x: Tensor, norm: nn.BatchNorm1d) -> Tensor:
     with torch.no_grad():
         count = batch * length
         mean, var = mean.view(groups, channels), var.view(groups, channels) * count / max(count - 1, 1)
+        if order is not None:
+            if sorted(order) != list(range(groups)):
+                raise ValueError(f"order must be a permutation of range({groups}), got {order}")
+            mean, var = mean[order], var[order]
         if norm.momentum is None:  # cumulative average: replay the G updates one by one
             for g in range(groups):
                 norm.num_batches_tracked.add_(1)

@@ -1,4 +1,4 @@
-"""LIMSSR: LLM-driven sequence-to-score reasoning for incomplete multimodal AQA (DESIGN.md section 4).
+"""LIMSSR: LLM-driven sequence-to-score reasoning for incomplete multimodal AQA (docs/design/limssr.md).
 
 A causal LLM (frozen, with LoRA adapters) reads one sequence per sample:
 
@@ -19,6 +19,11 @@ modality, K fusion tokens) are added to the tokenizer and read from `new_token_e
 parameter owned by this module, so a checkpoint stores only those rows. The LLM is loaded through
 AutoModel (the decoder without its LM head): only hidden states are used, so the LM head would cost a
 vocabulary-sized projection per position for nothing.
+
+`variant="reference"` is the authors' model instead (docs/design/limssr.md lists every difference): the
+whole embedding matrix (resized to the tokenizer, markers as its rows) and the LM head trainable, LoRA
+rank 16, the reference's prompt, modality order (visual, audio, flow) and heads. Its LM head is kept
+for the parameter set but not computed: it never reaches the loss.
 """
 
 from __future__ import annotations
@@ -40,31 +45,41 @@ from models.losses import DISTANCES, hardest_triplet_loss
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MODALITY_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
+VARIANTS = ("project", "reference")
+# Settings whose default depends on the variant (the reference's command-line defaults: LoRA rank 16,
+# dropout 0.15); None in a config means "the variant's default".
+VARIANT_DEFAULTS = {"project": {"lora_r": 8, "dropout": 0.1}, "reference": {"lora_r": 16, "dropout": 0.15}}
+# The reference variant: its modality order (v, a, f), the words its prompt uses and its marker names.
+REFERENCE_ORDER = ("rgb", "audio", "flow")
+REFERENCE_WORDS = {"rgb": "visual"}
+REFERENCE_MARKER_NAMES = {"rgb": "video"}
 
 
 @dataclass
 class LIMSSRConfig(ModelConfig):
     """Schema version 2 records `schema_version`; version-1 files lacking triplet_distance were trained
     with Euclidean distance (see `upgrade`). The presets' published settings are MCMoE's: LIMSSR takes
-    none of them (DESIGN.md section 4), only the dataset facts every model uses."""
+    none of them (docs/design/limssr.md), only the dataset facts every model uses."""
 
     SCHEMA_VERSION = 2
     FLAG_FIELDS = {"dropout": "dropout", "alpha": "alpha", "llm": "llm", "llm_dtype": "torch_dtype",
-                   "gradient_checkpointing": "gradient_checkpointing"}
+                   "gradient_checkpointing": "gradient_checkpointing", "limssr_variant": "variant"}
     PATH_FIELDS = ("llm",)  # evaluate / score / resume must find a local LLM folder from any working folder
     GPUS_PER_RUN = 1.0  # an LLM each
 
     modalities: list[str]
     feature_dims: dict[str, int]
     llm: str = "Qwen/Qwen2.5-0.5B"  # hub id or local folder holding weights + tokenizer
-    lora_r: int = 8
+    # "project" (this project's design) or "reference" (the authors' model: docs/design/limssr.md)
+    variant: str = "project"
+    lora_r: int | None = None  # None: the variant's (project 8, reference 16)
     lora_alpha: int = 32
     lora_dropout: float = 0.1
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     num_fusion_tokens: int = 4
-    head_hidden: int = 256  # width of the refinement / regressor MLPs
+    head_hidden: int = 256  # width of the refinement / regressor MLPs (project variant; the reference: H and H/2)
     mda_heads: int = 4  # heads of the self-attention across modality vectors; must divide the LLM width
-    dropout: float = 0.1
+    dropout: float | None = None  # None: the variant's (project 0.1, reference 0.15)
     margin: float = 1.0  # hardest-triplet margin
     triplet_distance: str = "cosine"  # 1 - cosine, as the GDLT triplet loss both papers' code imports
     task_weight: float = 10.0
@@ -75,6 +90,11 @@ class LIMSSRConfig(ModelConfig):
     torch_dtype: str = "float32"  # dtype of the LLM; projections and heads always run in float32
 
     def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        for name, value in VARIANT_DEFAULTS[self.variant].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         if not self.modalities or len(set(self.modalities)) != len(self.modalities):
             raise ValueError(f"modalities must be non-empty and unique, got {self.modalities}")
         for name in self.modalities:
@@ -103,7 +123,7 @@ class LIMSSRConfig(ModelConfig):
 
     @classmethod
     def training_defaults(cls) -> dict[str, Any]:
-        # DESIGN.md section 4. The papers give no epoch count for LIMSSR; 100 epochs at batch 8 is about
+        # docs/design/limssr.md. The papers give no epoch count for LIMSSR; 100 epochs at batch 8 is about
         # 2,500 steps on an RG-sized split (~200 training clips): enough for heads trained from scratch
         # plus LoRA, which adapts far faster than MCMoE's from-scratch 270-560 epochs, and a few minutes
         # per run for Qwen2.5-0.5B on one GPU. Validation-based selection guards against the tail.
@@ -119,6 +139,14 @@ class LIMSSRConfig(ModelConfig):
             "mask_policy": "any",
         }
 
+    @classmethod
+    def training_defaults_for(cls, options: dict[str, Any]) -> dict[str, Any]:
+        # The reference variant draws one availability pattern per batch, as the authors' code does.
+        defaults = cls.training_defaults()
+        if options.get("variant") == "reference":
+            defaults["mask_policy"] = "any-per-batch"
+        return defaults
+
 
 def build_prompt(available: list[str], missing: list[str]) -> str:
     """The text the LLM reads before the modality spans."""
@@ -127,6 +155,37 @@ def build_prompt(available: list[str], missing: list[str]) -> str:
         f"Available modalities: {', '.join(available)}. "
         f"Missing modalities: {', '.join(missing) if missing else 'none'}."
     )
+
+
+def build_reference_prompt(available: list[str], missing: list[str]) -> str:
+    """The reference code's prompt, word for word (its token sequence is part of the model it trained)."""
+    have = ", ".join(available) if available else "no available modality"
+    lack = ", ".join(missing) if missing else "none"
+    return (
+        f"Given the available {have} features from an action video. "
+        f"The {lack} modality is missing. "
+        f"Based on the available modalities, please infer and reconstruct the useful latent representations "
+        f"for the missing {lack} modalities at the designated positions. "
+        "Then integrate and enhance all multimodal features for action quality assessment. "
+        "Output the fused multi-dimensional feature representations at the designated feature dimension positions: "
+    )
+
+
+def reference_order(modalities: list[str]) -> list[int]:
+    """Indices of `modalities` in the reference's order: rgb, audio, flow, then the others as listed."""
+    rank = {name: i for i, name in enumerate(REFERENCE_ORDER)}
+    return sorted(range(len(modalities)), key=lambda i: rank.get(modalities[i], len(rank)))
+
+
+def reference_marker_tokens(modalities: list[str], num_fusion_tokens: int) -> dict[str, list[str]]:
+    """The reference's marker names per role, modalities in config order: start, end, missing, fusion."""
+    names = [REFERENCE_MARKER_NAMES.get(m, m) for m in modalities]
+    return {
+        "start": [f"<|{n}_start|>" for n in names],
+        "end": [f"<|{n}_end|>" for n in names],
+        "missing": [f"<|missing_{n}|>" for n in names],
+        "fusion": [f"<|feat_dim_{k}|>" for k in range(1, num_fusion_tokens + 1)],
+    }
 
 
 def marker_tokens(modalities: list[str], num_fusion_tokens: int) -> list[str]:
@@ -140,9 +199,11 @@ def _looks_like_folder(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.count("/") > 1 or Path(name).expanduser().exists()
 
 
-def load_llm(name: str, dtype: torch.dtype) -> tuple[Any, nn.Module]:
-    """Tokenizer and decoder (no LM head) of a hub id or local folder, honouring offline mode."""
-    from transformers import AutoModel, AutoTokenizer
+def load_llm(name: str, dtype: torch.dtype, causal: bool = False) -> tuple[Any, nn.Module]:
+    """Tokenizer and decoder (no LM head; with it when `causal`) of a hub id or local folder, honouring
+    offline mode."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
 
     hint = (
         "pass a local folder holding the model's config, weights and tokenizer with --llm FOLDER "
@@ -157,9 +218,12 @@ def load_llm(name: str, dtype: torch.dtype) -> tuple[Any, nn.Module]:
         flags = (os.environ.get(key, "").lower() for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
         offline = any(flag in ("1", "true", "yes") for flag in flags)
         source, local_only = name, offline
+    # transformers' per-tensor loading bar would interleave with train's own progress output
+    bar_was_on = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
     try:
         # transformers does not pass local_files_only on to its adapter-config lookup: say it twice
-        model = AutoModel.from_pretrained(
+        model = (AutoModelForCausalLM if causal else AutoModel).from_pretrained(
             source, local_files_only=local_only, adapter_kwargs={"local_files_only": local_only}, dtype=dtype
         )
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
@@ -168,6 +232,9 @@ def load_llm(name: str, dtype: torch.dtype) -> tuple[Any, nn.Module]:
         raise FileNotFoundError(
             f"could not load the LLM {name!r} (weights, config or tokenizer missing: {reason}); {hint}"
         ) from exc
+    finally:
+        if bar_was_on:
+            transformers_logging.enable_progress_bar()
     return tokenizer, model
 
 
@@ -201,6 +268,34 @@ def _regressor(in_dim: int, hidden: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, 1))
 
 
+class ReferenceHeads(nn.Module):
+    """The reference's LMRF and MDA heads and mixing parameters, for H-wide states and M modalities
+    (in the reference's order wherever they are stacked or concatenated)."""
+
+    def __init__(self, modalities: list[str], hidden: int, num_fusion: int, heads: int, dropout: float,
+                 initial_mix: float) -> None:
+        super().__init__()
+        count, half = len(modalities), hidden // 2
+
+        def regressor() -> nn.Sequential:
+            return nn.Sequential(nn.Linear(hidden, half), nn.LayerNorm(half), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(half, 1))
+
+        self.fusion_norm = nn.LayerNorm(hidden)
+        self.modality_attention = nn.MultiheadAttention(hidden, heads, dropout=dropout, batch_first=True)
+        self.modality_norms = nn.ModuleDict({name: nn.LayerNorm(hidden) for name in modalities})
+        self.modality_gate = nn.Sequential(nn.Linear(count * hidden, hidden), nn.GELU(), nn.Linear(hidden, count),
+                                           nn.Softmax(dim=-1))
+        self.main_regressor = regressor()
+        self.aux_regressor = regressor()
+        self.token_weights = nn.Parameter(torch.ones(num_fusion))
+        self.refine_delta = nn.Sequential(nn.Linear(hidden + count, hidden), nn.GELU(), nn.Dropout(dropout),
+                                          nn.Linear(hidden, hidden))
+        self.refine_gate = nn.Sequential(nn.Linear(hidden + count, hidden), nn.Sigmoid())
+        self.missing_confidence = nn.Parameter(torch.full((count,), 0.6))  # through a sigmoid when used
+        self.mix = nn.Parameter(torch.tensor([initial_mix]))  # the main score's weight, unconstrained
+
+
 class LIMSSR(nn.Module):
     def __init__(self, config: LIMSSRConfig) -> None:
         super().__init__()
@@ -209,32 +304,45 @@ class LIMSSR(nn.Module):
         self.config = config
         self.modalities = list(config.modalities)
         num_modalities, num_fusion = len(self.modalities), config.num_fusion_tokens
-        self.tokenizer, base = load_llm(config.llm, DTYPES[config.torch_dtype])
+        self.reference = config.variant == "reference"
+        # the order of the modality blocks (available ones first) and of stacked modality vectors
+        self.order = reference_order(self.modalities) if self.reference else list(range(num_modalities))
+        rank = torch.empty(num_modalities, dtype=torch.long)
+        rank[self.order] = torch.arange(num_modalities)
+        self.register_buffer("block_rank", rank, persistent=False)
+        self.tokenizer, base = load_llm(config.llm, DTYPES[config.torch_dtype], causal=self.reference)
 
         pretrained_rows = len(self.tokenizer)
-        self.new_tokens = marker_tokens(self.modalities, num_fusion)
+        if self.reference:
+            roles = reference_marker_tokens(self.modalities, num_fusion)
+            ordered = [roles[role][i] for role in ("start", "end") for i in self.order]
+            self.new_tokens = ordered + [roles["missing"][i] for i in self.order] + roles["fusion"]
+        else:
+            self.new_tokens = marker_tokens(self.modalities, num_fusion)
+            roles = {role: self.new_tokens[k : 3 * num_modalities : 3] for k, role in enumerate(("start", "end", "missing"))}
+            roles["fusion"] = self.new_tokens[3 * num_modalities :]
         self.tokenizer.add_tokens(self.new_tokens, special_tokens=True)
         new_ids = self.tokenizer.convert_tokens_to_ids(self.new_tokens)
         if len(set(new_ids)) != len(new_ids) or self.tokenizer.unk_token_id in new_ids:
             raise ValueError(f"the tokenizer of {config.llm!r} did not give each marker token its own id")
+        for role in ("start", "end", "missing", "fusion"):
+            ids = self.tokenizer.convert_tokens_to_ids(roles[role])
+            self.register_buffer(f"{role}_ids", torch.tensor(ids), persistent=False)
         # Qwen-style embedding matrices have spare rows; grow only when the new ids do not fit.
-        if base.get_input_embeddings().num_embeddings < len(self.tokenizer):
+        if not self.reference and base.get_input_embeddings().num_embeddings < len(self.tokenizer):
             base.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
         self.hidden_size = hidden = base.get_input_embeddings().embedding_dim
         if hidden % config.mda_heads:
             raise ValueError(f"mda_heads={config.mda_heads} must divide the LLM hidden size {hidden}")
 
-        # New rows start as draws from the pretrained vocabulary's per-dimension statistics, so the
-        # frozen layers see ordinary-looking tokens; distinct draws keep the K fusion tokens apart.
-        vocabulary = base.get_input_embeddings().weight.detach()[:pretrained_rows].float()
-        self.new_token_embeddings = nn.Parameter(
-            vocabulary.mean(0) + vocabulary.std(0) * torch.randn(len(self.new_tokens), hidden)
-        )
-        del vocabulary
-        self.register_buffer("start_ids", torch.tensor(new_ids[0 : 3 * num_modalities : 3]), persistent=False)
-        self.register_buffer("end_ids", torch.tensor(new_ids[1 : 3 * num_modalities : 3]), persistent=False)
-        self.register_buffer("missing_ids", torch.tensor(new_ids[2 : 3 * num_modalities : 3]), persistent=False)
-        self.register_buffer("fusion_ids", torch.tensor(new_ids[3 * num_modalities :]), persistent=False)
+        if not self.reference:
+            # New rows start as draws from the pretrained vocabulary's per-dimension statistics, so the
+            # frozen layers see ordinary-looking tokens; distinct draws keep the K fusion tokens apart.
+            vocabulary = base.get_input_embeddings().weight.detach()[:pretrained_rows].float()
+            self.new_token_embeddings = nn.Parameter(
+                vocabulary.mean(0) + vocabulary.std(0) * torch.randn(len(self.new_tokens), hidden)
+            )
+            del vocabulary
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
         self._prompt_ids: dict[tuple[bool, ...], list[int]] = {}
@@ -248,12 +356,25 @@ class LIMSSR(nn.Module):
             lora_dropout=config.lora_dropout,
             target_modules=list(config.lora_targets),
             bias="none",
+            **({"task_type": "CAUSAL_LM"} if self.reference else {}),
         )
         self.llm = get_peft_model(base, lora)  # freezes every base weight, adds trainable adapters
+        if self.reference:
+            # The reference's order: adapters, then the embeddings and LM head trainable, then the
+            # vocabulary resized to the tokenizer (which may shrink Qwen's spare rows away).
+            self.llm.get_output_embeddings().weight.requires_grad = True
+            self.llm.get_input_embeddings().weight.requires_grad = True
+            self.llm.resize_token_embeddings(len(self.tokenizer))
 
         self.projections = nn.ModuleDict(
             {name: _projection(config.feature_dims[name], hidden, config.dropout) for name in self.modalities}
         )
+        if self.reference:
+            self.reference_heads = ReferenceHeads(
+                [self.modalities[i] for i in self.order], hidden, num_fusion, config.mda_heads, config.dropout,
+                config.initial_mix,
+            )
+            return
         # LMRF
         self.fusion_logits = nn.Parameter(torch.zeros(num_fusion))
         self.fusion_norm = nn.LayerNorm(hidden)
@@ -281,9 +402,15 @@ class LIMSSR(nn.Module):
     def prompt_ids(self, available: tuple[bool, ...]) -> list[int]:
         """Token ids of the prompt for one availability pattern (config modality order), cached."""
         if available not in self._prompt_ids:
-            names = [name for name, here in zip(self.modalities, available) if here]
-            absent = [name for name, here in zip(self.modalities, available) if not here]
-            encoded = self.tokenizer(build_prompt(names, absent), add_special_tokens=False)
+            if self.reference:  # its words, its order, and the tokenizer's own special-token rule
+                words = [REFERENCE_WORDS.get(self.modalities[i], self.modalities[i]) for i in self.order]
+                here = [available[i] for i in self.order]
+                text = build_reference_prompt([w for w, h in zip(words, here) if h], [w for w, h in zip(words, here) if not h])
+                encoded = self.tokenizer(text)
+            else:
+                names = [name for name, here in zip(self.modalities, available) if here]
+                absent = [name for name, here in zip(self.modalities, available) if not here]
+                encoded = self.tokenizer(build_prompt(names, absent), add_special_tokens=False)
             self._prompt_ids[available] = encoded["input_ids"]
         return self._prompt_ids[available]
 
@@ -297,7 +424,7 @@ class LIMSSR(nn.Module):
 
     def build_sequence(self, available: Tensor, num_steps: int) -> SequenceLayout:
         """Token ids, masks and per-sample positions for a batch with availability `available` (B, M)."""
-        device = self.new_token_embeddings.device
+        device = self.block_rank.device
         batch, num_modalities = available.shape
         prompts = [self.prompt_ids(tuple(row)) for row in available.tolist()]
         prompt_block = max(len(ids) for ids in prompts)
@@ -314,8 +441,8 @@ class LIMSSR(nn.Module):
         marker_rows = torch.full_like(token_ids, -1)
 
         available = available.to(device)
-        # stable sort: available modalities first, each group in config order
-        order = torch.argsort((~available).to(torch.int8), dim=1, stable=True)  # (B, M) modality per slot
+        # available modalities first, each group in the variant's order (project: config order)
+        order = torch.argsort((~available).long() * num_modalities + self.block_rank, dim=1)  # (B, M) modality per slot
         slot = torch.argsort(order, dim=1)  # (B, M) slot of each modality
         steps = torch.arange(num_steps, device=device)
         start_positions = prompt_block + slot * span
@@ -350,9 +477,10 @@ class LIMSSR(nn.Module):
         )
 
     def _embed(self, layout: SequenceLayout, features: dict[str, Tensor], available: Tensor) -> Tensor:
-        text = self.llm.get_input_embeddings()(layout.token_ids).float()
-        markers = self.new_token_embeddings[layout.marker_rows.clamp(min=0)]
-        embeds = torch.where((layout.marker_rows >= 0)[..., None], markers, text)
+        embeds = self.llm.get_input_embeddings()(layout.token_ids).float()
+        if not self.reference:  # the reference's markers are rows of the embedding matrix itself
+            markers = self.new_token_embeddings[layout.marker_rows.clamp(min=0)]
+            embeds = torch.where((layout.marker_rows >= 0)[..., None], markers, embeds)
         for index, name in enumerate(self.modalities):
             rows = available[:, index].nonzero().squeeze(1)
             if rows.numel() == 0:
@@ -393,16 +521,20 @@ class LIMSSR(nn.Module):
         """The contract's forward (models/__init__.py); `present` is accepted and unused: LIMSSR reads
         only what `available` lets it see and has no reconstruction-type targets."""
         num_steps = self._check_inputs(features, available)
-        available = available.to(self.new_token_embeddings.device)
+        available = available.to(self.block_rank.device)
         layout = self.build_sequence(available, num_steps)
         embeds = self._embed(layout, features, available)
         llm_dtype = self.llm.get_input_embeddings().weight.dtype
-        hidden = self.llm(
+        # the reference variant's decoder without its LM head (the adapters live inside it)
+        decoder = self.llm.get_base_model().base_model if self.reference else self.llm
+        hidden = decoder(
             inputs_embeds=embeds.to(llm_dtype),
             attention_mask=layout.attention_mask,
             position_ids=layout.position_ids,
             use_cache=False,
         ).last_hidden_state.float()
+        if self.reference:
+            return self._reference_heads(hidden, layout, available)
         batch, _, width = hidden.shape
         mask = available.float()
 
@@ -437,6 +569,37 @@ class LIMSSR(nn.Module):
             "mix": mix,
         }
 
+    def _reference_heads(self, hidden: Tensor, layout: SequenceLayout, available: Tensor) -> dict[str, Tensor]:
+        """The reference's LMRF and MDA on the LLM's last hidden states (modalities in its order)."""
+        heads = self.reference_heads
+        batch, _, width = hidden.shape
+        mask = available[:, self.order].float()  # (B, M) in the reference's order
+
+        fusion_states = hidden.gather(1, layout.fusion_positions[..., None].expand(-1, -1, width))  # (B, K, H)
+        fused = heads.fusion_norm((fusion_states * heads.token_weights.softmax(0)[:, None]).sum(1))
+        refine_input = torch.cat([fused, mask], dim=1)
+        fused = fused + heads.refine_gate(refine_input) * heads.refine_delta(refine_input)
+        main = torch.sigmoid(heads.main_regressor(fused).squeeze(-1))
+
+        num_modalities, num_steps = layout.content_positions.shape[1:]
+        positions = layout.content_positions.reshape(batch, -1, 1).expand(-1, -1, width)
+        spans = hidden.gather(1, positions).view(batch, num_modalities, num_steps, width).mean(2)
+        spans = torch.stack([heads.modality_norms[self.modalities[i]](spans[:, i]) for i in self.order], 1)
+        attended, _ = heads.modality_attention(spans, spans, spans, need_weights=False)
+        weights = heads.modality_gate(spans.flatten(1))  # (B, M) from the concatenated modality vectors
+        confidence = mask + (1.0 - mask) * torch.sigmoid(heads.missing_confidence)
+        aux = torch.sigmoid(heads.aux_regressor((attended * (weights * confidence)[..., None]).sum(1)).squeeze(-1))
+
+        mix = heads.mix.squeeze(0)
+        return {
+            "score": mix * main + (1.0 - mix) * aux,
+            "main": main,
+            "aux": aux,
+            "fusion_states": fusion_states,
+            "modality_weights": weights,
+            "mix": mix,
+        }
+
     def loss(
         self, out: dict[str, Tensor], target: Tensor, present: Tensor, available: Tensor
     ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -455,10 +618,18 @@ class LIMSSR(nn.Module):
     # ------------------------------------------------------------------ saving
 
     def _is_saved(self, key: str) -> bool:
-        return not key.startswith("llm.") or "lora_" in key
+        if not key.startswith("llm.") or "lora_" in key:
+            return True
+        if not self.reference:
+            return False
+        # the reference variant trains the whole embedding matrix and the LM head (stored once when tied)
+        output = self.llm.get_output_embeddings()
+        tied = output is None or output.weight is self.llm.get_input_embeddings().weight
+        return ".embed_tokens." in key or (".lm_head." in key and not tied)
 
     def state_to_save(self) -> dict[str, Tensor]:
-        """LoRA adapters, the new token rows, projections and heads: never the frozen base LLM."""
+        """LoRA adapters, the new token rows (reference variant: the embedding matrix and LM head),
+        projections and heads: never the frozen base LLM."""
         return {key: value.detach() for key, value in self.state_dict().items() if self._is_saved(key)}
 
     def load_saved_state(self, state: dict[str, Tensor]) -> None:

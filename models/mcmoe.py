@@ -13,7 +13,7 @@ training, a modality hidden by the training mask still counts in the projections
 the data has it (as in the published code), so it may shift other samples' scores slightly; a modality
 absent from the data never does.
 
-Where this departs from the published code (DESIGN.md section 3 describes the model):
+Where this departs from the published code (docs/design/mcmoe.md describes the model):
 - per-sample masks instead of one mask per batch; with one mask per batch the masking gives the same
   numbers as generating from the available modalities alone. L_recon and L_align are means over the
   samples whose data has the modality, so their expectation over the per-sample masks equals the
@@ -21,7 +21,7 @@ Where this departs from the published code (DESIGN.md section 3 describes the mo
 - the grade prototypes get the position encoding of their grade index (the published code indexes the
   encoding by the sample's position in the batch, so a score depended on where a video sat in it;
   `prototype_encoding="batch-position"` reproduces that, for the authors' released checkpoints).
-L_div measures 1 - cosine between grade patterns, as the published code does (DESIGN.md says Euclidean;
+L_div measures 1 - cosine between grade patterns, as the published code does (the paper's text suggests Euclidean;
 `div_distance="euclidean"` gives that).
 """
 
@@ -46,14 +46,17 @@ CHOICES = {
     "prototype_encoding": ("grade-index", "batch-position"),
     "projection_stats": ("present", "available"),
     "recon_mean_over": ("present", "imputed"),
+    "expert_stats_order": ("modalities", "reference"),
 }
+# The reference code applies the experts to visual, audio, flow in this order (its v, a, f).
+REFERENCE_MODALITY_ORDER = ("rgb", "audio", "flow")
 
 
 @dataclass
 class MCMoEConfig(ModelConfig):
     """Architecture, loss weights and ablation switches. Defaults are the published settings.
 
-    Ablations (DESIGN.md Table 3): switch off use_stem / use_agmg / use_moe / use_cfm / use_recon /
+    Ablations (the paper's Table 3): switch off use_stem / use_agmg / use_moe / use_cfm / use_recon /
     use_align / use_div. Without AGMG a missing modality stays zeros; without MoE F^m is the completed
     sequence; without CFM the F^m are summed. `baseline` switches off STEM, AGMG, MoE, CFM, L_recon and
     L_align at once: the projected available features are summed and read by the grade decoder,
@@ -64,7 +67,7 @@ class MCMoEConfig(ModelConfig):
     """
 
     SCHEMA_VERSION = 2
-    # `--ablation NAME` (DESIGN.md Table 3)
+    # `--ablation NAME` (the paper's Table 3)
     ABLATIONS = {
         "baseline": {"baseline": True},
         "no-stem": {"use_stem": False},
@@ -77,8 +80,10 @@ class MCMoEConfig(ModelConfig):
     }
     FLAG_FIELDS = {"hidden": "hidden", "dropout": "dropout", "alpha": "div_weight", "position_encoding": "position_encoding"}
     # The presets are MCMoE's published settings: all of them apply (alpha is the L_div weight).
-    PRESET_TRAINING = ("epochs", "lr", "batch_size", "optimizer", "weight_decay", "min_lr_ratio", "warmup_epochs", "seed")
-    PRESET_FIELDS = {"alpha": "div_weight", "position_encoding": "position_encoding", "dropout": "dropout", "hidden": "hidden"}
+    PRESET_TRAINING = ("epochs", "lr", "batch_size", "optimizer", "weight_decay", "min_lr_ratio", "warmup_epochs", "seed",
+                       "mask_policy")
+    PRESET_FIELDS = {"alpha": "div_weight", "position_encoding": "position_encoding", "dropout": "dropout", "hidden": "hidden",
+                     "expert_stats_order": "expert_stats_order"}
     GPUS_PER_RUN = 0.25  # runs are small: four share a GPU
 
     modalities: list[str]
@@ -109,9 +114,14 @@ class MCMoEConfig(ModelConfig):
     # published per-batch loss) or over the samples that imputed it ("imputed"; runs recorded before this
     # setting existed, about twice the published weight in expectation with three modalities).
     recon_mean_over: str = "present"
+    # The order in which each expert's BatchNorm running statistics take their per-modality updates in
+    # training: "modalities" (this model's modality order) or "reference" (rgb, audio, flow, then the
+    # others: the reference code's v, a, f, so that a step's statistics equal its step's). Outputs and
+    # gradients do not depend on it; the running statistics used at evaluation do.
+    expert_stats_order: str = "modalities"
     margin: float = 1.0
     # L_div's distance. The published code (GDLT's HardTripletLoss, which MCMoE imports) measures
-    # 1 - cosine between L2-normalised patterns; DESIGN.md's "Euclidean" is not what it runs.
+    # 1 - cosine between L2-normalised patterns; the paper's "Euclidean" is not what it runs.
     div_distance: str = "cosine"
     recon_weight: float = 1.0
     align_weight: float = 1.0
@@ -223,16 +233,17 @@ class ExpertBank(nn.Module):
         self.conv2 = nn.Conv1d(count * self.inner, count * hidden, 1, groups=count)
         self.norm2 = MaskedBatchNorm1d(count * hidden)
 
-    def all_pairs(self, x: Tensor) -> Tensor:
+    def all_pairs(self, x: Tensor, order: list[int] | None = None) -> Tensor:
         """x (M, B, T, d) -> (M, B, E, T, d): expert e applied to modality m.
 
-        Batch statistics are taken per (expert, modality) pair, as separate expert calls would.
+        Batch statistics are taken per (expert, modality) pair, as separate expert calls would; the
+        running statistics take the modalities' updates in `order` (default: 0, 1, ..., M-1).
         """
         groups, batch, length, hidden = x.shape
         h = self.conv1(x.reshape(groups * batch, length, hidden).transpose(1, 2))
-        h = F.gelu(batch_norm_per_group(h.view(groups, batch, -1, length), self.norm1))
+        h = F.gelu(batch_norm_per_group(h.view(groups, batch, -1, length), self.norm1, order))
         y = self.conv2(h.view(groups * batch, -1, length))
-        y = batch_norm_per_group(y.view(groups, batch, -1, length), self.norm2)
+        y = batch_norm_per_group(y.view(groups, batch, -1, length), self.norm2, order)
         return y.view(groups, batch, self.count, hidden, length).transpose(-1, -2)
 
     def own(self, x: Tensor, rows: Tensor) -> Tensor:
@@ -283,6 +294,10 @@ class MCMoE(nn.Module):
         self.grade_prototypes = nn.Parameter(torch.randn(config.num_grades, d))
         self.head = nn.Linear(d, config.num_grades)
         self.register_buffer("grade_values", torch.linspace(0, 1, config.num_grades), persistent=False)
+        self.expert_order = None  # the experts' BatchNorm update order over modalities (None: as listed)
+        if config.expert_stats_order == "reference":
+            rank = {m: i for i, m in enumerate(REFERENCE_MODALITY_ORDER)}
+            self.expert_order = sorted(range(count), key=lambda i: rank.get(self.modalities[i], len(rank)))
         # The published Transformer initialises every weight matrix of its encoder and decoder this way.
         for module in (self.stem, self.decoder):
             if module is not None:
@@ -400,7 +415,7 @@ class MCMoE(nn.Module):
             completed = torch.where(available.T[:, :, None, None], real, 0.0)
 
         if self.experts is not None:
-            expert_out = self.experts.all_pairs(completed)  # (M, B, E, T, d)
+            expert_out = self.experts.all_pairs(completed, self.expert_order)  # (M, B, E, T, d)
             weights = torch.softmax(self.router(completed), dim=-1)  # (M, B, T, E)
             fused = torch.einsum("mbte,mbetd->mbtd", weights, expert_out)
             out["fused"] = fused.transpose(0, 1)

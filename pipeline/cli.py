@@ -283,9 +283,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     opt.add_argument("--warmup-epochs", type=int, help="linear warm-up epochs before the cosine decay")
     opt.add_argument("--min-lr-ratio", type=float, help="the cosine decays to this fraction of --lr")
     opt.add_argument("--grad-clip", type=float, help="max gradient norm (0: off)")
-    opt.add_argument("--mask-policy", choices=["incomplete", "any"],
-                     help="training availability masks per sample: incomplete = a non-empty subset that is "
-                     "never the full set (the reference protocol), any = every non-empty subset")
+    opt.add_argument("--mask-policy", choices=["incomplete", "any", "incomplete-per-batch", "any-per-batch"],
+                     help="training availability masks: incomplete = a non-empty subset that is never the "
+                     "full set, any = every non-empty subset, drawn per sample; the -per-batch forms draw one "
+                     "subset for the whole batch, as the reference code does (MCMoE's presets: "
+                     "incomplete-per-batch)")
     dat = parser.add_argument_group("data")
     dat.add_argument("--clip-num", type=int, help="segments per sample: random crop in training, centre crop "
                      "otherwise, zero padding when shorter (default: preset, else the longest training video)")
@@ -309,6 +311,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     mod.add_argument("--llm-dtype", choices=["float32", "bfloat16"],
                      help="LIMSSR: dtype of the LLM (bfloat16 on a GPU halves its memory; projections and heads "
                      "stay float32; default: bfloat16 when training on a GPU, float32 on a CPU)")
+    mod.add_argument("--limssr-variant", choices=["project", "reference"],
+                     help="LIMSSR: project = this project's design (default), reference = the authors' model "
+                     "(whole embedding matrix and LM head trainable, LoRA rank 16, their prompt and heads, one "
+                     "mask per batch; docs/design/limssr.md)")
     mod.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                      help="LIMSSR: recompute the LLM's activations during the backward pass (less memory, slower steps)")
     mod.add_argument("--ablation", action="append", default=[], metavar="NAME",

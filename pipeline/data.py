@@ -6,13 +6,17 @@ A sample is one video's features {modality: (T, C)} holding only the modalities 
 and `present` (B, M) in the cache's modality order.
 
 Training masks (`available`, what the model may look at) are drawn per sample:
-- "incomplete" (the reference protocol): a uniformly drawn non-empty subset of the modalities the
-  sample has, never the full set of all M modalities. A sample that already lacks a modality is
-  incomplete as it stands, so its whole present set is one of the choices; a sample with a single
-  present modality keeps it. Only when M == 1 is the full set used (nothing else exists).
+- "incomplete" (the reference protocol's subsets): a uniformly drawn non-empty subset of the
+  modalities the sample has, never the full set of all M modalities. A sample that already lacks a
+  modality is incomplete as it stands, so its whole present set is one of the choices; a sample with a
+  single present modality keeps it. Only when M == 1 is the full set used (nothing else exists).
 - "any": a uniformly drawn non-empty subset of the present modalities, the full set included.
-Either way a modality absent in the data is never unmasked and at least one modality stays. (The
-reference code draws one combination per batch; per-sample draws give every batch a mix.)
+or once per batch, as the reference code draws them:
+- "incomplete-per-batch" / "any-per-batch": one subset S drawn uniformly from the same choices made
+  over all M modalities (never the full set / the full set included), given to every sample as S
+  intersected with what the sample has; a sample left with nothing draws its own per-sample subset.
+  On complete data every row is S: the reference's draw.
+Either way a modality absent in the data is never unmasked and at least one modality stays.
 
 All randomness comes from an explicit torch.Generator, so a resumed run draws the same numbers.
 """
@@ -28,7 +32,7 @@ import torch
 
 from manifests.cache import FeatureCache
 
-MASK_POLICIES = ("incomplete", "any")
+MASK_POLICIES = ("incomplete", "any", "incomplete-per-batch", "any-per-batch")
 
 # The papers' short names (Table 1: {v,f,a}); other modalities are written out.
 MODALITY_LETTERS = {"rgb": "v", "flow": "f", "audio": "a"}
@@ -169,7 +173,8 @@ def subset_mask(subset: Sequence[str], modalities: Sequence[str]) -> torch.Tenso
 
 
 def draw_training_masks(present: torch.Tensor, policy: str, generator: torch.Generator) -> torch.Tensor:
-    """(B, M) availability masks, one uniformly drawn allowed subset per sample (see module doc)."""
+    """(B, M) availability masks: one uniformly drawn allowed subset per sample, or per batch for the
+    "-per-batch" policies (see module doc)."""
     if policy not in MASK_POLICIES:
         raise ValueError(f"mask policy must be one of {MASK_POLICIES}, got {policy!r}")
     num_modalities = present.shape[1]
@@ -179,14 +184,22 @@ def draw_training_masks(present: torch.Tensor, policy: str, generator: torch.Gen
     )  # (K, M): every non-empty subset
     present = present.cpu()
     inside = ~(table[None] & ~present[:, None]).any(-1)  # (B, K): subset within what the sample has
-    allowed = inside.clone()
-    if policy == "incomplete" and num_modalities > 1:
-        allowed &= ~table.all(-1)[None]
     # A sample with nothing allowed (only possible if it has no modality) would break the contract.
     if not inside.any(-1).all():
         raise ValueError("a sample has no modality at all; it cannot be trained on")
-    choice = torch.multinomial(allowed.double(), 1, generator=generator).squeeze(1)
-    return table[choice]
+    incomplete = policy.startswith("incomplete") and num_modalities > 1
+    allowed = inside & ~table.all(-1)[None] if incomplete else inside
+    if not policy.endswith("-per-batch"):
+        choice = torch.multinomial(allowed.double(), 1, generator=generator).squeeze(1)
+        return table[choice]
+    choices = table[~table.all(-1)] if incomplete else table
+    shared = choices[torch.randint(len(choices), (1,), generator=generator)]  # (1, M)
+    masks = shared & present
+    empty = ~masks.any(1)
+    if empty.any():  # the batch's subset holds nothing this sample has: it draws its own
+        own = torch.multinomial(allowed[empty].double(), 1, generator=generator).squeeze(1)
+        masks[empty] = table[own]
+    return masks
 
 
 # --------------------------------------------------------------------------- splits and simulated missingness

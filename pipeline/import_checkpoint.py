@@ -28,8 +28,8 @@ The reference layout (modalities in its order v, a, f; reference key -> project 
     pos_encoder.pe                        checked to be the sinusoidal encoding, not stored
 A tensor of the file that nothing maps, or a tensor the model needs that the file lacks, is an error.
 
-The reference's models/transformer.py is not in the public repository snapshot this was written from;
-its key names are taken to be those of the GDLT transformer it builds on (the torch.nn layout:
+The reference's models/transformer.py (in its repository since the first commit) is the GDLT
+transformer it builds on, with the key names of the torch.nn layout (its
 layers.{i}.self_attn.in_proj_weight, linear1, norm1, ..., norm), which its model code calls.
 
 The released checkpoints were trained with the reference's prototype encoding, indexed by the sample's

@@ -1,12 +1,16 @@
-"""The published benchmark settings (DESIGN.md section 3), as data.
+"""The published benchmark settings (docs/design/mcmoe.md), as data.
 
 A preset carries two kinds of values:
 - dataset facts, used by every model: clip_num (segments per sample) and the score range labels are
   divided by;
 - the published optimisation and model settings (epochs, lr, alpha, ...; MCMoE's). Which of them a
   model takes, and onto which of its config fields, the model's config declares (PRESET_TRAINING,
-  PRESET_FIELDS in models/): MCMoE takes them all, LIMSSR none (its own defaults, DESIGN.md section 4).
+  PRESET_FIELDS in models/): MCMoE takes them all, LIMSSR none (its own defaults, docs/design/limssr.md).
 Every value is overridable by the matching `pipeline train` flag.
+
+Every preset trains as the reference code does, step for step: one incomplete training mask per batch
+(`mask_policy incomplete-per-batch`) and MCMoE's experts' BatchNorm updated in the reference's modality
+order (`expert_stats_order reference`); docs/design/mcmoe.md says what per-sample masks change.
 
 No preset turns on the sinusoidal position encoding of the STEM input: the reference README's
 `--use_pe True` was parsed and never applied by the reference code (later removed), so the published
@@ -46,6 +50,10 @@ class Preset:
     dropout: float = 0.3
     hidden: int = 256
     pcs_factor_divided: bool = False
+    # Reproduction mode: one training mask per batch and the experts' BatchNorm updated in the
+    # reference's modality order, so a training step is the reference code's step.
+    mask_policy: str = "incomplete-per-batch"
+    expert_stats_order: str = "reference"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -161,7 +161,7 @@ def resolve_config(
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     chosen = get_preset(preset, action) if preset else None
     config_cls = config_class(model)
-    defaults = config_cls.training_defaults()
+    defaults = config_cls.training_defaults_for(model_options or {})
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
 
@@ -203,7 +203,8 @@ def resolve_config(
 
 
 # The generic model flags of `pipeline train`; each model maps the ones it takes (ModelConfig.FLAG_FIELDS).
-MODEL_FLAGS = ("hidden", "dropout", "alpha", "position_encoding", "llm", "llm_dtype", "gradient_checkpointing")
+MODEL_FLAGS = ("hidden", "dropout", "alpha", "position_encoding", "llm", "llm_dtype", "gradient_checkpointing",
+               "limssr_variant")
 
 
 def model_options_from_flags(model: str, flags: dict[str, Any], ablations: list[str], extra: list[str]) -> dict[str, Any]:

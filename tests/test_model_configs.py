@@ -51,7 +51,8 @@ def test_declared_mappings_of_the_two_models():
     with pytest.raises(ValueError, match=r"--ablation 'no-llm': choose from \['baseline'"):
         model_options_from_flags("mcmoe", {}, ["no-llm"], [])
     preset = get_preset("fisv", "TES")
-    assert mcmoe.from_preset(preset)[1] == {"div_weight": 0.5, "position_encoding": False, "dropout": 0.3, "hidden": 256}
+    assert mcmoe.from_preset(preset)[1] == {"div_weight": 0.5, "position_encoding": False, "dropout": 0.3, "hidden": 256,
+                                           "expert_stats_order": "reference"}
     assert limssr.from_preset(preset) == ({}, {})
     assert (mcmoe.GPUS_PER_RUN, limssr.GPUS_PER_RUN) == (0.25, 1.0)
     assert limssr.device_defaults("cuda") == {"torch_dtype": "bfloat16"} and limssr.device_defaults("cpu") == {}

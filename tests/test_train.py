@@ -78,7 +78,9 @@ def test_settings_resolve_model_defaults_then_preset_then_flags(tmp_path):
     assert config.epochs == 270 and config.clip_num == 68 and config.score_range == 25.0
     assert config.sources["epochs"] == "preset rg/Hoop"
     assert config.optimizer == "adam" and config.sources["optimizer"] == "preset rg/Hoop"
-    assert config.model_options == {"div_weight": 1.0, "position_encoding": False, "dropout": 0.3, "hidden": 256}
+    assert config.model_options == {"div_weight": 1.0, "position_encoding": False, "dropout": 0.3, "hidden": 256,
+                                    "expert_stats_order": "reference"}
+    assert (config.mask_policy, config.sources["mask_policy"]) == ("incomplete-per-batch", "preset rg/Hoop")
     assert config.grad_clip == 0.0 and config.sources["grad_clip"] == "mcmoe defaults"
     assert config.seed == 0 and config.sources["seed"] == "preset rg/Hoop"
     assert config.sources["val_fraction"] == "default" and config.sources["model.position_encoding"] == "preset rg/Hoop"
