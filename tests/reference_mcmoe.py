@@ -1,16 +1,18 @@
 """MCMoE written out from its equations, and a check that models/mcmoe.py computes the same function.
 
-The reference calls no module of the model and nothing of models/ (no projection, STEM, attention,
-generator, expert bank, router, fusion, decoder, head, batch norm, position encoding or loss): it reads
-the model's parameter tensors by name and computes with torch.nn.functional and tensor operations only.
+The reference forward and loss call no module of the model and nothing of models/ (no projection, STEM,
+attention, generator, expert bank, router, fusion, decoder, head, batch norm, position encoding or loss):
+they read the model's parameter tensors by name and compute with torch.nn.functional and tensor
+operations only. (The check builds the model under test from models/mcmoe.py, nothing more.)
 Its structure is the published code's (a plain loop over modalities: one STEM call per modality, every
 expert called on every modality, full-length generator queries, one mask per group of samples that
 share their available modalities), so benchmarks/bench_train.py times it as the "loop" baseline.
 
-The model's choices it reproduces, each a fact of the model, not of its code:
+Choices of the model that the equations leave open, reproduced here:
 - Transformer layers are post-norm (x = LN(x + sublayer(x))), ReLU feed-forward, LayerNorm eps 1e-5,
   dropout after each sublayer, inside the feed-forward and on the attention weights; a final LayerNorm
   after the last layer of the STEM and of the decoder. The generators' attention has no dropout.
+  GELU (router, experts) is the exact erf form.
 - BatchNorm (eps 1e-5, momentum 0.1) in training takes its statistics from the selected samples only:
   a projection from `present` (or the available samples, projection_stats="available"), an expert on
   a modality's completed sequence from the whole batch, an expert on a real sequence (R^m) from the
