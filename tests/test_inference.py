@@ -1,5 +1,13 @@
 """pipeline/inference.py, the layer below the stages: a run's predictions agree across its entry points,
-and the stages depend only downward (no stage imports another's internals, the demo not the CLI)."""
+and the stages depend only downward (no stage imports another's internals, the demo not the CLI).
+
+Breaks that made the layering tests fail: `from pipeline.train import _run_info` in import_checkpoint.py
+(imports a stage, imports a private name); `from pipeline.extract import _return_free_heap` in score.py
+(private name); `training._run_info` read in cli.py after `from pipeline import train as training`
+(private name); a new pipeline/new_stage.py (no place); score.py importing extract_writer (a loop
+part); data.py importing train, demo.py importing cli (stages); a pipeline/extraction/ package whose
+module does `from ..train import _run_info` (a stage and a private name), while the same package with
+only `from ..videos import VideoSource` passes."""
 
 from __future__ import annotations
 
@@ -16,52 +24,179 @@ from pipeline.labels import read_labels
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "rundir"
-STAGES = ("train", "evaluate", "score", "reproduce", "extract", "ray_extract", "importers", "import_checkpoint",
-          "demo", "cli")
+# Every module of pipeline/ (subpackages too; named by its dotted path below pipeline/, "" for
+# pipeline/__init__.py) has one place, and a new module fails until it is given one here.
+# A stage may import the public names of the stages listed for it (their entry points), never the CLI.
+STAGES: dict[str, set[str]] = {
+    "train": set(),
+    "evaluate": set(),
+    "extract": set(),
+    "importers": set(),
+    "import_checkpoint": set(),
+    "score": {"extract"},
+    "ray_extract": {"extract"},
+    "reproduce": {"train", "evaluate"},
+    "demo": {"score"},
+    "cli": {"train", "evaluate", "extract", "importers", "import_checkpoint", "score", "ray_extract", "reproduce",
+            "demo"},
+}
+# Below the stages: importable by any module, importing no stage.
+SHARED = {"", "data", "devices", "inference", "labels", "metrics", "presets", "provenance", "ray_session", "samples",
+          "videos"}
 # Folders in layer order: each may import only from the folders before it (README's folder table).
 LAYERS = ("manifests", ("extractors", "models"), "pipeline")
 
 
-def imports_of(module: str) -> set[tuple[str, str]]:
-    """(module, name) for every `from pipeline.X import name` and `import pipeline.X` in pipeline/<module>.py."""
-    found = set()
-    for node in ast.walk(ast.parse((ROOT / "pipeline" / f"{module}.py").read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module == "pipeline":  # from pipeline import data
-            found |= {(alias.name, "*") for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pipeline."):
-            found |= {(node.module.split(".")[1], alias.name) for alias in node.names}
-        elif isinstance(node, ast.Import):
-            found |= {(a.name.split(".")[1], "*") for a in node.names if a.name.startswith("pipeline.")}
-    return found
+def extraction_part(module: str) -> bool:
+    """extract's loop in parts (pipeline/extract_*.py, or a pipeline/extraction/ package): imported by
+    extract and by each other only, importing no stage."""
+    return module.startswith("extract_") or module.split(".")[0] == "extraction"
+
+
+def place(module: str) -> str | None:
+    """The place of `module`: "stage", "shared", "extraction" (a loop part) or None (none given)."""
+    if module in STAGES:
+        return "stage"
+    if module in SHARED:
+        return "shared"
+    return "extraction" if extraction_part(module) else None
+
+
+def pipeline_modules(root: Path = ROOT) -> dict[str, Path]:
+    """Dotted name below pipeline/ -> file, for every .py file under pipeline/ at any depth."""
+    modules = {}
+    for path in sorted((root / "pipeline").rglob("*.py")):
+        parts = path.relative_to(root / "pipeline").with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+def imports_of(module: str, modules: dict[str, Path]) -> set[tuple[str, str]]:
+    """(imported module, name) for every use of pipeline code in `module`, name "*" for a whole module.
+
+    Absolute and relative imports, at any depth in the file; `x._name` read from an imported module
+    counts as importing `_name` from it."""
+    path = modules[module]
+    package = [p for p in module.split(".") if p]
+    if path.name != "__init__.py":
+        package = package[:-1]
+    found: set[tuple[str, str]] = set()
+    bound: dict[str, str] = {}  # local name -> the pipeline module it holds ("" for `pipeline` itself)
+
+    def below_pipeline(dotted: str) -> str | None:
+        parts = dotted.split(".")
+        return ".".join(parts[1:]) if parts[0] == "pipeline" else None
+
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                target = below_pipeline(alias.name)
+                if target is not None:
+                    found.add((target, "*"))
+                    if alias.asname:
+                        bound[alias.asname] = target
+                    else:
+                        bound["pipeline"] = ""
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                target = ".".join(base + (node.module.split(".") if node.module else []))
+            else:
+                target = below_pipeline(node.module or "")
+                if target is None:
+                    continue
+            for alias in node.names:
+                submodule = f"{target}.{alias.name}" if target else alias.name
+                if submodule in modules:
+                    found.add((submodule, "*"))
+                    bound[alias.asname or alias.name] = submodule
+                else:
+                    found.add((target, alias.name))
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Attribute):
+            continue
+        chain, inner = [node.attr], node.value
+        while isinstance(inner, ast.Attribute):
+            chain.append(inner.attr)
+            inner = inner.value
+        if not isinstance(inner, ast.Name) or inner.id not in bound:
+            continue
+        dotted = [p for p in bound[inner.id].split(".") if p] + chain[::-1]
+        if ".".join(dotted) in modules:  # a module reached through its package: counted at its import
+            continue
+        for cut in range(len(dotted) - 1, -1, -1):  # the longest prefix naming a module, then its name
+            if ".".join(dotted[:cut]) in modules:
+                found.add((".".join(dotted[:cut]), dotted[cut]))
+                break
+    return {(target, name) for target, name in found if target != module}
+
+
+def private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def test_every_pipeline_module_has_a_place():
+    modules = pipeline_modules()
+    unplaced = sorted(f"pipeline/{modules[m].relative_to(ROOT / 'pipeline')}" for m in modules if place(m) is None)
+    assert not unplaced, f"give {unplaced} a place in tests/test_inference.py: a stage (STAGES) or shared (SHARED)"
+    stale = sorted((set(STAGES) | SHARED) - set(modules))
+    assert not stale, f"STAGES / SHARED name modules that pipeline/ no longer has: {stale}"
+    assert set().union(*STAGES.values()) <= set(STAGES)
 
 
 def test_stages_depend_only_downward():
-    allowed = {  # the orchestrators may run the stages through their public functions
-        "inference": set(),
-        "train": set(),
-        "evaluate": set(),
-        "score": {"extract"},
-        "reproduce": {"train", "evaluate"},
-        "demo": {"score"},
+    """A stage imports only the stages listed for it; the extraction loop's parts are extract's alone;
+    shared modules and the loop's parts import no stage."""
+    modules = pipeline_modules()
+    for module, path in modules.items():
+        where = path.relative_to(ROOT)
+        used = {target for target, _ in imports_of(module, modules)}
+        unknown = sorted(t for t in used if t not in modules)
+        assert not unknown, f"{where} imports pipeline modules that do not exist: {unknown}"
+        stages = {t for t in used if place(t) == "stage"}
+        may_use = STAGES.get(module, set())
+        assert stages <= may_use, f"{where} imports the stages {sorted(stages - may_use)}"
+        parts = sorted(t for t in used if place(t) == "extraction")
+        if parts:
+            assert module == "extract" or place(module) == "extraction", \
+                f"{where} imports extract's loop parts {parts}: use extract's public functions"
+
+
+def test_no_module_imports_another_modules_private_names():
+    modules = pipeline_modules()
+    for module, path in modules.items():
+        names = sorted(f"{t}.{name}" for t, name in imports_of(module, modules) if private(name))
+        assert not names, f"{path.relative_to(ROOT)} imports private names {names}"
+
+
+def test_module_discovery_reads_subpackages_and_relative_imports(tmp_path):
+    files = {
+        "pipeline/__init__.py": "",
+        "pipeline/train.py": "def _run_info(): pass\n",
+        "pipeline/extraction/__init__.py": "from .batcher import Batcher\n",
+        "pipeline/extraction/batcher.py": "from ..train import _run_info\nfrom . import events\n",
+        "pipeline/extraction/events.py": "import pipeline.train\npipeline.train._run_info()\n",
+        "pipeline/score.py": "from pipeline import extraction as loop\ndef f():\n    loop.batcher._x()\n",
     }
-    for module, may_use in allowed.items():
-        used = imports_of(module)
-        stages = {m for m, _ in used if m in STAGES and m != module}
-        assert stages <= may_use, f"pipeline/{module}.py imports the stages {sorted(stages - may_use)}"
-        private = sorted(f"{m}.{name}" for m, name in used if m in STAGES and name.startswith("_"))
-        assert not private, f"pipeline/{module}.py imports private names {private}"
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    modules = pipeline_modules(tmp_path)
+    assert set(modules) == {"", "train", "extraction", "extraction.batcher", "extraction.events", "score"}
+    assert imports_of("extraction", modules) == {("extraction.batcher", "Batcher")}
+    assert imports_of("extraction.batcher", modules) == {("train", "_run_info"), ("extraction.events", "*")}
+    assert imports_of("extraction.events", modules) == {("train", "*"), ("train", "_run_info")}
+    assert imports_of("score", modules) == {("extraction", "*"), ("extraction.batcher", "_x")}
+    assert place("extraction.batcher") == "extraction" and place("extraction") == "extraction"
 
 
-def test_shared_modules_import_no_stage_and_folders_import_only_lower_layers():
-    for path in sorted((ROOT / "pipeline").glob("*.py")):
-        if path.stem not in STAGES and path.stem != "__init__":
-            stages = sorted({m for m, _ in imports_of(path.stem) if m in STAGES})
-            assert not stages, f"pipeline/{path.name} sits below the stages but imports {stages}"
+def test_folders_import_only_lower_layers():
     allowed: set[str] = set()
     for layer in LAYERS:
         folders = (layer,) if isinstance(layer, str) else layer
         for folder in folders:
-            for path in sorted((ROOT / folder).glob("*.py")):
+            for path in sorted((ROOT / folder).rglob("*.py")):
                 for node in ast.walk(ast.parse(path.read_text())):
                     names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
                         [a.name for a in node.names] if isinstance(node, ast.Import) else []
