@@ -47,9 +47,9 @@ from models import config_class
 from pipeline.labels import LabelError, read_labels
 from pipeline.metrics import fisher_z_mean, mean_mse
 from pipeline.provenance import headline, provenance, save_figure
-from pipeline.tables import Block, Table, markdown_text, write_table
 from pipeline.presets import PRESETS, get_preset
 from pipeline.progress import progress_bar
+from pipeline.tables import Block, Table, markdown_text, write_table
 
 AVERAGE = "Average"
 
