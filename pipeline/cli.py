@@ -592,7 +592,7 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("clips", nargs="+", type=Path, help="video files and/or folders of videos")
     parser.add_argument("--run", type=existing_path, required=True, help="run folder made by `pipeline train`")
-    parser.add_argument("--out", type=Path, help="also write the scores to FILE.csv or FILE.json (with per-grade weights)")
+    parser.add_argument("--out", type=Path, help="also write the scores to FILE.csv, FILE.json or FILE.md (with per-grade weights)")
     parser.add_argument("--features", type=Path,
                         help="feature cache to reuse and extend (refused unless made exactly like the run's); "
                         "default: the run's training cache is reused read-only and new clips go to RUN/score_cache")
@@ -609,10 +609,11 @@ def _run_score(args: argparse.Namespace) -> int:
     from manifests.cache import CacheError
     from pipeline.devices import resolve_device
     from pipeline.inference import RunError
-    from pipeline.score import ScoreError, collect_clips, format_scores, score_clips, scores_headline, write_scores
+    from pipeline.score import ScoreError, collect_clips, format_scores, score_clips, scores_table, write_scores
+    from pipeline.tables import FORMATS
 
-    if args.out is not None and args.out.suffix.lower() not in (".csv", ".json"):
-        raise UsageError(f"--out must end in .csv or .json, got {args.out}")
+    if args.out is not None and args.out.suffix.lower() not in FORMATS:
+        raise UsageError(f"--out must end in {', '.join(FORMATS)}, got {args.out}")
     clips = collect_clips(args.clips)
     if not clips:
         raise UsageError(f"no video files among {[str(c) for c in args.clips]}")
@@ -625,7 +626,7 @@ def _run_score(args: argparse.Namespace) -> int:
         )
     except (ScoreError, RunError, CacheError, BackboneUnavailableError, ValueError, FileNotFoundError) as exc:
         raise UsageError(str(exc)) from None
-    print(scores_headline(results, args.run))
+    print(scores_table(results, args.run).note)
     print(format_scores(results))
     if args.out is not None:
         write_scores(args.out, results, args.run)

@@ -12,7 +12,9 @@ well it scores real sports.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import math
 import sys
 import textwrap
@@ -136,102 +138,181 @@ def run_demo(
 
     `pipeline` runs one command line and returns its exit code: the CLI's own `main`, which hands
     itself over (the demo drives the real command line without importing it)."""
-    from manifests.run import RunDir
-
     out = Path(out).expanduser()
-    seconds: dict[str, float] = {}
-    started = time.perf_counter()
+    clock = _StageClock()
+    _say(INTRODUCTION)
+    videos, labels, labelled, unseen = make_clips(out, settings)
+    clock.lap("clips")
+    code = extract_features(out, videos, settings, device, progress, pipeline)
+    clock.lap("extract")
+    code = code or train_models(out, labels, settings, device, progress, pipeline, clock)
+    if code != 0:
+        return DemoResult(code, labelled=labelled, seconds=clock.seconds)
+    comparison = evaluate_models(out, labels, device, settings)
+    clock.lap("evaluate")
+    scored = score_new_clips(out, unseen, device, progress)
+    clock.lap("score")
+    print(closing_words(out, videos, labels, comparison))
+    return DemoResult(1 if any(result.error for _, result in scored) else 0, comparison, labelled, scored, clock.seconds)
 
-    def lap(stage: str) -> None:
-        nonlocal started
-        seconds[stage] = time.perf_counter() - started  # since the previous lap: every command of the stage
-        started = time.perf_counter()
-        _say(f"({stage}: {seconds[stage]:.0f} s)")
 
-    _say(f"{BANNER}\nDEMO. The backbones use RANDOM WEIGHTS (no pretrained weights are downloaded here).\n"
-         "It shows that the pipeline learns a score that is carried by what sample clips show and sound\n"
-         f"like, end to end from video files; it makes NO claim about scoring real sports.\n{BANNER}")
+INTRODUCTION = (f"{BANNER}\nDEMO. The backbones use RANDOM WEIGHTS (no pretrained weights are downloaded here).\n"
+                "It shows that the pipeline learns a score that is carried by what sample clips show and sound\n"
+                f"like, end to end from video files; it makes NO claim about scoring real sports.\n{BANNER}")
+
+
+class _StageClock:
+    """Wall time of each stage, said as it ends (DemoResult.seconds)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.started = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        self.seconds[stage] = time.perf_counter() - self.started  # since the previous lap: every command of the stage
+        self.started = time.perf_counter()
+        _say(f"({stage}: {self.seconds[stage]:.0f} s)")
+
+
+def _run(pipeline: Callable[[list[str]], int], title: str, argv: list[str]) -> int:
+    """One `pipeline` command as a user would type it, printed before it runs; its exit code."""
+    _say(f"\n{title}\n$ pipeline {' '.join(argv)}")
+    code = pipeline(argv)
+    if code != 0:
+        _stopped(argv, code)
+    return code
+
+
+def _stopped(argv: list[str], code: int, hint: str = "") -> None:
+    _say(f"demo stopped: `pipeline {argv[0]}` exited with {code} (the error above).{hint}")
+
+
+def make_clips(out: Path, settings: DemoSettings) -> tuple[Path, Path, list[ClipSpec], list[ClipSpec]]:
+    """Step 1: the labelled and the unseen sample clips (make_dataset)."""
     _say(f"\n[1/6] making {settings.labelled_clips} labelled sample clips ({settings.train_clips} train, "
          f"{settings.val_clips} validation, {settings.test_clips} test; every third without audio) and "
          f"{settings.unseen_clips} unseen clips in {out}")
-    videos, labels, labelled, unseen = make_dataset(out, settings)
-    lap("clips")
-    quiet = [] if progress else ["--quiet"]
-    cache = out / "cache"
-    steps_per_epoch = math.ceil(settings.train_clips / settings.batch_size)
-    commands = [(
-        "extract",
-        "[2/6] extract features: rgb (Video Swin), flow (Farneback + I3D), audio (AST); "
-        f"{settings.arch_size} architectures, random weights",
-        extract_command(settings, videos, cache, device, quiet=not progress),
-    )]
-    for step, (name, flags) in enumerate(MODELS.items(), start=3):
-        for k, run_dir in enumerate(run_dirs(out, name, settings)):
-            title = (f"[{step}/6] train {name}: {settings.epochs} epochs x {steps_per_epoch} batches = "
-                     f"{settings.epochs * steps_per_epoch} optimiser steps; the checkpoint is chosen on the "
-                     f"{settings.val_clips} validation clips, never on the test clips"
-                     + (f"; {settings.training_seeds} training seeds" if settings.training_seeds > 1 else ""))
-            commands.append((
-                f"train {name}",
-                title if k == 0 else f"  {name}, training seed {settings.seed + k}",
-                ["train", "--features", str(cache), "--labels", str(labels), "--out", str(run_dir), *flags,
-                 "--epochs", str(settings.epochs), "--batch-size", str(settings.batch_size), "--lr", str(settings.lr),
-                 "--hidden", str(settings.hidden), "--dropout", str(settings.dropout), "--alpha", str(settings.alpha),
-                 "--seed", str(settings.seed + k), "--device", device,
-                 *(["--resume"] if RunDir(run_dir).has_run() else []), *quiet],
-            ))
-    for index, (stage, title, argv) in enumerate(commands):
-        _say(f"\n{title}\n$ pipeline {' '.join(argv)}")
-        code = pipeline(argv)
-        if code != 0:
-            hint = (f" If {out} was made by an older version of this tool, remove it or pass another --out."
-                    if stage == "extract" else "")
-            _say(f"demo stopped: `pipeline {argv[0]}` exited with {code} (the error above).{hint}")
-            return DemoResult(code, labelled=labelled, seconds=seconds)
-        if index + 1 == len(commands) or commands[index + 1][0] != stage:  # a stage's last command
-            lap(stage)
+    return make_dataset(out, settings)
 
+
+def extract_features(out: Path, videos: Path, settings: DemoSettings, device: str, progress: bool,
+                     pipeline: Callable[[list[str]], int]) -> int:
+    """Step 2: `pipeline extract` into out/cache. Its per-clip status table goes to EXTRACT_SUMMARY
+    instead of the screen (one row per clip would bury the results); its counts, and any clip that
+    did not finish, are shown."""
+    from manifests.files import atomic_write_bytes
+
+    argv = extract_command(settings, videos, out / "cache", device, quiet=not progress)
+    _say(f"\n[2/6] extract features: rgb (Video Swin), flow (Farneback + I3D), audio (AST); {settings.arch_size} "
+         f"architectures, random weights\n$ pipeline {' '.join(argv)}")
+    captured = io.StringIO()
+    with contextlib.redirect_stdout(captured):
+        code = pipeline(argv)
+    atomic_write_bytes(out / EXTRACT_SUMMARY, captured.getvalue().encode())
+    report = extract_report(captured.getvalue())
+    if report:  # nothing when extract stopped before any clip (its error is on stderr)
+        print("\n".join(report) + f"\n(per-clip status: {out / EXTRACT_SUMMARY})")
+    if code != 0:
+        _stopped(argv, code, f" If {out} was made by an older version of this tool, remove it or pass another --out.")
+    return code
+
+
+EXTRACT_SUMMARY = "extract_summary.txt"  # under the demo's --out
+
+
+def extract_report(summary: str) -> list[str]:
+    """What `pipeline extract` printed, without the rows of clips that were extracted: the table's
+    header and any other row (a failed clip and its error), then the counts."""
+    from manifests.cache import DONE
+
+    lines = [line for line in summary.splitlines() if line.strip()]
+    table, counts = lines[:-1], lines[-1:]
+    trouble = [line for line in table[1:] if line.split()[1:2] != [DONE]]  # the demo's clip names have no spaces
+    return ([table[0], *trouble] if trouble else []) + counts
+
+
+def train_models(out: Path, labels: Path, settings: DemoSettings, device: str, progress: bool,
+                 pipeline: Callable[[list[str]], int], clock: _StageClock) -> int:
+    """Steps 3 and 4: each demo model trained, a stage each; the first failing exit code, else 0."""
+    for step, model in enumerate(MODELS, start=3):
+        code = train_model(out, labels, model, step, settings, device, progress, pipeline)
+        clock.lap(f"train {model}")
+        if code != 0:
+            return code
+    return 0
+
+
+def train_model(out: Path, labels: Path, model: str, step: int, settings: DemoSettings, device: str, progress: bool,
+                pipeline: Callable[[list[str]], int]) -> int:
+    """`pipeline train` of one demo model, once per training seed (a finished run is resumed, which
+    returns at once); the first failing exit code, else 0."""
+    from manifests.run import RunDir
+
+    steps_per_epoch = math.ceil(settings.train_clips / settings.batch_size)
+    for k, run_dir in enumerate(run_dirs(out, model, settings)):
+        title = (f"[{step}/6] train {model}: {settings.epochs} epochs x {steps_per_epoch} batches = "
+                 f"{settings.epochs * steps_per_epoch} optimiser steps; the checkpoint is chosen on the "
+                 f"{settings.val_clips} validation clips, never on the test clips"
+                 + (f"; {settings.training_seeds} training seeds" if settings.training_seeds > 1 else ""))
+        argv = ["train", "--features", str(out / "cache"), "--labels", str(labels), "--out", str(run_dir), *MODELS[model],
+                "--epochs", str(settings.epochs), "--batch-size", str(settings.batch_size), "--lr", str(settings.lr),
+                "--hidden", str(settings.hidden), "--dropout", str(settings.dropout), "--alpha", str(settings.alpha),
+                "--seed", str(settings.seed + k), "--device", device,
+                *(["--resume"] if RunDir(run_dir).has_run() else []), *([] if progress else ["--quiet"])]
+        code = _run(pipeline, title if k == 0 else f"  {model}, training seed {settings.seed + k}", argv)
+        if code != 0:
+            return code
+    return 0
+
+
+def evaluate_models(out: Path, labels: Path, device: str, settings: DemoSettings) -> Comparison:
+    """Step 5: both models on the held-out test clips, the comparison printed and written."""
     _say(f"\n[5/6] evaluate both on the {settings.test_clips} held-out test clips under every modality setting\n"
          f"  (one model's table: pipeline evaluate --run {out / 'runs' / 'mcmoe'} --labels {labels})")
     comparison = compare_models(out, labels, device, settings)
     print(comparison.table)
     _say(f"wrote {comparison.csv}, {comparison.json}, {comparison.plot}")
-    lap("evaluate")
+    return comparison
 
+
+def score_new_clips(out: Path, unseen: list[ClipSpec], device: str, progress: bool) -> list:
+    """Step 6: the unseen clips scored end to end, as `pipeline score` does."""
     new = out / "new"
     _say(f"\n[6/6] score {len(unseen)} clips no model has seen, end to end from the video files\n"
          f"$ pipeline score {new} --run {out / 'runs' / 'mcmoe'} --out {out / 'scores.csv'}")
     scored = score_unseen(out, unseen, device, progress)
     print(format_unseen(scored))
-    lap("score")
+    return scored
 
-    print(f"\n{BANNER}\nDemo finished. Everything is under {out}:\n"
-          f"  clips and labels    {videos}/, {labels} (split column: train / val / test)\n"
-          f"  features            {cache}/<config-hash>/ (config.json, manifest.csv)\n"
-          f"  trained models      {out / 'runs'}/mcmoe/, {out / 'runs'}/baseline/ (run.json, best.safetensors, train_log.csv)\n"
-          f"  comparison          {comparison.csv}, {comparison.plot}\n"
-          f"  unseen clip scores  {out / 'scores.csv'}\n"
-          "All of it comes from RANDOM-WEIGHT backbones on synthetic clips: proof that the machinery learns\n"
-          "from video, not a claim about scoring accuracy.\n\n"
-          "The same on your own videos, with pretrained weights (add --weights-dir DIR when offline):\n"
-          "  pipeline extract --videos ~/videos --out ~/cache\n"
-          "  pipeline train --features ~/cache --labels labels.csv --out runs/mine --preset rg --action Ball\n"
-          "  pipeline evaluate --run runs/mine --labels test.csv --plot runs/mine/test.png\n"
-          f"  pipeline score new_clip.mp4 --run runs/mine --out scores.csv\n{BANNER}")
-    return DemoResult(1 if any(result.error for _, result in scored) else 0, comparison, labelled, scored, seconds)
+
+def closing_words(out: Path, videos: Path, labels: Path, comparison: Comparison) -> str:
+    """Where everything is, what it is not, and the same commands on one's own videos."""
+    cache = out / "cache"
+    return (f"\n{BANNER}\nDemo finished. Everything is under {out}:\n"
+            f"  clips and labels    {videos}/, {labels} (split column: train / val / test)\n"
+            f"  features            {cache}/<config-hash>/ (config.json, manifest.csv); per-clip status {out / EXTRACT_SUMMARY}\n"
+            f"  trained models      {out / 'runs'}/mcmoe/, {out / 'runs'}/baseline/ (run.json, best.safetensors, train_log.csv)\n"
+            f"  comparison          {comparison.csv}, {comparison.plot}\n"
+            f"  unseen clip scores  {out / 'scores.csv'}\n"
+            "All of it comes from RANDOM-WEIGHT backbones on synthetic clips: proof that the machinery learns\n"
+            "from video, not a claim about scoring accuracy.\n\n"
+            "The same on your own videos, with pretrained weights (add --weights-dir DIR when offline):\n"
+            "  pipeline extract --videos ~/videos --out ~/cache\n"
+            "  pipeline train --features ~/cache --labels labels.csv --out runs/mine --preset rg --action Ball\n"
+            "  pipeline evaluate --run runs/mine --labels test.csv --plot runs/mine/test.png\n"
+            f"  pipeline score new_clip.mp4 --run runs/mine --out scores.csv\n{BANNER}")
 
 
 def compare_models(out: Path, labels: Path, device: str, settings: DemoSettings = DemoSettings()) -> Comparison:
     """Evaluate every run of every demo model on the test rows of `labels`; write the side-by-side table
     (the mean over training seeds, each seed's Average below it) and the picture (the first seed)."""
     import numpy as np
-    import pandas as pd
 
-    from manifests.files import atomic_write_bytes, atomic_write_json
     from pipeline import data
     from pipeline.inference import load_run
     from pipeline.labels import read_labels
     from pipeline.provenance import headline, provenance
+    from pipeline.tables import Table, write_table
 
     rows = read_labels(labels)
     test_ids = rows.ids_in_split("test")
@@ -245,7 +326,8 @@ def compare_models(out: Path, labels: Path, device: str, settings: DemoSettings 
     columns = [c[0] for c in evaluations["MCMoE"][0].columns()]
     width = max(9, *(len(c) + 2 for c in columns))
     over = f", mean of {len(seeds)} training seeds" if len(seeds) > 1 else ""
-    lines = [headline(f"held-out test clips ({len(test_ids)}){over}", made),
+    what = f"held-out test clips ({len(test_ids)}){over}"
+    lines = [headline(what, made),
              f"{'':14}" + "".join(c.rjust(width) for c in columns)]
     records = []
     for metric, index, spec in (("rho", 1, ".3f"), ("MSE", 2, ".2f")):
@@ -256,7 +338,7 @@ def compare_models(out: Path, labels: Path, device: str, settings: DemoSettings 
                 ("n/a" if math.isnan(v) else format(v, spec)).rjust(width) for v in mean))
             for seed, values in zip(["mean", *seeds], [mean, *per_seed]):
                 records += [{"model": name, "metric": metric, "training_seed": seed, "setting": c,
-                             "value": None if math.isnan(v) else float(v), **made} for c, v in zip(columns, values)]
+                             "value": None if math.isnan(v) else float(v)} for c, v in zip(columns, values)]
     if len(seeds) > 1:
         lines += [f"Average rho per training seed {seeds}: " + "; ".join(
             f"{name} " + " ".join(f"{e.average_rho:.3f}" for e in model_evaluations)
@@ -264,15 +346,15 @@ def compare_models(out: Path, labels: Path, device: str, settings: DemoSettings 
     table = "\n".join(lines)
     folder = out / "comparison"
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(folder / "test.csv", pd.DataFrame(records).to_csv(index=False).encode())
-    atomic_write_json(folder / "test.json", {
-        "note": lines[0], **made, "test_clips": test_ids, "labels": str(labels.resolve()), "training_seeds": seeds,
+    results = Table(what, made, records, rows_key="results", context={
+        "test_clips": test_ids, "labels": str(labels.resolve()), "training_seeds": seeds,
         "table": "mean over the training seeds of each column (rho and MSE per setting, and the Average)",
-        "results": records,
         "models": {name: [{"run": str(run.directory), "training_seed": seed, "checkpoint_epoch": run.best.get("epoch"),
                            "selected_on": run.info.get("selected_on")} for seed, run in zip(seeds, model_runs)]
                    for name, model_runs in runs.items()},
     })
+    write_table(results, folder / "test.csv")
+    write_table(results, folder / "test.json")
     first_seed = {name: model_evaluations[0] for name, model_evaluations in evaluations.items()}
     plot_title = lines[0] if len(seeds) == 1 else f"{lines[0]} (picture: training seed {seeds[0]})"
     plot_comparison(folder / "test.png", first_seed, plot_title)

@@ -1,5 +1,5 @@
 """`pipeline evaluate`: a run's chosen checkpoint under every modality setting (the papers' Table 1),
-printed and written as CSV / JSON with per-video predictions, optionally drawn.
+printed and written as CSV / JSON (pipeline.tables) with per-video predictions, optionally drawn.
 
 The predictions come from pipeline.inference (shared with train, score and reproduce); this stage
 reads the labels, checks them against the features, and writes and draws the results.
@@ -7,9 +7,6 @@ reads the labels, checks them against the features, and writes and draws the res
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 import sys
 from dataclasses import dataclass
@@ -19,11 +16,11 @@ from typing import Any, Callable
 import numpy as np
 
 from manifests.cache import CacheError
-from manifests.files import atomic_write_bytes
 from pipeline import data
-from pipeline.inference import Evaluation, Run, RunError, json_number, load_run
+from pipeline.inference import Evaluation, Run, RunError, load_run
 from pipeline.labels import LabelError, check_against_cache, read_labels
 from pipeline.provenance import headline, save_figure
+from pipeline.tables import Table, write_table
 
 # --------------------------------------------------------------------------- the table, files and plot
 
@@ -41,26 +38,28 @@ def format_table(evaluation: Evaluation) -> str:
     return "\n".join(lines)
 
 
-def write_table_csv(path: Path, evaluation: Evaluation, made: dict[str, Any]) -> None:
-    """setting,rho,mse,n plus the provenance columns random_weights,config_hash on every row."""
-    rows = [["setting", "rho", "mse", "n", "random_weights", "config_hash"]]
-    for name, rho, error, n in evaluation.columns():  # names such as {v,f} are quoted by the csv module
-        rows.append([name, "" if math.isnan(rho) else rho, "" if math.isnan(error) else error,
-                     "" if n is None else n, made["random_weights"], made["config_hash"]])
-    text = io.StringIO()
-    csv.writer(text, lineterminator="\n").writerows(rows)
-    atomic_write_bytes(path, text.getvalue().encode())
-
-
-def write_predictions_csv(path: Path, evaluation: Evaluation, made: dict[str, Any]) -> None:
+def evaluation_tables(run: Run, evaluation: Evaluation, labels_path: Path, split: str,
+                      overlap: list[str]) -> tuple[Table, Table]:
+    """The table (setting, rho, mse, n; with provenance and context for JSON) and the per-video predictions."""
+    what = f"evaluation of run {run.directory}"
+    rows = [{"setting": name, "rho": rho, "mse": error, "n": n} for name, rho, error, n in evaluation.columns()]
+    context = {
+        "run": str(run.directory.resolve()),
+        "model": run.model_name,
+        "labels": str(labels_path.resolve()),
+        "rows": split,
+        "num_videos": len(evaluation.video_ids),
+        "checkpoint": {k: run.best.get(k) for k in ("epoch", "val_rho", "val_mse")},
+        "selected_on": run.info.get("selected_on", "validation"),
+        "test_used_for_selection": bool(run.info.get("test_used_for_selection", False)),  # True: imported checkpoints
+        "videos_also_in_training": overlap,
+        **evaluation.to_dict(),
+    }
     names = [s.name for s in evaluation.settings]
-    rows = [["video_id", "true", *names, "random_weights", "config_hash"]]
-    for i, video_id in enumerate(evaluation.video_ids):
-        predicted = ("" if np.isnan(evaluation.predictions[n][i]) else evaluation.predictions[n][i] for n in names)
-        rows.append([video_id, evaluation.true[i], *predicted, made["random_weights"], made["config_hash"]])
-    text = io.StringIO()
-    csv.writer(text, lineterminator="\n").writerows(rows)
-    atomic_write_bytes(path, text.getvalue().encode())
+    predictions = [{"video_id": video_id, "true": evaluation.true[i], **{n: evaluation.predictions[n][i] for n in names}}
+                   for i, video_id in enumerate(evaluation.video_ids)]
+    return (Table(what, run.provenance, rows, context, rows_key="table"),
+            Table(f"per-video predictions of run {run.directory}", run.provenance, predictions))
 
 
 def plot_predictions(path: Path, evaluation: Evaluation, title: str, made: dict[str, Any] | None = None) -> None:
@@ -121,26 +120,10 @@ def write_evaluation(
     """BASE.csv (the table), BASE.json (table + provenance), BASE.predictions.csv (per video)."""
     if base.suffix.lower() in (".csv", ".json"):
         base = base.with_suffix("")
-    csv_path, json_path = base.parent / f"{base.name}.csv", base.parent / f"{base.name}.json"
-    made = run.provenance
-    write_table_csv(csv_path, evaluation, made)
-    write_predictions_csv(base.parent / f"{base.name}.predictions.csv", evaluation, made)
-    payload = {
-        "note": headline(f"evaluation of run {run.directory}", made),
-        **made,
-        "run": str(run.directory.resolve()),
-        "model": run.model_name,
-        "labels": str(labels_path.resolve()),
-        "rows": split,
-        "num_videos": len(evaluation.video_ids),
-        "checkpoint": {k: run.best.get(k) for k in ("epoch", "val_rho", "val_mse")},
-        "selected_on": run.info.get("selected_on", "validation"),
-        "test_used_for_selection": bool(run.info.get("test_used_for_selection", False)),  # True: imported checkpoints
-        "videos_also_in_training": overlap,
-        "table": [{"setting": n, "rho": json_number(r), "mse": json_number(e), "n": k} for n, r, e, k in evaluation.columns()],
-        **evaluation.to_dict(),
-    }
-    atomic_write_bytes(json_path, (json.dumps(payload, indent=2) + "\n").encode())  # unsorted: the note first
+    table, predictions = evaluation_tables(run, evaluation, labels_path, split, overlap)
+    csv_path = write_table(table, base.parent / f"{base.name}.csv")
+    json_path = write_table(table, base.parent / f"{base.name}.json")
+    write_table(predictions, base.parent / f"{base.name}.predictions.csv")
     return csv_path, json_path
 
 

@@ -3,7 +3,7 @@
 Its total is planned from container metadata before the first decode, corrected when a video is
 opened, and a video that fails or is skipped takes its uncounted segments out of it. The bar writes
 to its own copy of the terminal, untouched while decoder messages are caught, and is redrawn every
-second so its clock moves while one long backbone call runs.
+second so its clock moves while one long backbone call runs (outside a terminal: pipeline.progress).
 """
 
 from __future__ import annotations
@@ -12,18 +12,17 @@ import os
 import sys
 import threading
 
-from tqdm import tqdm
-
 from extractors.config import ExtractionConfig
 from extractors.decode import count_segments
+from pipeline.progress import progress_bar
 from pipeline.videos import VideoSource
 
 
 class Progress:
     def __init__(self, enabled: bool) -> None:
         self.terminal = _terminal() if enabled else None
-        self.bar = tqdm(total=0, unit="seg", dynamic_ncols=True, disable=not enabled, desc="extract",
-                        file=self.terminal)
+        self.bar = progress_bar(total=0, unit="seg", dynamic_ncols=True, disable=not enabled, desc="extract",
+                                file=self.terminal)
         self.expected: dict[str, int] = {}  # video id -> its segments in the bar's total
         self.ticked: dict[str, int] = {}  # video id -> its segments counted as done
         self.postfix: dict[str, object] = {}

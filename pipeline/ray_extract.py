@@ -30,12 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from extractors.base import BackboneUnavailableError, WeightsSource, build_extractors
 from extractors.config import ExtractionConfig
 from manifests.cache import FAILED, CacheConfig, CacheError, FeatureCache, open_cache
 from pipeline.extract import ExtractSummary, cache_if_complete, extract_videos
+from pipeline.progress import progress_bar
 from pipeline.ray_session import import_ray
 from pipeline.videos import VideoSource
 
@@ -178,7 +178,7 @@ def extract_on_ray(
     # ref -> (actor index, batch); batch None: a ready() call (start-up or after a restart)
     in_flight: dict[Any, tuple[int, list[VideoSource] | None]] = {a.ready.remote(): (i, None) for i, a in enumerate(actors)}
     idle: list[int] = []
-    bar = tqdm(total=len(sources), unit="video", desc="extract", dynamic_ncols=True, disable=not progress)
+    bar = progress_bar(total=len(sources), unit="video", desc="extract", dynamic_ncols=True, disable=not progress)
     try:
         while queue or any(batch is not None for _, batch in in_flight.values()):
             while idle and queue:

@@ -32,8 +32,6 @@ Aggregation (OUT/table.csv, table.json, table.md, rho.png):
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import sys
@@ -42,16 +40,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from tqdm import tqdm
 
 from manifests.cache import CONFIG_NAME, CacheError, FeatureCache
-from manifests.files import atomic_write_bytes
 from manifests.run import RunDir, describe_differences, differing_settings
 from models import config_class
 from pipeline.labels import LabelError, read_labels
 from pipeline.metrics import fisher_z_mean, mean_mse
 from pipeline.provenance import headline, provenance, save_figure
 from pipeline.presets import PRESETS, get_preset
+from pipeline.progress import progress_bar
+from pipeline.tables import Block, Table, markdown_text, write_table
 
 AVERAGE = "Average"
 
@@ -257,7 +255,7 @@ def finished_outcome(spec: RunSpec) -> dict[str, Any]:
 def run_in_process(specs: list[RunSpec], device: str = "auto", progress: bool = True) -> list[dict[str, Any]]:
     """One run after another in this process (`--ray none`)."""
     outcomes = []
-    for spec in tqdm(specs, desc="runs", unit="run", disable=not progress, dynamic_ncols=True):
+    for spec in progress_bar(iterable=specs, desc="runs", unit="run", disable=not progress, dynamic_ncols=True):
         outcomes.append(train_and_evaluate(spec, device))
     return outcomes
 
@@ -291,7 +289,7 @@ def run_on_ray(
     threads = max(1, int(cpus_per_run))
     pending = {task.remote(spec, run_device, threads): spec for spec in specs}
     outcomes = []
-    with tqdm(total=len(specs), desc="runs", unit="run", disable=not progress, dynamic_ncols=True) as bar:
+    with progress_bar(total=len(specs), desc="runs", unit="run", disable=not progress, dynamic_ncols=True) as bar:
         while pending:
             (ref,), _ = ray.wait(list(pending), num_returns=1)
             spec = pending.pop(ref)
@@ -373,59 +371,36 @@ def _show(cell: dict[str, Any], digits: int, total: int) -> str:
     return text + (f" (n={cell['seeds']})" if cell["seeds"] < total else "")
 
 
-def markdown_table(table: dict[str, Any], title: str, made: dict[str, Any]) -> str:
-    """The table as Markdown under a title saying which features it rests on (random backbones first)."""
-    settings = table["settings"]
-    lines = [f"## {headline(title, made)}", ""]
-    for metric, label, digits in (("rho", "Spearman rho", 3), ("mse", "MSE", 2)):
-        lines.append(f"{label}, mean ± std over seeds")
-        lines.append("")
-        lines.append("| | " + " | ".join(settings) + " |")
-        lines.append("|---|" + "---:|" * len(settings))
-        for row in table["rows"]:
-            name = f"**{row['name']}**" if row["scope"] == "dataset" else row["name"]
-            total = len(row["seeds"])
-            lines.append(f"| {name} | " + " | ".join(_show(row["settings"][s][metric], digits, total) for s in settings) + " |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def write_table(
-    out: Path, table: dict[str, Any], meta: dict[str, Any], title: str, made: dict[str, dict[str, Any]]
-) -> list[Path]:
-    """OUT/table.csv (long form), table.json (everything), table.md, rho.png; all carry random_weights
-    and the config hash. `made`: pipeline.provenance of each row's features, by row name."""
-    out = Path(out)
-    columns = ["scope", "name", "setting", "rho_mean", "rho_std", "mse_mean", "mse_std", "seeds_rho", "seeds_mse",
-               "random_weights", "config_hash"]
+def result_table(table: dict[str, Any], meta: dict[str, Any], title: str, made: dict[str, dict[str, Any]]) -> Table:
+    """The aggregate as a pipeline.tables Table: long-form rows (scope, name, setting, rho and MSE
+    mean / std / seeds; each row with its own features' provenance), the nested table and `meta` for
+    JSON, and for Markdown one wide table per metric. `made`: pipeline.provenance by row name."""
     plain = lambda v: None if math.isnan(v) else v  # noqa: E731 (an empty cell)
-    lines = io.StringIO()
-    writer = csv.writer(lines, lineterminator="\n")
-    writer.writerow(columns)
+    rows = []
     for row in table["rows"]:
-        origin = made[row["name"]]
         for setting in table["settings"]:
             rho, error = row["settings"][setting]["rho"], row["settings"][setting]["mse"]
-            writer.writerow([row["scope"], row["name"], setting, plain(rho["mean"]), plain(rho["std"]), plain(error["mean"]),
-                             plain(error["std"]), rho["seeds"], error["seeds"], origin["random_weights"], origin["config_hash"]])
+            rows.append({"scope": row["scope"], "name": row["name"], "setting": setting,
+                         "rho_mean": plain(rho["mean"]), "rho_std": plain(rho["std"]),
+                         "mse_mean": plain(error["mean"]), "mse_std": plain(error["std"]),
+                         "seeds_rho": rho["seeds"], "seeds_mse": error["seeds"], **made[row["name"]]})
+    blocks = []
+    for metric, label, digits in (("rho", "Spearman rho", 3), ("mse", "MSE", 2)):
+        body = [[f"**{row['name']}**" if row["scope"] == "dataset" else row["name"],
+                 *(_show(row["settings"][s][metric], digits, len(row["seeds"])) for s in table["settings"])]
+                for row in table["rows"]]
+        blocks.append(Block(["", *table["settings"]], body, caption=f"{label}, mean ± std over seeds"))
     overall = made[table["rows"][-1]["name"]]  # the dataset row: every action's features
-    paths = [out / "table.csv", out / "table.json", out / "table.md", out / "rho.png"]
-    atomic_write_bytes(paths[0], lines.getvalue().encode())
-    payload = {"note": headline(title, overall), **overall, **meta, **table}
-    atomic_write_bytes(paths[1], (json.dumps(_json_safe(payload), indent=2) + "\n").encode())  # unsorted: the note first
-    atomic_write_bytes(paths[2], (markdown_table(table, title, overall) + "\n").encode())
-    plot_rho(paths[3], table, title, overall)
-    return paths
+    return Table(title, overall, rows, context={**meta, **table}, rows_key=None, blocks=blocks)
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float):
-        return None if math.isnan(value) else value
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
+def write_results(out: Path, table: Table, aggregate: dict[str, Any]) -> list[Path]:
+    """OUT/table.csv (long form), table.json (everything), table.md, rho.png; all carry random_weights
+    and the config hash."""
+    out = Path(out)
+    paths = [write_table(table, out / name) for name in ("table.csv", "table.json", "table.md")]
+    plot_rho(out / "rho.png", aggregate, table.what, table.made)
+    return [*paths, out / "rho.png"]
 
 
 def plot_rho(path: Path, table: dict[str, Any], title: str, made: dict[str, Any]) -> None:
@@ -469,9 +444,10 @@ class ReproduceResult:
     paths: list[Path] = field(default_factory=list)
     title: str = ""
     made: dict[str, Any] = field(default_factory=dict)  # pipeline.provenance of all the features
+    written: Table | None = None  # what the files hold (pipeline.tables)
 
     def markdown(self) -> str:
-        return markdown_table(self.table, self.title, self.made)
+        return markdown_text(self.written)
 
     @property
     def failed(self) -> list[dict[str, Any]]:
@@ -523,5 +499,6 @@ def reproduce(
         "runs": [{k: o.get(k) for k in ("action", "seed", "run_dir", "status", "error", "table")} for o in outcomes],
     }
     title = f"{preset} with {model}: {len(seeds)} seed(s), test split"
-    paths = write_table(Path(out).expanduser(), table, meta, title, made)
-    return ReproduceResult(outcomes, table, paths, title, made[table["rows"][-1]["name"]])
+    written = result_table(table, meta, title, made)
+    paths = write_results(Path(out).expanduser(), written, table)
+    return ReproduceResult(outcomes, table, paths, title, written.made, written)

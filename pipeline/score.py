@@ -7,7 +7,6 @@ fingerprint, in the run's own training cache or in the score cache) is not extra
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,11 +16,11 @@ import torch
 from extractors.base import WeightsSource, build_extractors
 from extractors.config import ExtractionConfig
 from manifests.cache import CONFIG_NAME, DONE, CacheConfig, CacheError, FeatureCache, VideoRecord, open_cache
-from manifests.files import atomic_write_bytes
 from pipeline.data import Sample
 from pipeline.extract import extract_videos
 from pipeline.inference import Run, RunError, load_run
-from pipeline.provenance import headline, provenance
+from pipeline.provenance import provenance
+from pipeline.tables import Table, write_table
 from pipeline.videos import VIDEO_EXTENSIONS, VideoSource, file_fingerprint, legacy_fingerprint
 
 
@@ -49,8 +48,8 @@ class ClipScore:
             "config_hash": self.config_hash,
             "present": ",".join(self.present),
             "imputed": ",".join(self.imputed),
-            "grade_weights": None if self.grade_weights is None else [round(w, 4) for w in self.grade_weights],
             "error": self.error,
+            "grade_weights": None if self.grade_weights is None else [round(w, 4) for w in self.grade_weights],
         }
 
 
@@ -172,10 +171,12 @@ def score_clips(
     return results
 
 
-def scores_headline(results: list[ClipScore], run_dir: Path) -> str:
-    """The line above a score table: which run, which features, random backbones above all."""
-    return headline(f"scores of run {run_dir}", {"random_weights": results[0].random_weights,
-                                                  "config_hash": results[0].config_hash})
+def scores_table(results: list[ClipScore], run_dir: Path) -> Table:
+    """The scores with their provenance; grade weights become one column per grade in flat formats."""
+    made = {"random_weights": results[0].random_weights, "config_hash": results[0].config_hash}
+    return Table(f"scores of run {run_dir}", made, [r.row() for r in results],
+                 context={"run": str(Path(run_dir).absolute())}, rows_key="scores",
+                 expand={"grade_weights": "grade_{}_weight"})
 
 
 def format_scores(results: list[ClipScore]) -> str:
@@ -185,19 +186,7 @@ def format_scores(results: list[ClipScore]) -> str:
 
 
 def write_scores(path: Path, results: list[ClipScore], run_dir: Path) -> None:
-    """CSV or JSON by extension, atomically; grade weights as one column per grade in CSV.
-
-    Every CSV row carries random_weights and config_hash; the JSON file is
-    {"note", "run", "random_weights", "config_hash", "scores": [rows]}."""
-    rows = [r.row() for r in results]
-    if path.suffix.lower() == ".json":
-        made = {k: rows[0][k] for k in ("random_weights", "config_hash")}
-        payload = {"note": scores_headline(results, run_dir), "run": str(Path(run_dir).absolute()),
-                   **made, "scores": [{k: v for k, v in r.items() if k not in made} for r in rows]}
-        atomic_write_bytes(path, (json.dumps(payload, indent=2) + "\n").encode())  # unsorted: the note first
-        return
-    flat = []
-    for row in rows:
-        weights = row.pop("grade_weights") or []
-        flat.append({**row, **{f"grade_{i + 1}_weight": w for i, w in enumerate(weights)}})
-    atomic_write_bytes(path, pd.DataFrame(flat).to_csv(index=False).encode())
+    """The scores in the format of path's suffix (pipeline.tables.FORMATS), atomically: every CSV row
+    carries random_weights and config_hash; the JSON file is {"note", "random_weights", "config_hash",
+    "run", "scores": [rows]}."""
+    write_table(scores_table(results, run_dir), path)

@@ -25,7 +25,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from manifests.cache import FeatureCache
 from manifests.files import remove_temporary_files
@@ -48,6 +47,7 @@ from pipeline.inference import call_model, evaluate_samples, predict
 from pipeline.labels import LabelError, Labels, check_against_cache, read_labels
 from pipeline.metrics import mse, spearman_rho
 from pipeline.presets import Preset, get_preset
+from pipeline.progress import progress_bar
 
 OPTIMIZERS = ("adam", "adamw")
 # How the optimiser updates the parameters: "fused" (one kernel over each tensor), "foreach" (each
@@ -672,7 +672,7 @@ def _train_locked(
         train_pred, train_true = [], []
         batches = data.training_batches(bundle.train, *sizes, config.batch_size, generator)
         # Updated by hand: a wrapped iterator would close the bar before the validation numbers arrive.
-        bar = tqdm(total=math.ceil(len(bundle.train) / config.batch_size), desc=f"epoch {epoch + 1}/{config.epochs}",
+        bar = progress_bar(total=math.ceil(len(bundle.train) / config.batch_size), desc=f"epoch {epoch + 1}/{config.epochs}",
                    file=sys.stderr, disable=not progress, dynamic_ncols=True, leave=True)
         try:
             for index, batch in enumerate(batches):

@@ -200,7 +200,8 @@ def test_videos_may_be_one_file_and_the_manifest_path_is_absolute(clip_folder, t
     assert exc.value.code == 2 and "is a file, not a folder" in capsys.readouterr().err
 
 
-def test_progress_total_is_known_before_decoding_and_never_changes(clip_folder, tmp_path, capsys):
+def test_progress_total_is_known_before_decoding_and_never_changes(clip_folder, tmp_path, capsys, monkeypatch):
+    import pipeline.progress
     from extractors.base import WeightsSource, build_extractors
     from extractors.decode import VideoFrames, count_segments
     from manifests.cache import CacheConfig, open_cache
@@ -227,6 +228,7 @@ def test_progress_total_is_known_before_decoding_and_never_changes(clip_folder, 
         return embed(batch)
 
     extractors["rgb"].embed = slow_first_call
+    monkeypatch.setattr(pipeline.progress, "is_terminal", lambda stream: True)  # the bar as a terminal shows it
     extract_videos(discover_videos(videos), cache, extractors, config, batch_segments=1, progress=True)
     bar = capsys.readouterr().err.replace("\r", "\n")
     # the bar is redrawn every second while that call runs: its clock moves

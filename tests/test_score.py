@@ -110,6 +110,13 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert "RANDOM WEIGHTS" in out.err and "Demo finished" in out.out
     assert "MCMoE rho" in out.out and "Baseline rho" in out.out  # the side-by-side table
     assert "RANDOM-WEIGHT BACKBONES: held-out test clips (3)" in out.out
+    # the extraction's counts on screen, its per-clip table in a file (one row per clip buries the results)
+    clips = [f"clip{i:02d}" for i in range(9)]
+    assert "9 extracted, 0 already done, 0 failed" in out.out and "video_id" not in out.out
+    assert not any(line.split()[:1] == [clip] for line in out.out.splitlines() for clip in clips)
+    status = (tmp_path / "demo" / "extract_summary.txt").read_text()
+    assert f"per-clip status: {tmp_path / 'demo' / 'extract_summary.txt'}" in out.out
+    assert [line.split()[0] for line in status.splitlines()[1:10]] == clips
     comparison = pd.read_csv(tmp_path / "demo" / "comparison" / "test.csv")
     assert comparison["random_weights"].all() and comparison["config_hash"].nunique() == 1
     # three training seeds per model by default; the table is their mean, each seed's Average is printed
