@@ -41,8 +41,8 @@ STAGES: dict[str, set[str]] = {
             "demo"},
 }
 # Below the stages: importable by any module, importing no stage.
-SHARED = {"", "data", "devices", "inference", "labels", "metrics", "presets", "provenance", "ray_session", "samples",
-          "videos"}
+SHARED = {"", "data", "devices", "inference", "labels", "metrics", "presets", "progress", "provenance", "ray_session",
+          "samples", "tables", "videos"}
 # Folders in layer order: each may import only from the folders before it (README's folder table).
 LAYERS = ("manifests", ("extractors", "models"), "pipeline")
 
