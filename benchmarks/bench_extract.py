@@ -34,7 +34,7 @@ from extractors.optical_flow import flow_input  # noqa: E402
 from extractors.transforms import as_frames  # noqa: E402
 from pipeline.devices import resolve_device  # noqa: E402
 from manifests.cache import CacheConfig, open_cache  # noqa: E402
-from pipeline.extract import extract_videos  # noqa: E402
+from pipeline.extraction.loop import extract_videos  # noqa: E402
 from pipeline.videos import discover_videos  # noqa: E402
 from pipeline.samples import ClipSpec, write_clip  # noqa: E402
 

@@ -144,7 +144,7 @@ def _run_extract(args: argparse.Namespace) -> int:
     from extractors.base import BackboneUnavailableError, WeightsSource, build_extractors
     from manifests.cache import CacheConfig, CacheError, open_cache
     from pipeline.devices import resolve_device
-    from pipeline.extract import cache_if_complete, extract_videos
+    from pipeline.extraction.loop import cache_if_complete, extract_videos
 
     if args.ray is not None:
         return _run_extract_ray(args)
@@ -176,9 +176,9 @@ def _run_extract(args: argparse.Namespace) -> int:
 
 
 def _run_extract_ray(args: argparse.Namespace) -> int:
-    """`extract --ray`: the same stage on Ray actors (pipeline/ray_extract.py)."""
+    """`extract --ray`: the same stage on Ray actors (pipeline/extraction/on_ray.py)."""
     from extractors.base import WeightsSource
-    from pipeline.ray_extract import WorkerSetupError, extract_on_ray, plan_workers
+    from pipeline.extraction.on_ray import WorkerSetupError, extract_on_ray, plan_workers
     from pipeline.ray_session import RaySetupError, ray_session
 
     sources = video_sources(args.videos)

@@ -19,7 +19,7 @@ from extractors.config import ExtractionConfig
 from manifests.cache import CONFIG_NAME, DONE, CacheConfig, CacheError, FeatureCache, VideoRecord, open_cache
 from manifests.files import atomic_write_bytes
 from pipeline.data import Sample
-from pipeline.extract import extract_videos
+from pipeline.extraction.loop import extract_videos
 from pipeline.inference import Run, RunError, load_run
 from pipeline.provenance import headline, provenance
 from pipeline.videos import VIDEO_EXTENSIONS, VideoSource, file_fingerprint, legacy_fingerprint

@@ -17,9 +17,9 @@ from extractors.base import WeightsSource, build_extractors
 from extractors.config import ExtractionConfig
 from extractors.decode import DecodeError, VideoFrames, audio_windows, load_audio, open_audio, read_audio_windows
 from manifests.cache import CacheConfig, FeatureCache, open_cache, video_dir_name
-from pipeline import extract_source
+from pipeline.extraction import source as extract_source
 from pipeline.cli import main
-from pipeline.extract import extract_videos
+from pipeline.extraction.loop import extract_videos
 from pipeline.samples import ClipSpec, write_clip
 from pipeline.videos import discover_videos, file_fingerprint, legacy_fingerprint, same_file
 from tests.conftest import TINY_EXTRACT_FLAGS, tiny_config

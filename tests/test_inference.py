@@ -16,7 +16,7 @@ from pipeline.labels import read_labels
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "rundir"
-STAGES = ("train", "evaluate", "score", "reproduce", "extract", "ray_extract", "importers", "import_checkpoint",
+STAGES = ("train", "evaluate", "score", "reproduce", "extraction", "importers", "import_checkpoint",
           "demo", "cli")
 # Folders in layer order: each may import only from the folders before it (README's folder table).
 LAYERS = ("manifests", ("extractors", "models"), "pipeline")
@@ -40,7 +40,7 @@ def test_stages_depend_only_downward():
         "inference": set(),
         "train": set(),
         "evaluate": set(),
-        "score": {"extract"},
+        "score": {"extraction"},
         "reproduce": {"train", "evaluate"},
         "demo": {"score"},
     }

@@ -204,7 +204,7 @@ def test_progress_total_is_known_before_decoding_and_never_changes(clip_folder, 
     from extractors.base import WeightsSource, build_extractors
     from extractors.decode import VideoFrames, count_segments
     from manifests.cache import CacheConfig, open_cache
-    from pipeline.extract import extract_videos
+    from pipeline.extraction.loop import extract_videos
     from pipeline.videos import discover_videos
     from tests.conftest import tiny_config
 

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from extractors.base import BackboneUnavailableError, WeightsSource, build_extractors
 from extractors.config import ExtractionConfig
 from manifests.cache import FAILED, CacheConfig, CacheError, FeatureCache, open_cache
-from pipeline.extract import ExtractSummary, cache_if_complete, extract_videos
+from pipeline.extraction.loop import ExtractSummary, cache_if_complete, extract_videos
 from pipeline.ray_session import import_ray
 from pipeline.videos import VideoSource
 

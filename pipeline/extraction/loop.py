@@ -2,13 +2,13 @@
 
 The loop, in the order a video goes through it:
 - decide which videos need work (below: `needs_work`);
-- the decoder source (extract_source.py) claims, opens and decodes them in a background thread, a
-  few segments ahead, and hands over typed events (extract_events.py);
-- the batcher (extract_batcher.py) fills backbone batches with segments across videos and scatters
+- the decoder source (source.py) claims, opens and decodes them in a background thread, a
+  few segments ahead, and hands over typed events (events.py);
+- the batcher (batcher.py) fills backbone batches with segments across videos and scatters
   the backbones' rows back into each video's arrays;
-- the writer (extract_writer.py) saves a finished video's arrays, and its record (the manifest row)
+- the writer (writer.py) saves a finished video's arrays, and its record (the manifest row)
   last, so an interrupted run leaves nothing that a rerun would trust by mistake;
-- the progress bar (extract_progress.py) counts segments.
+- the progress bar (progress.py) counts segments.
 
 Resuming and concurrency: a video is skipped when its record says done, its file's content hash is
 unchanged (size + mtime stand for it; `verify` rehashes) and its arrays are intact (sizes and shapes;
@@ -29,8 +29,8 @@ import pandas as pd
 from extractors.base import Extractor
 from extractors.config import ExtractionConfig
 from manifests.cache import CONFIG_NAME, DONE, FAILED, CacheError, FeatureCache, VideoRecord
-from pipeline.extract_batcher import Batch, Batcher, embed_batch
-from pipeline.extract_events import (
+from pipeline.extraction.batcher import Batch, Batcher, embed_batch
+from pipeline.extraction.events import (
     ClaimedElsewhere,
     FinishedElsewhere,
     SegmentsDecoded,
@@ -38,9 +38,9 @@ from pipeline.extract_events import (
     VideoJob,
     VideoOpened,
 )
-from pipeline.extract_progress import Progress
-from pipeline.extract_source import DecoderSource
-from pipeline.extract_writer import Writer
+from pipeline.extraction.progress import Progress
+from pipeline.extraction.source import DecoderSource
+from pipeline.extraction.writer import Writer
 from pipeline.videos import VideoSource, same_file
 
 

@@ -1,0 +1,2 @@
+"""The extract stage as a package: the loop (loop.py) and its parts (source, events, batcher, writer,
+progress), and the same loop spread over Ray actors (on_ray.py)."""
