@@ -14,12 +14,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from extractors.base import WeightsSource, build_extractors
+from extractors.base import WeightsSource
 from extractors.config import ExtractionConfig
-from manifests.cache import CONFIG_NAME, DONE, CacheConfig, CacheError, FeatureCache, VideoRecord, open_cache
+from manifests.cache import CONFIG_NAME, DONE, CacheError, FeatureCache, VideoRecord
 from manifests.files import atomic_write_bytes
 from pipeline.data import Sample
-from pipeline.extraction.loop import extract_videos
+from pipeline.extraction.entry import cache_folder, extract_into
 from pipeline.inference import Run, RunError, load_run
 from pipeline.provenance import headline, provenance
 from pipeline.videos import VIDEO_EXTENSIONS, VideoSource, file_fingerprint, legacy_fingerprint
@@ -112,7 +112,7 @@ def score_clips(
     if features is not None:
         target = run.open_features(features)  # refuses features made differently
     else:
-        target = FeatureCache(run.folder.score_cache() / config.config_hash())
+        target = FeatureCache(cache_folder(run.folder.score_cache(), config))
         try:
             lookup.append(run.open_features())
         except (CacheError, RunError, OSError):
@@ -142,10 +142,9 @@ def score_clips(
             located[index] = (target, video_id)
 
     if to_extract:
-        extractors = build_extractors(config, device, weights)
-        target = open_cache(target.root.parent, CacheConfig.extracted(config, extractors)) if features is None else target
-        extract_videos(to_extract, target, extractors, config, batch_segments=batch_segments, progress=progress)
-        del extractors
+        # located rows name `target`: extract_into makes its folder (inside the score cache) when needed
+        extract_into(target if features is not None else run.folder.score_cache(), config, to_extract,
+                     device=device, weights=weights, batch_segments=batch_segments, progress=progress)
         if device.type == "cuda":
             torch.cuda.empty_cache()
 

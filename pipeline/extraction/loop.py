@@ -1,7 +1,7 @@
 """The extract stage: videos -> decoded segments -> frozen backbones -> feature cache + manifest.
 
 The loop, in the order a video goes through it:
-- decide which videos need work (below: `needs_work`);
+- decide which videos need work (below: `needs_work`; entry.py skips building the backbones when none does);
 - the decoder source (source.py) claims, opens and decodes them in a background thread, a
   few segments ahead, and hands over typed events (events.py);
 - the batcher (batcher.py) fills backbone batches with segments across videos and scatters
@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pandas as pd
 
 from extractors.base import Extractor
 from extractors.config import ExtractionConfig
-from manifests.cache import CONFIG_NAME, DONE, FAILED, CacheError, FeatureCache, VideoRecord
+from manifests.cache import DONE, FAILED, CacheError, FeatureCache, VideoRecord
 from pipeline.extraction.batcher import Batch, Batcher, embed_batch
 from pipeline.extraction.events import (
     ClaimedElsewhere,
@@ -58,28 +57,6 @@ def needs_work(cache: FeatureCache, source: VideoSource, retry_failed: bool = Fa
     if record.status == FAILED:
         return retry_failed
     return cache.check_video(record, full=verify) is not None
-
-
-# --------------------------------------------------------------------------- cache set-up
-
-
-def cache_if_complete(
-    out: Path, config: ExtractionConfig, sources: list[VideoSource], retry_failed: bool = False, verify: bool = False
-) -> FeatureCache | None:
-    """The existing cache of `config` when every source in it is final, else None.
-
-    Lets `extract` with nothing to do skip building the backbones. The stored extractors must be the
-    ones this code would build (names and versions, known without building them)."""
-    from extractors.base import feature_versions
-
-    cache = FeatureCache(Path(out).expanduser() / config.config_hash())
-    if not (cache.root / CONFIG_NAME).is_file():
-        return None
-    if cache.config.version_mismatch(feature_versions(config)):
-        return None  # open_cache explains the difference once the extractors are built
-    if any(needs_work(cache, s, retry_failed, verify) for s in sources):
-        return None
-    return cache
 
 
 # --------------------------------------------------------------------------- the streaming run
