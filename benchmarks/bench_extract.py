@@ -31,14 +31,15 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from extractors.base import WeightsSource, build_extractors  # noqa: E402
-from extractors.config import FLOW_RUNTIMES, ExtractionConfig  # noqa: E402
+from extractors.config import ExtractionConfig  # noqa: E402
+from extractors.settings import setting_fields, settings_from_values  # noqa: E402
 from extractors.decode import SegmentPlan, VideoFrames, audio_windows, load_audio  # noqa: E402
 from extractors.onednn import linear as onednn_linear, onednn_linear_available  # noqa: E402
 from extractors.optical_flow import flow_input  # noqa: E402
 from extractors.transforms import as_frames  # noqa: E402
 from pipeline.devices import resolve_device  # noqa: E402
-from manifests.cache import CacheConfig, open_cache  # noqa: E402
-from pipeline.extract import extract_videos  # noqa: E402
+from pipeline.cli import add_backbone_setting_options  # noqa: E402
+from pipeline.extraction.entry import extract_into  # noqa: E402
 from pipeline.videos import discover_videos  # noqa: E402
 from pipeline.samples import ClipSpec, write_clip  # noqa: E402
 
@@ -164,8 +165,7 @@ def main() -> None:
     parser.add_argument("--rgb", default="vst")
     parser.add_argument("--flow", default=None, help="default: raft on GPU, farneback on CPU")
     parser.add_argument("--audio", default="ast")
-    parser.add_argument("--flow-runtime", default=ExtractionConfig.flow_runtime, choices=FLOW_RUNTIMES,
-                        help="the library that runs the flow I3D, as `pipeline extract --flow-runtime`")
+    add_backbone_setting_options(parser.add_argument_group("backbone settings, as `pipeline extract`'s"))
     parser.add_argument("--batch-segments", type=int, default=8)
     parser.add_argument("--weights-dir", type=Path)
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -175,9 +175,10 @@ def main() -> None:
     modalities = tuple(args.modalities.split(","))
     flow = args.flow or ("raft" if device.type == "cuda" else "farneback")
     names = {"rgb": args.rgb, "flow": flow, "audio": args.audio}
+    values = {name: getattr(args, name) for name in setting_fields() if getattr(args, name) is not None}
     config = ExtractionConfig(modalities=modalities, backbones={m: names[m] for m in modalities},
                               weights=args.backbones, arch_size=args.arch_size,
-                              flow_runtime=args.flow_runtime)
+                              settings={m: settings_from_values(m, names[m], values) for m in modalities})
     work = Path(tempfile.mkdtemp(prefix="bench_extract_"))
     sources = discover_videos(benchmark_videos(args.videos, work, args.clips, args.seconds, args.size))
     extractors = build_extractors(config, device, WeightsSource(weights_dir=args.weights_dir))
@@ -240,9 +241,9 @@ def main() -> None:
                                 "gflop_per_s": flops / 1e9 / per_segment,
                                 "fraction_of_matmul_ceiling": flops / 1e9 / per_segment / ceiling}
 
-    cache = open_cache(work / "cache", CacheConfig.extracted(config, extractors))
     start = time.perf_counter()
-    extract_videos(sources, cache, extractors, config, batch_segments=args.batch_segments, progress=False)
+    extract_into(work / "cache", config, sources, extractors=extractors, batch_segments=args.batch_segments,
+                 progress=False)
     synchronize(device)
     rows.append(("end to end", time.perf_counter() - start, segments))
 

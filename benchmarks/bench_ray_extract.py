@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from extractors.base import WeightsSource  # noqa: E402
 from extractors.config import CPU_FLOW_BACKBONE, ExtractionConfig  # noqa: E402
 from pipeline.videos import discover_videos  # noqa: E402
-from pipeline.ray_extract import extract_on_ray  # noqa: E402
+from pipeline.extraction.on_ray import extract_on_ray  # noqa: E402
 from pipeline.ray_session import ray_session  # noqa: E402
 from benchmarks.bench_extract import benchmark_videos, run_record  # noqa: E402
 

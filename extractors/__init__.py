@@ -1,7 +1,8 @@
 """Frozen backbones turning decoded segments into feature vectors, one registered class per backbone.
 
 A new modality or backbone is a new module with an `@register(modality, name)` class, its module
-name in `extractors.base.BACKBONE_MODULES` and its names in `extractors.config.BACKBONE_NAMES`.
+name in `extractors.base.BACKBONE_MODULES` and its settings class, registered under the same names,
+in `extractors.settings`.
 The package imports nothing heavy itself: `extractors.config` (and so the command line) loads without
 torch, and the backbone modules are imported the first time the registry is consulted.
 """

@@ -1,7 +1,8 @@
 """One small extractor class per backbone, behind one interface, found through one registry.
 
-Adding a modality (say pose) is a new file with a class decorated by `@register("pose", "name")`
-and an import line in `extractors/__init__.py`; the CLI, the cache and the models pick it up.
+Adding a modality (say pose) is a new file with a class decorated by `@register("pose", "name")`,
+its module name in BACKBONE_MODULES and its settings class in extractors/settings.py; the CLI, the
+cache and the models pick it up.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 from extractors.config import ExtractionConfig
 from extractors.onednn import use_onednn_linears
+from extractors.settings import BackboneSettings, LinearLayerSettings
 
 
 class BackboneUnavailableError(RuntimeError):
@@ -65,6 +67,8 @@ class Extractor:
 
     `embed` returns float32 (B, feature_dim) on the CPU. It runs under torch.no_grad(); on CUDA the
     heavy parts may use bf16 autocast, but results are returned in float32.
+
+    `settings` is the backbone's own settings (its class in extractors/settings.py).
     """
 
     modality: ClassVar[str]
@@ -79,6 +83,7 @@ class Extractor:
         self, config: ExtractionConfig, device: torch.device, weights: WeightsSource
     ) -> None:
         self.config = config
+        self.settings: BackboneSettings = config.settings[self.modality]
         self.device = device
         self.weights = weights
 
@@ -100,8 +105,8 @@ class Extractor:
 
     def freeze(self, model: torch.nn.Module) -> torch.nn.Module:
         """`model` on this extractor's device, in eval mode without gradients; its linear layers run
-        through oneDNN on a CPU unless the config says cpu_linear="torch" (extractors/onednn.py)."""
-        if self.config.cpu_linear == "onednn":
+        through oneDNN on a CPU when the settings say cpu_linear="onednn" (extractors/onednn.py)."""
+        if isinstance(self.settings, LinearLayerSettings) and self.settings.cpu_linear == "onednn":
             use_onednn_linears(model)
         return model.to(self.device).eval().requires_grad_(False)
 

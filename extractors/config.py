@@ -5,38 +5,31 @@ manifests/cache.py), and its hash names the cache folder, so features made with 
 never mix. Settings that only change how fast features are made (device, batch size, workers) are
 deliberately not part of it. A field added from now on must have a default that reproduces today's
 features: it then enters the hash only when set to something else (manifests/hashing.py), so the
-caches made before it keep their names.
+caches made before it keep their names. A backbone's own settings are fields of its settings class
+(extractors/settings.py), under the same rule.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import ClassVar
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
 
-from manifests.config import RecordedConfig
+from extractors.settings import BackboneSettings, settings_class
+from manifests.config import ConfigError, RecordedConfig
 from manifests.hashing import feature_hash, hashed_fields
 
 PROTOCOLS = ("rg", "fs1000")
 BACKBONE_MODES = ("pretrained", "random")
 ARCH_SIZES = ("full", "tiny")
-ATTENTIONS = ("fused", "reference")
-MEMORY_FORMATS = ("channels_last", "contiguous")
-CPU_LINEARS = ("onednn", "torch")
-# Which library runs the flow stream's I3D: torch, or ONNX Runtime / OpenVINO on a CPU, where they
-# measured faster than eager torch (benchmarks/bench_cpu_backends.py; extractors/cpu_runtimes.py).
-FLOW_RUNTIMES = ("torch", "onnxruntime", "openvino")
+FEATURE_DTYPES = ("float32", "float16")
 
 # The published feature sets put these backbones behind each modality (docs/design/features.md).
 DEFAULT_BACKBONES = {"rgb": "vst", "flow": "raft", "audio": "ast"}
 CPU_FLOW_BACKBONE = "farneback"  # RAFT is the GPU default; on a CPU Farneback is ~50x cheaper.
 
-# The registry's names, known without importing a backbone (and torch): the command line is built
-# from this table in milliseconds. tests/test_backbones.py checks it against the real registry.
-BACKBONE_NAMES: dict[str, tuple[str, ...]] = {
-    "rgb": ("vst", "timesformer"),
-    "flow": ("raft", "farneback", "tvl1"),
-    "audio": ("ast",),
-}
+# The settings layout 1 kept at the top level, one value for every backbone; layout 2 gives each
+# backbone its own (extractors/settings.py). The hash still spells them as layout 1 did (config_hash).
+LAYOUT_1_SETTINGS = ("attention", "memory_format", "cpu_linear", "flow_runtime")
 
 
 @dataclass
@@ -48,7 +41,12 @@ class ExtractionConfig(RecordedConfig):
     protocol "fs1000": windows of `window_seconds` every `hop_seconds`; inside a window,
     non-overlapping `clip_frames`-frame clips go through the frame backbones and are averaged.
     Audio always sees the whole window's time span.
+
+    `backbones` names each modality's backbone and `settings` holds that backbone's own settings
+    (extractors/settings.py); a modality left out of `settings` gets its backbone's defaults.
     """
+
+    SCHEMA_VERSION: ClassVar[int] = 2
 
     protocol: str = "rg"
     segment_frames: int = 32
@@ -64,23 +62,8 @@ class ExtractionConfig(RecordedConfig):
     decode_short_side: int = 256  # frames are resized to this at decode time, before any backbone
     audio_sample_rate: int = 16000
     feature_dtype: str = "float32"
-    # Video Swin's window attention: "fused" (one kernel; the default since this field exists) or
-    # "reference" (torchvision's own code, which every cache made before the field used). Both give the
-    # same features up to float rounding, so the default keeps old caches' folder names; "reference"
-    # enters the hash and gets its own folder.
-    attention: str = "fused"
-    # How I3D's 3D convolutions hold their activations: "channels_last" (1.29x faster I3D on a CPU; the
-    # default since this field exists) or "contiguous" (every cache made before the field). Same features
-    # up to float rounding, so, as with `attention`, only "contiguous" enters the hash.
-    memory_format: str = "channels_last"
-    # Which library multiplies the transformers' linear layers on a CPU: "onednn" (the default since this
-    # field exists; AVX-512 where the CPU has it, see extractors/onednn.py) or "torch" (MKL, as every cache
-    # before it). Same features up to float rounding, so only "torch" enters the hash. No effect on a GPU.
-    cpu_linear: str = "onednn"
-    # The library that runs the I3D of the flow modality (FLOW_RUNTIMES): "torch", or on a CPU "onnxruntime"
-    # or "openvino" (optional packages; 1.3-1.7x the I3D's rate on a 2-core CPU). Features agree with
-    # torch's to float rounding but not bitwise, so another runtime enters the hash: a folder of its own.
-    flow_runtime: str = "torch"
+    # Hashed through `settings_hash` (each non-default setting), not as a whole.
+    settings: dict[str, BackboneSettings] = field(default_factory=dict, metadata={"hash": False})
 
     # The fields every cache folder name was computed from when the hash was introduced: hashed whatever
     # their value. Later fields enter only when they differ from their defaults (see the module docstring).
@@ -90,34 +73,64 @@ class ExtractionConfig(RecordedConfig):
     )
 
     def __post_init__(self) -> None:
-        if self.protocol not in PROTOCOLS:
-            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
-        if self.weights not in BACKBONE_MODES:
-            raise ValueError(f"weights must be one of {BACKBONE_MODES}, got {self.weights!r}")
-        if self.arch_size not in ARCH_SIZES:
-            raise ValueError(f"arch_size must be one of {ARCH_SIZES}, got {self.arch_size!r}")
-        if self.arch_size == "tiny" and self.weights != "random":
-            raise ValueError("tiny architectures have no pretrained weights: use weights='random'")
-        if self.segment_frames < 2 or self.frame_stride < 1 or self.clip_frames < 2:
-            raise ValueError("segment_frames and clip_frames must be >= 2, frame_stride >= 1")
-        if self.feature_dtype not in ("float32", "float16"):
-            raise ValueError("feature_dtype must be float32 or float16")
-        if self.attention not in ATTENTIONS:
-            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
-        if self.memory_format not in MEMORY_FORMATS:
-            raise ValueError(f"memory_format must be one of {MEMORY_FORMATS}, got {self.memory_format!r}")
-        if self.cpu_linear not in CPU_LINEARS:
-            raise ValueError(f"cpu_linear must be one of {CPU_LINEARS}, got {self.cpu_linear!r}")
-        if self.flow_runtime not in FLOW_RUNTIMES:
-            raise ValueError(f"flow_runtime must be one of {FLOW_RUNTIMES}, got {self.flow_runtime!r}")
+        self.check_segmentation(self.protocol, self.weights, self.arch_size, self.segment_frames, self.frame_stride,
+                                self.clip_frames, self.feature_dtype)
         missing = [m for m in self.modalities if m not in self.backbones]
         if missing:
             raise ValueError(f"no backbone chosen for modalities {missing}")
         # Keep only the backbones of extracted modalities so the hash does not depend on unused choices.
         self.modalities = tuple(self.modalities)
         self.backbones = {m: self.backbones[m] for m in self.modalities}
-        if "flow" not in self.modalities:
-            self.flow_runtime = "torch"  # nothing runs it: not part of the hash either
+        self.settings = {m: self._backbone_settings(m) for m in self.modalities}
+
+    @staticmethod
+    def check_segmentation(protocol: str, weights: str, arch_size: str, segment_frames: int, frame_stride: int,
+                           clip_frames: int, feature_dtype: str) -> None:
+        """ValueError naming the first of these settings that is not allowed: checkable before the
+        backbones are chosen (the command line's flow default waits for the device)."""
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+        if weights not in BACKBONE_MODES:
+            raise ValueError(f"weights must be one of {BACKBONE_MODES}, got {weights!r}")
+        if arch_size not in ARCH_SIZES:
+            raise ValueError(f"arch_size must be one of {ARCH_SIZES}, got {arch_size!r}")
+        if arch_size == "tiny" and weights != "random":
+            raise ValueError("tiny architectures have no pretrained weights: use weights='random'")
+        if segment_frames < 2 or frame_stride < 1 or clip_frames < 2:
+            raise ValueError("segment_frames and clip_frames must be >= 2, frame_stride >= 1")
+        if feature_dtype not in FEATURE_DTYPES:
+            raise ValueError(f"feature_dtype must be one of {FEATURE_DTYPES}")
+
+    def _backbone_settings(self, modality: str) -> BackboneSettings:
+        name, given = self.backbones[modality], self.settings.get(modality)
+        cls = settings_class(modality, name)
+        if given is None:
+            return cls()
+        if isinstance(given, dict):
+            try:
+                return cls.from_dict(given, source=f"the settings of the {modality} backbone {name}")
+            except ConfigError:
+                raise
+            except ValueError as exc:
+                raise ValueError(f"the {modality} backbone {name}: {exc}") from None
+        if type(given) is not cls:
+            raise ValueError(f"the {modality} backbone {name} takes {cls.__name__}, got {type(given).__name__}")
+        return given
+
+    @classmethod
+    def upgrade(cls, data: dict[str, Any], version: int) -> dict[str, Any]:
+        """Layout 1 -> 2: the top-level settings go to the extracted backbones that declare them. One no
+        extracted backbone declares had no effect on the features, and is dropped."""
+        data = dict(data)
+        values = {name: data.pop(name) for name in LAYOUT_1_SETTINGS if name in data}
+        settings = {}
+        for modality in data.get("modalities", cls.modalities):
+            try:
+                declared = fields(settings_class(modality, data.get("backbones", DEFAULT_BACKBONES).get(modality)))
+            except ValueError:
+                continue  # an unknown backbone: __post_init__ names it
+            settings[modality] = {f.name: values[f.name] for f in declared if f.name in values}
+        return {**data, "settings": settings}
 
     @property
     def frames_per_clip(self) -> int:
@@ -130,4 +143,22 @@ class ExtractionConfig(RecordedConfig):
 
     def config_hash(self) -> str:
         """The name of this configuration's cache folder (OUT/<config-hash>/)."""
-        return feature_hash(hashed_fields(self, self.HASHED_SINCE_V1))
+        return feature_hash({**hashed_fields(self, self.HASHED_SINCE_V1), **self.settings_hash()})
+
+    def settings_hash(self) -> dict[str, Any]:
+        """The backbones' non-default settings as the hash spells them: `name: value` when every extracted
+        backbone declaring `name` has that value (layout 1's one top-level value, so its caches keep their
+        folder names), else `modality.name: value` for each backbone whose value is not the default."""
+        changed = {m: s.changed() for m, s in self.settings.items()}
+        out: dict[str, Any] = {}
+        for m, values in changed.items():
+            for name, value in values.items():
+                declaring = [o for o, s in self.settings.items() if name in {f.name for f in fields(s)}]
+                if all(changed[o].get(name, _DEFAULT) == value for o in declaring):
+                    out[name] = value
+                else:
+                    out[f"{m}.{name}"] = value
+        return out
+
+
+_DEFAULT = object()

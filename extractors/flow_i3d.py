@@ -40,7 +40,7 @@ class FlowI3DExtractor(Extractor):
 
     def __init__(self, config: ExtractionConfig, device: torch.device, weights: WeightsSource) -> None:
         super().__init__(config, device, weights)
-        self.runtime = config.flow_runtime
+        self.runtime = self.settings.flow_runtime
         if self.runtime != "torch" and device.type != "cpu":
             raise BackboneUnavailableError(
                 f"--flow-runtime {self.runtime} runs the I3D on a CPU only here, not on {device}: use --device cpu, "
@@ -56,7 +56,7 @@ class FlowI3DExtractor(Extractor):
         # channels-last 3D lets oneDNN run the convolutions without reordering every activation
         # (benchmarks/bench_cpu_backends.py); "contiguous" keeps the layout of caches made before it.
         # Another runtime is handed torch's plain layout and picks its own.
-        channels_last = config.memory_format == "channels_last" and self.runtime == "torch"
+        channels_last = self.settings.memory_format == "channels_last" and self.runtime == "torch"
         self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
         self.i3d = self.freeze(i3d).to(memory_format=self.memory_format)
         self.run_i3d = (self.i3d.extract_features if self.runtime == "torch"

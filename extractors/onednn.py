@@ -1,4 +1,4 @@
-"""Linear layers through oneDNN on a CPU (`cpu_linear="onednn"` in the ExtractionConfig, the default).
+"""Linear layers through oneDNN on a CPU (`cpu_linear="onednn"` in the transformers' settings, the default).
 
 torch sends an fp32 matmul on a CPU to MKL, which picks its kernels by the CPU's vendor: on the AMD
 EPYC machines this project is measured on (AVX-512 with bf16) it runs its AVX2 code, while oneDNN,

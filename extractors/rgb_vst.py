@@ -1,6 +1,6 @@
 """RGB: Video Swin Transformer (torchvision `swin3d_b`, Kinetics-400), 1024-d per clip.
 
-Window attention runs fused by default (`attention="fused"` in the ExtractionConfig): torchvision
+Window attention runs fused by default (`attention="fused"` in VideoSwinSettings): torchvision
 computes softmax(q k^T * scale + bias + mask) v as a matmul, two additions, a softmax and a matmul,
 each a pass over the (windows, heads, 392, 392) scores, which made half of Swin-B's CPU time
 (benchmarks/profile_backbone.py); torch's scaled_dot_product_attention does it in one kernel. Same
@@ -172,7 +172,7 @@ class VideoSwinExtractor(Extractor):
             if not config.random_weights:
                 path = checkpoint_path(weights, PRETRAINED.url)
                 model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        if config.attention == "fused":
+        if self.settings.attention == "fused":
             fuse_window_attention(model)
         self.feature_dim = model.num_features
         model.head = nn.Identity()

@@ -131,11 +131,13 @@ class CacheConfig(RecordedConfig):
 
     def settings(self) -> dict[str, Any]:
         """What made these features as flat `name: value` pairs, to tell configurations apart: the source,
-        the modalities, every extraction setting (or the published set's description), each modality's
-        extractor as name@version, and whether the weights were random."""
+        the modalities, every extraction setting (a backbone's own as `modality.name`; or the published
+        set's description), each modality's extractor as name@version, and whether the weights were random."""
         out: dict[str, Any] = {"source": self.source, "modalities": ",".join(self.modalities)}
-        skip = {SCHEMA_KEY, "modalities", "backbones"}  # the backbones appear as the extractors below
+        skip = {SCHEMA_KEY, "modalities", "backbones", "settings"}  # the backbones appear as the extractors below
         out.update({k: v for k, v in (self.extraction or {}).items() if k not in skip})
+        for modality, values in (self.extraction or {}).get("settings", {}).items():  # each backbone's own
+            out.update({f"{modality}.{k}": v for k, v in values.items() if k != SCHEMA_KEY})
         out.update({k: getattr(self, k) for k in self.IMPORT_FIELDS if getattr(self, k) is not None})
         out.update({m: f"{d.get('name')}@{d.get('version')}" for m, d in self.extractors.items()})
         out["random_weights"] = self.random_weights

@@ -23,12 +23,14 @@ class UsageError(Exception):
 
 
 def add_extraction_options(parser: argparse.ArgumentParser) -> None:
-    """Options that decide the features (the ExtractionConfig) and how they are computed."""
-    from extractors.config import BACKBONE_NAMES, DEFAULT_BACKBONES, FLOW_RUNTIMES, ExtractionConfig
+    """Options that decide the features (the ExtractionConfig) and how they are computed. Each backbone
+    setting's flag comes from its field in extractors/settings.py."""
+    from extractors.config import ARCH_SIZES, BACKBONE_MODES, DEFAULT_BACKBONES, FEATURE_DTYPES, PROTOCOLS, ExtractionConfig
+    from extractors.settings import backbone_names
 
     defaults = ExtractionConfig()
     group = parser.add_argument_group("what is extracted (recorded in config.json; its hash names the cache folder)")
-    group.add_argument("--protocol", choices=["rg", "fs1000"], default=defaults.protocol,
+    group.add_argument("--protocol", choices=PROTOCOLS, default=defaults.protocol,
                        help="rg (also Fis-V): non-overlapping --segment-frames windows; fs1000: "
                        "--window-seconds windows every --hop-seconds, --clip-frames clips averaged (default: %(default)s)")
     group.add_argument("--segment-frames", type=int, default=defaults.segment_frames,
@@ -43,32 +45,21 @@ def add_extraction_options(parser: argparse.ArgumentParser) -> None:
                        help="fs1000 frames per backbone clip inside a window (default: %(default)s)")
     group.add_argument("--modalities", default=",".join(defaults.modalities),
                        help="comma-separated modalities to extract (default: %(default)s)")
-    for modality, names in BACKBONE_NAMES.items():
+    for modality, names in backbone_names().items():
         default = DEFAULT_BACKBONES.get(modality, names[0])
         note = " (default: raft on a GPU, farneback on a CPU)" if modality == "flow" else f" (default: {default})"
         group.add_argument(f"--{modality}", choices=list(names), default=None, help=f"{modality} backbone{note}")
-    group.add_argument("--backbones", choices=["pretrained", "random"], default="pretrained",
+    group.add_argument("--backbones", choices=BACKBONE_MODES, default=defaults.weights,
                        help="pretrained public weights, or the same architectures with seeded random "
                        "weights for smoke runs (marked random_weights everywhere) (default: %(default)s)")
-    group.add_argument("--arch-size", choices=["full", "tiny"], default="full",
+    group.add_argument("--arch-size", choices=ARCH_SIZES, default=defaults.arch_size,
                        help="tiny shrinks every backbone (random weights only; tests and quick demos)")
-    group.add_argument("--seed", type=int, default=0, help="seed of random-weight backbones (default: 0)")
-    group.add_argument("--feature-dtype", choices=["float32", "float16"], default="float32",
+    group.add_argument("--seed", type=int, default=defaults.seed,
+                       help="seed of random-weight backbones (default: %(default)s)")
+    group.add_argument("--feature-dtype", choices=FEATURE_DTYPES, default=defaults.feature_dtype,
                        help="dtype of the cached arrays (default: %(default)s)")
-    group.add_argument("--attention", choices=["fused", "reference"], default="fused",
-                       help="Video Swin's window attention: fused into one kernel (1.85x faster Swin-B on a 2-core CPU) or "
-                            "torchvision's reference code; equal up to float rounding (default: %(default)s)")
-    group.add_argument("--memory-format", choices=["channels_last", "contiguous"], default="channels_last",
-                       help="how I3D's 3D convolutions hold activations: channels_last (1.29x faster I3D on a 2-core "
-                            "CPU) or contiguous, as before; equal up to float rounding (default: %(default)s)")
-    group.add_argument("--cpu-linear", choices=["onednn", "torch"], default="onednn",
-                       help="library for the transformers' linear layers on a CPU: oneDNN (AVX-512 where the CPU has it) "
-                            "or torch's default (MKL); equal up to float rounding (default: %(default)s)")
-    group.add_argument("--flow-runtime", choices=FLOW_RUNTIMES, default=defaults.flow_runtime,
-                       help="library that runs the flow I3D: torch, or on a CPU ONNX Runtime or OpenVINO (1.3-1.7x "
-                            "the I3D's rate on a 2-core CPU; optional packages: pip install -e \".[onnx]\" or "
-                            "\".[openvino]\"); equal to torch's features up to float rounding, in a cache folder "
-                            "of its own (default: %(default)s)")
+    add_backbone_setting_options(parser.add_argument_group(
+        "each backbone's own settings (recorded and hashed only for the backbones extracted)"))
     run = parser.add_argument_group("how it is computed (not part of the cache key)")
     run.add_argument("--weights-dir", type=Path, default=None,
                      help="folder with pretrained weight files under their public names, searched first")
@@ -81,31 +72,61 @@ def add_extraction_options(parser: argparse.ArgumentParser) -> None:
                      "where a full-size segment takes seconds and larger calls only slow the progress bar)")
 
 
-def extraction_config_from_args(args: argparse.Namespace, device_type: str) -> "ExtractionConfig":
-    """The ExtractionConfig the flags describe; `device_type` ("cpu"/"cuda") picks the default flow backbone."""
-    from extractors.config import BACKBONE_NAMES, CPU_FLOW_BACKBONE, DEFAULT_BACKBONES, ExtractionConfig
+def add_backbone_setting_options(group: argparse._ArgumentGroup) -> None:
+    """One flag per backbone setting (extractors/settings.py): --<name with dashes>, its choices, default
+    and help from the field. Unset flags stay None: each backbone then keeps its own default."""
+    from extractors.settings import setting_fields
+
+    for name, (field, owners) in setting_fields().items():
+        default, choices = field.default, field.metadata.get("choices")
+        kind: dict = {"action": argparse.BooleanOptionalAction} if isinstance(default, bool) else \
+            {"choices": list(choices)} if choices else {"type": type(default)}
+        backbones = ", ".join(sorted({n for _, n in owners}, key=[n for _, n in owners].index))
+        group.add_argument(f"--{name.replace('_', '-')}", default=None, **kind,
+                           help=f"{backbones}: {field.metadata.get('help', '')} (default: {default})")
+
+
+def check_extraction_flags(args: argparse.Namespace) -> tuple[str, ...]:
+    """The --modalities, once every flag that decides the features but not the backbones is checked:
+    usage errors before the device is resolved (torch) or Ray is started."""
+    from extractors.config import ExtractionConfig
+    from extractors.settings import backbone_names
 
     modalities = tuple(m.strip() for m in args.modalities.split(",") if m.strip())
-    known = BACKBONE_NAMES
+    known = backbone_names()
     unknown = [m for m in modalities if m not in known]
     if not modalities or unknown:
         raise UsageError(f"--modalities: unknown {unknown or 'empty list'}; known: {sorted(known)}")
+    try:
+        ExtractionConfig.check_segmentation(args.protocol, args.backbones, args.arch_size, args.segment_frames,
+                                            args.frame_stride, args.clip_frames, args.feature_dtype)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return modalities
+
+
+def extraction_config_from_args(args: argparse.Namespace, device_type: str) -> "ExtractionConfig":
+    """The ExtractionConfig the flags describe; `device_type` ("cpu"/"cuda") picks the default flow backbone."""
+    from extractors.config import CPU_FLOW_BACKBONE, DEFAULT_BACKBONES, ExtractionConfig
+    from extractors.settings import backbone_names, setting_fields, settings_from_values
+
+    modalities = check_extraction_flags(args)
     backbones = {}
     for modality in modalities:
         chosen = getattr(args, modality, None)
         if chosen is None:
-            chosen = DEFAULT_BACKBONES.get(modality, known[modality][0])
+            chosen = DEFAULT_BACKBONES.get(modality, backbone_names()[modality][0])
             if modality == "flow" and device_type != "cuda":
                 chosen = CPU_FLOW_BACKBONE
         backbones[modality] = chosen
+    values = {name: getattr(args, name) for name in setting_fields() if getattr(args, name, None) is not None}
     try:
         return ExtractionConfig(
             protocol=args.protocol, segment_frames=args.segment_frames, frame_stride=args.frame_stride,
             window_seconds=args.window_seconds, hop_seconds=args.hop_seconds, clip_frames=args.clip_frames,
             modalities=modalities, backbones=backbones, weights=args.backbones, arch_size=args.arch_size,
-            seed=args.seed, feature_dtype=args.feature_dtype, attention=args.attention,
-            memory_format=args.memory_format, cpu_linear=args.cpu_linear,
-            flow_runtime=args.flow_runtime,
+            seed=args.seed, feature_dtype=args.feature_dtype,
+            settings={m: settings_from_values(m, backbones[m], values) for m in modalities},
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
@@ -139,46 +160,44 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_extract(args: argparse.Namespace) -> int:
-    extraction_config_from_args(args, "cpu")  # flag errors are usage errors before any heavy import
+    check_extraction_flags(args)  # usage errors before any heavy import
     batch_segments(args, "cpu")
-    from extractors.base import BackboneUnavailableError, WeightsSource, build_extractors
-    from manifests.cache import CacheConfig, CacheError, open_cache
-    from pipeline.devices import resolve_device
-    from pipeline.extract import cache_if_complete, extract_videos
-
     if args.ray is not None:
         return _run_extract_ray(args)
     if args.ray_workers is not None:
         raise UsageError("--ray-workers needs --ray")
+    from extractors.base import BackboneUnavailableError, WeightsSource
+    from manifests.cache import CacheError
+    from pipeline.devices import resolve_device
+    from pipeline.extraction.entry import cache_folder, extract_into
+
     try:
         device = resolve_device(args.device)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     config = extraction_config_from_args(args, device.type)
     sources = video_sources(args.videos)
-    weights = WeightsSource(weights_dir=args.weights_dir, offline=args.offline)
-    try:
-        cache, extractors = cache_if_complete(args.out, config, sources, args.retry_failed, args.verify), {}
-        if cache is None:  # something to do: only now are the backbones worth building
-            extractors = build_extractors(config, device, weights)
-            cache = open_cache(args.out, CacheConfig.extracted(config, extractors))
-    except (BackboneUnavailableError, CacheError) as exc:
-        raise UsageError(str(exc)) from None
     if config.random_weights:
         print("NOTE: random-weight backbones: these features are for smoke tests, not for scoring.", file=sys.stderr)
-    print(f"extracting {len(sources)} videos into {cache.root} on {device}", file=sys.stderr)
-    summary = extract_videos(
-        sources, cache, extractors, config, batch_segments=batch_segments(args, device.type),
-        retry_failed=args.retry_failed, progress=not args.quiet, verify=args.verify,
-    )
+    print(f"extracting {len(sources)} videos into {cache_folder(args.out, config)} on {device}", file=sys.stderr)
+    try:
+        summary, cache = extract_into(
+            args.out, config, sources, device=device,
+            weights=WeightsSource(weights_dir=args.weights_dir, offline=args.offline),
+            batch_segments=batch_segments(args, device.type), retry_failed=args.retry_failed,
+            verify=args.verify, progress=not args.quiet,
+        )
+    except (BackboneUnavailableError, CacheError) as exc:
+        raise UsageError(str(exc)) from None
     print_extract_summary(summary, cache)
     return EXIT_FAILURES if summary.failed else EXIT_OK
 
 
 def _run_extract_ray(args: argparse.Namespace) -> int:
-    """`extract --ray`: the same stage on Ray actors (pipeline/ray_extract.py)."""
+    """`extract --ray`: the same stage on Ray actors (pipeline/extraction/on_ray.py)."""
     from extractors.base import WeightsSource
-    from pipeline.ray_extract import WorkerSetupError, extract_on_ray, plan_workers
+    from pipeline.extraction.entry import cache_folder
+    from pipeline.extraction.on_ray import WorkerSetupError, extract_on_ray, plan_workers
     from pipeline.ray_session import RaySetupError, ray_session
 
     sources = video_sources(args.videos)
@@ -188,7 +207,7 @@ def _run_extract_ray(args: argparse.Namespace) -> int:
             config = extraction_config_from_args(args, plan.device)  # flow default follows the workers
             if config.random_weights:
                 print("NOTE: random-weight backbones: these features are for smoke tests, not for scoring.", file=sys.stderr)
-            print(f"extracting {len(sources)} videos into {args.out / config.config_hash()} with Ray: "
+            print(f"extracting {len(sources)} videos into {cache_folder(args.out, config)} with Ray: "
                   f"{plan.describe()}", file=sys.stderr)
             result = extract_on_ray(
                 sources, args.out, config, device=args.device, workers=args.ray_workers,

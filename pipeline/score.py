@@ -13,11 +13,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from extractors.base import WeightsSource, build_extractors
+from extractors.base import WeightsSource
 from extractors.config import ExtractionConfig
-from manifests.cache import CONFIG_NAME, DONE, CacheConfig, CacheError, FeatureCache, VideoRecord, open_cache
+from manifests.cache import CONFIG_NAME, DONE, CacheError, FeatureCache, VideoRecord
 from pipeline.data import Sample
-from pipeline.extract import extract_videos
+from pipeline.extraction.entry import cache_folder, extract_into
 from pipeline.inference import Run, RunError, load_run
 from pipeline.provenance import provenance
 from pipeline.tables import Table, write_table
@@ -111,7 +111,7 @@ def score_clips(
     if features is not None:
         target = run.open_features(features)  # refuses features made differently
     else:
-        target = FeatureCache(run.folder.score_cache() / config.config_hash())
+        target = FeatureCache(cache_folder(run.folder.score_cache(), config))
         try:
             lookup.append(run.open_features())
         except (CacheError, RunError, OSError):
@@ -141,10 +141,9 @@ def score_clips(
             located[index] = (target, video_id)
 
     if to_extract:
-        extractors = build_extractors(config, device, weights)
-        target = open_cache(target.root.parent, CacheConfig.extracted(config, extractors)) if features is None else target
-        extract_videos(to_extract, target, extractors, config, batch_segments=batch_segments, progress=progress)
-        del extractors
+        # located rows name `target`: extract_into makes its folder (inside the score cache) when needed
+        extract_into(target if features is not None else run.folder.score_cache(), config, to_extract,
+                     device=device, weights=weights, batch_segments=batch_segments, progress=progress)
         if device.type == "cuda":
             torch.cuda.empty_cache()
 

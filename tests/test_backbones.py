@@ -35,6 +35,15 @@ from extractors.transforms import centre_crop_box, uniform_frame_indices
 CPU = torch.device("cpu")
 
 
+def layout_1(config: ExtractionConfig, without: str | None = None) -> dict:
+    """`config` as config.json spelled it before each backbone had its own settings: one top-level value
+    per setting (optionally leaving `without` out, as a file written before that setting existed)."""
+    data = {k: v for k, v in config.to_dict().items() if k not in ("settings", "schema_version")}
+    for settings in config.to_dict()["settings"].values():
+        data.update({k: v for k, v in settings.items() if k != "schema_version" and k != without})
+    return data
+
+
 def tiny_config(modality: str, name: str, seed: int = 0) -> ExtractionConfig:
     return ExtractionConfig(
         modalities=(modality,), backbones={modality: name}, weights="random", arch_size="tiny", seed=seed
@@ -333,19 +342,20 @@ def test_torch_compile_builds_and_matches_a_shifted_window_block():
 
 def test_attention_setting_reaches_the_video_swin_and_only_reference_changes_the_cache_name():
     tiny = dict(weights="random", arch_size="tiny", modalities=("rgb",))
-    fused, reference = ExtractionConfig(**tiny), ExtractionConfig(**tiny, attention="reference")
+    fused, reference = ExtractionConfig(**tiny), ExtractionConfig(**tiny, settings={"rgb": {"attention": "reference"}})
     kinds = lambda config: {type(m).__name__ for m in build_extractors(config, torch.device("cpu"), WeightsSource())["rgb"].model.modules()}  # noqa: E731
     assert "FusedWindowAttention3d" in kinds(fused) and "FusedWindowAttention3d" not in kinds(reference)
-    before = {k: v for k, v in fused.to_dict().items() if k not in ("attention", "schema_version")}
+    before = layout_1(fused, without="attention")
     assert ExtractionConfig.from_dict(before).config_hash() == fused.config_hash()  # a cache made before the field
     assert reference.config_hash() != fused.config_hash()
     with pytest.raises(ValueError, match="attention must be one of"):
-        ExtractionConfig(**tiny, attention="flash")
+        ExtractionConfig(**tiny, settings={"rgb": {"attention": "flash"}})
 
 
 def test_memory_format_reaches_the_i3d_keeps_features_and_only_contiguous_changes_the_cache_name():
     tiny = dict(weights="random", arch_size="tiny", modalities=("flow",), backbones={"flow": "farneback"})
-    channels_last, contiguous = ExtractionConfig(**tiny), ExtractionConfig(**tiny, memory_format="contiguous")
+    channels_last = ExtractionConfig(**tiny)
+    contiguous = ExtractionConfig(**tiny, settings={"flow": {"memory_format": "contiguous"}})
     fast = build_extractors(channels_last, torch.device("cpu"), WeightsSource())["flow"]
     plain = build_extractors(contiguous, torch.device("cpu"), WeightsSource())["flow"]
     conv = lambda extractor: next(m for m in extractor.i3d.modules() if isinstance(m, torch.nn.Conv3d)).weight  # noqa: E731
@@ -355,11 +365,11 @@ def test_memory_format_reaches_the_i3d_keeps_features_and_only_contiguous_change
     expected, got = plain.embed(frames), fast.embed(frames)
     assert expected.abs().max() > 0.01  # a real output, not zeros on both sides
     assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
-    before = {k: v for k, v in channels_last.to_dict().items() if k not in ("memory_format", "schema_version")}
+    before = layout_1(channels_last, without="memory_format")
     assert ExtractionConfig.from_dict(before).config_hash() == channels_last.config_hash()  # a cache made before
     assert contiguous.config_hash() != channels_last.config_hash()
     with pytest.raises(ValueError, match="memory_format must be one of"):
-        ExtractionConfig(**tiny, memory_format="nhwc")
+        ExtractionConfig(**tiny, settings={"flow": {"memory_format": "nhwc"}})
 
 
 def test_fused_attention_keeps_each_blocks_mask_until_its_weights_change():
@@ -392,7 +402,7 @@ def test_fused_attention_still_trains_the_relative_position_bias():
 @pytest.mark.parametrize("modality, backbone", [("rgb", "vst"), ("rgb", "timesformer"), ("audio", "ast")])
 def test_cpu_linear_runs_the_transformers_on_onednn_with_the_same_features(modality, backbone):
     tiny = dict(weights="random", arch_size="tiny", modalities=(modality,), backbones={modality: backbone})
-    onednn, plain = ExtractionConfig(**tiny), ExtractionConfig(**tiny, cpu_linear="torch")
+    onednn, plain = ExtractionConfig(**tiny), ExtractionConfig(**tiny, settings={modality: {"cpu_linear": "torch"}})
     fast = build_extractors(onednn, torch.device("cpu"), WeightsSource())[modality]
     reference = build_extractors(plain, torch.device("cpu"), WeightsSource())[modality]
     kinds = lambda extractor: {type(m).__name__ for m in extractor.model.modules()}  # noqa: E731
@@ -404,7 +414,7 @@ def test_cpu_linear_runs_the_transformers_on_onednn_with_the_same_features(modal
     assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
     length = 20480 if modality == "audio" else 8
     assert fast.flops_per_clip(length) == reference.flops_per_clip(length)  # the counter sees oneDNN's linears
-    before = {k: v for k, v in onednn.to_dict().items() if k not in ("cpu_linear", "schema_version")}
+    before = layout_1(onednn, without="cpu_linear")
     assert ExtractionConfig.from_dict(before).config_hash() == onednn.config_hash()  # a cache made before
     assert plain.config_hash() != onednn.config_hash()
 
@@ -442,7 +452,8 @@ def test_another_runtime_runs_the_i3d_with_torchs_weights_and_flops(runtime):
     from extractors.cpu_runtimes import RuntimeNetwork
 
     tiny = dict(weights="random", arch_size="tiny", modalities=("flow",), backbones={"flow": "farneback"})
-    other = build_extractors(ExtractionConfig(**tiny, flow_runtime=runtime), torch.device("cpu"), WeightsSource())["flow"]
+    config = ExtractionConfig(**tiny, settings={"flow": {"flow_runtime": runtime}})
+    other = build_extractors(config, torch.device("cpu"), WeightsSource())["flow"]
     eager = build_extractors(ExtractionConfig(**tiny), torch.device("cpu"), WeightsSource())["flow"]
     assert isinstance(other.run_i3d, RuntimeNetwork) and other.run_i3d.runtime == runtime
     frames = random_frames(2, 8)
@@ -454,22 +465,27 @@ def test_another_runtime_runs_the_i3d_with_torchs_weights_and_flops(runtime):
     assert len(other.run_i3d.compiled) == 1  # one conversion for one clip shape, not one per call
     assert other.describe()["runtime"].startswith(runtime + " ") and "runtime" not in eager.describe()
     with pytest.raises(BackboneUnavailableError, match="on a CPU only"):
-        build_extractors(ExtractionConfig(**tiny, flow_runtime=runtime), torch.device("cuda"), WeightsSource())
+        build_extractors(config, torch.device("cuda"), WeightsSource())
 
 
 def test_flow_runtime_counts_only_when_flow_is_extracted_and_names_how_to_install(monkeypatch):
     from extractors import cpu_runtimes
 
     tiny = dict(weights="random", arch_size="tiny")
-    config = ExtractionConfig(**tiny, modalities=("rgb",), flow_runtime="openvino")
-    assert config.flow_runtime == "torch"  # no flow extracted: not part of the hash either
+    runtime = {"flow": {"flow_runtime": "openvino"}}
+    config = ExtractionConfig(**tiny, modalities=("rgb",), settings=runtime)
+    assert "flow" not in config.settings  # no flow extracted: not part of the hash either
     assert config.config_hash() == ExtractionConfig(**tiny, modalities=("rgb",)).config_hash()
+    old = {**layout_1(config), "flow_runtime": "openvino"}  # layout 1 kept it, unused, at the top level
+    assert ExtractionConfig.from_dict(old).config_hash() == config.config_hash()
     torch_flow = ExtractionConfig(**tiny)
-    before = {k: v for k, v in torch_flow.to_dict().items() if k not in ("flow_runtime", "schema_version")}
+    before = layout_1(torch_flow, without="flow_runtime")
     assert ExtractionConfig.from_dict(before).config_hash() == torch_flow.config_hash()  # caches made before
-    assert len({ExtractionConfig(**tiny, flow_runtime=r).config_hash() for r in ("torch", "onnxruntime", "openvino")}) == 3
+    hashes = {ExtractionConfig(**tiny, settings={"flow": {"flow_runtime": r}}).config_hash()
+              for r in ("torch", "onnxruntime", "openvino")}
+    assert len(hashes) == 3
     with pytest.raises(ValueError, match="flow_runtime must be one of"):
-        ExtractionConfig(flow_runtime="tensorrt")
+        ExtractionConfig(settings={"flow": {"flow_runtime": "tensorrt"}})
     monkeypatch.setitem(sys.modules, "openvino", None)  # as if not installed
     with pytest.raises(BackboneUnavailableError, match=r'pip install -e "\.\[openvino\]"'):
         cpu_runtimes.RuntimeNetwork("openvino", torch.nn.Identity())

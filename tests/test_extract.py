@@ -21,7 +21,7 @@ from extractors.decode import VideoFrames, audio_windows, load_audio, plan_segme
 from manifests.cache import CacheConfig, FeatureCache, open_cache
 from pipeline.cli import main
 from manifests.claims import Claims
-from pipeline.extract import extract_videos
+from pipeline.extraction.loop import extract_videos
 from pipeline.samples import ClipSpec, write_clip
 from pipeline.videos import discover_videos
 from tests.conftest import tiny_config

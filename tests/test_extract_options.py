@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from extractors import base as extractors_base
 from manifests.cache import FeatureCache
 from pipeline import videos
 from pipeline.cli import main
+from pipeline.extraction import entry as extraction_entry
 from tests.conftest import TINY_EXTRACT_FLAGS
 from tests.fixture_numbers import assert_features_close
 
@@ -32,7 +32,7 @@ def test_a_failed_video_is_retried_only_with_retry_failed(clip_folder, tmp_path,
     folder.mkdir()
     for name in ("good.mp4", "wide.mov"):
         shutil.copy(clip_folder / name, folder / name)
-    real_build, failing = extractors_base.build_extractors, {"on": True}
+    real_build, failing = extraction_entry.build_extractors, {"on": True}
 
     def build_flaky(config, device, weights):
         """The real backbones, whose rgb one runs out of memory on wide.mov's frames while failing["on"]."""
@@ -47,7 +47,7 @@ def test_a_failed_video_is_retried_only_with_retry_failed(clip_folder, tmp_path,
         extractors["rgb"].embed = flaky
         return extractors
 
-    monkeypatch.setattr(extractors_base, "build_extractors", build_flaky)
+    monkeypatch.setattr(extraction_entry, "build_extractors", build_flaky)
     args = ["extract", "--videos", str(folder), "--out", str(tmp_path / "out"), "--modalities", "rgb", *TINY_EXTRACT_FLAGS]
     assert main(args) == 1
     cache = FeatureCache.open(tmp_path / "out")
@@ -165,7 +165,7 @@ def test_another_flow_runtime_extracts_into_its_own_folder_within_tolerance_of_t
     eager, ort = FeatureCache.open(tmp_path / "torch"), FeatureCache.open(tmp_path / "ort")
     assert ort.root.name != eager.root.name  # a setting that changes the numbers names its own folder
     config = ort.read_config()
-    assert config["extraction"]["flow_runtime"] == "onnxruntime"
+    assert config["extraction"]["settings"]["flow"]["flow_runtime"] == "onnxruntime"
     assert config["extractors"]["flow"]["runtime"].startswith("onnxruntime ")
     assert "runtime" not in eager.read_config()["extractors"]["flow"]  # torch's caches describe as before
     expected, got = eager.load_features("good")["flow"], ort.load_features("good")["flow"]

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from extractors import base as extractors_base
 from extractors.base import WeightsSource, build_extractors
 from extractors.config import ExtractionConfig
 from extractors.decode import DecodeError, VideoFrames, audio_windows, load_audio, open_audio, read_audio_windows
 from manifests.cache import CacheConfig, FeatureCache, open_cache, video_dir_name
-from pipeline import extract_source
+from pipeline.extraction import source as extract_source
 from pipeline.cli import main
-from pipeline.extract import extract_videos
+from pipeline.extraction import entry as extraction_entry
+from pipeline.extraction.loop import extract_videos
 from pipeline.samples import ClipSpec, write_clip
 from pipeline.videos import discover_videos, file_fingerprint, legacy_fingerprint, same_file
 from tests.conftest import TINY_EXTRACT_FLAGS, tiny_config
@@ -285,7 +285,7 @@ def test_extract_with_nothing_to_do_builds_no_backbone(clip_folder, tmp_path, mo
     def refuse(*_, **__):
         raise AssertionError("backbones built although every video is done")
 
-    monkeypatch.setattr(extractors_base, "build_extractors", refuse)
+    monkeypatch.setattr(extraction_entry, "build_extractors", refuse)
     assert main(args) == 0
     assert "0 extracted, 1 already done" in capsys.readouterr().out
     cache = FeatureCache.open(tmp_path / "out")

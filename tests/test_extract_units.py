@@ -19,8 +19,8 @@ from extractors.base import WeightsSource, build_extractors
 from manifests.cache import FeatureCache
 from pipeline import videos
 from extractors.decode import read_audio_windows
-from pipeline.extract_batcher import Batcher, embed_batch
-from pipeline.extract_events import (
+from pipeline.extraction.batcher import Batcher, embed_batch
+from pipeline.extraction.events import (
     ClaimedElsewhere,
     FinishedElsewhere,
     SegmentsDecoded,
@@ -28,9 +28,9 @@ from pipeline.extract_events import (
     VideoJob,
     VideoOpened,
 )
-from pipeline.extract_progress import Progress
-from pipeline.extract_source import LOOKAHEAD_SEGMENTS, DecoderSource, open_video
-from pipeline.extract_writer import Writer
+from pipeline.extraction.progress import Progress
+from pipeline.extraction.source import LOOKAHEAD_SEGMENTS, DecoderSource, open_video
+from pipeline.extraction.writer import Writer
 from pipeline.samples import ClipSpec, write_clip
 from pipeline.videos import VideoSource, file_fingerprint
 from tests.conftest import tiny_config

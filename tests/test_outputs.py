@@ -109,11 +109,17 @@ print("HEAVY", heavy)
     assert "HEAVY []" in result.stdout, result.stdout + result.stderr
 
 
-def test_static_backbone_names_match_the_registry():
-    from extractors.base import available_backbones
-    from extractors.config import BACKBONE_NAMES
+def test_the_settings_table_names_the_registrys_backbones_and_no_setting_shadows_the_config():
+    import dataclasses
 
-    assert available_backbones() == {m: list(names) for m, names in BACKBONE_NAMES.items()}
+    from extractors.base import REGISTRY, available_backbones
+    from extractors.config import ExtractionConfig
+    from extractors.settings import SETTINGS, backbone_names, setting_fields
+
+    assert available_backbones() == {m: list(names) for m, names in backbone_names().items()}
+    assert list(SETTINGS) == list(REGISTRY)
+    top_level = {f.name for f in dataclasses.fields(ExtractionConfig)}
+    assert not top_level & set(setting_fields()), "a backbone setting would share a flag and a hash key with the config"
 
 
 # --------------------------------------------------------------------------- write errors
@@ -205,7 +211,7 @@ def test_progress_total_is_known_before_decoding_and_never_changes(clip_folder, 
     from extractors.base import WeightsSource, build_extractors
     from extractors.decode import VideoFrames, count_segments
     from manifests.cache import CacheConfig, open_cache
-    from pipeline.extract import extract_videos
+    from pipeline.extraction.loop import extract_videos
     from pipeline.videos import discover_videos
     from tests.conftest import tiny_config
 

@@ -12,9 +12,9 @@ import io
 import pytest
 from tqdm import tqdm
 
-import pipeline.extract_progress
+import pipeline.extraction.progress
 import pipeline.progress
-from pipeline.extract_progress import Progress
+from pipeline.extraction.progress import Progress
 from pipeline.progress import LOG_INTERVAL, LogLines, progress_bar
 
 
@@ -42,7 +42,7 @@ class Log(io.StringIO):
 
 def test_extraction_progress_in_a_log_is_a_line_every_interval_and_one_at_the_end(monkeypatch, clock):
     log = Log()
-    monkeypatch.setattr(pipeline.extract_progress, "_terminal", lambda: log)
+    monkeypatch.setattr(pipeline.extraction.progress, "_terminal", lambda: log)
     progress = Progress(enabled=True)
     videos = [f"clip{i:03d}" for i in range(401)]
     for video in videos:  # the plan: one redraw per video in a terminal

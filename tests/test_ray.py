@@ -16,9 +16,9 @@ import torch
 from extractors.base import WeightsSource, build_extractors
 from manifests.cache import CacheConfig, FeatureCache, open_cache
 from pipeline.cli import main
-from pipeline.extract import extract_videos
+from pipeline.extraction.loop import extract_videos
 from pipeline.presets import get_preset
-from pipeline.ray_extract import ExtractionWorker, WorkerSetupError, extract_on_ray, plan_workers
+from pipeline.extraction.on_ray import ExtractionWorker, WorkerSetupError, extract_on_ray, plan_workers
 from pipeline.reproduce import ReproduceError, find_inputs, plan_runs, reproduce
 from pipeline.train import TrainConfig, train
 from pipeline.videos import discover_videos

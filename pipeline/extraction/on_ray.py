@@ -31,10 +31,11 @@ from typing import Any
 
 import torch
 
-from extractors.base import BackboneUnavailableError, WeightsSource, build_extractors
+from extractors.base import BackboneUnavailableError, WeightsSource
 from extractors.config import ExtractionConfig
-from manifests.cache import FAILED, CacheConfig, CacheError, FeatureCache, open_cache
-from pipeline.extract import ExtractSummary, cache_if_complete, extract_videos
+from manifests.cache import FAILED, CacheError, FeatureCache
+from pipeline.extraction.entry import cache_folder, cache_if_complete, extract_into, open_extraction
+from pipeline.extraction.loop import ExtractSummary
 from pipeline.progress import progress_bar
 from pipeline.ray_session import import_ray
 from pipeline.videos import VideoSource
@@ -90,8 +91,7 @@ class ExtractionWorker:
         self.batch_segments, self.retry_failed, self.verify = batch_segments, retry_failed, verify
         self.error: str | None = None
         try:
-            self.extractors = build_extractors(self.config, torch.device(device), weights)
-            self.cache = open_cache(Path(out), CacheConfig.extracted(self.config, self.extractors))
+            self.cache, self.extractors = open_extraction(Path(out), self.config, torch.device(device), weights)
         except (BackboneUnavailableError, CacheError, ValueError) as exc:
             self.error = str(exc)  # reported by ready(): a clean usage error, not a dead actor
 
@@ -100,9 +100,10 @@ class ExtractionWorker:
         return {"host": socket.gethostname(), "pid": os.getpid(), "error": self.error}
 
     def extract(self, sources: list[VideoSource]) -> ExtractSummary:
-        return extract_videos(sources, self.cache, self.extractors, self.config,
-                              batch_segments=self.batch_segments, retry_failed=self.retry_failed, progress=False,
-                              verify=self.verify)
+        summary, _ = extract_into(self.cache, self.config, sources, extractors=self.extractors,
+                                  batch_segments=self.batch_segments, retry_failed=self.retry_failed,
+                                  verify=self.verify, progress=False)
+        return summary
 
 
 @dataclass
@@ -153,18 +154,11 @@ def extract_on_ray(
 
     worker_class: the actor class (a subclass of ExtractionWorker; the tests use one that crashes)."""
     ray = import_ray()
-    from ray.exceptions import RayActorError
-
     plan = plan_workers(ray.cluster_resources(), device, workers)
     done = cache_if_complete(out, config, sources, retry_failed, verify)
     if done is not None:  # nothing to do: no worker, no backbone
-        records = [done.read_record(s.video_id) for s in sources]
-        summary = ExtractSummary(records=[r for r in records if r.status == FAILED],
-                                 skipped=[r.video_id for r in records if r.status != FAILED])
-        return RayExtractResult(summary, done, plan)
-    cache = FeatureCache(Path(out).expanduser() / config.config_hash())
+        return _already_done(done, sources, plan)
     size = videos_per_task or max(1, min(MAX_VIDEOS_PER_TASK, len(sources) // (plan.workers * 4)))
-    queue = deque(_batches(sources, size))
     actor_cls = ray.remote(worker_class).options(
         num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, max_restarts=max_restarts, max_task_retries=0,
     )
@@ -173,59 +167,95 @@ def extract_on_ray(
                          batch_segments, retry_failed, verify)
         for _ in range(plan.workers)
     ]
-    result = RayExtractResult(ExtractSummary(), cache, plan)
-    identity: dict[int, dict[str, Any]] = {}
-    # ref -> (actor index, batch); batch None: a ready() call (start-up or after a restart)
-    in_flight: dict[Any, tuple[int, list[VideoSource] | None]] = {a.ready.remote(): (i, None) for i, a in enumerate(actors)}
-    idle: list[int] = []
+    run = _Dispatch(ray, actors, _batches(sources, size), RayExtractResult(
+        ExtractSummary(), FeatureCache(cache_folder(out, config)), plan))
     bar = progress_bar(total=len(sources), unit="video", desc="extract", dynamic_ncols=True, disable=not progress)
     try:
-        while queue or any(batch is not None for _, batch in in_flight.values()):
-            while idle and queue:
-                index = idle.pop()
-                batch = queue.popleft()
-                in_flight[actors[index].extract.remote(batch)] = (index, batch)
-            if not in_flight:
-                break  # every worker is gone for good
-            (ref,), _ = ray.wait(list(in_flight), num_returns=1)
-            index, batch = in_flight.pop(ref)
-            try:
-                value = ray.get(ref)
-            except RayActorError as exc:
-                result.last_error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                if batch is not None:
-                    result.workers_lost += 1
-                    result.videos_requeued += len(batch)
-                    _release_claims(cache, [s.video_id for s in batch], identity.get(index, {}))
-                    queue.appendleft(batch)
-                    # ready() waits for the restart; it fails for good once restarts are used up
-                    in_flight[actors[index].ready.remote()] = (index, None)
-                bar.set_postfix(lost=result.workers_lost, refresh=False)
-                continue
-            if batch is None:
-                if value["error"]:
-                    raise WorkerSetupError(value["error"])
-                identity[index] = value
-                idle.append(index)
-                continue
-            _merge(result.summary, value)
-            idle.append(index)
-            bar.update(len(batch))
-            bar.set_postfix(failed=len(result.summary.failed), lost=result.workers_lost, refresh=False)
-        result.unfinished = [s.video_id for batch in queue for s in batch]
-        result.summary.records.sort(key=lambda r: r.video_id)
+        run.until_done(bar)
     finally:
         bar.close()
-        for actor in actors:
-            ray.kill(actor, no_restart=True)
-        # Stopped early (Ctrl-C, an error): free what the killed workers held, or a claim naming
-        # another machine would keep a rerun from those videos.
-        for index, batch in in_flight.values():
+        run.stop()
+    return run.result
+
+
+def _already_done(cache: FeatureCache, sources: list[VideoSource], plan: WorkerPlan) -> RayExtractResult:
+    records = [cache.read_record(s.video_id) for s in sources]
+    summary = ExtractSummary(records=[r for r in records if r.status == FAILED],
+                             skipped=[r.video_id for r in records if r.status != FAILED])
+    return RayExtractResult(summary, cache, plan)
+
+
+class _Dispatch:
+    """The driver's side: hands the next batch of videos to whichever actor is free, and puts the batch
+    of an actor that died back at the front of the queue (Ray restarts the actor while restarts remain)."""
+
+    def __init__(self, ray: Any, actors: list[Any], batches: list[list[VideoSource]], result: RayExtractResult) -> None:
+        from ray.exceptions import RayActorError
+
+        self.ray, self.actors, self.result, self.actor_error = ray, actors, result, RayActorError
+        self.queue = deque(batches)
+        self.identity: dict[int, dict[str, Any]] = {}  # actor index -> its ready() answer (host, pid)
+        # ref -> (actor index, batch); batch None: a ready() call (start-up or after a restart)
+        self.in_flight: dict[Any, tuple[int, list[VideoSource] | None]] = {
+            a.ready.remote(): (i, None) for i, a in enumerate(actors)}
+        self.idle: list[int] = []
+
+    def until_done(self, bar: Any) -> None:
+        while self.queue or any(batch is not None for _, batch in self.in_flight.values()):
+            self.hand_out()
+            if not self.in_flight:
+                break  # every worker is gone for good
+            (ref,), _ = self.ray.wait(list(self.in_flight), num_returns=1)
+            index, batch = self.in_flight.pop(ref)
+            try:
+                value = self.ray.get(ref)
+            except self.actor_error as exc:
+                self.worker_lost(index, batch, exc)
+                bar.set_postfix(lost=self.result.workers_lost, refresh=False)
+                continue
+            if batch is None:
+                self.worker_ready(index, value)
+                continue
+            _merge(self.result.summary, value)
+            self.idle.append(index)
+            bar.update(len(batch))
+            bar.set_postfix(failed=len(self.result.summary.failed), lost=self.result.workers_lost, refresh=False)
+        self.result.unfinished = [s.video_id for batch in self.queue for s in batch]
+        self.result.summary.records.sort(key=lambda r: r.video_id)
+
+    def hand_out(self) -> None:
+        while self.idle and self.queue:
+            index = self.idle.pop()
+            batch = self.queue.popleft()
+            self.in_flight[self.actors[index].extract.remote(batch)] = (index, batch)
+
+    def worker_ready(self, index: int, answer: dict[str, Any]) -> None:
+        if answer["error"]:
+            raise WorkerSetupError(answer["error"])
+        self.identity[index] = answer
+        self.idle.append(index)
+
+    def worker_lost(self, index: int, batch: list[VideoSource] | None, exc: Exception) -> None:
+        self.result.last_error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if batch is None:
+            return  # a ready() that failed: the actor is gone for good
+        self.result.workers_lost += 1
+        self.result.videos_requeued += len(batch)
+        _release_claims(self.result.cache, [s.video_id for s in batch], self.identity.get(index, {}))
+        self.queue.appendleft(batch)
+        # ready() waits for the restart; it fails for good once restarts are used up
+        self.in_flight[self.actors[index].ready.remote()] = (index, None)
+
+    def stop(self) -> None:
+        """Kill the actors; stopped early (Ctrl-C, an error), free what they held, or a claim naming
+        another machine would keep a rerun from those videos. The manifest once, over every record."""
+        for actor in self.actors:
+            self.ray.kill(actor, no_restart=True)
+        for index, batch in self.in_flight.values():
             if batch is not None:
-                _release_claims(cache, [s.video_id for s in batch], identity.get(index, {}))
-        if cache.root.is_dir():
-            cache.write_manifest()  # once, over every worker's records
-    return result
+                _release_claims(self.result.cache, [s.video_id for s in batch], self.identity.get(index, {}))
+        if self.result.cache.root.is_dir():
+            self.result.cache.write_manifest()
 
 
 def _merge(total: ExtractSummary, part: ExtractSummary) -> None:

@@ -16,7 +16,7 @@ import torch
 
 from extractors.base import Extractor
 from extractors.config import ExtractionConfig
-from pipeline.extract_events import SegmentsDecoded
+from pipeline.extraction.events import SegmentsDecoded
 
 Batch = list[SegmentsDecoded]
 

@@ -1,5 +1,5 @@
 """The decoder source: a background thread that claims, opens, plans and decodes videos in order,
-handing the extraction loop typed events (pipeline/extract_events.py) through a bounded queue.
+handing the extraction loop typed events (events.py) through a bounded queue.
 
 The queue holds at most LOOKAHEAD_SEGMENTS decoded segments (rounded up to one batch), so decoding
 runs ahead of the backbones by the same few segments for a long video as for a short one.
@@ -16,7 +16,7 @@ from extractors.decode import DecodeError, VideoFrames, open_audio, read_audio_w
 from manifests.cache import FAILED, FeatureCache, VideoRecord
 from manifests.files import remove_temporary_files
 from manifests.claims import Claims
-from pipeline.extract_events import (
+from pipeline.extraction.events import (
     ClaimedElsewhere,
     Event,
     FinishedElsewhere,

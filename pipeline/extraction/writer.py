@@ -9,7 +9,7 @@ from extractors.base import Extractor
 from extractors.config import ExtractionConfig
 from manifests.cache import DONE, FAILED, MISSING, FeatureCache, ModalityRecord, VideoRecord, file_sha256
 from manifests.claims import Claims
-from pipeline.extract_events import VideoJob, now
+from pipeline.extraction.events import VideoJob, now
 
 
 class Writer:

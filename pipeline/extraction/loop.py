@@ -1,14 +1,14 @@
 """The extract stage: videos -> decoded segments -> frozen backbones -> feature cache + manifest.
 
 The loop, in the order a video goes through it:
-- decide which videos need work (below: `needs_work`);
-- the decoder source (extract_source.py) claims, opens and decodes them in a background thread, a
-  few segments ahead, and hands over typed events (extract_events.py);
-- the batcher (extract_batcher.py) fills backbone batches with segments across videos and scatters
+- decide which videos need work (below: `needs_work`; entry.py skips building the backbones when none does);
+- the decoder source (source.py) claims, opens and decodes them in a background thread, a
+  few segments ahead, and hands over typed events (events.py);
+- the batcher (batcher.py) fills backbone batches with segments across videos and scatters
   the backbones' rows back into each video's arrays;
-- the writer (extract_writer.py) saves a finished video's arrays, and its record (the manifest row)
+- the writer (writer.py) saves a finished video's arrays, and its record (the manifest row)
   last, so an interrupted run leaves nothing that a rerun would trust by mistake;
-- the progress bar (extract_progress.py) counts segments.
+- the progress bar (progress.py) counts segments.
 
 Resuming and concurrency: a video is skipped when its record says done, its file's content hash is
 unchanged (size + mtime stand for it; `verify` rehashes) and its arrays are intact (sizes and shapes;
@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pandas as pd
 
 from extractors.base import Extractor
 from extractors.config import ExtractionConfig
-from manifests.cache import CONFIG_NAME, DONE, FAILED, CacheError, FeatureCache, VideoRecord
-from pipeline.extract_batcher import Batch, Batcher, embed_batch
-from pipeline.extract_events import (
+from manifests.cache import DONE, FAILED, CacheError, FeatureCache, VideoRecord
+from pipeline.extraction.batcher import Batch, Batcher, embed_batch
+from pipeline.extraction.events import (
     ClaimedElsewhere,
     FinishedElsewhere,
     SegmentsDecoded,
@@ -38,9 +37,9 @@ from pipeline.extract_events import (
     VideoJob,
     VideoOpened,
 )
-from pipeline.extract_progress import Progress
-from pipeline.extract_source import DecoderSource
-from pipeline.extract_writer import Writer
+from pipeline.extraction.progress import Progress
+from pipeline.extraction.source import DecoderSource
+from pipeline.extraction.writer import Writer
 from pipeline.videos import VideoSource, same_file
 
 
@@ -58,28 +57,6 @@ def needs_work(cache: FeatureCache, source: VideoSource, retry_failed: bool = Fa
     if record.status == FAILED:
         return retry_failed
     return cache.check_video(record, full=verify) is not None
-
-
-# --------------------------------------------------------------------------- cache set-up
-
-
-def cache_if_complete(
-    out: Path, config: ExtractionConfig, sources: list[VideoSource], retry_failed: bool = False, verify: bool = False
-) -> FeatureCache | None:
-    """The existing cache of `config` when every source in it is final, else None.
-
-    Lets `extract` with nothing to do skip building the backbones. The stored extractors must be the
-    ones this code would build (names and versions, known without building them)."""
-    from extractors.base import feature_versions
-
-    cache = FeatureCache(Path(out).expanduser() / config.config_hash())
-    if not (cache.root / CONFIG_NAME).is_file():
-        return None
-    if cache.config.version_mismatch(feature_versions(config)):
-        return None  # open_cache explains the difference once the extractors are built
-    if any(needs_work(cache, s, retry_failed, verify) for s in sources):
-        return None
-    return cache
 
 
 # --------------------------------------------------------------------------- the streaming run

@@ -1,0 +1,151 @@
+"""Each backbone's own settings: one dataclass per backbone, registered under its (modality, name).
+
+A field declared with `setting(default, choices, help)` is everything a new setting needs: it becomes
+the command line flag `--<name with dashes>` (choices, default and help from the field; one flag
+serves every backbone that declares a field of that name), it is recorded in config.json under the
+modality's settings, and it enters the cache folder's hash only when it differs from its default
+(extractors/config.py), so a default must reproduce the features made before the field existed.
+The extractor reads it as `self.settings.<name>`.
+
+Light on purpose (no torch): the command line builds its flags from this table in milliseconds.
+tests/test_backbones.py checks that it names the same backbones as the extractor registry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
+
+from manifests.config import RecordedConfig
+
+SettingsT = TypeVar("SettingsT", bound=type["BackboneSettings"])
+
+
+def setting(default: Any, choices: tuple[Any, ...] | None = None, help: str = "") -> Any:
+    """A settings field: its default, its allowed values (None: any value of the default's type) and
+    the help text its command line flag shows."""
+    return dataclasses.field(default=default, metadata={"choices": tuple(choices) if choices else None, "help": help})
+
+
+@dataclass
+class BackboneSettings(RecordedConfig):
+    """The base of every backbone's settings; a backbone without settings of its own uses it as is."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value, choices = getattr(self, f.name), f.metadata.get("choices")
+            if choices and value not in choices:
+                raise ValueError(f"{f.name} must be one of {choices}, got {value!r}")
+
+    def changed(self) -> dict[str, Any]:
+        """The settings that differ from their defaults, as JSON values: what enters the hash."""
+        data = RecordedConfig.to_dict(self)
+        return {f.name: data[f.name] for f in dataclasses.fields(self) if getattr(self, f.name) != f.default}
+
+
+SETTINGS: dict[tuple[str, str], type[BackboneSettings]] = {}
+
+
+def backbone_settings(modality: str, *names: str) -> Callable[[SettingsT], SettingsT]:
+    """Class decorator: `cls` holds the settings of the backbones `names` of `modality`. Registration
+    order is the order backbones are listed in, defaults first."""
+
+    def add(cls: SettingsT) -> SettingsT:
+        for name in names:
+            if (modality, name) in SETTINGS:
+                raise ValueError(f"settings of backbone {(modality, name)} registered twice")
+            SETTINGS[modality, name] = cls
+        return cls
+
+    return add
+
+
+def backbone_names() -> dict[str, tuple[str, ...]]:
+    """{modality: backbone names}, known without importing a backbone (and torch)."""
+    out: dict[str, tuple[str, ...]] = {}
+    for modality, name in SETTINGS:
+        out[modality] = (*out.get(modality, ()), name)
+    return out
+
+
+def settings_class(modality: str, name: str) -> type[BackboneSettings]:
+    try:
+        return SETTINGS[modality, name]
+    except KeyError:
+        known = backbone_names()
+        if modality not in known:
+            raise ValueError(f"unknown modality {modality!r}; known: {sorted(known)}") from None
+        raise ValueError(f"unknown {modality} backbone {name!r}; choose from {list(known[modality])}") from None
+
+
+def settings_from_values(modality: str, name: str, values: dict[str, Any]) -> BackboneSettings:
+    """The settings of backbone `name` from `values`, a flat {setting: value} for all backbones (the
+    command line's flags): the backbone takes the names it declares, the rest is not its concern."""
+    cls = settings_class(modality, name)
+    return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
+
+
+def setting_fields() -> dict[str, tuple[dataclasses.Field, list[tuple[str, str]]]]:
+    """{setting name: (its field, the (modality, backbone) pairs declaring it)} over every registered
+    backbone. Backbones sharing a name must agree on its default and choices: it is one flag."""
+    out: dict[str, tuple[dataclasses.Field, list[tuple[str, str]]]] = {}
+    for key, cls in SETTINGS.items():
+        for f in dataclasses.fields(cls):
+            if f.name not in out:
+                out[f.name] = (f, [key])
+                continue
+            first, owners = out[f.name]
+            if (first.default, first.metadata.get("choices")) != (f.default, f.metadata.get("choices")):
+                raise ValueError(f"setting {f.name!r} of backbone {key} disagrees with {owners[0]} on its default "
+                                 "or choices; one flag sets both: give it another name")
+            owners.append(key)
+    return out
+
+
+# ----------------------------------------------------------------------------- the backbones' settings
+
+
+@dataclass
+class LinearLayerSettings(BackboneSettings):
+    """Backbones made of linear layers (the transformers)."""
+
+    cpu_linear: str = setting(
+        "onednn", ("onednn", "torch"),
+        help="library for the linear layers on a CPU: oneDNN (AVX-512 where the CPU has it, see "
+        "extractors/onednn.py) or torch's default (MKL); equal up to float rounding; no effect on a GPU")
+
+
+@backbone_settings("rgb", "vst")
+@dataclass
+class VideoSwinSettings(LinearLayerSettings):
+    attention: str = setting(
+        "fused", ("fused", "reference"),
+        help="window attention: fused into one kernel, or torchvision's reference code; equal up to "
+        "float rounding")
+
+
+@backbone_settings("rgb", "timesformer")
+@dataclass
+class TimeSformerSettings(LinearLayerSettings):
+    pass
+
+
+# The flow backbones differ in how they compute flow; the I3D that embeds it is the same.
+@backbone_settings("flow", "raft", "farneback", "tvl1")
+@dataclass
+class FlowI3DSettings(BackboneSettings):
+    memory_format: str = setting(
+        "channels_last", ("channels_last", "contiguous"),
+        help="how I3D's 3D convolutions hold their activations; equal up to float rounding")
+    flow_runtime: str = setting(
+        "torch", ("torch", "onnxruntime", "openvino"),
+        help="library that runs the I3D: torch, or on a CPU ONNX Runtime or OpenVINO (optional packages: "
+        "pip install -e \".[onnx]\" or \".[openvino]\"; extractors/cpu_runtimes.py); equal to torch's "
+        "features up to float rounding but not bitwise, so in a cache folder of its own")
+
+
+@backbone_settings("audio", "ast")
+@dataclass
+class ASTSettings(LinearLayerSettings):
+    pass
