@@ -249,8 +249,6 @@ def print_extract_summary(summary, cache) -> None:
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     from models import REGISTRY
-    from pipeline.data import MASK_POLICIES
-    from pipeline.train_config import DROPOUT_MASKS, OPTIMIZER_IMPLEMENTATIONS, OPTIMIZERS
 
     parser = sub.add_parser(
         "train",
@@ -274,18 +272,18 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     opt.add_argument("--epochs", type=int)
     opt.add_argument("--lr", type=float, help="peak learning rate")
     opt.add_argument("--batch-size", type=int)
-    opt.add_argument("--optimizer", choices=OPTIMIZERS)
-    opt.add_argument("--optimizer-implementation", choices=OPTIMIZER_IMPLEMENTATIONS,
+    opt.add_argument("--optimizer", choices=["adam", "adamw"])
+    opt.add_argument("--optimizer-implementation", choices=["fused", "foreach", "torch-default"],
                      help="how Adam's update runs (default: torch-default, torch's own choice; fused is "
                      "faster, its weights differ by float rounding)")
-    opt.add_argument("--dropout-masks", choices=DROPOUT_MASKS,
+    opt.add_argument("--dropout-masks", choices=["uniform", "bernoulli"],
                      help="how dropout draws its masks on a CPU (default: uniform, faster to draw; "
                      "bernoulli is torch's own; same distribution, other random numbers)")
     opt.add_argument("--weight-decay", type=float)
     opt.add_argument("--warmup-epochs", type=int, help="linear warm-up epochs before the cosine decay")
     opt.add_argument("--min-lr-ratio", type=float, help="the cosine decays to this fraction of --lr")
     opt.add_argument("--grad-clip", type=float, help="max gradient norm (0: off)")
-    opt.add_argument("--mask-policy", choices=MASK_POLICIES,
+    opt.add_argument("--mask-policy", choices=["incomplete", "any"],
                      help="training availability masks per sample: incomplete = a non-empty subset that is "
                      "never the full set (the reference protocol), any = every non-empty subset")
     dat = parser.add_argument_group("data")

@@ -3,6 +3,7 @@ the CLI path, and a learnability check of MCMoE against its Baseline ablation.""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
@@ -489,3 +490,16 @@ def test_dropout_masks_are_recorded_and_a_version_2_run_resumes_with_torchs_mask
     assert (runs["bernoulli"] / "train_log.csv").read_text() == (tmp_path / "old/train_log.csv").read_text()
     with pytest.raises(ValueError, match="--dropout-masks must be one of"):
         tiny_config(made, labels, tmp_path / "y", dropout_masks="gaussian")
+
+
+def test_the_train_flags_offer_the_choices_the_config_checks():
+    """cli.py spells the choices out (building the parser must not import torch); they must stay these."""
+    from pipeline.cli import build_parser
+    from pipeline.train_config import DROPOUT_MASKS, OPTIMIZER_IMPLEMENTATIONS, OPTIMIZERS
+
+    parser = build_parser()
+    train_parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    choices = {a.dest: a.choices for a in train_parser._actions if a.choices}
+    assert {k: sorted(choices[k]) for k in ("optimizer", "optimizer_implementation", "dropout_masks", "mask_policy")} == {
+        "optimizer": sorted(OPTIMIZERS), "optimizer_implementation": sorted(OPTIMIZER_IMPLEMENTATIONS),
+        "dropout_masks": sorted(DROPOUT_MASKS), "mask_policy": sorted(data.MASK_POLICIES)}
