@@ -1,12 +1,16 @@
 """The run folder: the one owner of its layout, its readers and writers.
 
     RUN/
-      run.json                 what the run is: its TrainConfig (under "config"; null for an imported
-                               checkpoint), modalities, feature dims, clip_num, score range, splits, ...
+      run.json                 what the run is: a `RunRecord` (its TrainConfig under "config", null for
+                               an imported checkpoint; modalities, feature dims, clip_num, score range,
+                               splits, ...)
       model_config.json        {"model": name, "config": config.to_dict()} (models.checkpoint writes it)
       extraction_config.json   the feature cache's config.json, so scoring re-extracts identically
-      best.safetensors         the weights of the chosen epoch (models.checkpoint writes tensors)
-      best.json                that epoch, its validation metrics, how far training got
+      best.safetensors         the weights of the chosen epoch; its header's "best" names that epoch and
+                               its validation metrics (the one record of them: it cannot disagree with
+                               the weights it sits in)
+      best.json                how far training got and, once it finished, every modality setting's
+                               validation metrics of the chosen weights
       train_log.csv            one row per finished epoch
       last/                    resume state after the last finished epoch; state.json is written last
                                and marks the folder complete (last.new / last.old: a swap cut short)
@@ -21,13 +25,16 @@ score and reproduce read it: all of them through `RunDir`, so no stage knows ano
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
+import math
 import shutil
 from pathlib import Path
 from typing import Any
 
 from manifests.claims import RunLock
-from manifests.files import JsonFileError, atomic_write_bytes, atomic_write_json, read_json_object
+from manifests.config import ConfigError, RecordedConfig
+from manifests.files import atomic_write_bytes, atomic_write_json, read_json_object
 
 # TrainConfig keys that say where the run is or where a value came from, not how it trains.
 NOT_SETTINGS = ("out", "sources", "schema_version")
@@ -35,6 +42,142 @@ NOT_SETTINGS = ("out", "sources", "schema_version")
 
 class RunFolderError(ValueError):
     """A run folder that is missing a file or holds one this version cannot read; the message names it."""
+
+
+@dataclasses.dataclass
+class RunRecord(RecordedConfig):
+    """run.json: what a run is and how its checkpoint was chosen. `pipeline train` and
+    `import-checkpoint` write it through `RunDir.write_record`, every reader gets it from
+    `RunDir.read_record`; both check the values (`check`), so a bad one is one line naming the key.
+
+    Schema version 2 records every field; a version-1 file (no schema_version) lacks the fields its
+    writer had no value for, and `upgrade` fills them with what they were for that run."""
+
+    SCHEMA_VERSION = 2
+
+    model: str
+    modalities: list[str]
+    feature_dims: dict[str, int]
+    clip_num: int
+    clip_num_source: str
+    score_range: float
+    score_range_source: str
+    features: str  # the feature cache the run was trained on (or imported for)
+    feature_config_hash: str
+    labels: str | None  # None: imported, no labels were read
+    config: dict[str, Any] | None  # TrainConfig.to_dict(); None: an imported checkpoint, nothing to resume
+    preset: dict[str, Any] | None
+    imported: dict[str, Any] | None  # the imported file: format, path, sha256, ...
+    seed: int | None
+    selection: str  # how the checkpoint was chosen, in words
+    selected_on: str
+    test_used_for_selection: bool
+    validation_videos: int
+    selection_note: str | None
+    splits: dict[str, Any]  # {"train": [ids], "val": [ids], "test_rows_ignored": n}
+    absent_in_data: dict[str, list[str]]  # video -> modalities its features lack
+    train_missing: dict[str, Any] | None  # simulated missingness: rates, the hidden modalities
+    num_parameters: int
+    num_trainable_parameters: int
+    sequence_length: int | None
+    random_weight_features: bool
+    torch_version: str
+    created_at: str
+
+    @classmethod
+    def upgrade(cls, data: dict[str, Any], version: int) -> dict[str, Any]:
+        imported = data.get("config", {}) is None
+        return {
+            "imported": None, "test_used_for_selection": False, "validation_videos": 0, "selection_note": None,
+            "absent_in_data": {}, "train_missing": None, "sequence_length": None,
+            # an imported checkpoint recorded only the total: every parameter of it is trainable
+            **({"num_trainable_parameters": data["num_parameters"]} if imported and "num_parameters" in data else {}),
+            **data,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str | None = None) -> "RunRecord":
+        record = super().from_dict(data, source)
+        record.check(source)
+        return record
+
+    def check(self, source: str | Path | None = None) -> None:
+        """ConfigError naming `source` and the key of the first value no reader could use."""
+        def bad(key: str, wanted: str) -> ConfigError:
+            value = _lookup(self, key)
+            return ConfigError(f"{source or 'run record'}: {key} must be {wanted}, got {value!r}")
+
+        def string(key: str, optional: bool = False) -> None:
+            value = _lookup(self, key)
+            if not (isinstance(value, str) or (optional and value is None)):
+                raise bad(key, "a string" + (" or null" if optional else ""))
+
+        def count(key: str, least: int) -> None:
+            value = _lookup(self, key)
+            if not (_is_int(value) and value >= least):
+                raise bad(key, f"an integer >= {least}")
+
+        def mapping(key: str, optional: bool = False) -> None:
+            value = _lookup(self, key)
+            if not (isinstance(value, dict) or (optional and value is None)):
+                raise bad(key, "an object" + (" or null" if optional else ""))
+
+        for key in ("model", "clip_num_source", "score_range_source", "features", "feature_config_hash",
+                    "selection", "selected_on", "torch_version", "created_at"):
+            string(key)
+        for key in ("labels", "selection_note"):
+            string(key, optional=True)
+        if not self.model or not self.features:
+            raise bad("model" if not self.model else "features", "a non-empty string")
+        modalities = self.modalities
+        if (not isinstance(modalities, list) or not modalities or len(set(map(str, modalities))) != len(modalities)
+                or not all(isinstance(m, str) and m for m in modalities)):
+            raise bad("modalities", "a list of distinct modality names")
+        mapping("feature_dims")
+        if set(self.feature_dims) != set(modalities):
+            raise bad("feature_dims", f"one size for each of the modalities {modalities}")
+        for modality in modalities:
+            count(f"feature_dims.{modality}", 1)
+        count("clip_num", 1)
+        score_range = self.score_range
+        if not (isinstance(score_range, (int, float)) and not isinstance(score_range, bool)
+                and math.isfinite(score_range) and score_range > 0):
+            raise bad("score_range", "a number > 0")
+        for key in ("config", "preset", "imported", "train_missing"):
+            mapping(key, optional=True)
+        if self.imported is not None:
+            string("imported.file")
+        mapping("splits")
+        for key in ("train", "val"):
+            ids = self.splits.get(key)
+            if not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
+                raise bad(f"splits.{key}", "a list of video ids")
+        mapping("absent_in_data")
+        if not (self.seed is None or _is_int(self.seed)):
+            raise bad("seed", "an integer or null")
+        for key, least in (("validation_videos", 0), ("num_parameters", 0), ("num_trainable_parameters", 0)):
+            count(key, least)
+        if self.sequence_length is not None:
+            count("sequence_length", 1)
+        for key in ("test_used_for_selection", "random_weight_features"):
+            if not isinstance(_lookup(self, key), bool):
+                raise bad(key, "true or false")
+
+    @property
+    def trained_ids(self) -> set[str]:
+        """The videos used in training or validation (not a held-out test for this run)."""
+        return set(self.splits["train"]) | set(self.splits["val"])
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _lookup(record: RunRecord, key: str) -> Any:
+    """The value of "a.b" (field a, key b of its object); None when absent."""
+    name, _, inner = key.partition(".")
+    value = getattr(record, name)
+    return value.get(inner) if inner and isinstance(value, dict) else value
 
 
 def differing_settings(recorded: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -117,22 +260,22 @@ class RunDir:
 
     # ------------------------------------------------------------------ run.json
 
-    def read_info(self) -> dict[str, Any]:
-        """run.json; FileNotFoundError when absent, JsonFileError naming the file when unreadable."""
-        return read_json_object(self.run_json, "run record")
+    def read_record(self) -> RunRecord:
+        """run.json, upgraded and checked; FileNotFoundError when absent, JsonFileError or ConfigError
+        (ValueErrors) naming the file, and the key, when it cannot be used."""
+        return RunRecord.from_dict(read_json_object(self.run_json, "run record"), str(self.run_json))
 
-    def write_info(self, info: dict[str, Any]) -> None:
-        atomic_write_json(self.run_json, info)
+    def write_record(self, record: RunRecord) -> None:
+        record.check(self.run_json)  # a value no reader could use is the writer's bug: refuse it here
+        atomic_write_json(self.run_json, record.to_dict())
 
-    def read_train_config(self, info: dict[str, Any] | None = None) -> dict[str, Any]:
+    def read_train_config(self, record: RunRecord | None = None) -> dict[str, Any]:
         """The TrainConfig recorded in run.json (as a dict); RunFolderError for an imported checkpoint
-        (nothing to resume), JsonFileError when the record has no "config" object."""
-        stored = self.read_info() if info is None else info
-        if "config" in stored and stored["config"] is None:  # written by import-checkpoint
+        (nothing to resume)."""
+        record = self.read_record() if record is None else record
+        if record.config is None:
             raise RunFolderError(f"{self.path} holds an imported checkpoint, not a run trained here; it cannot be resumed")
-        if not isinstance(stored.get("config"), dict):
-            raise JsonFileError(f"{self.run_json} is not a valid run record: no \"config\" object")
-        return stored["config"]
+        return record.config
 
     # ------------------------------------------------------------------ the other JSON files
 
@@ -142,12 +285,17 @@ class RunDir:
     def write_extraction_config(self, config: dict[str, Any]) -> None:
         atomic_write_json(self.extraction_json, config)
 
-    def read_best(self) -> dict[str, Any]:
-        """best.json, or {} before the first epoch finished."""
-        return read_json_object(self.best_json, "best-epoch record") if self.best_json.is_file() else {}
+    def read_progress(self) -> dict[str, Any]:
+        """best.json, or {} before the first epoch finished (and for an imported checkpoint)."""
+        return read_json_object(self.best_json, "training progress record") if self.best_json.is_file() else {}
 
-    def write_best(self, best: dict[str, Any]) -> None:
-        atomic_write_json(self.best_json, best)
+    def write_progress(self, epochs_done: int, epochs_planned: int, val_settings: dict[str, Any] | None = None) -> None:
+        """best.json: written every epoch, so a run stopped early says how far it got ("epoch 3 of 410,
+        stopped after 5"); `val_settings`, the closing validation pass of the chosen weights, last."""
+        progress: dict[str, Any] = {"epochs_done": epochs_done, "epochs_planned": epochs_planned}
+        if val_settings is not None:
+            progress["val_settings"] = val_settings
+        atomic_write_json(self.best_json, progress)
 
     # ------------------------------------------------------------------ train_log.csv
 
@@ -210,13 +358,13 @@ class RunDir:
 
     # ------------------------------------------------------------------ status
 
-    def is_finished(self, info: dict[str, Any] | None = None) -> bool:
+    def is_finished(self, record: RunRecord | None = None) -> bool:
         """Every planned epoch done, the chosen weights written and, with a validation split, the
         closing per-setting validation pass recorded in best.json."""
-        info = self.read_info() if info is None else info
+        record = self.read_record() if record is None else record
         epoch = self.resume_epoch()
         if epoch is None or not self.weights().is_file():
             return False
-        if epoch < int(self.read_train_config(info)["epochs"]):
+        if epoch < int(self.read_train_config(record)["epochs"]):
             return False
-        return not (info["splits"]["val"] and "val_settings" not in self.read_best())
+        return not (record.splits["val"] and "val_settings" not in self.read_progress())

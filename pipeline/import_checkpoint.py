@@ -10,7 +10,7 @@ this project's MCMoE, and the result is written as a normal run folder, so `pipe
                                imported file (path, sha256) and how its checkpoint was chosen
     RUN/model_config.json      the MCMoEConfig read off the tensor shapes (+ --heads)
     RUN/extraction_config.json the config.json of the feature cache given with --features
-    RUN/best.safetensors       the mapped weights; RUN/best.json: where they came from
+    RUN/best.safetensors       the mapped weights, their header naming where they came from
 
 The reference layout (modalities in its order v, a, f; reference key -> project key):
     in_proj.{v,a,f}.{0,1,3,4}.*          projections.<modality>.{conv1,norm1,conv2,norm2}.*
@@ -52,8 +52,7 @@ import torch
 from torch import Tensor
 
 from manifests.cache import FeatureCache
-from manifests.files import atomic_write_json
-from manifests.run import RunDir
+from manifests.run import RunDir, RunRecord
 from models.checkpoint import model_state, save_model_config, save_tensors
 from models.layers import sinusoidal_position_encoding
 from models.mcmoe import MCMoE, MCMoEConfig
@@ -252,12 +251,32 @@ def import_reference_checkpoint(
     checkpoint, out = Path(checkpoint).expanduser(), Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointImportError(f"{out} already holds files; choose another --out")
+    cache = _reference_cache(features)
+    scale = _clip_num_and_score_range(preset, clip_num, score_range)
+    state = read_state_dict(checkpoint)
+    model = _reference_model(state, checkpoint, cache, preset, heads, prototype_encoding)
+    sha = _sha256(checkpoint)
+    origin = {"format": "mcmoe-reference", "file": str(checkpoint.resolve()), "sha256": sha,
+              "num_tensors": len(state), "modality_letters": {m: REFERENCE_LETTERS[m] for m in cache.modalities},
+              "heads": heads, "prototype_encoding": prototype_encoding}
+    _write_run(RunDir(out), model, cache, _imported_record(model, cache, preset, scale, origin), origin)
+    return ImportedCheckpoint(out, model.config, len(state), sha)
+
+
+def _reference_cache(features: Path) -> FeatureCache:
+    """The feature cache to score with; it must hold the three modalities the reference model takes."""
     cache = FeatureCache.open(features)
-    modalities = cache.modalities
-    if sorted(modalities) != sorted(REFERENCE_LETTERS):
+    if sorted(cache.modalities) != sorted(REFERENCE_LETTERS):
         raise CheckpointImportError(
-            f"the reference model takes the modalities {sorted(REFERENCE_LETTERS)}; the cache {cache.root} has {modalities}"
+            f"the reference model takes the modalities {sorted(REFERENCE_LETTERS)}; the cache {cache.root} has {cache.modalities}"
         )
+    return cache
+
+
+def _clip_num_and_score_range(
+    preset: Preset | None, clip_num: int | None, score_range: float | None
+) -> dict[str, Any]:
+    """clip_num and score_range (flags first, else the preset's) with where each came from."""
     sources = {"clip_num": "flag", "score_range": "flag"}
     if preset is not None:
         where = f"preset {preset.dataset}/{preset.target}"
@@ -269,53 +288,68 @@ def import_reference_checkpoint(
         raise CheckpointImportError("the run needs clip_num and the score range: pass --preset/--action or --clip-num and --score-range")
     if clip_num < 1 or not score_range > 0:
         raise CheckpointImportError(f"--clip-num must be >= 1 and --score-range > 0, got {clip_num} and {score_range}")
+    return {"clip_num": int(clip_num), "clip_num_source": sources["clip_num"],
+            "score_range": float(score_range), "score_range_source": sources["score_range"]}
 
-    state = read_state_dict(checkpoint)
-    settings = {"prototype_encoding": prototype_encoding}
+
+def _reference_model(
+    state: dict[str, Tensor], checkpoint: Path, cache: FeatureCache, preset: Preset | None, heads: int,
+    prototype_encoding: str,
+) -> MCMoE:
+    """The project's MCMoE holding the reference tensors; its feature sizes must be the cache's."""
+    settings: dict[str, Any] = {"prototype_encoding": prototype_encoding}
     if preset is not None:
         settings.update(div_weight=preset.alpha, dropout=preset.dropout)
-    config = reference_config(state, checkpoint, modalities, heads, **settings)
+    config = reference_config(state, checkpoint, cache.modalities, heads, **settings)
     if config.feature_dims != cache.feature_dims:
         raise CheckpointImportError(
             f"{checkpoint} was trained on features of sizes {config.feature_dims}; the cache {cache.root} has {cache.feature_dims}"
         )
     model = MCMoE(config)
     model.load_state_dict(map_reference_state(state, model, checkpoint), strict=True)
+    return model
 
-    sha = _sha256(checkpoint)
-    origin = {"format": "mcmoe-reference", "file": str(checkpoint.resolve()), "sha256": sha,
-              "num_tensors": len(state), "modality_letters": {m: REFERENCE_LETTERS[m] for m in modalities},
-              "heads": heads, "prototype_encoding": prototype_encoding}
-    best = {"epoch": None, "val_rho": None, "val_mse": None}
-    info = {
-        "imported": origin,
-        "config": None,  # not trained here: nothing to resume
-        "preset": preset.to_dict() if preset else None,
-        "model": "mcmoe",
-        "modalities": modalities,
-        "feature_dims": config.feature_dims,
-        "clip_num": int(clip_num),
-        "clip_num_source": sources["clip_num"],
-        "score_range": float(score_range),
-        "score_range_source": sources["score_range"],
-        "seed": None,
-        "features": str(cache.root.resolve()),
-        "feature_config_hash": cache.config_hash,
-        "labels": None,
-        "selection": SELECTION,
-        "selected_on": "test set (by the authors of the imported checkpoint)",
-        "test_used_for_selection": True,
-        "splits": {"train": [], "val": [], "test_rows_ignored": 0},
-        "num_parameters": sum(p.numel() for p in model.parameters()),
-        "random_weight_features": cache.random_weights,
-        "torch_version": torch.__version__,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    folder = RunDir(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_model_config(out, "mcmoe", model)
+
+def _imported_record(
+    model: MCMoE, cache: FeatureCache, preset: Preset | None, scale: dict[str, Any], origin: dict[str, Any]
+) -> RunRecord:
+    """run.json of an imported checkpoint: no labels, no training settings, chosen by its authors."""
+    num_parameters = sum(p.numel() for p in model.parameters())
+    return RunRecord(
+        model="mcmoe",
+        modalities=cache.modalities,
+        feature_dims=model.config.feature_dims,
+        **scale,
+        features=str(cache.root.resolve()),
+        feature_config_hash=cache.config_hash,
+        labels=None,
+        config=None,  # not trained here: nothing to resume
+        preset=preset.to_dict() if preset else None,
+        imported=origin,
+        seed=None,
+        selection=SELECTION,
+        selected_on="test set (by the authors of the imported checkpoint)",
+        test_used_for_selection=True,
+        validation_videos=0,
+        selection_note=None,
+        splits={"train": [], "val": [], "test_rows_ignored": 0},
+        absent_in_data={},
+        train_missing=None,
+        num_parameters=num_parameters,
+        num_trainable_parameters=num_parameters,
+        sequence_length=None,
+        random_weight_features=cache.random_weights,
+        torch_version=torch.__version__,
+        created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
+
+
+def _write_run(folder: RunDir, model: MCMoE, cache: FeatureCache, record: RunRecord, origin: dict[str, Any]) -> None:
+    """The run folder; run.json last, since a folder with run.json is complete. No epoch was chosen
+    here, so the weights' header names none."""
+    folder.path.mkdir(parents=True, exist_ok=True)
+    save_model_config(folder.path, "mcmoe", model)
     folder.write_extraction_config(cache.read_config())
-    save_tensors(folder.weights(), model_state(model), {"best": best, "model": "mcmoe", "imported": origin})
-    folder.write_best({**best, "selection": SELECTION, "imported": origin})
-    folder.write_info(info)  # last: a folder with run.json is complete
-    return ImportedCheckpoint(out, config, len(state), sha)
+    save_tensors(folder.weights(), model_state(model),
+                 {"best": {"epoch": None, "val_rho": None, "val_mse": None}, "model": "mcmoe", "imported": origin})
+    folder.write_record(record)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from manifests.cache import CONFIG_NAME, FeatureCache, config_differences
-from manifests.run import RunDir
+from manifests.run import RunDir, RunRecord
 from models.checkpoint import load_model_state, load_tensors, read_model_config
 from pipeline import data
 from pipeline.devices import resolve_device
@@ -181,9 +181,10 @@ class Run:
     directory: Path
     model: torch.nn.Module
     model_name: str
-    info: dict[str, Any]  # run.json
+    record: RunRecord  # run.json
     extraction_config: dict[str, Any]
-    best: dict[str, Any]  # best.json
+    # the chosen epoch and its validation metrics (the weights' header), with best.json's progress
+    best: dict[str, Any]
     device: torch.device
 
     @property
@@ -191,20 +192,25 @@ class Run:
         return RunDir(self.directory)
 
     @property
+    def info(self) -> dict[str, Any]:
+        """run.json as JSON (the record's `to_dict`), for what writes it into results."""
+        return self.record.to_dict()
+
+    @property
     def modalities(self) -> list[str]:
-        return list(self.info["modalities"])
+        return list(self.record.modalities)
 
     @property
     def feature_dims(self) -> dict[str, int]:
-        return {m: int(c) for m, c in self.info["feature_dims"].items()}
+        return dict(self.record.feature_dims)
 
     @property
     def clip_num(self) -> int:
-        return int(self.info["clip_num"])
+        return self.record.clip_num
 
     @property
     def score_range(self) -> float:
-        return float(self.info["score_range"])
+        return float(self.record.score_range)
 
     @property
     def provenance(self) -> dict[str, Any]:
@@ -213,12 +219,11 @@ class Run:
 
     @property
     def trained_ids(self) -> set[str]:
-        splits = self.info.get("splits", {})
-        return set(splits.get("train", [])) | set(splits.get("val", []))
+        return self.record.trained_ids
 
     def open_features(self, path: str | Path | None = None) -> FeatureCache:
         """The run's own feature cache, or another one after checking it was made the same way."""
-        cache = FeatureCache.open(path if path is not None else self.info["features"])
+        cache = FeatureCache.open(path if path is not None else self.record.features)
         check_same_features(self.extraction_config, cache.read_config(), self.directory, cache.root)
         return cache
 
@@ -306,10 +311,10 @@ def load_run(directory: str | Path, device: str | torch.device = "auto", weights
 
     folder = RunDir(directory)
     directory = folder.path
-    try:  # each a one-line error naming the file (JsonFileError, CheckpointError are ValueErrors)
-        info = folder.read_info()
+    try:  # each a one-line error naming the file (JsonFileError, ConfigError, CheckpointError are ValueErrors)
+        record = folder.read_record()
         extraction = folder.read_extraction_config()
-        best = folder.read_best()
+        progress = folder.read_progress()
     except FileNotFoundError as exc:
         raise RunError(f"{directory} is not a finished run folder: {Path(exc.filename).name} is missing") from None
     weights_path = folder.weights(weights)
@@ -322,11 +327,17 @@ def load_run(directory: str | Path, device: str | torch.device = "auto", weights
             model = build_model(name, config)
     except (TypeError, ValueError, KeyError) as exc:
         raise RunError(f"{folder.model_config_json} does not describe a buildable {name} model: {exc}") from None
+    for key in ("modalities", "feature_dims"):
+        if getattr(model.config, key) != getattr(record, key):
+            raise RunError(f"{folder.run_json}: {key} {getattr(record, key)!r} differ from the model's "
+                           f"{getattr(model.config, key)!r} in {folder.model_config_json}")
     state, metadata = load_tensors(weights_path)
     load_model_state(model, state, weights_path)
-    if "best" in metadata:
-        if not isinstance(metadata["best"], dict):
-            raise RunError(f"{weights_path}: its \"best\" metadata is not an object; the file was not written by train")
-        best = {**best, **metadata["best"]}  # the weights' own header wins over a stale best.json
+    chosen = metadata.get("best", {})
+    if not isinstance(chosen, dict):
+        raise RunError(f"{weights_path}: its \"best\" metadata is not an object; the file was not written by train")
+    # The header is written in one file with the weights it describes, so it wins over a best.json that
+    # also names an epoch: that one may lag behind the weights by a kill between two writes.
+    best = {**progress, **chosen}
     model.to(torch_device).eval()
-    return Run(directory, model, name, info, extraction, best, torch_device)
+    return Run(directory, model, name, record, extraction, best, torch_device)

@@ -179,13 +179,13 @@ def run_state(spec: RunSpec) -> str:
         if folder.holds_other_files():  # a lock alone: a train killed early
             raise ReproduceError(f"{folder.path} holds files but no {folder.RUN}: not a run folder; move it away")
         return "new"
-    info = folder.read_info()
-    differ = differing_settings(recorded_settings(folder, info), spec.config)
+    record = folder.read_record()
+    differ = differing_settings(recorded_settings(folder, record), spec.config)
     if differ:
         raise ReproduceError(f"{folder.path} holds a run with other settings ({describe_differences(differ)}); "
                              "use another --out or remove that folder")
     # not finished: resume it (also when killed after the last epoch, before its closing validation pass)
-    return "finished" if folder.is_finished(info) else "partial"
+    return "finished" if folder.is_finished(record) else "partial"
 
 
 def evaluation_file(run_dir: Path) -> Path:

@@ -42,7 +42,7 @@ STAGES: dict[str, set[str]] = {
 }
 # Below the stages: importable by any module, importing no stage.
 SHARED = {"", "data", "devices", "inference", "labels", "metrics", "presets", "progress", "provenance", "ray_session",
-          "samples", "tables", "videos"}
+          "samples", "tables", "train_config", "train_state", "videos"}
 # Folders in layer order: each may import only from the folders before it (README's folder table).
 LAYERS = ("manifests", ("extractors", "models"), "pipeline")
 

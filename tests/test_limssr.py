@@ -15,6 +15,7 @@ from models import build_model, config_class
 from models.checkpoint import load_model, save_model
 from models.limssr import LIMSSRConfig, build_limssr, build_prompt
 from models.tiny_llm import save_tiny_llm
+from pipeline.inference import load_run
 from pipeline.train import resolve_config, train
 from tests.synthetic import write_labels, write_synthetic_cache
 
@@ -255,7 +256,7 @@ def test_short_cpu_training_through_the_trainer_reaches_positive_validation_rho(
     result = train(config, device="cpu", progress=False, log=lambda message: None)
 
     assert result.finished and result.best["val_rho"] > 0.7
-    best = json.loads((result.run_dir / "best.json").read_text())
+    best = load_run(result.run_dir, "cpu").best
     setting_rho = {row["setting"]: row["rho"] for row in best["val_settings"]["settings"]}
     assert setting_rho["{v,f,a}"] > 0.7 and best["val_settings"]["average"]["rho"] > 0.5
     assert all(rho > 0.2 for rho in setting_rho.values()), setting_rho  # each modality alone carries the score

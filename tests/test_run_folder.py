@@ -4,6 +4,7 @@ RunDir's readers and writers keep the files' formats."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -161,7 +162,9 @@ def test_one_settings_check_ignores_where_the_run_lives():
 
 def test_an_imported_checkpoint_has_no_train_config(tmp_path):
     folder = RunDir(tmp_path)
-    folder.write_info({"config": None, "splits": {"train": [], "val": []}})
+    record = RunDir(RUN).read_record()
+    folder.write_record(dataclasses.replace(record, config=None, imported={"file": "reference.pkl"},
+                                            splits={"train": [], "val": [], "test_rows_ignored": 0}))
     with pytest.raises(RunFolderError, match="imported checkpoint"):
         folder.read_train_config()
     assert folder.has_run() and not folder.is_finished()

@@ -3,6 +3,7 @@ the CLI path, and a learnability check of MCMoE against its Baseline ablation.""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
@@ -228,8 +229,9 @@ def test_run_folder_layout(tmp_path, small):
     assert info["modalities"] == ["rgb", "flow", "audio"] and info["feature_dims"] == {"rgb": 16, "flow": 12, "audio": 8}
     assert len(info["splits"]["val"]) == 3 and info["num_parameters"] > 0
     assert json.loads((run_dir / "extraction_config.json").read_text()) == made.cache.read_config()
-    best = json.loads((run_dir / "best.json").read_text())
+    best = load_run(run_dir, "cpu").best  # the epoch from the weights' header, the settings from best.json
     assert best["epoch"] == 1 and len(best["val_settings"]["settings"]) == 7
+    assert not {"epoch", "val_rho", "val_mse"} & set(json.loads((run_dir / "best.json").read_text()))  # once
     with pytest.raises(TrainError, match="already holds files"):
         train(tiny_config(made, labels, tmp_path / "run", epochs=1), **QUIET)
 
@@ -336,7 +338,7 @@ def test_non_finite_loss_stops_with_epoch_and_batch_keeping_the_last_good_state(
     with pytest.raises(NonFiniteLossError, match=r"at epoch 2, batch 2 .*after epoch 1 is kept"):
         train(config, **QUIET)
     assert json.loads((tmp_path / "run/last/state.json").read_text())["epoch"] == 1
-    assert json.loads((tmp_path / "run/best.json").read_text())["epoch"] == 1
+    assert load_run(tmp_path / "run", "cpu").best["epoch"] == 1
     assert len((tmp_path / "run/train_log.csv").read_text().splitlines()) == 2
 
 
@@ -490,3 +492,16 @@ def test_dropout_masks_are_recorded_and_a_version_2_run_resumes_with_torchs_mask
     assert (runs["bernoulli"] / "train_log.csv").read_text() == (tmp_path / "old/train_log.csv").read_text()
     with pytest.raises(ValueError, match="--dropout-masks must be one of"):
         tiny_config(made, labels, tmp_path / "y", dropout_masks="gaussian")
+
+
+def test_the_train_flags_offer_the_choices_the_config_checks():
+    """cli.py spells the choices out (building the parser must not import torch); they must stay these."""
+    from pipeline.cli import build_parser
+    from pipeline.train_config import DROPOUT_MASKS, OPTIMIZER_IMPLEMENTATIONS, OPTIMIZERS
+
+    parser = build_parser()
+    train_parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    choices = {a.dest: a.choices for a in train_parser._actions if a.choices}
+    assert {k: sorted(choices[k]) for k in ("optimizer", "optimizer_implementation", "dropout_masks", "mask_policy")} == {
+        "optimizer": sorted(OPTIMIZERS), "optimizer_implementation": sorted(OPTIMIZER_IMPLEMENTATIONS),
+        "dropout_masks": sorted(DROPOUT_MASKS), "mask_policy": sorted(data.MASK_POLICIES)}

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import pipeline.train as train_module
 from manifests.cache import CacheError
@@ -136,6 +136,20 @@ def test_damaged_run_records_are_one_line_errors_naming_the_file(tmp_path, small
     if file == "run.json":
         assert main(["evaluate", "--run", str(run_dir), "--labels", str(labels), "--device", "cpu"]) == 2
         one_line_error(capsys, run_dir / file)
+
+
+def test_an_optimizer_state_of_the_wrong_shape_is_a_one_line_error(tmp_path, small, capsys):
+    made, labels = small
+    run_dir = tmp_path / "run"
+    assert main(cli_train(made, labels, run_dir, "--epochs", "2", "--stop-after-epochs", "1")) == 0
+    capsys.readouterr()
+    path = run_dir / "last" / "optimizer.safetensors"
+    tensors = load_file(str(path))
+    key = next(k for k, v in tensors.items() if v.dim() == 2)
+    tensors[key] = tensors[key][:, :-1].contiguous()  # loads into Adam, which would fail only at its step
+    save_file(tensors, str(path))
+    assert main(["train", "--out", str(run_dir), "--resume", "--quiet", "--device", "cpu"]) == 2
+    one_line_error(capsys, path, key)
 
 
 @pytest.mark.parametrize("problem", ["nan", "inf", "empty file", "truncated"])
