@@ -256,4 +256,5 @@ def test_score_new_clips_with_an_imported_checkpoint(extracted_clips, tmp_path, 
     samples = data.load_samples(scored, [r.video_id for r in scored.records()])
     batch = data.collate(samples, run.modalities, run.feature_dims, run.clip_num)
     expected = reference({k: batch.features[NAMES[k]] for k in LETTERS}, {"v": True, "f": True, "a": False})
-    assert float(row["score"]) == pytest.approx(10 * float(expected), rel=1e-5)
+    # the CSV holds 4 decimals: half a unit of the last one, plus float32 rounding across CPUs
+    assert float(row["score"]) == pytest.approx(10 * float(expected), rel=0, abs=5e-5 + 1e-6)
