@@ -3,7 +3,7 @@
 AST was trained on 1024 filterbank frames (10.24 s); a 32-frame RG segment has about 128. Instead of
 padding every window to 1024 frames, each window runs at its own length with the time axis of the
 position embedding centre-cut (or, for windows longer than 10.24 s, bilinearly interpolated), as the
-original AST code does for other input lengths. That is about 8x cheaper for RG segments.
+original AST code does for other input lengths: an RG segment's window runs on an eighth of the frames.
 
 A window's length alone decides how it is processed (never the other windows in its batch), so a
 video gives the same features however its segments are batched, which resuming relies on.

@@ -3,9 +3,9 @@
 It is recorded as JSON beside the features it produced (inside the cache's config.json, see
 manifests/cache.py), and its hash names the cache folder, so features made with different settings
 never mix. Settings that only change how fast features are made (device, batch size, workers) are
-deliberately not part of it. A field added from now on must have a default that reproduces today's
-features: it then enters the hash only when set to something else (manifests/hashing.py), so the
-caches made before it keep their names. A backbone's own settings are fields of its settings class
+deliberately not part of it. A new field's default must reproduce the features the existing caches
+hold: a field enters the hash only when set to something else (manifests/hashing.py), so every existing
+cache keeps its folder name. A backbone's own settings are fields of its settings class
 (extractors/settings.py), under the same rule.
 """
 
@@ -25,10 +25,11 @@ FEATURE_DTYPES = ("float32", "float16")
 
 # The published feature sets put these backbones behind each modality (docs/design/features.md).
 DEFAULT_BACKBONES = {"rgb": "vst", "flow": "raft", "audio": "ast"}
-CPU_FLOW_BACKBONE = "farneback"  # RAFT is the GPU default; on a CPU Farneback is ~50x cheaper.
+CPU_FLOW_BACKBONE = "farneback"  # RAFT is a deep network; Farneback, no network at all, suits a CPU.
 
-# The settings layout 1 kept at the top level, one value for every backbone; layout 2 gives each
-# backbone its own (extractors/settings.py). The hash still spells them as layout 1 did (config_hash).
+# The settings layout 1 holds at the top level, one value for every backbone; layout 2 gives each
+# backbone its own (extractors/settings.py). The hash spells them as layout 1 does, so layout 1's caches
+# keep their folder names (config_hash).
 LAYOUT_1_SETTINGS = ("attention", "memory_format", "cpu_linear", "flow_runtime")
 
 
@@ -65,8 +66,8 @@ class ExtractionConfig(RecordedConfig):
     # Hashed through `settings_hash` (each non-default setting), not as a whole.
     settings: dict[str, BackboneSettings] = field(default_factory=dict, metadata={"hash": False})
 
-    # The fields every cache folder name was computed from when the hash was introduced: hashed whatever
-    # their value. Later fields enter only when they differ from their defaults (see the module docstring).
+    # Hashed whatever their value: every existing cache's folder name covers all of them. Any other field
+    # enters only when it differs from its default (see the module docstring).
     HASHED_SINCE_V1: ClassVar[tuple[str, ...]] = (
         "protocol", "segment_frames", "frame_stride", "window_seconds", "hop_seconds", "clip_frames", "modalities",
         "backbones", "weights", "arch_size", "seed", "decode_short_side", "audio_sample_rate", "feature_dtype",

@@ -2,13 +2,13 @@
 in the ExtractionConfig, `pipeline extract --flow-runtime`).
 
 Both are optional: `pip install -e ".[onnx]"` (onnxruntime, and onnx + onnxscript for torch's exporter)
-or `pip install -e ".[openvino]"`. Measured by benchmarks/bench_cpu_backends.py on 2-core AMD EPYCs,
-one 32-frame segment, against eager torch (channels-last, oneDNN): the full I3D flow stream ran 1.72x
-(Zen 5) and 1.34x (Zen 4) faster on ONNX Runtime, 1.67x (Zen 4) on OpenVINO, features within 7e-7 of
-their scale. Video Swin-B gained nothing clear (ONNX Runtime 0.80x, OpenVINO 1.10x with torchvision's
-own attention; ours does not trace), so only the I3D is offered (extractors/flow_i3d.py).
+or `pip install -e ".[openvino]"`. benchmarks/bench_cpu_backends.py times both against eager torch
+(channels-last, oneDNN) on one 32-frame segment: the I3D flow stream gains from either, Video Swin-B
+from neither (OpenVINO traces it with torchvision's own attention, as ours does not trace), so only the
+I3D is offered (extractors/flow_i3d.py; figures in benchmarks/results/README.md, "CPU inference
+options, one try each").
 
-The network is converted once per input shape when it is first called (5-8 s for the full I3D), in
+The network is converted once per input shape when it is first called (seconds for the full I3D), in
 memory; nothing is written to disk. Same weights, the same sums in another order: the extractor tests
 hold the features within 1e-5 of the eager ones' largest value.
 """
@@ -71,7 +71,7 @@ class RuntimeNetwork:
         self.module = _Method(module, method).eval()
         # torch's ONNX exporter's own graph optimisation (onnxscript) folds I3D's bias-less convolutions'
         # placeholder biases, which ONNX Runtime would refuse (torch 2.11, onnxscript 0.7.2); on Video
-        # Swin-B it had not finished after 15 minutes (benchmarks/bench_cpu_backends.py exports it without).
+        # Swin-B it runs too long to be of use (benchmarks/bench_cpu_backends.py exports it without).
         self.optimize = optimize
         self.compiled: dict[tuple[int, ...], object] = {}
 

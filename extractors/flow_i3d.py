@@ -54,7 +54,8 @@ class FlowI3DExtractor(Extractor):
             load_pytorch_i3d_state_dict(i3d, state_dict, str(path))
         self.feature_dim = i3d.feature_dim
         # channels-last 3D lets oneDNN run the convolutions without reordering every activation
-        # (benchmarks/bench_cpu_backends.py); "contiguous" keeps the layout of caches made before it.
+        # (benchmarks/bench_cpu_backends.py); "contiguous" keeps torch's plain layout, whose features
+        # differ by float rounding (CHANGELOG.md, "Extraction settings").
         # Another runtime is handed torch's plain layout and picks its own.
         channels_last = self.settings.memory_format == "channels_last" and self.runtime == "torch"
         self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
@@ -103,7 +104,7 @@ class FlowI3DExtractor(Extractor):
             "architecture": "InceptionI3d flow stream" + (f" at {self.width:g} width" if self.width != 1 else ""),
             "pretrained": None if self.config.random_weights else I3D_FLOW_URL.rsplit("/", 1)[-1],
             "pooling": "Mixed_5c spatial mean, 2-step temporal mean, then mean over temporal positions",
-            # Only when it is not torch: caches and runs made before this key keep equal descriptions.
+            # Only when it is not torch: a torch I3D keeps the description every torch cache and run records.
             **({"runtime": runtime_version(self.runtime)} if self.runtime != "torch" else {}),
         }
 

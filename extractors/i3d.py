@@ -116,8 +116,8 @@ class InceptionBlock(nn.Module):
         branches = (self.b0(x), self.b1b(self.b1a(x)), self.b2b(self.b2a(x)), self.b3b(self.b3a(x)))
         # Concatenated in the layout the network was put in (its 3x3x3 weights show it): the branches'
         # layouts can differ (oneDNN's convolutions keep channels-last, torch's own small-input 3D
-        # convolution does not), and torch.cat then falls back to contiguous, which made every later pool
-        # ~10x slower on a channels-last network.
+        # convolution does not), and torch.cat then falls back to contiguous, which leaves every later
+        # pool of a channels-last network working on a mismatched layout, far slower.
         weight = self.b1b.conv3d.weight
         channels_last = weight.is_contiguous(memory_format=torch.channels_last_3d) and not weight.is_contiguous()
         layout = torch.channels_last_3d if channels_last else torch.contiguous_format
@@ -167,8 +167,9 @@ class InceptionI3d(nn.Module):
             if isinstance(module, nn.Conv3d):
                 # He initialisation (fan-in, ReLU gain) keeps activations at their input's scale through
                 # the 60-odd convolutions when the weights stay random. PyTorch's default (a third of
-                # the variance per layer) shrinks them to ~1e-7, below the scorer's BatchNorm eps, so
-                # random-weight flow features carried almost no signal. Pretrained weights replace it.
+                # the variance per layer) shrinks them layer after layer to below the scorer's BatchNorm
+                # eps, so random-weight flow features would carry almost no signal. Pretrained weights
+                # replace it.
                 nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
 
     def temporal_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -205,7 +206,8 @@ def inception_i3d(
 def load_pytorch_i3d_state_dict(
     model: InceptionI3d, state_dict: Mapping[str, torch.Tensor], source: str
 ) -> None:
-    """Load a pytorch-i3d checkpoint; BatchNorm's num_batches_tracked may be absent in old files."""
+    """Load a pytorch-i3d checkpoint; BatchNorm's num_batches_tracked, which inference never reads, may be
+    absent."""
     try:
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
     except RuntimeError as exc:  # shape mismatches

@@ -2,10 +2,10 @@
 
 torch sends an fp32 matmul on a CPU to MKL, which picks its kernels by the CPU's vendor: on the AMD
 EPYC machines this project is measured on (AVX-512 with bf16) it runs its AVX2 code, while oneDNN,
-also inside torch, picks by the CPU's features and runs AVX-512. Per core that is 2-3x the rate at the
+also inside torch, picks by the CPU's features and runs AVX-512, at a higher rate per core at the
 backbones' shapes (benchmarks/bench_extract.py measures both and takes the faster as the ceiling).
-Same weights and the same sums in another order: outputs agree to float rounding (~1e-6 relative;
-tests/test_backbones.py). The frozen backbones only: oneDNN's op here has no backward, so a call that
+Same weights and the same sums in another order: outputs agree to float rounding
+(tests/test_backbones.py). The frozen backbones only: oneDNN's op here has no backward, so a call that
 needs a gradient, a GPU tensor or another dtype takes torch's own path.
 """
 
@@ -54,7 +54,7 @@ class OneDNNLinear(nn.Linear):
 def use_onednn_linears(model: nn.Module) -> nn.Module:
     """Every nn.Linear of `model` becomes a OneDNNLinear (in place; weights untouched), and a GELU that
     directly follows one in an nn.Sequential (Video Swin's MLPs) moves into it: one pass over the MLP's
-    widest activation instead of two (1.3-1.7x on Swin-B's first linear of each MLP, the same numbers).
+    widest activation instead of two, with the same numbers.
     Needs a torch built with oneDNN (every x86 and arm64 wheel of torch on PyPI): ValueError otherwise."""
     if not onednn_linear_available():
         raise ValueError("cpu_linear='onednn' needs a torch built with oneDNN (mkldnn); use cpu_linear='torch'")

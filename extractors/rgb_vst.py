@@ -92,11 +92,11 @@ class FusedWindowAttention3d(ShiftedWindowAttention3d):
 
     The parameters and the state_dict are the parent's; only forward differs. Windows are attended one
     clip at a time: with a 4-D (windows, heads, tokens, dim) query and a (windows, heads, tokens, tokens)
-    additive mask, torch's CPU kernel runs ~2.9x faster than the written-out attention, while a 5-D
-    call over the whole batch falls back to a slow path (1.06x; benchmarks/bench_attention.py).
+    additive mask, torch's CPU kernel runs its fast path (benchmarks/bench_attention.py times it against
+    the written-out attention), while a 5-D call over the whole batch falls back to a slow one.
     Rolling and window partition are one gather (`window_order`) and a frozen block makes its mask once
-    (`attention_mask`): the same numbers move as in torchvision's code, so the output is the same to the
-    bit as that of the fused attention before these two changes."""
+    (`attention_mask`): the same numbers move as in torchvision's code, so the output is bitwise that of
+    rolling, partitioning and making the mask on every call."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, t, h, w, channels = x.shape
@@ -126,9 +126,9 @@ class FusedWindowAttention3d(ShiftedWindowAttention3d):
         """Relative position bias (1, heads, tokens, tokens), plus the shifted windows' mask when shifted.
 
         A frozen block keeps its mask: making it (a gather, the shifted windows' mask, a sum over every
-        window and head, in freshly touched memory) cost as much as a third of Swin-B's CPU time. The
-        price is memory: 1273 MiB for Swin-B's 24 blocks at 32x224x224 (stage 3's nine shifted blocks
-        hold 78 MB each)."""
+        window and head, in freshly touched memory) on every call is a large share of Swin-B's CPU time.
+        The price is memory: windows x heads x tokens x tokens floats per block, kept by each of Swin-B's
+        24 blocks (benchmarks/bench_attention.py records the total)."""
         table = self.relative_position_bias_table
         reusable = not (torch.is_grad_enabled() and table.requires_grad)  # training needs the bias's gradient
         # The version counter moves when weights are loaded or changed in place: a stale mask is never used.

@@ -4,7 +4,7 @@ A field declared with `setting(default, choices, help)` is everything a new sett
 the command line flag `--<name with dashes>` (choices, default and help from the field; one flag
 serves every backbone that declares a field of that name), it is recorded in config.json under the
 modality's settings, and it enters the cache folder's hash only when it differs from its default
-(extractors/config.py), so a default must reproduce the features made before the field existed.
+(extractors/config.py), so a new field's default must reproduce the features existing caches hold.
 The extractor reads it as `self.settings.<name>`.
 
 Light on purpose (no torch): the command line builds its flags from this table in milliseconds.

@@ -85,7 +85,7 @@ def one_clip_per_call(forward, x: torch.Tensor) -> torch.Tensor:
     """forward(x) on a GPU; on a CPU one clip (row of x) per call, concatenated.
 
     oneDNN picks its convolution and matmul kernels by the shape of the call, and they round
-    differently (~1e-7 relative): a batched call would make a clip's features depend on which clips
+    differently: a batched call would make a clip's features depend on which clips
     shared its batch (--batch-segments, the number of processes). A CPU runs one segment per batch by
     default, so this costs nothing there; a GPU keeps its batches (and bf16)."""
     if x.device.type != "cpu":

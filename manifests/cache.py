@@ -83,7 +83,7 @@ class CacheConfig(RecordedConfig):
     created_at: str | None = field(default=None, metadata={"hash": False})
 
     IMPORT_FIELDS: ClassVar[tuple[str, ...]] = ("format", "dataset", "subset", "protocol")
-    # What an imported set's hash covered when it was introduced (later fields: only when not default).
+    # Hashed whatever their value: every imported set's folder name covers these (others: when not default).
     IMPORT_HASHED_SINCE_V1: ClassVar[tuple[str, ...]] = (
         "source", *IMPORT_FIELDS, "modalities", "extractors", "random_weights",
     )
@@ -106,7 +106,7 @@ class CacheConfig(RecordedConfig):
         """The config of a published feature set (pipeline/importers.py); random_weights is False."""
         config = cls(source=f"import:{format}", config_hash="", modalities=list(modalities), extractors=extractors,
                      format=format, dataset=dataset, subset=subset, protocol=protocol, created_at=_now())
-        # json's default separators, as the importer hashed its sets before this class: same folder names.
+        # json's default separators, in which every imported set's folder name is spelled (see feature_hash).
         config.config_hash = feature_hash(hashed_fields(config, cls.IMPORT_HASHED_SINCE_V1), spaced=True)
         return config
 
@@ -157,7 +157,8 @@ def config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
         out = {k: v for k, v in config.items() if k not in ("created_at", "note", SCHEMA_KEY)}
         if out.get("config_hash") is not None:
             # The extraction settings count through config_hash, which covers every setting that changes the
-            # features: a setting added later at its default (which reproduces the old features) is none.
+            # features: a setting a config.json does not record stands at its default, which reproduces
+            # its features, so it is no difference.
             out.pop("extraction", None)
         return out
 
@@ -193,7 +194,7 @@ class ModalityRecord:
     extractor: str | None = None
     version: str | None = None
     reason: str | None = None  # why missing / failed, one line
-    bytes: int | None = None  # size of the .npy file (done only; absent in caches written before it)
+    bytes: int | None = None  # size of the .npy file (done only; None: checked against the shape alone)
     sha256: str | None = None  # of the .npy file, checked by `extract --verify`
 
 
@@ -205,7 +206,7 @@ class VideoRecord:
     path: str
     status: str  # done | failed  (done: every modality is done or missing)
     size_bytes: int | None = None
-    fingerprint: str | None = None  # "sha256:..." of the whole file (older caches: sampled, see extract)
+    fingerprint: str | None = None  # "sha256:..." of the whole file, else sampled (videos.legacy_fingerprint)
     mtime_ns: int | None = None  # the file's mtime when fingerprinted: same size + mtime = same hash
     fps: float | None = None
     frame_count: int | None = None
@@ -323,7 +324,7 @@ class FeatureCache:
         name = video_dir_name(video_id)
         folder = self.videos_dir / name
         if name != video_id and not (folder / RECORD_NAME).is_file():
-            legacy = self.videos_dir / video_id  # written before reserved names were escaped
+            legacy = self.videos_dir / video_id  # an unescaped folder still opens (CHANGELOG.md)
             try:
                 if (legacy / RECORD_NAME).is_file():
                     return legacy

@@ -8,9 +8,9 @@ of them follow the same three rules:
 - `from_dict(data, source)` refuses a key the class does not know, naming the key and `source`
   (the file it came from), so a typo in a hand-edited file or a file from a newer tool is an error,
   never silently dropped.
-- A file written before the class's current `SCHEMA_VERSION` (files without `schema_version` are
-  version 1: everything written before this base existed) goes through the class's `upgrade`
-  first, which returns the fields of the current layout; a file from a newer version is refused.
+- A file of an earlier version than the class's current `SCHEMA_VERSION` (a file without
+  `schema_version` is version 1) goes through the class's `upgrade` first, which returns the
+  fields of the current layout; a file from a newer version is refused.
 """
 
 from __future__ import annotations

@@ -2,10 +2,10 @@
 JSON of the settings that change the features, and nothing else.
 
 Settings that only change how fast features are made (device, batch size, workers) never enter it, so
-they never split a cache. A setting added later enters only when its value differs from its default
-(which must reproduce the features made before the setting existed), so adding it leaves every
-existing cache its name. Light on purpose (no numpy): the command line imports it through
-extractors/config.py.
+they never split a cache. A setting outside a class's always-hashed fields enters only when its value
+differs from its default, and that default must reproduce the features of the caches that do not
+record the setting: adding a setting then leaves every existing cache its name. Light on purpose
+(no numpy): the command line imports it through extractors/config.py.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from manifests.config import RecordedConfig
 def feature_hash(fields: dict[str, Any], spaced: bool = False) -> str:
     """12 hex digits of sha1 over `fields` as JSON with sorted keys.
 
-    spaced: json's default separators (", ", ": "), as `import-features` spelled its sets before this
-    function existed; kept so their folders keep their names. Everything else is compact."""
+    spaced: json's default separators (", ", ": "), in which imported feature sets' hashes are spelled:
+    their folder names depend on it (CHANGELOG.md, "Feature caches"). Everything else is compact."""
     separators = (", ", ": ") if spaced else (",", ":")
     canonical = json.dumps(fields, sort_keys=True, separators=separators)
     return hashlib.sha1(canonical.encode()).hexdigest()[:12]
@@ -31,8 +31,8 @@ def feature_hash(fields: dict[str, Any], spaced: bool = False) -> str:
 def hashed_fields(config: RecordedConfig, always: Collection[str]) -> dict[str, Any]:
     """The fields of `config` that enter its feature hash, as JSON values.
 
-    always: the fields hashed since the hash existed (today's caches are named by all of them, default
-    or not). Any other field enters only when it differs from its default. A field declared with
+    always: the fields hashed whatever their value (every existing cache's folder name covers all of
+    them). Any other field enters only when it differs from its default. A field declared with
     metadata={"hash": False} (informational, or only about speed) never enters."""
     data = RecordedConfig.to_dict(config)  # every field (a subclass's to_dict may leave some out)
     out = {}

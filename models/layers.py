@@ -140,9 +140,10 @@ class UniformDropout(nn.Dropout):
 
     The same distribution as torch's masks (each element kept with probability 1 - p, kept ones scaled
     by 1 / (1 - p)), other random numbers. torch draws its CPU masks with bernoulli_, which on this
-    project's AMD CPUs takes about twice as long as uniform_ plus a comparison; the masks of MCMoE's
-    encoder and decoder were 18% of a training step (benchmarks/profile_train.py). Outside CPU training
-    (evaluation, p = 0 or 1, a GPU, whose dropout is one fused kernel) it is nn.Dropout."""
+    project's AMD CPUs is slower than uniform_ plus a comparison, and MCMoE's encoder and decoder draw
+    masks on every step (benchmarks/profile_train.py; benchmarks/results/README.md, "Training step").
+    Outside CPU training (evaluation, p = 0 or 1, a GPU, whose dropout is one fused kernel) it is
+    nn.Dropout."""
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or not 0.0 < self.p < 1.0 or x.device.type != "cpu":

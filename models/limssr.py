@@ -57,9 +57,9 @@ REFERENCE_MARKER_NAMES = {"rgb": "video"}
 
 @dataclass
 class LIMSSRConfig(ModelConfig):
-    """Schema version 2 records `schema_version`; version-1 files lacking triplet_distance were trained
-    with Euclidean distance (see `upgrade`). The presets' published settings are MCMoE's: LIMSSR takes
-    none of them (docs/design/limssr.md), only the dataset facts every model uses."""
+    """Schema version 2 records `schema_version`; a version-1 file lacks triplet_distance, and its run
+    trained with Euclidean distance (see `upgrade`). The presets' published settings are MCMoE's:
+    LIMSSR takes none of them (docs/design/limssr.md), only the dataset facts every model uses."""
 
     SCHEMA_VERSION = 2
     FLAG_FIELDS = {"dropout": "dropout", "alpha": "alpha", "llm": "llm", "llm_dtype": "torch_dtype",
@@ -113,7 +113,7 @@ class LIMSSRConfig(ModelConfig):
 
     @classmethod
     def upgrade(cls, data: dict[str, Any], version: int) -> dict[str, Any]:
-        # Configurations recorded before triplet_distance existed were trained with Euclidean distance.
+        # A file without triplet_distance trained with Euclidean distance: it resumes and evaluates so.
         return {"triplet_distance": "euclidean", **data}
 
     @classmethod
@@ -125,8 +125,8 @@ class LIMSSRConfig(ModelConfig):
     def training_defaults(cls) -> dict[str, Any]:
         # docs/design/limssr.md. The papers give no epoch count for LIMSSR; 100 epochs at batch 8 is about
         # 2,500 steps on an RG-sized split (~200 training clips): enough for heads trained from scratch
-        # plus LoRA, which adapts far faster than MCMoE's from-scratch 270-560 epochs, and a few minutes
-        # per run for Qwen2.5-0.5B on one GPU. Validation-based selection guards against the tail.
+        # plus LoRA, which adapts far faster than MCMoE's from-scratch 270-560 epochs, and short for
+        # Qwen2.5-0.5B on one GPU. Validation-based selection guards against the tail.
         return {
             "optimizer": "adamw",
             "lr": 2e-4,

@@ -62,8 +62,8 @@ class MCMoEConfig(ModelConfig):
     L_align at once: the projected available features are summed and read by the grade decoder,
     trained with L_div + L_task.
 
-    Schema version 2 records `schema_version`; a version-1 file (written before it) that lacks a
-    setting added later gets the behaviour it was trained with (see `upgrade`).
+    Schema version 2 records `schema_version`; a version-1 file lacks some of version 2's settings and
+    gets the values its run trained with (see `upgrade`).
     """
 
     SCHEMA_VERSION = 2
@@ -108,11 +108,11 @@ class MCMoEConfig(ModelConfig):
     prototype_encoding: str = "grade-index"
     # Samples behind the projections' training batch statistics: "present" (every sample whose data has
     # the modality, hidden by the training mask or not: the published code) or "available" (only the
-    # samples allowed to use it; runs recorded before this setting existed).
+    # samples allowed to use it; what a version-1 file trained with).
     projection_stats: str = "present"
     # L_recon per modality: mean over the samples whose data has it ("present"; expectation equal to the
-    # published per-batch loss) or over the samples that imputed it ("imputed"; runs recorded before this
-    # setting existed, about twice the published weight in expectation with three modalities).
+    # published per-batch loss) or over the samples that imputed it ("imputed"; what a version-1 file
+    # trained with, about twice the published weight in expectation with three modalities).
     recon_mean_over: str = "present"
     # The order in which each expert's BatchNorm running statistics take their per-modality updates in
     # training: "modalities" (this model's modality order) or "reference" (rgb, audio, flow, then the
@@ -169,7 +169,7 @@ class MCMoEConfig(ModelConfig):
 
     @classmethod
     def upgrade(cls, data: dict[str, Any], version: int) -> dict[str, Any]:
-        # Version 1 files lack the settings added after they were written: the values they trained with.
+        # A version-1 file lacks these settings; its run trained with these values, so it resumes with them.
         return {"div_distance": "euclidean", "projection_stats": "available", "recon_mean_over": "imputed", **data}
 
     @classmethod
@@ -449,8 +449,8 @@ class MCMoE(nn.Module):
         L_recon: MSE(generated, real) for every modality a sample had to impute (not available) and
         that exists in its data (present), summed over modalities (the published code sums one MSE per
         generated modality). Per modality, the mean is taken over the samples whose data has the
-        modality, a sample that did not impute it counting 0 (recon_mean_over="present"); the older
-        "imputed" divides by the number of samples that imputed it instead.
+        modality, a sample that did not impute it counting 0 (recon_mean_over="present"); "imputed"
+        (version-1 files) divides by the number of samples that imputed it instead.
         L_align: KL(softmax(R^m) || softmax(F^m)) over the feature axis for every modality present in the
         sample's data, imputed or not (the published code aligns all modalities); R^m is the modality's
         own expert on its real sequence. Element-wise mean, as the published code's kl_div, per modality
@@ -466,7 +466,7 @@ class MCMoE(nn.Module):
         its own mask: always for L_recon in training, since the projections' statistics ignore the
         masks; for L_align when batch statistics are not involved, as the experts' and fusion's
         BatchNorm mix a training batch's samples in both codes.) Dividing L_recon by the number of
-        imputing samples, about B/2 with three modalities, doubled its weight in expectation.
+        imputing samples, about B/2 with three modalities, doubles its weight in expectation.
         """
         cfg = self.config
         score = out["score"]

@@ -296,8 +296,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                      help="how Adam's update runs (default: torch-default, torch's own choice; fused is "
                      "faster, its weights differ by float rounding)")
     opt.add_argument("--dropout-masks", choices=["uniform", "bernoulli"],
-                     help="how dropout draws its masks on a CPU (default: uniform, faster to draw; "
-                     "bernoulli is torch's own; same distribution, other random numbers)")
+                     help="how dropout draws its masks on a CPU (default: uniform, one uniform draw per "
+                     "element compared with the dropout rate, cheaper to draw; bernoulli: torch's own masks, "
+                     "which a run recorded without this setting resumes with; same distribution)")
     opt.add_argument("--weight-decay", type=float)
     opt.add_argument("--warmup-epochs", type=int, help="linear warm-up epochs before the cosine decay")
     opt.add_argument("--min-lr-ratio", type=float, help="the cosine decays to this fraction of --lr")

@@ -42,13 +42,14 @@ class DemoSettings:
     batch_size: int = 16
     lr: float = 2e-3
     hidden: int = 64
-    # With ~100-200 short clips the published dropout (0.3) and L_div weight (alpha 1) keep both models at
-    # the mean score for hundreds of steps: the triplet term (~1.0) dwarfs the task term (10 x ~0.013).
+    # On a couple of hundred short clips the published dropout (0.3) and L_div weight (alpha 1) keep both
+    # models at the mean score for hundreds of steps: at alpha 1 the triplet term outweighs the task term
+    # many times over.
     dropout: float = 0.1
     alpha: float = 0.1
     # Each model is trained this many times (training seeds seed, seed+1, ...) and the table shows the mean:
-    # on 40 test clips one training seed moves a setting's rho by several hundredths, as much as the
-    # difference between the two models.
+    # on 40 test clips the training seed alone moves a setting's rho as much as the difference between the
+    # two models.
     training_seeds: int = 3
     arch_size: str = "tiny"  # "full" runs the real-size architectures (still random weights): much slower
     vary_format: bool = True  # frame rates 24-30 fps and two frame sizes, as real footage

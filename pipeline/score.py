@@ -119,7 +119,7 @@ def score_clips(
     made = provenance(run.extraction_config)
     results = [ClipScore(clip=str(clip), **made) for clip in clips]
     known = _fingerprint_index(lookup + ([target] if (target.root / CONFIG_NAME).is_file() else []))
-    legacy_known = any(not fingerprint.startswith("sha256:") for fingerprint in known)  # caches from before whole-file hashes
+    legacy_known = any(not fingerprint.startswith("sha256:") for fingerprint in known)  # sampled fingerprints
 
     to_extract: list[VideoSource] = []
     queued: dict[str, str] = {}  # fingerprint -> video id, for clips queued in this call

@@ -84,8 +84,9 @@ def _sha256(path: str, *stat_key: int) -> str:
 
 
 def legacy_fingerprint(path: Path) -> str:
-    """The fingerprint of records written before whole-file hashing: sha1 of the size and the first
-    and last MiB (it misses a same-size edit in the middle; such records keep it until re-extracted)."""
+    """The sampled fingerprint, held by a record without the "sha256:" prefix (CHANGELOG.md, "Feature
+    caches"): sha1 of the size and the first and last MiB. It misses a same-size edit in the middle, so
+    only such records are compared by it; they keep it until their video is extracted again."""
     size = path.stat().st_size
     digest = hashlib.sha1(str(size).encode())
     with open(path, "rb") as handle:
@@ -101,8 +102,8 @@ def same_file(record: VideoRecord, path: Path, rehash: bool = False) -> bool:
 
     Size and mtime equal to the recorded ones stand for the recorded hash (only a tool that restores
     mtimes could change a file keeping both); otherwise the whole file is hashed again (once per
-    process, see `file_fingerprint`), and with `rehash` (`--verify`) afresh. Records from before
-    whole-file hashing are compared with their sampled fingerprint."""
+    process, see `file_fingerprint`), and with `rehash` (`--verify`) afresh. A record holding a
+    sampled fingerprint is compared by it (`legacy_fingerprint`)."""
     stat = path.stat()
     if record.size_bytes != stat.st_size or not record.fingerprint:
         return False

@@ -226,8 +226,9 @@ _MALLOC_TRIM = _malloc_trim()
 def _return_free_heap() -> None:
     """Give the C heap's free pages back to the system after each batch of segments.
 
-    A batch's tensors and frames leave free holes in glibc's heaps, which it keeps: they made a long
-    video's peak memory a few hundred MB higher than a short one's (benchmarks/results/README.md)."""
+    A batch's tensors and frames leave free holes in glibc's heaps, which it keeps: kept, they make a
+    long video's peak memory grow with its length (benchmarks/results/README.md, "Extraction memory
+    against video length")."""
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
 

@@ -7,8 +7,8 @@ are the features (same code, same seeded backbones; on a CPU, the same thread co
 
 Decoding: inside an actor, `extract_videos` opens and decodes videos in a background thread while
 the backbones run on the previous batch, so the actor's CPU cores feed its GPU without a round trip
-through Ray's object store (decoded frames are ~100x larger than the encoded file; shipping them
-between processes would cost more than decoding next to the model).
+through Ray's object store (decoded frames are raw pixels, many times the compressed file; shipping
+them between processes would cost more than decoding next to the model).
 
 Work is handed out dynamically: the driver keeps a queue of small batches of videos (largest files
 first, so the long ones do not all end up at the tail) and gives the next batch to whichever actor
@@ -65,8 +65,8 @@ class WorkerPlan:
 def plan_workers(resources: dict[str, float], device: str = "auto", workers: int | None = None) -> WorkerPlan:
     """One actor per GPU (auto/cuda with GPUs in the cluster), else CPU actors.
 
-    CPU default: one actor per 4 cores (full backbones are ~1 GB per actor), each with its share of
-    the cores as threads. More workers than GPUs share them (fractional GPUs)."""
+    CPU default: one actor per 4 cores (each actor holds its own copy of the full backbones), each with
+    its share of the cores as threads. More workers than GPUs share them (fractional GPUs)."""
     gpus, cpus = float(resources.get("GPU", 0)), float(resources.get("CPU", 1))
     if device == "cuda" and gpus < 1:
         raise WorkerSetupError("--device cuda was asked for, but the Ray cluster has no GPU")
