@@ -28,9 +28,9 @@ The reference layout (modalities in its order v, a, f; reference key -> project 
     pos_encoder.pe                        checked to be the sinusoidal encoding, not stored
 A tensor of the file that nothing maps, or a tensor the model needs that the file lacks, is an error.
 
-The reference's models/transformer.py (in its repository since the first commit) is the GDLT
-transformer it builds on, with the key names of the torch.nn layout (its
-layers.{i}.self_attn.in_proj_weight, linear1, norm1, ..., norm), which its model code calls.
+The reference's models/transformer.py is the GDLT transformer it builds on, with the key names of the
+torch.nn layout (its layers.{i}.self_attn.in_proj_weight, linear1, norm1, ..., norm), which its model
+code calls.
 
 The released checkpoints were trained with the reference's prototype encoding, indexed by the sample's
 position in the batch, so the run is written with prototype_encoding "batch-position" (a compatibility

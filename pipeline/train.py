@@ -326,8 +326,8 @@ def seed_everything(seed: int) -> torch.Generator:
 
 def build_training_model(config: TrainConfig, bundle: TrainData, resumed: RunDir | None,
                          device: torch.device) -> torch.nn.Module:
-    """The model to train, on `device`; a resumed run's recorded model config wins over today's build,
-    so a model setting added since the run began keeps the value the run was trained with."""
+    """The model to train, on `device`; a resumed run's recorded model config wins over the
+    current defaults, so a setting its record lacks or holds keeps the value the run was trained with."""
     options = {**config_class(config.model).device_defaults(device.type), **config.model_options}
     model_config = build_model_config(config.model, bundle.modalities, bundle.feature_dims, options)
     if resumed is not None and resumed.model_config_json.is_file():

@@ -206,7 +206,7 @@ def model_options_from_flags(model: str, flags: dict[str, Any], ablations: list[
 
 
 def recorded_settings(folder: RunDir, record: RunRecord | None = None) -> dict[str, Any]:
-    """The run's TrainConfig as a dict in today's layout (an older record upgraded), for comparisons."""
+    """The run's TrainConfig as a dict in the current layout (an older record upgraded), for comparisons."""
     return TrainConfig.from_dict(folder.read_train_config(record), source=str(folder.run_json)).to_dict()
 
 
