@@ -3,26 +3,31 @@
     python benchmarks/learning_spread.py --seeds 0 1 2 3 4 --json benchmarks/results/learning_spread.json
 
 Each seed runs the reduced demo (its own clips, backbone weights and training draws) in a fresh
-folder and reports: MCMoE's and the Baseline's held-out rho for the full set, flow alone and the
-Average of the incomplete settings, and the full-set rho on copies of the test clips whose every
-signal is flattened (what a model that learned nothing from the pixels and sound would get).
+folder and reports: MCMoE's and the Baseline's held-out rho in every setting (the full set, each
+modality alone, each pair), the Average of the incomplete settings, and the full-set rho on copies
+of the test clips whose every signal is flattened (what a model that learned nothing from the pixels
+and sound would get). The results file names the commit, the CPU (family and model) and the date:
+rho moves with the last bits of the floats, so a threshold set from it holds for that code.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.bench_extract import cpu_model, git_commit  # noqa: E402
 from tests.learning import flat_clip_rho, run_reduced_demo  # noqa: E402
 
 
@@ -31,8 +36,8 @@ def measure(seed: int, work: Path) -> dict:
     run = run_reduced_demo(work / f"seed{seed}", seed)
     row = {"seed": seed}
     for model, (evaluation,) in run.result.comparison.evaluations.items():
-        row[f"{model}_full"] = run.setting(model, "{v,f,a}").rho
-        row[f"{model}_flow"] = run.setting(model, "{f}").rho
+        for setting in evaluation.settings:
+            row[f"{model}_{setting.name}"] = setting.rho
         row[f"{model}_average"] = evaluation.average_rho
         row[f"{model}_full_flattened"] = flat_clip_rho(run, model)
     row["seconds"] = time.perf_counter() - started
@@ -55,10 +60,12 @@ def main() -> None:
     for key, stats in summary.items():
         print(f"{key:24} min {stats['min']:.3f}  mean {stats['mean']:.3f}  max {stats['max']:.3f}")
     if args.json:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=Path(__file__).parent).stdout.strip()
         args.json.write_text(json.dumps({
-            "command": " ".join(["python", *sys.argv]), "commit": commit,
-            "machine": f"{platform.machine()} CPU, {platform.python_version()}",
+            "command": " ".join(["python", *sys.argv]), "commit": git_commit() + (" (with uncommitted changes)" if dirty else ""),
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": f"{cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}",
             "note": "random-weight tiny backbones on synthetic clips", "rows": rows, "summary": summary,
         }, indent=2) + "\n")
 
