@@ -49,21 +49,35 @@ def test_the_score_comes_from_what_the_clips_show(learned, model):
 
 
 def test_audio_windows_line_up_with_the_video_segments(tmp_path):
-    """Music from segment 2's first frame to segment 4's first frame: segments 0, 1 and 4, 5 hear the
-    same silence, 2 and 3 hear music. A window shifted by a few frames either way hears some music in
-    one of the silent pairs."""
+    """Two clips whose music starts at segment 2's first frame; it ends at segment 4's first frame in
+    one and a frame later in the other. Segment 4 of the first must hear the silence segment 5 hears;
+    segment 4 of the second must hear its one frame of music. AST reads a window's start and drops its
+    last ~45 ms, so the two music ends put a one-frame shift at the start of a window: a window taken a
+    frame early hears music in the first clip's segment 4, a frame late hears silence in the second's.
+
+    Distances between segments 4 and 5 relative to the onset (segments 0 vs 2), measured by shifting
+    every window's first sample in extractors.decode.window_span: correct 0.001 / 0.147, one frame
+    (40 ms) early 0.231 / 0.52, one frame late 0.000 / 0.001, half a frame early 0.10 / 0.27, half a
+    frame late 0.000 / 0.11. SAME_BELOW sits between 0.001 and 0.231, and below 0.147."""
     frames, fps = 8, 25.0
-    segment_s = frames / fps
-    write_clip(ClipSpec("aligned", 0.6, seconds=2.0, fps=fps, seed=5, music_starts_s=2 * segment_s,
-                        music_ends_s=4 * segment_s), tmp_path / "videos" / "aligned.mp4")
+    segment_s, frame_s = frames / fps, 1 / fps
+    music_ends = {"ends_on_boundary": 4 * segment_s, "ends_a_frame_later": 4 * segment_s + frame_s}
+    for name, ends in music_ends.items():
+        write_clip(ClipSpec(name, 0.6, seconds=2.0, fps=fps, seed=5, music_starts_s=2 * segment_s, music_ends_s=ends),
+                   tmp_path / "videos" / f"{name}.mp4")
     assert main(["extract", "--videos", str(tmp_path / "videos"), "--out", str(tmp_path / "cache"),
                  *TINY_EXTRACT_FLAGS]) == 0
-    (audio_file,) = (tmp_path / "cache").glob("*/videos/aligned/audio.npy")
-    audio = np.load(audio_file)
-    assert len(audio) == 6
-    onset = np.linalg.norm(audio[0] - audio[2])
-    for first, second in ((0, 1), (4, 5)):
-        assert np.linalg.norm(audio[first] - audio[second]) < 0.2 * onset, (first, second)
+    SAME_BELOW = 0.05
+    distances = {}
+    for name in music_ends:
+        (audio_file,) = (tmp_path / "cache").glob(f"*/videos/{name}/audio.npy")
+        audio = np.load(audio_file).astype(np.float64)
+        assert len(audio) == 6
+        onset = np.linalg.norm(audio[0] - audio[2])
+        distances[name] = {pair: np.linalg.norm(audio[pair[0]] - audio[pair[1]]) / onset for pair in ((0, 1), (4, 5))}
+    assert distances["ends_on_boundary"][(0, 1)] < SAME_BELOW, distances  # silence before the music
+    assert distances["ends_on_boundary"][(4, 5)] < SAME_BELOW, distances  # fails when windows start early
+    assert distances["ends_a_frame_later"][(4, 5)] > SAME_BELOW, distances  # fails when windows start late
 
 
 def test_clips_without_audio_are_scored_with_audio_imputed(learned):
