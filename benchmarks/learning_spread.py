@@ -62,8 +62,9 @@ def main() -> None:
     if args.json:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
                                text=True, cwd=Path(__file__).parent).stdout.strip()
+        commit = git_commit() + (" (with uncommitted changes)" if dirty else "")
         args.json.write_text(json.dumps({
-            "command": " ".join(["python", *sys.argv]), "commit": git_commit() + (" (with uncommitted changes)" if dirty else ""),
+            "command": " ".join(["python", *sys.argv]), "commit": commit,
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": f"{cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}",
             "note": "random-weight tiny backbones on synthetic clips", "rows": rows, "summary": summary,
