@@ -27,16 +27,17 @@ from tests.conftest import TINY_EXTRACT_FLAGS
 from tests.learning import REDUCED_SEED, LearningRun, flat_clip_rho, run_reduced_demo
 
 # Held-out rho each setting must exceed: the lowest of the five seeds less 0.1, rounded down to 0.05.
-# Lowest (MCMoE / Baseline): {v,f,a} 0.775 / 0.663, {v} 0.357 / 0.357, {f} 0.754 / 0.700,
-# {a} -0.091 / 0.162. MCMoE's audio alone is not asserted: it swings from -0.09 to 0.68 over the seeds
-# (alone, its answer runs through the picture and movement it generates from the sound), so the
-# Baseline's {a} guards the audio path. The full set passes with the picture or the sound broken, the
-# single settings do not; at seed 0 (breaks in extractors/, reverted):
-#   RGB backbone input zeroed (rgb_vst.embed): {v} -0.10 / 0.10, full set 0.80 / 0.66 -> {v} fails
-#   audio zeroed before the filterbank (audio_ast.embed): {a} -0.02 / -0.02, full 0.69 / 0.70 -> {a} fails
+# Lowest (MCMoE / Baseline): {v,f,a} 0.775 / 0.663, {v} 0.357 / 0.077, {f} 0.692 / 0.700,
+# {a} -0.091 / 0.162. A single modality swings widely over the seeds for one of the two models (MCMoE's
+# {a} -0.09 to 0.68: alone, its answer runs through the picture and movement it generates from the
+# sound; the Baseline's {v} 0.08 to 0.63), so each is asserted where its spread leaves a threshold:
+# the picture on MCMoE, the sound on the Baseline, the movement on both. The full set passes with the
+# picture or the sound broken, the single settings do not; at seed 0 (breaks in extractors/, reverted):
+#   RGB backbone input zeroed (rgb_vst.embed): {v} -0.10 / 0.10, full set 0.80 / 0.66 -> MCMoE {v} fails
+#   audio zeroed before the filterbank (audio_ast.embed): {a} -0.02 / -0.02, full 0.69 / 0.70 -> Baseline {a} fails
 RHO_MIN = {
-    "MCMoE": {"{v,f,a}": 0.65, "{v}": 0.25, "{f}": 0.65},
-    "Baseline": {"{v,f,a}": 0.55, "{v}": 0.25, "{f}": 0.6, "{a}": 0.05},
+    "MCMoE": {"{v,f,a}": 0.65, "{v}": 0.25, "{f}": 0.55},
+    "Baseline": {"{v,f,a}": 0.55, "{f}": 0.6, "{a}": 0.05},
 }
 FLAT_DROP_MIN = 0.35  # full set, the clips vs the same clips with every signal flattened
 # AGMG by hand vs the model's folded single-query attention, seed-0 model: generated audio 4.8e-7 apart
