@@ -9,11 +9,15 @@ import pandas as pd
 import pytest
 
 from manifests.cache import FeatureCache
+from pipeline import data
 from pipeline.cli import main
+from pipeline.inference import load_run
 
 TINY_EXTRACT = ["--backbones", "random", "--arch-size", "tiny", "--flow", "farneback",
                 "--segment-frames", "8", "--device", "cpu", "--quiet"]
 TINY_TRAIN = ["--epochs", "2", "--batch-size", "4", "--hidden", "32", "--device", "cpu", "--quiet"]
+# Written scores are rounded to 4 decimals; the inference routes compared agree to the last bit (measured).
+WRITTEN = 6e-5
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +49,22 @@ def test_score_imputes_missing_audio_and_writes_csv(trained, capsys):
     config_hash = FeatureCache.open(root / "cache").config_hash
     assert bool(rows.loc[0, "random_weights"]) is True and rows.loc[0, "config_hash"] == config_hash
     assert rows.loc[0, "present"] == "rgb,flow" and rows.loc[0, "imputed"] == "audio"
-    assert 0 <= rows.loc[0, "score"]
     grade_columns = [c for c in rows.columns if c.startswith("grade_")]
     assert len(grade_columns) == 4 and rows[grade_columns].sum(axis=1).iloc[0] == pytest.approx(1, abs=1e-3)
     # the new clip went to the run's score cache, not into the training cache
-    assert any(r.video_id.startswith("unseen-") for r in FeatureCache.open(root / "run" / "score_cache").records())
+    score_cache = FeatureCache.open(root / "run" / "score_cache")
+    (video_id,) = [r.video_id for r in score_cache.records() if r.video_id.startswith("unseen-")]
     assert not any(r.video_id.startswith("unseen") for r in FeatureCache.open(root / "cache").records())
+    # the value: the run's inference on the clip's cached features with {v,f} (audio imputed), the
+    # evaluation's route (Run.scores), not score's own (Run.predict); the terminal shows the same number
+    run = load_run(root / "run", "cpu")
+    expected = run.scores(data.load_samples(score_cache, [video_id]), subset=["rgb", "flow"])[0]
+    assert 0 <= expected <= run.score_range
+    assert rows.loc[0, "score"] == pytest.approx(expected, abs=WRITTEN)
+    weights = run.forward(data.load_samples(score_cache, [video_id]))["grade_weights"][0].numpy()
+    assert rows.loc[0, grade_columns].to_numpy(float) == pytest.approx(weights, abs=WRITTEN)
+    (printed,) = [line.split() for line in table.splitlines() if "unseen.mp4" in line]
+    assert float(printed[1]) == pytest.approx(rows.loc[0, "score"], abs=1e-12)
 
 
 def test_score_reuses_training_features_and_reports_bad_clips(trained, capsys, tmp_path):
@@ -65,8 +79,15 @@ def test_score_reuses_training_features_and_reports_bad_clips(trained, capsys, t
     assert written["note"].startswith("RANDOM-WEIGHT BACKBONES") and written["random_weights"] is True
     assert written["config_hash"] == FeatureCache.open(root / "cache").config_hash
     rows = written["scores"]
-    assert rows[0]["score"] is not None and rows[0]["error"] is None and len(rows[0]["grade_weights"]) == 4
-    assert rows[1]["score"] is None and "cannot decode video" in rows[1]["error"]
+    assert rows[0]["error"] is None and rows[1]["score"] is None and "cannot decode video" in rows[1]["error"]
+    # clip07's value is its prediction in the evaluation of the same training-cache features
+    run = load_run(root / "run", "cpu")
+    labels = pd.read_csv(root / "labels.csv").set_index("video_id")["score"].to_dict()
+    evaluation = run.evaluate(data.load_samples(run.open_features(), ["clip07"], labels))
+    assert rows[0]["score"] == pytest.approx(evaluation.predictions["{v,f,a}"][0], abs=WRITTEN)
+    assert 0 <= rows[0]["score"] <= run.score_range
+    weights = run.forward(data.load_samples(run.open_features(), ["clip07"]))["grade_weights"][0].numpy()
+    assert rows[0]["grade_weights"] == pytest.approx(weights, abs=WRITTEN)
     # clip07 was found in the training cache by its fingerprint: only the broken clip was extracted
     score_cache = FeatureCache.open(root / "run" / "score_cache")
     assert not any(r.video_id.startswith("clip07") for r in score_cache.records())
