@@ -65,6 +65,13 @@ def git_commit() -> str:
     return found.stdout.strip() + ("+uncommitted changes" if dirty else "")
 
 
+def folder_mib(folder: Path) -> int | None:
+    """Disk use of `folder` in MiB (None when it does not exist)."""
+    if not folder.exists():
+        return None
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink()) // 2**20
+
+
 def append(entry: dict, path: Path = RECORD) -> None:
     runs = json.loads(path.read_text()) if path.exists() else []
     path.write_text(json.dumps([*runs, entry], indent=2) + "\n")
@@ -72,6 +79,7 @@ def append(entry: dict, path: Path = RECORD) -> None:
 
 def record_run(command: list[str], shown: str, path: Path = RECORD) -> int:
     """Run `command` (pytest's output passed through), append its result to `path`; its exit code."""
+    fresh_venv = not (ROOT / ".venv").exists()  # then the wall time includes creating and installing it
     started = time.monotonic()
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -87,7 +95,8 @@ def record_run(command: list[str], shown: str, path: Path = RECORD) -> int:
         print(f"suite_record: {error}; nothing recorded (exit code {code})", file=sys.stderr)
         return code or 1
     append({"commit": git_commit(), "date": date, "cpu": cpu_description(), "command": shown, "exit_code": code,
-            **result, "wall_seconds": round(wall, 1)}, path)
+            **result, "wall_seconds": round(wall, 1), "fresh_venv": fresh_venv, "venv_mib": folder_mib(ROOT / ".venv")},
+           path)
     print(f"suite_record: appended to {path}")
     return code
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from benchmarks.suite_record import append, cpu_description, parse_summary, record_run
+from benchmarks.suite_record import append, cpu_description, folder_mib, parse_summary, record_run
 
 OUTPUT = """\
 ........................F.........s..................................... [ 22%]
@@ -54,3 +54,11 @@ def test_a_run_is_timed_parsed_and_recorded(tmp_path, capsys):
     assert run["wall_seconds"] >= 0 and run["commit"] and run["cpu"]["family"]
     assert record_run([sys.executable, "-c", "print('collection error')"], "fake", record) == 1  # nothing to record
     assert len(json.loads(record.read_text())) == 1
+
+
+def test_folder_size_counts_files_once(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a").write_bytes(b"x" * 3 * 2**20)
+    (tmp_path / "b").write_bytes(b"x" * 2**20)
+    (tmp_path / "link").symlink_to(tmp_path / "b")  # a venv's links point at files already counted
+    assert folder_mib(tmp_path) == 4 and folder_mib(tmp_path / "missing") is None
