@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.bench_extract import run_record  # noqa: E402
 from pipeline.evaluate import evaluate_labels  # noqa: E402
 from pipeline.train import resolve_config, train  # noqa: E402
 from tests.synthetic import write_labels, write_synthetic_cache  # noqa: E402
@@ -101,9 +100,8 @@ def main() -> None:
         print(f"{mode:11} rho Average {summary[mode]['average_rho']:.3f}  full {summary[mode]['full_rho']:.3f}  "
               f"{summary[mode]['seconds_per_epoch']:.2f} s/epoch  {summary[mode]['trainable_parameters']:,} trainable")
     if args.json:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
         args.json.write_text(json.dumps({
-            "command": " ".join(["python", *sys.argv]), "commit": commit, "cpu": platform.processor() or platform.machine(),
+            "command": " ".join(["python", *sys.argv]), **run_record(),
             "runs": rows, "mean_over_seeds": summary,
         }, indent=2) + "\n")
 
