@@ -74,7 +74,8 @@ from models.mcmoe import mcmoe  # noqa: E402
 from models.tiny_llm import build_tiny_tokenizer, save_tiny_llm  # noqa: E402
 from pipeline.data import draw_training_masks  # noqa: E402
 from models.layers import use_uniform_dropout  # noqa: E402
-from pipeline.train import DROPOUT_MASKS, OPTIMIZER_IMPLEMENTATIONS, TrainConfig, build_optimizer  # noqa: E402
+from pipeline.train import build_optimizer  # noqa: E402
+from pipeline.train_config import DROPOUT_MASKS, OPTIMIZER_IMPLEMENTATIONS, TrainConfig  # noqa: E402
 from tests.reference_mcmoe import check_mcmoe_loop_matches, mcmoe_loop_forward  # noqa: E402
 
 RG_DIMS = {"rgb": 1024, "flow": 1024, "audio": 768}

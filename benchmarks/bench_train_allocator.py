@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_extract import run_record  # noqa: E402
 from benchmarks.bench_train import RG_CLIPS, peak_memory_mib, setup_mcmoe  # noqa: E402
-from pipeline.train import OPTIMIZER_IMPLEMENTATIONS, TrainConfig  # noqa: E402
+from pipeline.train_config import OPTIMIZER_IMPLEMENTATIONS, TrainConfig  # noqa: E402
 
 VARIANTS = ("glibc default", "keep freed memory")
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters

@@ -35,7 +35,8 @@ from models.mcmoe import mcmoe  # noqa: E402
 from pipeline import data  # noqa: E402
 from pipeline.inference import call_model  # noqa: E402
 from models.layers import use_uniform_dropout  # noqa: E402
-from pipeline.train import DROPOUT_MASKS, OPTIMIZER_IMPLEMENTATIONS, TrainConfig, build_optimizer  # noqa: E402
+from pipeline.train import build_optimizer  # noqa: E402
+from pipeline.train_config import DROPOUT_MASKS, OPTIMIZER_IMPLEMENTATIONS, TrainConfig  # noqa: E402
 
 PHASES = ("data", "forward", "loss", "backward", "optimizer", "bookkeeping")
 ARITHMETIC = ("addmm", "mm", "bmm", "matmul", "convolution", "linear", "baddbmm", "einsum")

@@ -355,6 +355,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from manifests.cache import CacheError
     from pipeline import data
     from pipeline import train as training
+    from pipeline import train_config
     from pipeline.labels import LabelError
 
     overrides = {k: getattr(args, k) for k in (
@@ -364,9 +365,9 @@ def _run_train(args: argparse.Namespace) -> int:
     try:
         if args.train_missing is not None:
             overrides["train_missing"] = data.parse_missing_rates(args.train_missing)
-        model_flags = {k: getattr(args, k) for k in training.MODEL_FLAGS}
+        model_flags = {k: getattr(args, k) for k in train_config.MODEL_FLAGS}
         given = {k: getattr(args, k) for k in ("features", "labels", "model", "preset", "action")}
-        config, preset = training.command_config(
+        config, preset = train_config.command_config(
             args.out, given, overrides, model_flags, args.ablation, args.model_option, args.resume
         )
         result = training.train(
@@ -376,7 +377,7 @@ def _run_train(args: argparse.Namespace) -> int:
     except training.NonFiniteLossError as exc:
         print(f"pipeline train: {exc}", file=sys.stderr)
         return EXIT_FAILURES
-    except (LabelError, CacheError, training.TrainError, ValueError, FileNotFoundError) as exc:
+    except (LabelError, CacheError, train_config.TrainError, ValueError, FileNotFoundError) as exc:
         raise UsageError(str(exc)) from None
     if result.finished:
         print(f"run: {result.run_dir}  best epoch: {result.best.get('epoch')}  "
@@ -574,7 +575,7 @@ def _run_reproduce(args: argparse.Namespace) -> int:
     from pipeline.labels import LabelError
     from pipeline.ray_session import RaySetupError
     from pipeline.reproduce import ReproduceError, reproduce
-    from pipeline.train import model_options_from_flags
+    from pipeline.train_config import model_options_from_flags
 
     if args.seeds < 1:
         raise UsageError(f"--seeds must be >= 1, got {args.seeds}")

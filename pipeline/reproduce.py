@@ -156,7 +156,7 @@ def plan_runs(
     model_options: dict[str, Any] | None = None,
 ) -> list[RunSpec]:
     """Resolve every run's settings exactly as `pipeline train --preset P --action A --seed K` would."""
-    from pipeline.train import resolve_config
+    from pipeline.train_config import resolve_config
 
     out = Path(out).expanduser()
     specs = []
@@ -172,7 +172,7 @@ def plan_runs(
 
 def run_state(spec: RunSpec) -> str:
     """"new", "partial" (resume it) or "finished"; a folder with another run in it is an error."""
-    from pipeline.train import recorded_settings
+    from pipeline.train_config import recorded_settings
 
     folder = RunDir(spec.run_dir)
     if not folder.has_run():
@@ -212,7 +212,8 @@ def train_and_evaluate(spec: RunSpec, device: str = "auto", threads: int | None 
     A problem of this run (bad labels, a non-finite loss, ...) comes back as the outcome's error
     rather than an exception, so the other runs and the table go on."""
     from pipeline.inference import RunError
-    from pipeline.train import TrainConfig, TrainError, train
+    from pipeline.train import train
+    from pipeline.train_config import TrainConfig, TrainError
 
     if threads is not None:
         import torch

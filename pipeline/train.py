@@ -39,21 +39,7 @@ from pipeline.labels import LabelError, Labels, check_against_cache, read_labels
 from pipeline.metrics import mse, spearman_rho
 from pipeline.presets import Preset
 from pipeline.progress import progress_bar
-from pipeline.train_config import (  # noqa: F401 (the settings' names, importable from the stage too)
-    DROPOUT_MASKS,
-    MODEL_FLAGS,
-    OPTIMIZER_IMPLEMENTATIONS,
-    OPTIMIZERS,
-    RECORDED_KEYS,
-    TRAINING_KEYS,
-    TrainConfig,
-    TrainError,
-    command_config,
-    model_options_from_flags,
-    recorded_config,
-    recorded_settings,
-    resolve_config,
-)
+from pipeline.train_config import OPTIMIZER_IMPLEMENTATIONS, TrainConfig, TrainError, recorded_settings
 from pipeline.train_state import load_resume_state, save_resume_state
 
 SELECTION = "best epoch on the validation split (Spearman rho, ties by lower MSE); the test set is never used"

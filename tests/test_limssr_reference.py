@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from models.limssr import LIMSSRConfig, build_limssr
 from pipeline import data
-from pipeline.train import model_options_from_flags, resolve_config
+from pipeline.train_config import model_options_from_flags, resolve_config
 
 DIMS = {"rgb": 12, "flow": 10, "audio": 6}  # config (cache) order
 STEPS = 3

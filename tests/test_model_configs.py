@@ -18,7 +18,8 @@ from models import REGISTRY, ModelConfig, config_class
 from pipeline import data
 from pipeline.inference import call_model, load_run
 from pipeline.presets import Preset, get_preset
-from pipeline.train import MODEL_FLAGS, TRAINING_KEYS, TrainConfig, model_options_from_flags, resolve_config, train
+from pipeline.train import train
+from pipeline.train_config import MODEL_FLAGS, TRAINING_KEYS, TrainConfig, model_options_from_flags, resolve_config
 from tests.synthetic import write_labels, write_synthetic_cache
 
 PRESET_VALUES = {f.name for f in dataclasses.fields(Preset)}

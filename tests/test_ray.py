@@ -20,7 +20,8 @@ from pipeline.extraction.loop import extract_videos
 from pipeline.presets import get_preset
 from pipeline.extraction.on_ray import ExtractionWorker, WorkerSetupError, extract_on_ray, plan_workers
 from pipeline.reproduce import ReproduceError, find_inputs, plan_runs, reproduce
-from pipeline.train import TrainConfig, train
+from pipeline.train import train
+from pipeline.train_config import TrainConfig
 from pipeline.videos import discover_videos
 from tests.conftest import tiny_config
 from tests.synthetic import write_labels, write_synthetic_cache

@@ -21,7 +21,7 @@ from pipeline.inference import load_run
 from pipeline.labels import read_labels
 from pipeline.metrics import fisher_z_mean, mean_mse, mse, spearman_rho
 from pipeline.samples import ClipSpec, sample_set, write_clip
-from pipeline.train import TrainConfig
+from pipeline.train_config import TrainConfig
 from tests.fixture_numbers import assert_close_to_fixture
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "rundir"

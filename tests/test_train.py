@@ -21,14 +21,8 @@ from pipeline.cli import main
 from pipeline.inference import load_run
 from pipeline.metrics import fisher_z_mean, mean_mse
 from pipeline.presets import PRESETS, get_preset
-from pipeline.train import (
-    NonFiniteLossError,
-    TrainError,
-    lr_at,
-    prepare_data,
-    resolve_config,
-    train,
-)
+from pipeline.train import NonFiniteLossError, lr_at, prepare_data, train
+from pipeline.train_config import TrainError, resolve_config
 from tests.synthetic import write_labels, write_synthetic_cache
 
 TINY = dict(hidden=16, encoder_layers=1, decoder_layers=1, encoder_heads=2, decoder_heads=2, generator_heads=2, dropout=0.1)
@@ -497,7 +491,7 @@ def test_dropout_masks_are_recorded_and_a_version_2_run_resumes_with_torchs_mask
 def test_the_train_flags_offer_the_choices_the_config_checks():
     """cli.py spells the choices out (building the parser must not import torch); they must stay these."""
     from pipeline.cli import build_parser
-    from pipeline.train_config import DROPOUT_MASKS, OPTIMIZER_IMPLEMENTATIONS, OPTIMIZERS
+    from pipeline.train_config import DROPOUT_MASKS, OPTIMIZERS, OPTIMIZER_IMPLEMENTATIONS
 
     parser = build_parser()
     train_parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
