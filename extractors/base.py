@@ -75,6 +75,9 @@ class Extractor:
     name: ClassVar[str]
     input_kind: ClassVar[str]  # "frames" | "audio"
     version: ClassVar[str] = "1"
+    # Frames after each clip's own that `embed` takes (a flow backbone's final pair, see
+    # ExtractionConfig.extra_frames): frames (B, F + extra_frames, H, W, 3).
+    extra_frames: int = 0
 
     feature_dim: int
     device: torch.device

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
+from extractors.recipes import PROJECT, recipe
 from extractors.settings import BackboneSettings, settings_class
 from manifests.config import ConfigError, RecordedConfig
 from manifests.hashing import feature_hash, hashed_fields
@@ -60,9 +61,11 @@ class ExtractionConfig(RecordedConfig):
     weights: str = "pretrained"  # "pretrained" | "random"
     arch_size: str = "full"  # "tiny" shrinks every backbone for tests and smoke runs (random weights only)
     seed: int = 0  # seeds random-weight backbones so two runs give identical features
-    decode_short_side: int = 256  # frames are resized to this at decode time, before any backbone
+    decode_short_side: int = 256  # frames are resized to this at decode time, before any backbone; 0: source size
     audio_sample_rate: int = 16000
     feature_dtype: str = "float32"
+    frame_rate: float = 0.0  # frames per second the video is resampled to before segmenting; 0: its own rate
+    recipe: str = PROJECT  # the named configuration these values reproduce (extractors/recipes.py)
     # Hashed through `settings_hash` (each non-default setting), not as a whole.
     settings: dict[str, BackboneSettings] = field(default_factory=dict, metadata={"hash": False})
 
@@ -83,6 +86,27 @@ class ExtractionConfig(RecordedConfig):
         self.modalities = tuple(self.modalities)
         self.backbones = {m: self.backbones[m] for m in self.modalities}
         self.settings = {m: self._backbone_settings(m) for m in self.modalities}
+        if self.decode_short_side < 0 or self.frame_rate < 0:
+            raise ValueError("decode_short_side and frame_rate must be >= 0 (0: the video's own size / rate)")
+        if self.extra_frames and self.protocol != "rg":
+            raise ValueError("flow_pairs 'crossing' needs the rg protocol (one clip per segment)")
+        self.check_recipe()
+
+    def check_recipe(self) -> None:
+        """ValueError naming the first value that is not the recipe's: a config that says it is a recipe's
+        features is made exactly as the recipe says (its optional settings excepted)."""
+        chosen = recipe(self.recipe)
+        for name, value in chosen.config.items():
+            if getattr(self, name) != value:
+                raise ValueError(f"recipe {self.recipe} has {name} {value!r}, not {getattr(self, name)!r}")
+        for modality in self.modalities:
+            wanted = chosen.backbones.get(modality, self.backbones[modality])
+            if self.backbones[modality] != wanted:
+                raise ValueError(f"recipe {self.recipe} extracts {modality} with {wanted}, not {self.backbones[modality]}")
+            for name, value in chosen.settings.get(modality, {}).items():
+                have = getattr(self.settings[modality], name)
+                if name not in chosen.optional and have != value:
+                    raise ValueError(f"recipe {self.recipe} has the {modality} setting {name} {value!r}, not {have!r}")
 
     @staticmethod
     def check_segmentation(protocol: str, weights: str, arch_size: str, segment_frames: int, frame_stride: int,
@@ -119,6 +143,20 @@ class ExtractionConfig(RecordedConfig):
         return given
 
     @classmethod
+    def from_recipe(cls, name: str, modalities: tuple[str, ...] | None = None, backbones: dict[str, str] | None = None,
+                    settings: dict[str, dict[str, Any]] | None = None, **fields: Any) -> ExtractionConfig:
+        """The recipe's configuration; `modalities` defaults to the recipe's (or every modality), and
+        `backbones`, `settings` (modality -> {setting: value}) and `fields` add to or replace its values
+        (check_recipe refuses a replaced value unless the recipe lets it be changed)."""
+        chosen = recipe(name)
+        modalities = tuple(modalities or chosen.backbones or cls.modalities)
+        backbones = {**DEFAULT_BACKBONES, **chosen.backbones, **(backbones or {})}
+        given = settings or {}
+        merged = {m: {**chosen.settings.get(m, {}), **given.get(m, {})} for m in modalities}
+        return cls(**{**chosen.config, **fields}, recipe=name, modalities=modalities, backbones=backbones,
+                   settings=merged)
+
+    @classmethod
     def upgrade(cls, data: dict[str, Any], version: int) -> dict[str, Any]:
         """Layout 1 -> 2: the top-level settings go to the extracted backbones that declare them. One no
         extracted backbone declares had no effect on the features, and is dropped."""
@@ -137,6 +175,12 @@ class ExtractionConfig(RecordedConfig):
     def frames_per_clip(self) -> int:
         """Frames in one frame-backbone input: the whole segment (rg) or one clip of a window (fs1000)."""
         return self.segment_frames if self.protocol == "rg" else self.clip_frames
+
+    @property
+    def extra_frames(self) -> int:
+        """Frames read after each clip's own: 2 when a backbone's last flow is the pair crossing into the
+        next segment (flow_pairs "crossing": the pair's two frames follow the clip's)."""
+        return 2 if any(getattr(s, "flow_pairs", None) == "crossing" for s in self.settings.values()) else 0
 
     @property
     def random_weights(self) -> bool:

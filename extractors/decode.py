@@ -96,6 +96,8 @@ class SegmentPlan:
     frame_indices: (T, clips_per_segment * clip_frames) source frame indices fed to frame backbones;
     clips_per_segment is 1 for the rg protocol, K 8-frame clips per window for fs1000.
     start_frame/end_frame: (T,) the span [start, end) of source frames; start_s/end_s the same in s.
+    final_pair: (T, 2) source indices of the two frames whose flow is each segment's last, when the
+    configuration's flow crosses into the next segment (ExtractionConfig.extra_frames), else None.
     """
 
     frame_indices: np.ndarray
@@ -105,6 +107,7 @@ class SegmentPlan:
     end_frame: np.ndarray
     start_s: np.ndarray
     end_s: np.ndarray
+    final_pair: np.ndarray | None = None
 
     @property
     def num_segments(self) -> int:
@@ -120,7 +123,10 @@ class SegmentPlan:
 
 
 def _decoder_size(width: int, height: int, short_side: int) -> tuple[int, int]:
-    """(width, height) with the short side at `short_side`, aspect kept, both even."""
+    """(width, height) with the short side at `short_side`, aspect kept, both even; the source's own size
+    when `short_side` is 0."""
+    if short_side == 0:
+        return width, height
     scale = short_side / min(width, height)
     new_w = max(short_side, int(round(width * scale / 2)) * 2)
     new_h = max(short_side, int(round(height * scale / 2)) * 2)
@@ -204,6 +210,19 @@ def count_segments(path: Path, config: ExtractionConfig) -> int:
     return plan_segments(frame_count, fps, config).num_segments
 
 
+def resampled_frames(timestamps: np.ndarray, frame_rate: float) -> np.ndarray:
+    """Source frame indices of the video resampled to `frame_rate`: output frame k, due at k / frame_rate
+    seconds, is the source frame whose start time is nearest (the earlier on a tie); the video's length
+    in output frames is floor(duration * frame_rate). Frames repeat when the source is slower, are
+    skipped when it is faster."""
+    starts = timestamps[:, 0] - timestamps[0, 0]
+    duration = float(timestamps[-1, 1] - timestamps[0, 0])
+    due = np.arange(int(np.floor(duration * frame_rate + 1e-6))) / frame_rate
+    after = np.searchsorted(starts, due, side="left").clip(1, len(starts) - 1)
+    nearer_before = (due - starts[after - 1]) <= (starts[after] - due)
+    return np.where(nearer_before, after - 1, after).astype(np.int64) if len(starts) > 1 else np.zeros(len(due), np.int64)
+
+
 def plan_segments(
     frame_count: int,
     fps: float,
@@ -217,10 +236,18 @@ def plan_segments(
     fs1000: windows of window_seconds every hop_seconds; each holds K = frames_per_window // clip_frames
     consecutive clips of clip_frames frames, starting at the window's first frame.
     `timestamps` (frame_count, 2) start/end seconds per frame; index / fps when absent.
+    With `config.frame_rate` set (and not the video's own), both work on the video resampled to that
+    rate (`resampled_frames`), and the plan's indices are mapped back to source frames.
     """
     if timestamps is None:
         starts = np.arange(frame_count) / fps
         timestamps = np.stack([starts, starts + 1.0 / fps], axis=1)
+    if config.frame_rate and abs(fps - config.frame_rate) > 1e-3 and frame_count:
+        source = resampled_frames(timestamps, config.frame_rate)
+        plan = plan_segments(len(source), config.frame_rate, config, timestamps[source])
+        return SegmentPlan(source[plan.frame_indices], plan.clips_per_segment, plan.clip_frames,
+                           source[plan.start_frame], source[plan.end_frame - 1] + 1, plan.start_s, plan.end_s,
+                           None if plan.final_pair is None else source[plan.final_pair])
 
     if config.protocol == "rg":
         span = config.segment_frames * config.frame_stride
@@ -250,7 +277,15 @@ def plan_segments(
     seg_end = seg_end.astype(np.int64)
     start_s = timestamps[seg_start, 0] if num else np.zeros(0)
     end_s = timestamps[seg_end - 1, 1] if num else np.zeros(0)
-    return SegmentPlan(indices, clips, clip_frames, seg_start, seg_end, start_s, end_s)
+    final_pair = None
+    if config.extra_frames:
+        # The last flow of a segment crosses into the next frame; at the video's end there is none, and
+        # the last flow repeats the one before it (the published features' rule).
+        last = indices[:, -1]
+        has_next = last + config.frame_stride < frame_count
+        final_pair = np.stack([np.where(has_next, last, last - config.frame_stride),
+                               np.where(has_next, last + config.frame_stride, last)], axis=1).astype(np.int64)
+    return SegmentPlan(indices, clips, clip_frames, seg_start, seg_end, start_s, end_s, final_pair)
 
 
 AUDIO_DECODER = "ffmpeg (imageio-ffmpeg's binary): first audio stream, mono float32, resampled by libswresample"

@@ -26,11 +26,14 @@ from extractors.config import ExtractionConfig
 from extractors.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    as_frames,
     count_flops,
     crop_resize,
     dummy_frames,
+    jpeg_round_trip,
     normalise,
     one_clip_per_call,
+    pil_resize_crop,
 )
 
 PRETRAINED = Swin3D_B_Weights.KINETICS400_V1
@@ -182,9 +185,21 @@ class VideoSwinExtractor(Extractor):
     def check_weights(cls, config: ExtractionConfig, weights: WeightsSource) -> None:
         checkpoint_path(weights, PRETRAINED.url)
 
+    def input_frames(self, batch: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """uint8 frames (B, F, H, W, 3) -> float (B, F, 3, 224, 224) in [0, 255] on the device, the way the
+        settings say (frame_transform, jpeg_quality)."""
+        if self.settings.frame_transform == "torch":
+            return crop_resize(batch, CROP, INPUT_SIZE, self.device)
+        frames = as_frames(batch).numpy()
+        flat = frames.reshape(-1, *frames.shape[2:])
+        if self.settings.jpeg_quality:
+            flat = jpeg_round_trip(flat, self.settings.jpeg_quality)
+        x = torch.from_numpy(pil_resize_crop(flat)).to(self.device)
+        return x.reshape(*frames.shape[:2], *x.shape[1:]).permute(0, 1, 4, 2, 3).float()
+
     @torch.no_grad()
     def embed(self, batch: torch.Tensor | np.ndarray) -> torch.Tensor:
-        x = normalise(crop_resize(batch, CROP, INPUT_SIZE, self.device), IMAGENET_MEAN, IMAGENET_STD)
+        x = normalise(self.input_frames(batch), IMAGENET_MEAN, IMAGENET_STD)
         x = x.permute(0, 2, 1, 3, 4)  # (B, 3, F, H, W)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             features = one_clip_per_call(self.model, x)
@@ -208,6 +223,10 @@ class VideoSwinExtractor(Extractor):
             "architecture": "torchvision swin3d_b" if self.config.arch_size == "full" else "swin3d tiny",
             "pretrained": None if self.config.random_weights else f"Swin3D_B_Weights.{PRETRAINED.name}",
             "crop": f"centre {CROP[0]}x{CROP[1]} at short side 256, resized to {INPUT_SIZE}x{INPUT_SIZE}",
+            # Only when not the default: torch's transform keeps the description existing caches record.
+            **({"frame_transform": "PIL bilinear Resize(256) (long side truncated), CenterCrop((224, 300)), "
+                "Resize((224, 224)), uint8 after each step"} if self.settings.frame_transform == "pil" else {}),
+            **({"jpeg_round_trip": f"quality {self.settings.jpeg_quality}"} if self.settings.jpeg_quality else {}),
             "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
             "pooling": "mean over all tokens after the last norm (head removed)",
         }

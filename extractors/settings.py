@@ -123,6 +123,21 @@ class VideoSwinSettings(LinearLayerSettings):
         "fused", ("fused", "reference"),
         help="window attention: fused into one kernel, or torchvision's reference code; equal up to "
         "float rounding")
+    frame_transform: str = setting(
+        "torch", ("torch", "pil"),
+        help="how frames become the 224x224 input: torch (crop at the decode size, antialiased bilinear "
+        "resize in float) or pil (the published recipe: PIL bilinear Resize(256), centre crop 224x300, "
+        "Resize(224, 224), each step back to uint8)")
+    jpeg_quality: int = setting(
+        0, help="0: none; else frames (rgb) and flow images (flow) go through a JPEG encode/decode at this "
+        "quality first, as the published features were stored")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be 0 (none) to 100, got {self.jpeg_quality}")
+        if self.jpeg_quality and self.frame_transform != "pil":
+            raise ValueError("jpeg_quality applies to the published recipe's frames: it needs frame_transform 'pil'")
 
 
 @backbone_settings("rgb", "timesformer")

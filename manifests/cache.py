@@ -148,6 +148,15 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def feature_recipe(config: dict[str, Any]) -> str:
+    """The recipe (extractors/recipes.py) of the features a config.json describes: an extraction's
+    ("project" when it records none), or, for an imported published set, its format's: the recipe of
+    that name remakes such features from raw video."""
+    if config.get("source") == EXTRACTED:
+        return (config.get("extraction") or {}).get("recipe", "project")
+    return str(config.get("format") or config.get("source"))
+
+
 def config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """The keys in which two config.json payloads (or a run's copy of one) differ; [] when they describe
     the same features. When each was written (created_at), its note and the schema version its file

@@ -83,6 +83,9 @@ class RunRecord(RecordedConfig):
     random_weight_features: bool
     torch_version: str
     created_at: str
+    # The recipe (extractors/recipes.py) of the features the weights expect; None (runs written before it
+    # was recorded): the recipe of the features in extraction_config.json (manifests.cache.feature_recipe).
+    feature_recipe: str | None = None
 
     @classmethod
     def upgrade(cls, data: dict[str, Any], version: int) -> dict[str, Any]:
@@ -125,7 +128,7 @@ class RunRecord(RecordedConfig):
         for key in ("model", "clip_num_source", "score_range_source", "features", "feature_config_hash",
                     "selection", "selected_on", "torch_version", "created_at"):
             string(key)
-        for key in ("labels", "selection_note"):
+        for key in ("labels", "selection_note", "feature_recipe"):
             string(key, optional=True)
         if not self.model or not self.features:
             raise bad("model" if not self.model else "features", "a non-empty string")

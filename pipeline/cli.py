@@ -9,6 +9,7 @@ answer at once, and each stage imports what it needs when it runs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -28,8 +29,14 @@ def add_extraction_options(parser: argparse.ArgumentParser) -> None:
     from extractors.config import ARCH_SIZES, BACKBONE_MODES, DEFAULT_BACKBONES, FEATURE_DTYPES, PROTOCOLS, ExtractionConfig
     from extractors.settings import backbone_names
 
+    from extractors.recipes import PROJECT, RECIPES
+
     defaults = ExtractionConfig()
     group = parser.add_argument_group("what is extracted (recorded in config.json; its hash names the cache folder)")
+    group.add_argument("--recipe", choices=list(RECIPES), default=PROJECT,
+                       help="a named configuration the other flags start from; a flag set to another value than "
+                       "the recipe's is refused (default: %(default)s). "
+                       + "; ".join(f"{r.name}: {r.summary}" for r in RECIPES.values()))
     group.add_argument("--protocol", choices=PROTOCOLS, default=defaults.protocol,
                        help="rg (also Fis-V): non-overlapping --segment-frames windows; fs1000: "
                        "--window-seconds windows every --hop-seconds, --clip-frames clips averaged (default: %(default)s)")
@@ -43,8 +50,9 @@ def add_extraction_options(parser: argparse.ArgumentParser) -> None:
                        help="fs1000 window hop in seconds (default: %(default)s)")
     group.add_argument("--clip-frames", type=int, default=defaults.clip_frames,
                        help="fs1000 frames per backbone clip inside a window (default: %(default)s)")
-    group.add_argument("--modalities", default=",".join(defaults.modalities),
-                       help="comma-separated modalities to extract (default: %(default)s)")
+    group.add_argument("--modalities", default=None,
+                       help=f"comma-separated modalities to extract (default: the recipe's; {','.join(defaults.modalities)} "
+                       "for the project's)")
     for modality, names in backbone_names().items():
         default = DEFAULT_BACKBONES.get(modality, names[0])
         note = " (default: raft on a GPU, farneback on a CPU)" if modality == "flow" else f" (default: {default})"
@@ -92,7 +100,10 @@ def check_extraction_flags(args: argparse.Namespace) -> tuple[str, ...]:
     from extractors.config import ExtractionConfig
     from extractors.settings import backbone_names
 
-    modalities = tuple(m.strip() for m in args.modalities.split(",") if m.strip())
+    from extractors.recipes import recipe
+
+    given = args.modalities or ",".join(recipe(args.recipe).backbones or ExtractionConfig.modalities)
+    modalities = tuple(m.strip() for m in given.split(",") if m.strip())
     known = backbone_names()
     unknown = [m for m in modalities if m not in known]
     if not modalities or unknown:
@@ -108,6 +119,7 @@ def check_extraction_flags(args: argparse.Namespace) -> tuple[str, ...]:
 def extraction_config_from_args(args: argparse.Namespace, device_type: str) -> "ExtractionConfig":
     """The ExtractionConfig the flags describe; `device_type` ("cpu"/"cuda") picks the default flow backbone."""
     from extractors.config import CPU_FLOW_BACKBONE, DEFAULT_BACKBONES, ExtractionConfig
+    from extractors.recipes import PROJECT
     from extractors.settings import backbone_names, setting_fields, settings_from_values
 
     modalities = check_extraction_flags(args)
@@ -119,6 +131,8 @@ def extraction_config_from_args(args: argparse.Namespace, device_type: str) -> "
             if modality == "flow" and device_type != "cuda":
                 chosen = CPU_FLOW_BACKBONE
         backbones[modality] = chosen
+    if args.recipe != PROJECT:
+        return recipe_config_from_args(args, backbones)
     values = {name: getattr(args, name) for name in setting_fields() if getattr(args, name, None) is not None}
     try:
         return ExtractionConfig(
@@ -130,6 +144,35 @@ def extraction_config_from_args(args: argparse.Namespace, device_type: str) -> "
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+
+
+# The flags that set ExtractionConfig fields of the same name (--backbones sets `weights`).
+CONFIG_FLAGS = {"protocol": "protocol", "segment_frames": "segment_frames", "frame_stride": "frame_stride",
+                "window_seconds": "window_seconds", "hop_seconds": "hop_seconds", "clip_frames": "clip_frames",
+                "backbones": "weights", "arch_size": "arch_size", "seed": "seed", "feature_dtype": "feature_dtype"}
+
+
+def recipe_config_from_args(args: argparse.Namespace, backbones: dict[str, str]) -> "ExtractionConfig":
+    """`--recipe NAME`: the recipe's configuration, with the flags the user set. A flag left at its
+    default takes the recipe's value (it cannot tell "not given" from "given as the default");
+    `backbones` are the project's choices, used for the modalities the recipe does not name."""
+    from extractors.config import ExtractionConfig
+    from extractors.recipes import recipe
+    from extractors.settings import setting_fields, settings_class
+
+    defaults = ExtractionConfig()
+    fields = {field: getattr(args, flag) for flag, field in CONFIG_FLAGS.items()
+              if getattr(args, flag) != getattr(defaults, field)}
+    named = recipe(args.recipe).backbones
+    backbones = {m: getattr(args, m) or named.get(m, chosen) for m, chosen in backbones.items()}
+    values = {name: getattr(args, name) for name in setting_fields() if getattr(args, name, None) is not None}
+    try:
+        settings = {m: {f.name: values[f.name] for f in dataclasses.fields(settings_class(m, name)) if f.name in values}
+                    for m, name in backbones.items()}
+        return ExtractionConfig.from_recipe(args.recipe, modalities=tuple(backbones), backbones=backbones,
+                                            settings=settings, **fields)
+    except ValueError as exc:
+        raise UsageError(f"{exc} (--recipe {args.recipe} sets it; leave the flag out, or use --recipe project)") from None
 
 
 def _add_extract(sub: argparse._SubParsersAction) -> None:
@@ -410,6 +453,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--plot", type=Path, metavar="FILE.png", help="draw predicted vs true scores per setting")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=32, help="(default: %(default)s)")
+    parser.add_argument("--allow-other-recipe", action="store_true",
+                        help="use features of another recipe than the run's weights were trained on (refused by "
+                        "default: such scores mean nothing; see extract --recipe)")
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
@@ -417,7 +463,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
     try:
         evaluate_labels(args.run, args.labels, features=args.features, split=args.split, out=args.out,
-                        plot=args.plot, device=args.device, batch_size=args.batch_size)
+                        plot=args.plot, device=args.device, batch_size=args.batch_size,
+                        allow_other_recipe=args.allow_other_recipe)
     except EvaluateError as exc:
         raise UsageError(str(exc)) from None
     return EXIT_OK
@@ -506,7 +553,9 @@ def _add_import_checkpoint(sub: argparse._SubParsersAction) -> None:
                         help="batch-position reproduces the reference's scores (they depend on batch order: "
                         "evaluate with --batch-size 32 on labels in the reference's test order); grade-index "
                         "is the paper's encoding, which these weights were not trained with (default: %(default)s)")
-
+    parser.add_argument("--allow-other-recipe", action="store_true",
+                        help="accept --features of another recipe than the released weights were trained on "
+                        "(rg / fisv: pamfn; fs1000: skating-mixer); the run still records the weights' recipe")
 
 def _run_import_checkpoint(args: argparse.Namespace) -> int:
     from manifests.cache import CacheError
@@ -517,7 +566,7 @@ def _run_import_checkpoint(args: argparse.Namespace) -> int:
         preset = get_preset(args.preset, args.action) if args.preset else None
         imported = import_reference_checkpoint(
             args.checkpoint, args.out, args.features, preset, args.clip_num, args.score_range,
-            args.heads, args.prototype_encoding,
+            args.heads, args.prototype_encoding, args.allow_other_recipe,
         )
     except (CheckpointImportError, CacheError, ValueError) as exc:
         raise UsageError(str(exc)) from None
@@ -623,6 +672,9 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-segments", type=int, default=None,
                         help="segments per backbone call (default: 8 on a GPU, 1 on a CPU)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--allow-other-recipe", action="store_true",
+                        help="use features of another recipe than the run's weights were trained on (refused by "
+                        "default: such scores mean nothing; see extract --recipe)")
 
 
 def _run_score(args: argparse.Namespace) -> int:
@@ -644,6 +696,7 @@ def _run_score(args: argparse.Namespace) -> int:
             clips, args.run, device=device, features=args.features,
             weights=WeightsSource(weights_dir=args.weights_dir, offline=args.offline),
             batch_segments=batch_segments(args, device.type), progress=not args.quiet,
+            allow_other_recipe=args.allow_other_recipe,
         )
     except (ScoreError, RunError, CacheError, BackboneUnavailableError, ValueError, FileNotFoundError) as exc:
         raise UsageError(str(exc)) from None

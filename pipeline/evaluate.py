@@ -157,6 +157,7 @@ def evaluate_labels(
     plot: Path | None = None,
     device: str = "auto",
     batch_size: int = 32,
+    allow_other_recipe: bool = False,
     say: Callable[[str], None] = _stderr,
     show: Callable[[str], None] = print,
 ) -> EvaluateResult:
@@ -167,7 +168,7 @@ def evaluate_labels(
     labels_path = Path(labels_path)
     try:
         run = load_run(run_dir, device)
-        cache = run.open_features(features)
+        cache = run.open_features(features, allow_other_recipe)
         labels = read_labels(labels_path)
         if labels.splits is not None and split == "test":
             ids = labels.ids_in_split("test")

@@ -51,11 +51,12 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from manifests.cache import FeatureCache
+from manifests.cache import FeatureCache, feature_recipe
 from manifests.run import RunDir, RunRecord
 from models.checkpoint import model_state, save_model_config, save_tensors
 from models.layers import sinusoidal_position_encoding
 from models.mcmoe import MCMoE, MCMoEConfig
+from pipeline.inference import RunError, check_feature_recipe
 from pipeline.presets import Preset
 
 FORMATS = ("mcmoe-reference",)
@@ -246,12 +247,23 @@ def import_reference_checkpoint(
     score_range: float | None = None,
     heads: int = 2,
     prototype_encoding: str = "batch-position",
+    allow_other_recipe: bool = False,
 ) -> ImportedCheckpoint:
-    """Write run folder `out` from a reference checkpoint; `features` is the cache it will score."""
+    """Write run folder `out` from a reference checkpoint; `features` is the cache it will score.
+
+    The run records the recipe of the features the released weights were trained on (the preset's
+    dataset says which; without a preset, the features' own): evaluate and score hold every feature
+    cache to it. Features of another recipe are refused unless `allow_other_recipe`."""
     checkpoint, out = Path(checkpoint).expanduser(), Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointImportError(f"{out} already holds files; choose another --out")
     cache = _reference_cache(features)
+    expected = preset.feature_recipe if preset is not None else feature_recipe(cache.read_config())
+    if not allow_other_recipe:
+        try:
+            check_feature_recipe(expected, cache.read_config(), "the released weights", cache.root)
+        except RunError as exc:
+            raise CheckpointImportError(str(exc)) from None
     scale = _clip_num_and_score_range(preset, clip_num, score_range)
     state = read_state_dict(checkpoint)
     model = _reference_model(state, checkpoint, cache, preset, heads, prototype_encoding)
@@ -259,7 +271,9 @@ def import_reference_checkpoint(
     origin = {"format": "mcmoe-reference", "file": str(checkpoint.resolve()), "sha256": sha,
               "num_tensors": len(state), "modality_letters": {m: REFERENCE_LETTERS[m] for m in cache.modalities},
               "heads": heads, "prototype_encoding": prototype_encoding}
-    _write_run(RunDir(out), model, cache, _imported_record(model, cache, preset, scale, origin), origin)
+    record = _imported_record(model, cache, preset, scale, origin)
+    record.feature_recipe = expected
+    _write_run(RunDir(out), model, cache, record, origin)
     return ImportedCheckpoint(out, model.config, len(state), sha)
 
 

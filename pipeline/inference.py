@@ -30,7 +30,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from manifests.cache import CONFIG_NAME, FeatureCache, config_differences
+from manifests.cache import CONFIG_NAME, FeatureCache, config_differences, feature_recipe
 from manifests.run import RunDir, RunRecord
 from models.checkpoint import load_model_state, load_tensors, read_model_config
 from pipeline import data
@@ -221,10 +221,22 @@ class Run:
     def trained_ids(self) -> set[str]:
         return self.record.trained_ids
 
-    def open_features(self, path: str | Path | None = None) -> FeatureCache:
-        """The run's own feature cache, or another one after checking it was made the same way."""
+    @property
+    def feature_recipe(self) -> str:
+        """The recipe of the features the weights expect (run.json's, else that of the features trained on)."""
+        return self.record.feature_recipe or feature_recipe(self.extraction_config)
+
+    def open_features(self, path: str | Path | None = None, allow_other_recipe: bool = False) -> FeatureCache:
+        """The run's own feature cache, or another one after checking it was made the same way: of the
+        run's recipe, and, unless one is a published set and the other its recipe's remake from raw
+        video, with the same configuration. `allow_other_recipe` skips both checks."""
         cache = FeatureCache.open(path if path is not None else self.record.features)
-        check_same_features(self.extraction_config, cache.read_config(), self.directory, cache.root)
+        if allow_other_recipe:
+            return cache
+        actual = cache.read_config()
+        check_feature_recipe(self.feature_recipe, actual, f"run {self.directory}", cache.root)
+        if published(self.extraction_config) == published(actual):
+            check_same_features(self.extraction_config, actual, self.directory, cache.root)
         return cache
 
     def scores(self, samples: Sequence[data.Sample], subset: Sequence[str] | None = None, batch_size: int = 32) -> np.ndarray:
@@ -271,6 +283,21 @@ def describe_features(config: dict[str, Any]) -> str:
     weights = "RANDOM weights" if config.get("random_weights") else "pretrained weights"
     origin = extraction.get("protocol") or config.get("source")
     return f"{config.get('config_hash')} ({origin}; {backbones}; {weights})"
+
+
+def published(config: dict[str, Any]) -> bool:
+    """Whether a config.json describes an imported published feature set (not features extracted here)."""
+    return str(config.get("source", "")).startswith("import:")
+
+
+def check_feature_recipe(expected: str, actual: dict[str, Any], who: str, cache_root: Path) -> None:
+    """RunError in one line when the features of config.json `actual` are not of recipe `expected`,
+    which `who` (a run, or released weights) was trained on: their scores would mean nothing."""
+    found = feature_recipe(actual)
+    if found != expected:
+        raise RunError(
+            f"{who}: trained on features of recipe {expected}; those in {cache_root} are of recipe {found} "
+            f"(extract with --recipe {expected}, or pass --allow-other-recipe to use them anyway)")
 
 
 def check_same_features(expected: dict[str, Any], actual: dict[str, Any], run_dir: Path, cache_root: Path) -> None:

@@ -58,9 +58,18 @@ class Preset:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def feature_recipe(self) -> str:
+        """The recipe (extractors/recipes.py) of the published features this dataset's models are trained
+        on: the one raw clips must go through to be scored by such a model."""
+        return FEATURE_RECIPES[self.dataset]
+
     def data_overrides(self) -> dict[str, Any]:
         """The dataset facts, which every model uses."""
         return {"clip_num": self.clip_num, "score_range": self.score_range}
+
+
+FEATURE_RECIPES = {"rg": "pamfn", "fisv": "pamfn", "fs1000": "skating-mixer"}
 
 
 def _rg(action: str, epochs: int) -> Preset:

@@ -15,6 +15,7 @@ import torch
 
 from extractors.base import WeightsSource
 from extractors.config import ExtractionConfig
+from extractors.recipes import PROJECT, RECIPES
 from manifests.cache import CONFIG_NAME, DONE, CacheError, FeatureCache, VideoRecord
 from pipeline.data import Sample
 from pipeline.extraction.entry import cache_folder, extract_into
@@ -71,15 +72,20 @@ def collect_clips(inputs: list[Path]) -> list[Path]:
 
 
 def run_extraction_config(run: Run) -> ExtractionConfig:
-    """The extraction configuration the run was trained on, which new clips must go through."""
-    recorded = run.extraction_config
-    if recorded.get("source") != "extract" or "extraction" not in recorded:
-        raise ScoreError(
-            f"run {run.directory} was trained on features imported from {recorded.get('source')!r}, whose "
-            "extraction this project cannot repeat on raw clips; train on features made by "
-            "`pipeline extract` to score raw videos"
-        )
-    return ExtractionConfig.from_dict(recorded["extraction"])
+    """The extraction new clips must go through: the one the run was trained on, or, for weights trained
+    on a published feature set (an imported checkpoint), the recipe that remakes that set from raw video."""
+    recorded, expected = run.extraction_config, run.feature_recipe
+    if recorded.get("source") == "extract" and "extraction" in recorded:
+        config = ExtractionConfig.from_dict(recorded["extraction"])
+        if config.recipe == expected:
+            return config
+    if expected in RECIPES and expected != PROJECT:
+        return ExtractionConfig.from_recipe(expected, modalities=tuple(run.modalities))
+    raise ScoreError(
+        f"run {run.directory} was trained on features imported from {recorded.get('source')!r}, whose "
+        "extraction this project cannot repeat on raw clips; train on features made by "
+        "`pipeline extract` to score raw videos"
+    )
 
 
 def _fingerprint_index(caches: list[FeatureCache]) -> dict[str, tuple[FeatureCache, VideoRecord]]:
@@ -100,6 +106,7 @@ def score_clips(
     weights: WeightsSource = WeightsSource(),
     batch_segments: int = 8,
     progress: bool = True,
+    allow_other_recipe: bool = False,
 ) -> list[ClipScore]:
     """Score every clip with the run's model; a clip that fails gets a row with its error."""
     run = load_run(run_dir, device)
@@ -109,14 +116,17 @@ def score_clips(
     # read-only and new clips go to <run>/score_cache, so scoring never mixes into training data.
     lookup: list[FeatureCache] = []
     if features is not None:
-        target = run.open_features(features)  # refuses features made differently
+        target = run.open_features(features, allow_other_recipe)  # refuses features made differently
     else:
         target = FeatureCache(cache_folder(run.folder.score_cache(), config))
         try:
             lookup.append(run.open_features())
         except (CacheError, RunError, OSError):
             pass  # the training cache moved or is gone: only reuse is lost
-    made = provenance(run.extraction_config)
+    # The features the clips are scored from: new clips go through `config` (for an imported checkpoint,
+    # its recipe's extraction rather than the published set the run names).
+    made = (provenance(target.read_config()) if features is not None
+            else {"random_weights": config.random_weights, "config_hash": config.config_hash()})
     results = [ClipScore(clip=str(clip), **made) for clip in clips]
     known = _fingerprint_index(lookup + ([target] if (target.root / CONFIG_NAME).is_file() else []))
     legacy_known = any(not fingerprint.startswith("sha256:") for fingerprint in known)  # sampled fingerprints

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from manifests.cache import FeatureCache
+from manifests.cache import FeatureCache, feature_recipe
 from manifests.claims import RunLock, describe_holder
 from manifests.files import remove_temporary_files
 from manifests.run import RunDir, RunFolderError, RunRecord, describe_differences, differing_settings
@@ -495,6 +495,7 @@ def run_record(config: TrainConfig, preset: Preset | None, bundle: TrainData, mo
         num_trainable_parameters=trainable,
         sequence_length=model.sequence_length(bundle.clip_num) if hasattr(model, "sequence_length") else None,
         random_weight_features=bundle.cache.random_weights,
+        feature_recipe=feature_recipe(bundle.cache.read_config()),
         torch_version=torch.__version__,
         created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )

@@ -187,15 +187,25 @@ def test_compatibility_mode_depends_on_batch_order_the_default_does_not(setup, t
 
 def test_evaluate_an_imported_run_says_the_test_set_chose_it(setup, tmp_path, capsys):
     made, _, _ = setup
-    assert import_run(setup, tmp_path / "run", "--preset", "rg", "--action", "Ball", sizes=("--clip-num", "6")) == 0
+    # The released RG weights were trained on the pamfn recipe's features; the synthetic cache is of none.
+    assert import_run(setup, tmp_path / "refused", "--preset", "rg", "--action", "Ball", sizes=("--clip-num", "6")) == 2
+    assert "trained on features of recipe pamfn" in capsys.readouterr().err
+    assert import_run(setup, tmp_path / "run", "--preset", "rg", "--action", "Ball", "--allow-other-recipe",
+                      sizes=("--clip-num", "6")) == 0
     info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["feature_recipe"] == "pamfn"
     assert info["imported"]["num_tensors"] == len(torch.load(setup[2], weights_only=True))
     assert (info["clip_num"], info["clip_num_source"], info["score_range"], info["score_range_source"]) == (
         CLIP_NUM, "flag", 25.0, "preset rg/Ball")
     assert json.loads((tmp_path / "run" / "extraction_config.json").read_text()) == made.cache.read_config()
     labels = write_labels(tmp_path / "labels.csv", made.scores, dict.fromkeys(made.scores, "test"))
-    assert main(["evaluate", "--run", str(tmp_path / "run"), "--labels", str(labels), "--out",
-                 str(tmp_path / "table"), "--device", "cpu"]) == 0
+    evaluate = ["evaluate", "--run", str(tmp_path / "run"), "--labels", str(labels), "--out", str(tmp_path / "table"),
+                "--device", "cpu"]
+    capsys.readouterr()
+    assert main(evaluate) == 2
+    refused = capsys.readouterr().err.strip().splitlines()
+    assert len(refused) == 1 and "recipe pamfn" in refused[0] and "recipe synthetic" in refused[0], refused
+    assert main(evaluate + ["--allow-other-recipe"]) == 0
     err = capsys.readouterr().err
     assert "checkpoint imported from" in err and "the test set took part in choosing it" in err
     assert "played no part" not in err

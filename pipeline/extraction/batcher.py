@@ -71,11 +71,13 @@ def embed_batch(
     audio_modalities = [m for m, e in extractors.items() if e.input_kind == "audio"]
     if frame_modalities and batch[0].frames is not None:
         frames = np.concatenate([s.frames for s in batch])
-        count, clips = frames.shape[0], config.frames_per_clip
+        count, clips = frames.shape[0], config.frames_per_clip + config.extra_frames
         clip_batch = torch.from_numpy(frames.reshape(-1, clips, *frames.shape[2:]))
         for modality in frame_modalities:
             on_modality(modality)
-            embedded = extractors[modality].embed(clip_batch)
+            # The frames read after the clip's own (its final flow pair) go to the backbone that asks for them.
+            wanted = config.frames_per_clip + extractors[modality].extra_frames
+            embedded = extractors[modality].embed(clip_batch[:, :wanted])
             # fs1000: several clips per window, averaged into the window's row
             per_segment = embedded.reshape(count, -1, embedded.shape[-1]).mean(dim=1)
             scatter(batch, modality, per_segment.numpy())

@@ -11,8 +11,10 @@ import queue
 import threading
 from typing import Callable, Iterator
 
+import numpy as np
+
 from extractors.config import ExtractionConfig
-from extractors.decode import DecodeError, VideoFrames, open_audio, read_audio_windows
+from extractors.decode import DecodeError, SegmentPlan, VideoFrames, open_audio, read_audio_windows
 from manifests.cache import FAILED, FeatureCache, VideoRecord
 from manifests.files import remove_temporary_files
 from manifests.claims import Claims
@@ -31,6 +33,9 @@ from pipeline.videos import VideoSource, file_fingerprint
 # Decoded segments waiting for the backbones, at most (rounded up to one batch): enough to keep the
 # backbones fed, and the same for a long video as for a short one, whose few segments never fill it.
 LOOKAHEAD_SEGMENTS = 8
+# Frames kept at the source's size (decode_short_side 0) are up to 30x larger (1080p against short side
+# 256: 200 MB per 32-frame segment), so fewer wait.
+LOOKAHEAD_SOURCE_SIZE = 2
 
 
 def open_video(source: VideoSource, config: ExtractionConfig, with_audio: bool) -> VideoJob:
@@ -95,7 +100,8 @@ class DecoderSource:
         self.sources, self.cache, self.config, self.claims = sources, cache, config, claims
         self.batch_segments, self.frames, self.audio = batch_segments, frames, audio
         self.finished_meanwhile = finished_meanwhile
-        self.events: queue.Queue = queue.Queue(maxsize=max(1, LOOKAHEAD_SEGMENTS // batch_segments))
+        lookahead = LOOKAHEAD_SEGMENTS if config.decode_short_side else LOOKAHEAD_SOURCE_SIZE
+        self.events: queue.Queue = queue.Queue(maxsize=max(1, lookahead // batch_segments))
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._produce, daemon=True, name="decoder-source")
 
@@ -143,6 +149,14 @@ class DecoderSource:
         finally:
             self.events.put(None)
 
+    @staticmethod
+    def frame_indices(plan: SegmentPlan, first: int, last: int) -> np.ndarray:
+        """The source frames of segments first..last-1: each clip's own, then its final flow pair if any."""
+        indices = plan.frame_indices[first:last]
+        if plan.final_pair is None:
+            return indices
+        return np.concatenate([indices, plan.final_pair[first:last]], axis=1)
+
     def _decode(self, job: VideoJob) -> None:
         plan = job.plan
         try:
@@ -150,7 +164,7 @@ class DecoderSource:
                 if self.stop.is_set():
                     return
                 last = min(first + self.batch_segments, plan.num_segments)
-                frames = job.video.read(plan.frame_indices[first:last]) if self.frames else None
+                frames = job.video.read(self.frame_indices(plan, first, last)) if self.frames else None
                 audio = None
                 if job.audio is not None:
                     audio = read_audio_windows(job.audio, plan, self.config.audio_sample_rate, range(first, last))
