@@ -176,6 +176,10 @@ class ExtractionConfig(RecordedConfig):
         """Frames in one frame-backbone input: the whole segment (rg) or one clip of a window (fs1000)."""
         return self.segment_frames if self.protocol == "rg" else self.clip_frames
 
+    def recipe_description(self) -> dict[str, Any] | None:
+        """What config.json says about the recipe besides its values (None for the project's own)."""
+        return None if self.recipe == PROJECT else recipe(self.recipe).describe()
+
     @property
     def extra_frames(self) -> int:
         """Frames read after each clip's own: 2 when a backbone's last flow is the pair crossing into the

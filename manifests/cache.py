@@ -81,6 +81,10 @@ class CacheConfig(RecordedConfig):
     protocol: str | None = None
     note: str | None = field(default=None, metadata={"hash": False})
     created_at: str | None = field(default=None, metadata={"hash": False})
+    # An extraction recipe's description (extractors/recipes.py: its summary and the steps not verified
+    # against its authors' files), written for a recipe other than the project's. Its name and values are
+    # in `extraction`; this is for the reader, like `note`.
+    recipe: dict[str, Any] | None = field(default=None, metadata={"hash": False})
 
     IMPORT_FIELDS: ClassVar[tuple[str, ...]] = ("format", "dataset", "subset", "protocol")
     # Hashed whatever their value: every imported set's folder name covers these (others: when not default).
@@ -97,7 +101,7 @@ class CacheConfig(RecordedConfig):
             source=EXTRACTED, config_hash=extraction.config_hash(), modalities=list(extraction.modalities),
             extractors={m: e.describe() for m, e in extractors.items()}, random_weights=random,
             extraction=extraction.to_dict(), note=RANDOM_WEIGHTS_NOTE if random else "pretrained backbones",
-            created_at=_now(),
+            created_at=_now(), recipe=extraction.recipe_description(),
         )
 
     @classmethod
@@ -159,11 +163,11 @@ def feature_recipe(config: dict[str, Any]) -> str:
 
 def config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """The keys in which two config.json payloads (or a run's copy of one) differ; [] when they describe
-    the same features. When each was written (created_at), its note and the schema version its file
+    the same features. When each was written (created_at), its note, its recipe description and the schema version its file
     was written with are not differences, nor are extraction settings outside the hash (see below)."""
 
     def relevant(config: dict[str, Any]) -> dict[str, Any]:
-        out = {k: v for k, v in config.items() if k not in ("created_at", "note", SCHEMA_KEY)}
+        out = {k: v for k, v in config.items() if k not in ("created_at", "note", "recipe", SCHEMA_KEY)}
         if out.get("config_hash") is not None:
             # The extraction settings count through config_hash, which covers every setting that changes the
             # features: a setting a config.json does not record stands at its default, which reproduces
