@@ -169,33 +169,3 @@ def one_clip_per_call(forward, x: torch.Tensor) -> torch.Tensor:
         return forward(x)
     return torch.cat([forward(x[i : i + 1]) for i in range(len(x))])
 
-
-def pil_resize_crop(images: np.ndarray) -> np.ndarray:
-    """uint8 (N, H, W[, 3]) -> uint8 (N, 224, 224[, 3]): torchvision's PIL Resize(256), CenterCrop((224, 300)),
-    Resize((224, 224)), bilinear, as the published features' frames and flow images went."""
-    from PIL import Image
-
-    out = []
-    for image in images:
-        picture = Image.fromarray(image)
-        width, height = picture.size
-        short, long = min(width, height), max(width, height)
-        size = (256, int(256 * long / short)) if width <= height else (int(256 * long / short), 256)
-        picture = picture.resize(size, Image.BILINEAR)
-        top, left = int(round((size[1] - 224) / 2.0)), int(round((size[0] - 300) / 2.0))
-        picture = picture.crop((left, top, left + 300, top + 224)).resize((224, 224), Image.BILINEAR)
-        out.append(np.asarray(picture))
-    return np.stack(out)
-
-
-def jpeg_round_trip(images: np.ndarray, quality: int) -> np.ndarray:
-    """uint8 (N, H, W[, 3]) RGB or gray images through a JPEG encode and decode at `quality` (OpenCV)."""
-    import cv2
-
-    out = []
-    for image in images:
-        bgr = image[..., ::-1] if image.ndim == 3 else image
-        ok, data = cv2.imencode(".jpg", np.ascontiguousarray(bgr), [cv2.IMWRITE_JPEG_QUALITY, quality])
-        decoded = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
-        out.append(decoded[..., ::-1] if image.ndim == 3 else decoded)
-    return np.stack(out)
