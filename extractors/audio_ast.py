@@ -210,9 +210,7 @@ class ASTExtractor(Extractor):
         return count_flops(self.embed, [np.zeros(samples, dtype=np.float32)])
 
     def describe(self) -> dict:
-        if self.settings.audio_frontend == "pamfn":
-            return self.describe_pamfn()
-        return {
+        description = {
             **super().describe(),
             "audio_decoder": AUDIO_DECODER,
             "architecture": HUB_ID if self.config.arch_size == "full" else "ast tiny",
@@ -223,11 +221,13 @@ class ASTExtractor(Extractor):
             "window_length": "each window at its own filterbank length, at least one 16-frame patch",
             "pooling": "mean of CLS and distillation tokens (ASTModel pooler)",
         }
+        if self.settings.audio_frontend == "pamfn":
+            description.update(self.pamfn_steps())
+        return description
 
-    def describe_pamfn(self) -> dict:
+    def pamfn_steps(self) -> dict:
         """The pamfn front end, step by step, with its constants and slips (config.json)."""
         return {
-            **super().describe(),
             "audio_frontend": "pamfn: the audio rows of PAMFN's published features, slips included",
             "audio_decoder": PAMFN_AUDIO_DECODER,
             "resampling": f"torchaudio.transforms.Resample(source rate -> {SAMPLE_RATE}), default settings, "
@@ -235,8 +235,6 @@ class ASTExtractor(Extractor):
             "mean_removed": "once, the mean over the whole resampled track and all its channels",
             "windows": "the track cut into T equal chunks of len // T samples, remainder dropped "
             "(T = the video's segments), not the segments' time spans",
-            "architecture": HUB_ID if self.config.arch_size == "full" else "ast tiny",
-            "pretrained": None if self.config.random_weights else HUB_ID,
             "fbank": {**FBANK_OPTIONS, "sample_frequency": "the track's source rate (the samples are at "
                       f"{SAMPLE_RATE} Hz)", "channel": 0, "frame_length_ms": 25},
             "normalisation": {"mean": PAMFN_FBANK_MEAN, "std": PAMFN_FBANK_STD,
