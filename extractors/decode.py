@@ -450,7 +450,8 @@ class TrackChunks:
         if self._wave is None:
             raise ValueError("the audio track's chunks were closed")
         if len(segments) and (segments[0] < 0 or segments[-1] >= self.num_segments):
-            raise ValueError(f"segments {segments.start}-{segments.stop - 1} outside the track's {self.num_segments} chunks")
+            raise ValueError(f"segments {segments.start}-{segments.stop - 1} outside the track's "
+                             f"{self.num_segments} chunks")
         size = self.chunk_samples
         return [AudioChunk(self._wave[:, i * size : (i + 1) * size].copy(), self.source_rate) for i in segments]
 
@@ -486,7 +487,8 @@ def _pcm16_wav(data: bytes) -> tuple[np.ndarray, int]:
             channels, rate, _, _, bits = struct.unpack_from("<HIIHH", data, body + 2)
         elif kind == b"data":
             if channels == 0 or rate == 0 or bits != 16:
-                raise DecodeError(f"cannot decode audio: unexpected WAV format ({channels} channels, {rate} Hz, {bits} bits)")
+                raise DecodeError(f"cannot decode audio: unexpected WAV format ({channels} channels, {rate} Hz, "
+                                  f"{bits} bits)")
             count = (len(data) - body) // (2 * channels) * channels
             samples = np.frombuffer(data, "<i2", count=count, offset=body).reshape(-1, channels)
             return np.ascontiguousarray(samples.T, dtype=np.float32) / np.float32(32768), rate
