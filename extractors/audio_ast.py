@@ -7,6 +7,15 @@ original AST code does for other input lengths: an RG segment's window runs on a
 
 A window's length alone decides how it is processed (never the other windows in its batch), so a
 video gives the same features however its segments are batched, which resuming relies on.
+
+The `audio_frontend` setting "pamfn" makes the audio rows as PAMFN's published RG / Fis-V features
+were made, slips included (the published models were trained on them): the whole track cut into equal
+chunks (extractors/decode.py `open_track_chunks`), each chunk's filterbank told the track's source rate
+although its samples are at 16 kHz, normalised with PAMFN's rounded constants of the opposite sign to
+AST's, and zero-padded after normalisation or cut to 41 frames. AST then runs on 3 time patches, with
+the position table centre-cut as PAMFN's AST code cuts it (`time_positions` makes the same cut), pooled
+as PAMFN's `stop='avg'`: the mean of the CLS and distillation tokens after the final norm, which is what
+the ASTModel pooler gives.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ from torch import nn
 
 from extractors.base import Extractor, WeightsSource, hf_pretrained, register
 from extractors.config import ExtractionConfig
-from extractors.decode import AUDIO_DECODER
+from extractors.decode import AUDIO_DECODER, PAMFN_AUDIO_DECODER, AudioChunk
 from extractors.transforms import count_flops, one_clip_per_call
 
 HUB_ID = "MIT/ast-finetuned-audioset-10-10-0.4593"
@@ -40,6 +49,12 @@ FBANK_OPTIONS = {
     "dither": 0.0,
     "frame_shift": 10,
 }
+
+# PAMFN's published features: (fbank - 4.26) / (4.57 * 2), AST's constants rounded and the mean's sign
+# flipped; every chunk zero-padded (after normalisation) or cut to 41 frames.
+PAMFN_FBANK_MEAN = 4.26
+PAMFN_FBANK_STD = 4.57
+PAMFN_FRAMES = 41
 
 if TYPE_CHECKING:
     from transformers import ASTConfig
@@ -60,6 +75,22 @@ def filterbank(wave: np.ndarray | torch.Tensor) -> torch.Tensor:
         wave = F.pad(wave, (0, WINDOW_SAMPLES - wave.numel()))
     fbank = torchaudio.compliance.kaldi.fbank(wave[None], **FBANK_OPTIONS)
     return (fbank - FBANK_MEAN) / (FBANK_STD * 2)
+
+
+def pamfn_filterbank(chunk: AudioChunk) -> torch.Tensor:
+    """One chunk of the pamfn front end -> (41, 128), as PAMFN's published features were made.
+
+    The filterbank is told the track's source rate although the samples are at 16 kHz, and of a
+    multi-channel chunk it reads channel 0 (kaldi's choice); the track's mean was removed when it was cut.
+    """
+    wave = torch.from_numpy(np.ascontiguousarray(chunk.samples, dtype=np.float32))
+    if wave.ndim != 2 or wave.numel() == 0:
+        raise ValueError(f"an audio chunk must be (channels, samples), got shape {tuple(wave.shape)}")
+    fbank = torchaudio.compliance.kaldi.fbank(wave, **{**FBANK_OPTIONS, "sample_frequency": chunk.source_rate})
+    fbank = (fbank - PAMFN_FBANK_MEAN) / (PAMFN_FBANK_STD * 2)
+    if fbank.shape[0] < PAMFN_FRAMES:
+        fbank = F.pad(fbank, (0, 0, 0, PAMFN_FRAMES - fbank.shape[0]))
+    return fbank[:PAMFN_FRAMES]
 
 
 def ast_config(arch_size: str) -> ASTConfig:
@@ -130,8 +161,16 @@ class ASTExtractor(Extractor):
         """Time patches AST's patch convolution makes from `frames` filterbank frames (>= 1)."""
         return (max(frames, self.patch_size) - self.patch_size) // self.time_stride + 1
 
-    def model_input(self, wave: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Filterbank padded to at least one patch, cut to the frames its patches cover."""
+    def model_input(self, wave: np.ndarray | torch.Tensor | AudioChunk) -> torch.Tensor:
+        """Filterbank padded to at least one patch, cut to the frames its patches cover (the project
+        front end); PAMFN's 41 frames (the pamfn front end, which takes AudioChunks)."""
+        pamfn = self.settings.audio_frontend == "pamfn"
+        if pamfn != isinstance(wave, AudioChunk):
+            wanted = "AudioChunks (extractors/decode.py open_track_chunks)" if pamfn else "mono waveforms"
+            raise ValueError(f"the {self.settings.audio_frontend} audio front end takes {wanted}, "
+                             f"got {type(wave).__name__}")
+        if pamfn:
+            return pamfn_filterbank(wave)
         fbank = filterbank(wave)
         if fbank.shape[0] < self.patch_size:
             # Zeros before normalisation, as AST's own padding.
@@ -148,7 +187,7 @@ class ASTExtractor(Extractor):
         self.model.embeddings.position_embeddings = self.position_tables[time_patches]
 
     @torch.no_grad()
-    def embed(self, batch: list[np.ndarray] | list[torch.Tensor]) -> torch.Tensor:
+    def embed(self, batch: list[np.ndarray] | list[torch.Tensor] | list[AudioChunk]) -> torch.Tensor:
         if len(batch) == 0:
             raise ValueError("empty audio batch")
         inputs = [self.model_input(wave) for wave in batch]
@@ -166,10 +205,12 @@ class ASTExtractor(Extractor):
 
     def flops_per_clip(self, samples: int) -> float:
         """FLOPs for one window of `samples` audio samples (audio has no frames; its length is in samples)."""
+        if self.settings.audio_frontend == "pamfn":
+            return count_flops(self.embed, [AudioChunk(np.zeros((1, samples), np.float32), SAMPLE_RATE)])
         return count_flops(self.embed, [np.zeros(samples, dtype=np.float32)])
 
     def describe(self) -> dict:
-        return {
+        description = {
             **super().describe(),
             "audio_decoder": AUDIO_DECODER,
             "architecture": HUB_ID if self.config.arch_size == "full" else "ast tiny",
@@ -179,4 +220,28 @@ class ASTExtractor(Extractor):
             "time_positions": f"centre-cut from {self.trained_frames} frames (interpolated when longer)",
             "window_length": "each window at its own filterbank length, at least one 16-frame patch",
             "pooling": "mean of CLS and distillation tokens (ASTModel pooler)",
+        }
+        if self.settings.audio_frontend == "pamfn":
+            description.update(self.pamfn_steps())
+        return description
+
+    def pamfn_steps(self) -> dict:
+        """The pamfn front end, step by step, with its constants and slips (config.json)."""
+        return {
+            "audio_frontend": "pamfn: the audio rows of PAMFN's published features, slips included",
+            "audio_decoder": PAMFN_AUDIO_DECODER,
+            "resampling": f"torchaudio.transforms.Resample(source rate -> {SAMPLE_RATE}), default settings, "
+            "all channels",
+            "mean_removed": "once, the mean over the whole resampled track and all its channels",
+            "windows": "the track cut into T equal chunks of len // T samples, remainder dropped "
+            "(T = the video's segments), not the segments' time spans",
+            "fbank": {**FBANK_OPTIONS, "sample_frequency": "the track's source rate (the samples are at "
+                      f"{SAMPLE_RATE} Hz)", "channel": 0, "frame_length_ms": 25},
+            "normalisation": {"mean": PAMFN_FBANK_MEAN, "std": PAMFN_FBANK_STD,
+                              "formula": "(fbank - mean) / (2 * std)"},
+            "window_length": f"{PAMFN_FRAMES} filterbank frames: zero-padded after normalisation, or cut",
+            "time_positions": f"centre-cut from {self.trained_frames} frames to "
+            f"{self.time_patches(PAMFN_FRAMES)} time patches",
+            "pooling": "mean of CLS and distillation tokens after the final norm (ASTModel pooler; PAMFN's "
+            "stop='avg')",
         }

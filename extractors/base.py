@@ -63,7 +63,8 @@ class Extractor:
     already resized at decode time so the short side is `config.decode_short_side`; the extractor
     does its own crop / resize / normalisation on its device.
     input_kind "audio": `embed` receives a list of B mono float32 waveforms at
-    `config.audio_sample_rate` Hz, one per segment (lengths may differ by a few samples).
+    `config.audio_sample_rate` Hz, one per segment (lengths may differ by a few samples); AST's pamfn
+    front end receives AudioChunks instead (extractors/decode.py).
 
     `embed` returns float32 (B, feature_dim) on the CPU. It runs under torch.no_grad(); on CUDA the
     heavy parts may use bf16 autocast, but results are returned in float32.

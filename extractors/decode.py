@@ -3,13 +3,15 @@
 Frames are resized to `decode_short_side` inside the decoder and read a batch of segments at a time,
 so a 10-minute 1080p video never sits in memory. Every segment's span is kept in frame indices and in
 seconds (from the container's timestamps), and the audio window of a segment is cut from exactly that
-span, so all modalities share the same T and the same time axis.
+span, so all modalities share the same T and the same time axis. (The pamfn audio front end instead
+cuts the whole track into T equal chunks, as PAMFN's published features were made: `open_track_chunks`.)
 """
 
 from __future__ import annotations
 
 import os
 import re
+import struct
 import subprocess
 import sys
 import tempfile
@@ -298,6 +300,13 @@ def ffmpeg_binary() -> str:
     return imageio_ffmpeg.get_ffmpeg_exe()
 
 
+def _ffmpeg_reason(printed: bytes, returncode: int | None) -> str:
+    """Why ffmpeg failed, in one line: the first two lines it printed, without their "[... @ 0x...]" prefix."""
+    lines = [_FFMPEG_PREFIX.sub("", line.strip()) for line in printed.decode("utf-8", "replace").splitlines()]
+    lines = [line for line in lines if line]
+    return "; ".join(lines[:2])[:300] or f"ffmpeg exited with code {returncode}"
+
+
 class AudioStream:
     """A video's audio track, decoded by an ffmpeg subprocess and read window by window, in order.
 
@@ -357,9 +366,7 @@ class AudioStream:
 
     def _message(self) -> str:
         self._errors.seek(0)
-        lines = [_FFMPEG_PREFIX.sub("", line.strip()) for line in self._errors.read().decode("utf-8", "replace").splitlines()]
-        lines = [line for line in lines if line]
-        return "; ".join(lines[:2])[:300] or f"ffmpeg exited with code {self._process.returncode}"
+        return _ffmpeg_reason(self._errors.read(), self._process.returncode)
 
     def _finish(self) -> None:
         """The pipe is empty: the track ended, or ffmpeg failed (then the error names its reason)."""
@@ -441,3 +448,107 @@ def audio_windows(waveform: np.ndarray, plan: SegmentPlan, sample_rate: int) -> 
 def read_audio_windows(stream: AudioStream, plan: SegmentPlan, sample_rate: int, segments: range) -> list[np.ndarray]:
     """`audio_windows` for some segments, read from an open AudioStream (segments in increasing order)."""
     return [stream.window(*window_span(plan.start_s[i], plan.end_s[i], sample_rate)) for i in segments]
+
+
+# ----------------------------------------------------------------------------- the pamfn audio front end
+# PAMFN's published audio features were made from each video's whole track (a .wav at its own rate, all
+# its channels), resampled, its mean removed once, and cut into as many equal chunks as the video has
+# segments, whatever the segments' time spans (extractors/audio_ast.py describes the rest).
+
+PAMFN_AUDIO_DECODER = ("ffmpeg (imageio-ffmpeg's binary): the whole first audio stream as a 16-bit PCM WAV at its "
+                       "own rate with all its channels (what `ffmpeg -i VIDEO AUDIO.wav` writes), read as "
+                       "float32 samples / 32768")
+# The chunks go to a filterbank whose 25 ms frames are counted at the track's source rate
+# (extractors/audio_ast.py): a chunk shorter than one such frame has no filterbank frame at all.
+PAMFN_FRAME_SECONDS = 0.025
+
+
+@dataclass(frozen=True, eq=False)
+class AudioChunk:
+    """One segment's audio for the pamfn front end: its chunk of the resampled track, and the rate the
+    track had before resampling (the rate its filterbank is told)."""
+
+    samples: np.ndarray  # (channels, L) float32 at the extraction's sample rate, the whole track's mean removed
+    source_rate: int
+
+
+class TrackChunks:
+    """A video's whole audio track cut into `num_segments` equal chunks of len // num_segments samples
+    (the remainder dropped): chunk i is segment i's audio, not the segment's time span."""
+
+    def __init__(self, wave: np.ndarray, source_rate: int, num_segments: int) -> None:
+        self.source_rate, self.num_segments = source_rate, num_segments
+        self.chunk_samples = wave.shape[1] // num_segments
+        self._wave: np.ndarray | None = wave[:, : self.chunk_samples * num_segments]
+
+    def chunks(self, segments: range) -> list[AudioChunk]:
+        if self._wave is None:
+            raise ValueError("the audio track's chunks were closed")
+        if len(segments) and (segments[0] < 0 or segments[-1] >= self.num_segments):
+            raise ValueError(f"segments {segments.start}-{segments.stop - 1} outside the track's "
+                             f"{self.num_segments} chunks")
+        size = self.chunk_samples
+        return [AudioChunk(self._wave[:, i * size : (i + 1) * size].copy(), self.source_rate) for i in segments]
+
+    def close(self) -> None:
+        self._wave = None
+
+
+def read_track(path: Path) -> tuple[np.ndarray, int] | None:
+    """The first audio stream of `path`, whole, as ffmpeg writes it to a 16-bit WAV: (channels, samples)
+    float32 (sample / 32768, as torchaudio reads such a WAV) and its sample rate; None when the file has
+    no audio stream. Decoding failures raise DecodeError."""
+    command = [ffmpeg_binary(), "-nostdin", "-hide_banner", "-loglevel", "error", "-i", f"file:{path}",
+               "-map", "0:a:0", "-vn", "-sn", "-dn", "-c:a", "pcm_s16le", "-f", "wav", "pipe:1"]
+    done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True)
+    if done.returncode != 0:
+        reason = _ffmpeg_reason(done.stderr, done.returncode)
+        if "matches no streams" in reason:
+            return None
+        raise DecodeError(f"cannot decode audio: {reason}")
+    return _pcm16_wav(done.stdout)
+
+
+def _pcm16_wav(data: bytes) -> tuple[np.ndarray, int]:
+    """(channels, samples) float32 and the sample rate of a 16-bit PCM WAV as ffmpeg writes it to a pipe,
+    where the sizes are placeholders: the data chunk runs to the end."""
+    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        raise DecodeError("cannot decode audio: ffmpeg wrote no WAV header")
+    position, channels, rate, bits = 12, 0, 0, 0
+    while position + 8 <= len(data):
+        kind, size = data[position : position + 4], struct.unpack_from("<I", data, position + 4)[0]
+        body = position + 8
+        if kind == b"fmt ":
+            channels, rate, _, _, bits = struct.unpack_from("<HIIHH", data, body + 2)
+        elif kind == b"data":
+            if channels == 0 or rate == 0 or bits != 16:
+                raise DecodeError(f"cannot decode audio: unexpected WAV format ({channels} channels, {rate} Hz, "
+                                  f"{bits} bits)")
+            count = (len(data) - body) // (2 * channels) * channels
+            samples = np.frombuffer(data, "<i2", count=count, offset=body).reshape(-1, channels)
+            return np.ascontiguousarray(samples.T, dtype=np.float32) / np.float32(32768), rate
+        position = body + size + (size & 1)
+    raise DecodeError("cannot decode audio: ffmpeg's WAV has no data chunk")
+
+
+def open_track_chunks(path: Path, num_segments: int, sample_rate: int) -> TrackChunks | None:
+    """The audio track of `path` as PAMFN's features cut it: the whole track at its own rate with all its
+    channels, resampled to `sample_rate` by torchaudio's Resample (default settings), one mean (over the
+    whole track and every channel) removed, in `num_segments` equal chunks. None when there is no audio
+    track (the "audio missing" case); DecodeError when it cannot be decoded or is too short for a
+    filterbank frame per chunk."""
+    import torch
+    import torchaudio
+
+    track = read_track(path)
+    if track is None:
+        return None
+    samples, source_rate = track
+    wave = torchaudio.transforms.Resample(source_rate, sample_rate)(torch.from_numpy(samples))
+    wave = wave - wave.mean()
+    frame = int(source_rate * PAMFN_FRAME_SECONDS)
+    if wave.shape[1] // num_segments < frame:
+        raise DecodeError(f"audio track too short: {wave.shape[1]} samples at {sample_rate} Hz give "
+                          f"{wave.shape[1] // num_segments} per segment for {num_segments} segments, fewer than "
+                          f"one filterbank frame of 25 ms at the track's {source_rate} Hz ({frame})")
+    return TrackChunks(wave.numpy(), source_rate, num_segments)

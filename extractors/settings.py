@@ -196,4 +196,11 @@ class FlowI3DSettings(BackboneSettings):
 @backbone_settings("audio", "ast")
 @dataclass
 class ASTSettings(LinearLayerSettings):
-    pass
+    audio_frontend: str = setting(
+        "project", ("project", "pamfn"),
+        help="how the audio rows are made: project = mono 16 kHz from ffmpeg, each segment's exact time span "
+        "with its own mean removed, a 16 kHz filterbank with AST's constants, each window at its own length; "
+        "pamfn = as PAMFN's published RG / Fis-V features, slips included: the whole track (all channels) "
+        "resampled to 16 kHz by torchaudio, one mean removed, cut into T equal chunks (not the segments' "
+        "spans), a filterbank of channel 0 told the source rate, (fbank - 4.26) / (4.57 * 2), zero-padded or "
+        "cut to 41 frames (extractors/audio_ast.py)")

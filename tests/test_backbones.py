@@ -23,8 +23,8 @@ from extractors import (
     build_extractors,
 )
 from extractors.base import BackboneUnavailableError
-from extractors.config import LAYOUT_1_SETTINGS
 from extractors.audio_ast import ast_config, time_positions
+from extractors.config import LAYOUT_1_SETTINGS
 from extractors.flow_i3d import I3D_FLOW_URL
 from extractors.i3d import inception_i3d
 from extractors.optical_flow import RAFT_WEIGHTS, FarnebackFlow, flow_clip, flow_input
@@ -38,7 +38,8 @@ CPU = torch.device("cpu")
 
 def layout_1(config: ExtractionConfig, without: str | None = None) -> dict:
     """`config` as config.json spelled it before each backbone had its own settings: one top-level value
-    per setting (optionally leaving `without` out, as a file written before that setting existed)."""
+    per setting (optionally leaving `without` out, as a file written before that setting existed).
+    Settings added after layout 1 never appeared in it."""
     data = {k: v for k, v in config.to_dict().items() if k not in ("settings", "schema_version")}
     for settings in config.to_dict()["settings"].values():  # only the settings layout 1 had
         data.update({k: v for k, v in settings.items() if k in LAYOUT_1_SETTINGS and k != without})

@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from extractors.decode import AudioStream, SegmentPlan, VideoFrames
+from extractors.decode import AudioChunk, AudioStream, SegmentPlan, TrackChunks, VideoFrames
 from manifests.cache import VideoRecord
 from pipeline.videos import VideoSource
 
@@ -27,7 +27,7 @@ class VideoJob:
     record: VideoRecord
     plan: SegmentPlan | None = None
     video: VideoFrames | None = None
-    audio: AudioStream | None = None  # None if no track (or no audio modality)
+    audio: AudioStream | TrackChunks | None = None  # None if no track (or no audio modality)
     features: dict[str, np.ndarray] = field(default_factory=dict)  # modality -> (T, C) float32, filled by batches
     filled: dict[str, int] = field(default_factory=dict)  # modality -> segments embedded so far
     audio_missing: bool = False
@@ -57,7 +57,7 @@ class SegmentsDecoded:
     job: VideoJob
     first: int  # index of the first segment in its video
     frames: np.ndarray | None  # uint8 (n, clips*clip_frames, H, W, 3)
-    audio: list[np.ndarray] | None
+    audio: list[np.ndarray] | list[AudioChunk] | None  # AudioChunks for the pamfn audio front end
 
     @property
     def size(self) -> int:

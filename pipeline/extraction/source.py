@@ -14,7 +14,9 @@ from typing import Callable, Iterator
 import numpy as np
 
 from extractors.config import ExtractionConfig
-from extractors.decode import DecodeError, SegmentPlan, VideoFrames, open_audio, read_audio_windows
+from extractors.decode import (
+    DecodeError, SegmentPlan, TrackChunks, VideoFrames, open_audio, open_track_chunks, read_audio_windows,
+)
 from manifests.cache import FAILED, FeatureCache, VideoRecord
 from manifests.files import remove_temporary_files
 from manifests.claims import Claims
@@ -67,7 +69,11 @@ def open_video(source: VideoSource, config: ExtractionConfig, with_audio: bool) 
         record.num_segments = plan.num_segments
         record.segments = plan.to_dict()
         if with_audio:
-            job.audio = open_audio(source.path, config.audio_sample_rate)
+            if getattr(config.settings.get("audio"), "audio_frontend", "project") == "pamfn":
+                # PAMFN's recipe: the whole track, cut into equal chunks (extractors/audio_ast.py)
+                job.audio = open_track_chunks(source.path, plan.num_segments, config.audio_sample_rate)
+            else:
+                job.audio = open_audio(source.path, config.audio_sample_rate)
             job.audio_missing = job.audio is None
     except DecodeError as exc:
         job.failed, record.error = True, str(exc)
@@ -166,7 +172,9 @@ class DecoderSource:
                 last = min(first + self.batch_segments, plan.num_segments)
                 frames = job.video.read(self.frame_indices(plan, first, last)) if self.frames else None
                 audio = None
-                if job.audio is not None:
+                if isinstance(job.audio, TrackChunks):
+                    audio = job.audio.chunks(range(first, last))
+                elif job.audio is not None:
                     audio = read_audio_windows(job.audio, plan, self.config.audio_sample_rate, range(first, last))
                 if frames is not None or audio is not None:
                     self.events.put(SegmentsDecoded(job, first, frames, audio))
