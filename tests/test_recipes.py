@@ -105,3 +105,43 @@ def test_source_size_decoding_and_the_crossing_pair_reach_the_frames(tmp_path):
     # 30 frames resampled to 25: the pair after the last segment's frame (resampled 23) is resampled 24.
     assert plan.final_pair[2].tolist() == [plan.frame_indices[2, -1], 29]
     assert np.array_equal(frames[2, 8], frames[2, 7])
+
+
+@pytest.fixture(scope="module")
+def pamfn_extracted(tmp_path_factory):
+    """Two generated clips through `pipeline extract --recipe pamfn` with tiny random backbones: one with a
+    48 kHz stereo track, one at 30 fps (resampled to 25)."""
+    from tests.test_audio_recipe import STEREO_RATE, stereo_track, with_track
+
+    root = tmp_path_factory.mktemp("pamfn")
+    videos = root / "videos"
+    silent = write_clip(ClipSpec("st", 0.5, seconds=2.8, with_audio=False, seed=21), root / "silent.mp4")
+    with_track(silent, stereo_track(seconds=2.8), STEREO_RATE, videos / "stereo48.mkv")
+    write_clip(ClipSpec("f30", 0.4, seconds=2.7, fps=30, width=160, height=120, seed=22), videos / "fps30.mp4")
+    code = main(["extract", "--videos", str(videos), "--out", str(root / "cache"), "--recipe", "pamfn",
+                 "--backbones", "random", "--arch-size", "tiny", "--device", "cpu", "--quiet"])
+    return code, root
+
+
+def test_pamfn_end_to_end_its_own_folder_a_complete_config_and_the_published_segment_count(pamfn_extracted):
+    from manifests.cache import FeatureCache
+
+    code, root = pamfn_extracted
+    assert code == 0
+    (folder,) = (root / "cache").iterdir()
+    cache = FeatureCache.open(folder)
+    config = cache.read_config()
+    assert folder.name == ExtractionConfig.from_recipe("pamfn", weights="random", arch_size="tiny").config_hash()
+    assert folder.name != ExtractionConfig(weights="random", arch_size="tiny", backbones=RECIPES["pamfn"].backbones).config_hash()
+    extraction = config["extraction"]
+    assert (extraction["recipe"], extraction["frame_rate"], extraction["decode_short_side"]) == ("pamfn", 25.0, 0)
+    for modality, values in RECIPES["pamfn"].settings.items():
+        assert {k: extraction["settings"][modality][k] for k in values} == values
+    assert config["recipe"]["name"] == "pamfn" and config["recipe"]["unverified"]
+    assert "pamfn" in str(config["extractors"]["audio"]) and "crossing" in str(config["extractors"]["flow"])
+    # T: frames at 25 fps // 32 (PAMFN's rule), every modality alike.
+    for record in cache.records():
+        seconds = 2.8 if record.video_id.startswith("stereo") else 2.7
+        assert record.num_segments == int(seconds * 25) // 32 == 2
+        assert {m: a.shape[0] for m, a in cache.load_features(record.video_id).items()} == dict.fromkeys(
+            ("rgb", "flow", "audio"), 2)
