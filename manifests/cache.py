@@ -36,7 +36,9 @@ import pandas as pd
 
 from manifests.claims import STALE_AFTER_S, Claims
 from manifests.config import SCHEMA_KEY, ConfigError, RecordedConfig
-from manifests.files import atomic_save_npy, atomic_write_bytes, atomic_write_json, remove_abandoned_temporary_files
+from manifests.files import (
+    atomic_save_npy, atomic_write_bytes, atomic_write_json, escape_csv_cell, remove_abandoned_temporary_files,
+)
 from manifests.hashing import feature_hash, hashed_fields
 
 RECORD_NAME = "record.json"
@@ -412,8 +414,15 @@ class FeatureCache:
         return table
 
     def write_manifest(self) -> Path:
+        """manifest.csv, spreadsheet-safe: text cells a spreadsheet would run as formulas (a video named
+        `=1+2.mp4`) get a leading single quote (manifests.files.unescape_csv_cell reads them back);
+        numeric columns are written as numbers, negative ones included."""
+        table = self.manifest()
+        for column in table.columns:
+            if not pd.api.types.is_numeric_dtype(table[column]):  # text (object or string dtype)
+                table[column] = table[column].map(escape_csv_cell)
         path = self.root / MANIFEST_NAME
-        atomic_write_bytes(path, self.manifest().to_csv(index=False).encode())
+        atomic_write_bytes(path, table.to_csv(index=False).encode())
         return path
 
     # ---- features

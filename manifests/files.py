@@ -7,6 +7,9 @@ others (bytes, JSON, .npy) are writers handed to it. Temporary files are hidden
 killed mid-write leaves one. `remove_temporary_files` clears them in a folder the caller is the only
 writer of; `remove_abandoned_temporary_files` clears, in a folder several processes write (a cache's
 root, its claims), only those whose writer is gone.
+
+CSV files are written spreadsheet-safe: `escape_csv_cell` is the one escape of a cell a spreadsheet
+would run as a formula, `unescape_csv_cell` its undo for the project's readers.
 """
 
 from __future__ import annotations
@@ -150,6 +153,36 @@ def remove_abandoned_temporary_files(folder: Path, stale_after: float) -> int:
             except OSError:
                 pass
     return removed
+
+
+# A spreadsheet runs a cell starting with one of these as a formula (CSV injection)
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _formula_like(text: str) -> bool:
+    """Text a spreadsheet would run: past any leading quotes, it starts a formula and is not a number.
+    Leading quotes are skipped so that a text already starting with one is escaped too: the escape
+    stays reversible."""
+    body = text.lstrip("'")
+    if not body.startswith(FORMULA_STARTS):
+        return False
+    try:
+        float(body)  # -3, +1e5: a spreadsheet reads a number, runs nothing
+    except ValueError:
+        return True
+    return False
+
+
+def escape_csv_cell(value: Any) -> Any:
+    """The one escape of every CSV the project writes: a text cell a spreadsheet would run as a formula
+    (starting with = + - @ tab or CR) gets a leading single quote, the usual spreadsheet-safety rule.
+    Numbers and other values are returned as they are; `unescape_csv_cell` undoes it exactly."""
+    return "'" + value if isinstance(value, str) and _formula_like(value) else value
+
+
+def unescape_csv_cell(text: str) -> str:
+    """A cell of a CSV the project wrote, as it was before `escape_csv_cell` (ids come back exactly)."""
+    return text[1:] if text.startswith("'") and _formula_like(text[1:]) else text
 
 
 class JsonFileError(ValueError):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from manifests.cache import DONE, FeatureCache
+from manifests.files import unescape_csv_cell
 
 REQUIRED_COLUMNS = ("video_id", "score")
 SPLITS = ("train", "val", "test")
@@ -77,7 +78,9 @@ def read_labels(path: str | Path) -> Labels:
     """Parse and check a labels CSV: header, ids, numeric finite scores, no duplicates, valid splits.
 
     Every row is checked for every problem and all of them are reported together. Ids are kept exactly
-    as written (spaces included: a video file named " a .mp4" has the id " a ")."""
+    as written (spaces included: a video file named " a .mp4" has the id " a "), except for the leading
+    single quote with which the project's CSV files escape an id a spreadsheet would run as a formula
+    ('=1+2 is the id =1+2: manifests.files.unescape_csv_cell)."""
     path = Path(path).expanduser()
     reader = csv.reader(io.StringIO(_read_text(path), newline=""))
     header = next(reader, None)
@@ -105,7 +108,7 @@ def read_labels(path: str | Path) -> Labels:
             hint = " (a decimal comma? write 7.5, not 7,5, or quote the field)" if len(row) > len(header) else ""
             problems.append(f"line {line}: {len(row)} field(s), the header has {len(header)}{hint}")
             continue
-        video_id = row[index["video_id"]]
+        video_id = unescape_csv_cell(row[index["video_id"]])  # as the project's CSV writers escape it
         text = row[index["score"]].strip()
         found = []
         if not video_id.strip():

@@ -167,6 +167,32 @@ def test_temporary_files_of_killed_writes_in_the_cache_root_go_on_the_next_run(t
     assert live.exists() and legacy_fresh.exists()
 
 
+def test_manifest_cells_a_spreadsheet_would_run_are_escaped_and_read_back_exactly(tmp_path):
+    """Videos named like formulas: manifest.csv escapes their text cells with a leading single quote
+    (numbers, negative ones included, stay numbers); the reader's undo gives the ids back exactly, and
+    record.json keeps them as they are."""
+    import csv
+
+    from manifests.cache import DONE, FAILED, ModalityRecord, VideoRecord
+    from manifests.files import unescape_csv_cell
+
+    extraction = ExtractionConfig(modalities=("rgb",), backbones={"rgb": "vst"}, weights="random")
+    cache = open_cache(tmp_path, CacheConfig(
+        source="extract", config_hash=extraction.config_hash(), modalities=["rgb"], random_weights=True,
+        extractors={"rgb": {"name": "vst", "version": "1", "feature_dim": 8}}, extraction=extraction.to_dict()))
+    ids = ['=HYPERLINK("http:x","y")', "=1+2", "+SUM(1,2)", "@cmd", "-1", "plain"]
+    for video_id in ids:
+        cache.write_record(VideoRecord(video_id=video_id, path=f"/v/{video_id}.mp4", status=FAILED, fps=-2.5,
+                                       error="-bad", modalities={"rgb": ModalityRecord(DONE, [3, 8])}))
+    with open(cache.write_manifest(), newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    by_id = {row["video_id"]: row for row in rows}
+    assert sorted(by_id) == sorted(["'" + i for i in ids if i not in ("-1", "plain")] + ["-1", "plain"])
+    assert all(row["fps"] == "-2.5" and row["error"] == "'-bad" and row["path"].startswith("/v/") for row in rows)
+    assert sorted(unescape_csv_cell(row["video_id"]) for row in rows) == sorted(ids)
+    assert sorted(r.video_id for r in cache.records()) == sorted(ids)
+
+
 # --------------------------------------------------------------------------- the hash and the schema
 
 
