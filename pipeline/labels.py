@@ -2,7 +2,8 @@
 
 `split` (optional) is one of train / val / test. `train` never uses test rows; `evaluate` uses only
 them when the column is there. Every problem is reported with the file and the line (line 1 is the
-header), all of them at once, so a user fixes the file in one pass.
+header), all of them at once, so a user fixes the file in one pass. Other columns (a judge's notes)
+are ignored, and named in one warning line on stderr.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import csv
 import difflib
 import io
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from manifests.files import unescape_csv_cell
 REQUIRED_COLUMNS = ("video_id", "score")
 SPLITS = ("train", "val", "test")
 MAX_LISTED = 10  # problems listed in one error message before "... and N more"
+_warned: set[tuple[Path, tuple[str, ...]]] = set()  # said once per command: reproduce reads a file per seed
 
 
 class LabelError(ValueError):
@@ -138,6 +141,10 @@ def read_labels(path: str | Path) -> Labels:
     if not scores:
         raise LabelError(f"{path} has a header but no labelled videos")
     extra = [h for h in header if h not in (*REQUIRED_COLUMNS, "split")]
+    if extra and (path.resolve(), tuple(extra)) not in _warned:
+        _warned.add((path.resolve(), tuple(extra)))
+        print(f"warning: {path}: column(s) {', '.join(extra)} ignored (a labels file uses video_id, score "
+              "and split)", file=sys.stderr)
     return Labels(path, scores, lines, splits if has_split else None, extra)
 
 
