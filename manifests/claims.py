@@ -164,6 +164,8 @@ def _remove_if_still(path: Path, stale: dict[str, Any] | None, marker: Path) -> 
         os.link(moved, path)  # a successor's file: put back (unless another file took the name since)
     except FileExistsError:
         pass  # its owner sees the loss by token (`holds`) before it writes anything
+    except FileNotFoundError:
+        pass  # a sweep removed it as a dead taker's leftover (see Claims.remove_leftovers)
     moved.unlink(missing_ok=True)
     return False
 
@@ -229,9 +231,12 @@ class Claims:
         """Clear what killed processes left here: temporary files of claims being written, and stale
         claims (of videos nobody may try again: renamed, deleted). Live claims stay."""
         remove_abandoned_temporary_files(self.folder, self.stale_after)
-        for path in [*self.folder.glob("*.takeover"), *self.folder.glob("*.moved")]:  # a taker died mid-step
+        for path in self.folder.glob("*.takeover*"):  # markers, and claims moved aside, of takers that died
             try:
-                if time.time() - path.stat().st_mtime > TAKEOVER_STALE_S:
+                info = path.stat()
+                # a claim moved aside keeps its old mtime: its ctime says when it was moved
+                since = info.st_ctime if path.name.endswith(".moved") else info.st_mtime
+                if time.time() - since > TAKEOVER_STALE_S:
                     path.unlink()
             except OSError:
                 pass

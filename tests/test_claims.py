@@ -204,7 +204,7 @@ def test_a_taker_paused_inside_its_takeover_cannot_remove_the_next_owner(tmp_pat
     assert not markers() and not list(tmp_path.glob(".*"))  # nothing left over
 
 
-def test_leftover_temporaries_and_orphan_claims_go_on_the_next_run(tmp_path):
+def test_leftover_temporaries_and_orphan_claims_go_on_the_next_run(tmp_path, monkeypatch):
     """A claim killed while being written leaves its temporary file; a holder killed outright leaves its
     claim. Both go when the claims folder is next opened; a live writer's temporary file stays."""
     first = Claims(tmp_path, stale_after=600)
@@ -217,6 +217,14 @@ def test_leftover_temporaries_and_orphan_claims_go_on_the_next_run(tmp_path):
     dead_taker = first.path("x").with_name(first.path("x").name + ".old.takeover")
     dead_taker.write_text("")
     age(dead_taker, claims_module.TAKEOVER_STALE_S + 1)
+    moved = dead_taker.with_name(dead_taker.name + ".0a1b2c3d4e5f.moved")  # it died after moving a claim aside
+    moved.write_text("{}")
+    age(moved, 1000)  # a moved claim keeps the old mtime of the claim
     Claims(tmp_path, stale_after=600)
     assert not killed.exists() and live.exists() and not dead_taker.exists()
     assert not first.path("orphan").exists() and first.path("held").exists()
+    assert moved.exists()  # moved just now (a taker may be checking it): kept
+    now = time.time()
+    monkeypatch.setattr(claims_module.time, "time", lambda: now + claims_module.TAKEOVER_STALE_S + 1)
+    Claims(tmp_path, stale_after=600)
+    assert not moved.exists() and live.exists() and first.path("held").exists()
