@@ -58,6 +58,8 @@ def ray_session(address: str = "auto", num_cpus: int | None = None, object_store
     if ray.is_initialized():
         yield ray.cluster_resources()
         return
+    # a wrong token (Ray >= 2.52) is refused with its own error, which explains itself
+    authentication_error = getattr(getattr(ray, "exceptions", None), "AuthenticationError", ConnectionError)
     quiet = dict(logging_level=logging.WARNING, log_to_driver=True)
     local = dict(num_cpus=num_cpus, object_store_memory=object_store_memory, include_dashboard=False, **quiet)
     try:
@@ -73,7 +75,7 @@ def ray_session(address: str = "auto", num_cpus: int | None = None, object_store
                     ray.init(**local)
         else:
             ray.init(address=address, **quiet)
-    except (ConnectionError, ValueError, RuntimeError) as exc:
+    except (ConnectionError, ValueError, RuntimeError, authentication_error) as exc:
         raise RaySetupError(f"cannot connect to Ray at {address!r}: {exc}{_token_hint()}") from None
     try:
         yield ray.cluster_resources()

@@ -4,6 +4,8 @@ refusal is played by a stand-in for the ray module."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from pipeline import ray_session
@@ -45,3 +47,21 @@ def test_a_refused_connection_with_a_token_file_names_ray_auth_mode(home, monkey
     assert "auth_token" in message and "RAY_AUTH_MODE=token" in message, message
     monkeypatch.setenv("RAY_AUTH_MODE", "token")  # set, and still refused: something else is wrong
     assert "RAY_AUTH_MODE=token" not in connect("head:6379")
+
+
+class AuthenticationError(Exception):
+    """Stands for ray.exceptions.AuthenticationError (Ray >= 2.52), which is not a ConnectionError."""
+
+
+class WrongTokenRay(RefusingRay):
+    exceptions = SimpleNamespace(AuthenticationError=AuthenticationError)
+
+    def init(self, **options):
+        raise AuthenticationError("Token authentication failed: invalid token")
+
+
+def test_a_wrong_token_is_one_line_not_a_traceback(home, monkeypatch):
+    monkeypatch.setattr(ray_session, "import_ray", WrongTokenRay)
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    message = connect("head:6379")
+    assert message == "cannot connect to Ray at 'head:6379': Token authentication failed: invalid token"
