@@ -12,6 +12,9 @@ Layout (everything written atomically: temporary file + rename):
           record.json                  the video's manifest row; written LAST, so a video without it
                                        (or whose record says otherwise) is redone, never trusted
         claims/<video_key>.claim       held by the process extracting that video (see manifests.claims)
+    The temporary files of writes killed midway (`.<name>.<host>-<pid>-<random>.tmp`) are removed by
+    the next open_cache (root), Claims (claims/) or claim of the video (its folder), once their writer
+    is gone.
 
 The record is the source of truth; `manifest.csv` is a human-readable view of all records,
 regenerated after every extraction run and on demand. Concurrent `extract` processes never write
@@ -33,7 +36,9 @@ import pandas as pd
 
 from manifests.claims import STALE_AFTER_S, Claims
 from manifests.config import SCHEMA_KEY, ConfigError, RecordedConfig
-from manifests.files import atomic_save_npy, atomic_write_bytes, atomic_write_json
+from manifests.files import (
+    atomic_save_npy, atomic_write_bytes, atomic_write_json, escape_csv_cell, remove_abandoned_temporary_files,
+)
 from manifests.hashing import feature_hash, hashed_fields
 
 RECORD_NAME = "record.json"
@@ -182,8 +187,12 @@ def config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 def open_cache(out: Path, config: CacheConfig) -> "FeatureCache":
     """The folder OUT/<config-hash>/ of `config`: made, with its config.json, when it does not exist yet;
     when it does, it must record the same extractor versions and, for an imported set (whose hash covers
-    its whole description), the same description (else CacheError naming the folder)."""
+    its whole description), the same description (else CacheError naming the folder). Temporary files
+    that killed writes of config.json or manifest.csv left in the folder go (a live writer's stays:
+    several processes extract into one folder at once)."""
     cache = FeatureCache(Path(out).expanduser() / config.config_hash)
+    if cache.root.is_dir():
+        remove_abandoned_temporary_files(cache.root, STALE_AFTER_S)
     if not (cache.root / CONFIG_NAME).is_file():
         cache.write_config(config)
         return cache
@@ -418,8 +427,15 @@ class FeatureCache:
         return table
 
     def write_manifest(self) -> Path:
+        """manifest.csv, spreadsheet-safe: text cells a spreadsheet would run as formulas (a video named
+        `=1+2.mp4`) get a leading single quote (manifests.files.unescape_csv_cell reads them back);
+        numeric columns are written as numbers, negative ones included."""
+        table = self.manifest()
+        for column in table.columns:
+            if not pd.api.types.is_numeric_dtype(table[column]):  # text (object or string dtype)
+                table[column] = table[column].map(escape_csv_cell)
         path = self.root / MANIFEST_NAME
-        atomic_write_bytes(path, self.manifest().to_csv(index=False).encode())
+        atomic_write_bytes(path, table.to_csv(index=False).encode())
         return path
 
     # ---- features

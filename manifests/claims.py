@@ -7,7 +7,8 @@ hard-linked to its name, which fails if the name exists), so nobody ever reads a
 
 The staleness rule (when a file may be taken over):
 - on the holder's own host (and pid namespace): the pid is not running, or it runs but started at
-  another time (reused);
+  another time (reused); a file that records no start time (written before it was recorded) cannot
+  tell its live holder from a reused pid, so it goes by the age rule below;
 - on any host: the holder refreshes the file's modification time every HEARTBEAT_S seconds while it
   works (a background thread); a file not refreshed for `stale_after` seconds (STALE_AFTER_S, 10
   minutes, by default) belongs to a process that is gone or hung: a killed container, a lost node;
@@ -16,8 +17,14 @@ A file held by a live process of this host is never taken over, however old.
 
 Taking over is a compare-and-swap: the taker first creates `<file>.<token>.takeover` exclusively
 for the stale holder's token (so two takers of one stale file cannot both win), re-reads the file to
-check the stale holder still holds it, and only then removes it and creates its own, again
-exclusively. No interleaving of these steps gives a file two owners (tests/test_claims.py plays them).
+check the stale holder still holds it, then removes it by renaming it to a name of its own and reading
+what it moved: a taker paused so long that its marker expired (TAKEOVER_STALE_S) may by then have
+moved the next owner's file, which it puts back. Only then does it create its own, again exclusively.
+No interleaving of these steps gives a file two owners (tests/test_claims.py plays them).
+
+Opening a claims folder (`Claims`) clears what killed processes left in it: stale claims (taken over
+as above, so a live claim is never removed) and the temporary files of claims being written when
+their writer died (manifests.files.remove_abandoned_temporary_files).
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
+from manifests.files import pid_namespace, remove_abandoned_temporary_files, temporary_path
+
 HEARTBEAT_S = 60.0
 STALE_AFTER_S = 600.0
 TAKEOVER_STALE_S = 60.0  # a takeover marker older than this was left by a taker that died mid-step
@@ -45,14 +54,6 @@ def process_start_time(pid: int) -> str | None:
     except OSError:
         return None
     return stat.rsplit(")", 1)[1].split()[19]  # field 22 of proc(5), counted after the command name
-
-
-def pid_namespace() -> int | None:
-    """The inode of this process's pid namespace: two containers may share a host name, not this."""
-    try:
-        return os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        return None
 
 
 def this_process() -> dict[str, Any]:
@@ -100,7 +101,9 @@ def is_stale(path: Path, holder: dict[str, Any] | None, stale_after: float = STA
         except PermissionError:
             pass  # runs, under another user
         recorded, current = holder.get("process_start"), process_start_time(pid)
-        if recorded is not None and current is not None and recorded != current:
+        if recorded is None:
+            return age > stale_after  # written before start times were recorded: a reused pid looks alive
+        if current is not None and recorded != current:
             return True  # the pid was reused by another process
         return False  # a live process of this host: never taken over
     return age > stale_after
@@ -108,7 +111,7 @@ def is_stale(path: Path, holder: dict[str, Any] | None, stale_after: float = STA
 
 def _create(path: Path, holder: dict[str, Any]) -> bool:
     """Create `path` holding `holder`, complete, only if it does not exist."""
-    tmp = path.with_name(f".{path.name}.{holder['token']}.tmp")
+    tmp = temporary_path(path)
     fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
     try:
         with os.fdopen(fd, "w") as handle:
@@ -140,10 +143,31 @@ def _take_over(path: Path, stale: dict[str, Any] | None, stale_after: float) -> 
         same = (now == stale) if stale is not None else (now is None and path.exists())
         if not same or not is_stale(path, now, stale_after):
             return False  # someone else took it over (or released it) since we looked
-        path.unlink(missing_ok=True)
-        return True
+        return _remove_if_still(path, stale, marker)
     finally:
         marker.unlink(missing_ok=True)
+
+
+def _remove_if_still(path: Path, stale: dict[str, Any] | None, marker: Path) -> bool:
+    """Remove `path` if it still holds `stale` (None: unreadable); True when removed. A rename moves the
+    file aside atomically, so what is checked is exactly what was removed: had we paused past
+    TAKEOVER_STALE_S since judging it, it may be the next owner's, and goes back in place."""
+    moved = marker.with_name(f"{marker.name}.{uuid.uuid4().hex[:12]}.moved")
+    try:
+        os.rename(path, moved)
+    except FileNotFoundError:
+        return False  # released or taken over meanwhile
+    if read_holder(moved) == stale:
+        moved.unlink(missing_ok=True)
+        return True
+    try:
+        os.link(moved, path)  # a successor's file: put back (unless another file took the name since)
+    except FileExistsError:
+        pass  # its owner sees the loss by token (`holds`) before it writes anything
+    except FileNotFoundError:
+        pass  # a sweep removed it as a dead taker's leftover (see Claims.remove_leftovers)
+    moved.unlink(missing_ok=True)
+    return False
 
 
 def acquire_file(path: Path, holder: dict[str, Any], stale_after: float = STALE_AFTER_S) -> dict[str, Any] | None:
@@ -201,6 +225,25 @@ class Claims:
         self.stale_after = stale_after
         self.me = this_process()
         self.held: dict[str, Path] = {}
+        self.remove_leftovers()
+
+    def remove_leftovers(self) -> None:
+        """Clear what killed processes left here: temporary files of claims being written, and stale
+        claims (of videos nobody may try again: renamed, deleted). Live claims stay."""
+        remove_abandoned_temporary_files(self.folder, self.stale_after)
+        for path in self.folder.glob("*.takeover*"):  # markers, and claims moved aside, of takers that died
+            try:
+                info = path.stat()
+                # a claim moved aside keeps its old mtime: its ctime says when it was moved
+                since = info.st_ctime if path.name.endswith(".moved") else info.st_mtime
+                if time.time() - since > TAKEOVER_STALE_S:
+                    path.unlink()
+            except OSError:
+                pass
+        for path in self.folder.glob("*.claim"):
+            holder = read_holder(path)
+            if is_stale(path, holder, self.stale_after):
+                _take_over(path, holder, self.stale_after)
 
     @staticmethod
     def file_name(video_id: str) -> str:

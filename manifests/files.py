@@ -2,16 +2,25 @@
 beside it, fsynced, then renamed over it), so a kill or a full disk never leaves half a file.
 
 One core, `atomic_write_file`, does the temporary file, the mode, the fsync and the rename; the
-others (bytes, JSON, .npy) are writers handed to it. Temporary files are hidden (`.<name>.<random>.tmp`)
-and removed when a write fails; a process killed mid-write leaves one, which `remove_temporary_files`
-clears once the caller is the folder's only writer.
+others (bytes, JSON, .npy) are writers handed to it. Temporary files are hidden
+(`.<name>.<host>-<pid>-<random>.tmp`, naming their writer) and removed when a write fails; a process
+killed mid-write leaves one. `remove_temporary_files` clears them in a folder the caller is the only
+writer of; `remove_abandoned_temporary_files` clears, in a folder several processes write (a cache's
+root, its claims), only those whose writer is gone.
+
+CSV files are written spreadsheet-safe: `escape_csv_cell` is the one escape of a cell a spreadsheet
+would run as a formula, `unescape_csv_cell` its undo for the project's readers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
+import socket
 import stat
+import time
 import uuid
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
@@ -28,9 +37,26 @@ def with_path(exc: BaseException, path: Path) -> BaseException:
     return exc
 
 
+def pid_namespace() -> int | None:
+    """The inode of this process's pid namespace: two containers may share a host name, not this."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
+def host_key() -> str:
+    """This host and pid namespace in 8 hex digits: where a pid in a file name can be looked up."""
+    return hashlib.sha1(f"{socket.gethostname()}/{pid_namespace()}".encode()).hexdigest()[:8]
+
+
 def temporary_path(path: Path) -> Path:
-    """A unique hidden name beside `path` (`.<name>.<random>.tmp`): written, then renamed over it."""
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")
+    """A unique hidden name beside `path`, naming its writer (`.<name>.<host>-<pid>-<random>.tmp`):
+    written, then renamed over it."""
+    return path.with_name(f".{path.name}.{host_key()}-{os.getpid()}-{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")
+
+
+_WRITER = re.compile(r"\.(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)-[0-9a-f]+" + re.escape(TMP_SUFFIX) + "$")
 
 
 def atomic_write_file(path: Path, fill: Callable[[Path], None]) -> None:
@@ -94,6 +120,69 @@ def remove_temporary_files(folder: Path) -> int:
         except OSError:
             pass
     return removed
+
+
+def writer_is_gone(tmp: Path, stale_after: float) -> bool:
+    """True when the process writing the temporary file `tmp` is provably gone: its name names a pid of
+    this host that is not running, or (another host's file, or one named before temporary files carried
+    their writer) it has not changed for `stale_after` seconds. The rule of manifests/claims.py."""
+    match = _WRITER.search(tmp.name)
+    if match and match["host"] == host_key():
+        try:
+            os.kill(int(match["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass  # runs, under another user
+        return False  # a live process of this host (or one that reused its pid: kept, to be safe)
+    try:
+        return time.time() - tmp.stat().st_mtime > stale_after
+    except FileNotFoundError:
+        return False  # renamed into place or removed meanwhile
+
+
+def remove_abandoned_temporary_files(folder: Path, stale_after: float) -> int:
+    """Delete the temporary files in `folder` whose writer is gone (`writer_is_gone`); the count. For a
+    folder that several processes write at once: a live writer's temporary file is left alone."""
+    removed = 0
+    for path in Path(folder).glob(f".*{TMP_SUFFIX}"):
+        if writer_is_gone(path, stale_after):
+            try:
+                path.unlink()
+                removed += 1
+            except OSError:
+                pass
+    return removed
+
+
+# A spreadsheet runs a cell starting with one of these as a formula (CSV injection)
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _formula_like(text: str) -> bool:
+    """Text a spreadsheet would run: past any leading quotes, it starts a formula and is not a number.
+    Leading quotes are skipped so that a text already starting with one is escaped too: the escape
+    stays reversible."""
+    body = text.lstrip("'")
+    if not body.startswith(FORMULA_STARTS):
+        return False
+    try:
+        float(body)  # -3, +1e5: a spreadsheet reads a number, runs nothing
+    except ValueError:
+        return True
+    return False
+
+
+def escape_csv_cell(value: Any) -> Any:
+    """The one escape of every CSV the project writes: a text cell a spreadsheet would run as a formula
+    (starting with = + - @ tab or CR) gets a leading single quote, the usual spreadsheet-safety rule.
+    Numbers and other values are returned as they are; `unescape_csv_cell` undoes it exactly."""
+    return "'" + value if isinstance(value, str) and _formula_like(value) else value
+
+
+def unescape_csv_cell(text: str) -> str:
+    """A cell of a CSV the project wrote, as it was before `escape_csv_cell` (ids come back exactly)."""
+    return text[1:] if text.startswith("'") and _formula_like(text[1:]) else text
 
 
 class JsonFileError(ValueError):

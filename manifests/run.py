@@ -34,7 +34,7 @@ from typing import Any
 
 from manifests.claims import RunLock
 from manifests.config import ConfigError, RecordedConfig
-from manifests.files import atomic_write_bytes, atomic_write_json, read_json_object
+from manifests.files import atomic_write_bytes, atomic_write_json, escape_csv_cell, read_json_object, unescape_csv_cell
 
 # TrainConfig keys that say where the run is or where a value came from, not how it trains.
 NOT_SETTINGS = ("out", "sources", "schema_version")
@@ -307,7 +307,8 @@ class RunDir:
         if not self.log_csv.is_file():
             return []
         with self.log_csv.open(newline="") as handle:
-            return list(csv.DictReader(handle))
+            return [{k: unescape_csv_cell(v) if isinstance(v, str) else v for k, v in row.items()}
+                    for row in csv.DictReader(handle)]
 
     def write_log(self, rows: list[dict[str, Any]]) -> None:
         """One row per epoch; the columns in order of first appearance, None as an empty cell."""
@@ -319,7 +320,7 @@ class RunDir:
         text = io.StringIO()
         writer = csv.DictWriter(text, columns, lineterminator="\n")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: escape_csv_cell(v) for k, v in row.items()} for row in rows)
         atomic_write_bytes(self.log_csv, text.getvalue().encode())
 
     # ------------------------------------------------------------------ last/: the resume state

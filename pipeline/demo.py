@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+from manifests.files import escape_csv_cell
 from pipeline.samples import ClipSpec, sample_set, write_clip
 
 BANNER = "=" * 78
@@ -105,7 +106,7 @@ def make_dataset(out: Path, settings: DemoSettings) -> tuple[Path, Path, list[Cl
         with open(path, "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["video_id", "score", "split"])
-            writer.writerows([spec.name, spec.label, split] for spec, split in rows)
+            writer.writerows([escape_csv_cell(spec.name), spec.label, split] for spec, split in rows)
     return videos, labels, specs, unseen
 
 

@@ -27,6 +27,8 @@ The reference layout (modalities in its order v, a, f; reference key -> project 
     regressor.*                           head.*
     pos_encoder.pe                        checked to be the sinusoidal encoding, not stored
 A tensor of the file that nothing maps, or a tensor the model needs that the file lacks, is an error.
+So is, before any size is read off a shape, a tensor with a zero-sized dimension, NaN/inf values or
+another number of dimensions than the one it maps to: each a one-line error naming the file and the key.
 
 The reference's models/transformer.py is the GDLT transformer it builds on, with the key names of the
 torch.nn layout (its layers.{i}.self_attn.in_proj_weight, linear1, norm1, ..., norm), which its model
@@ -97,7 +99,19 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
         raise CheckpointImportError(f"{path}: expected a dict of tensor name -> tensor (model.state_dict()), got {type(state).__name__}")
     if all(k.startswith("module.") for k in state):  # saved from a DataParallel wrapper
         state = {k[len("module."):]: v for k, v in state.items()}
+    check_values(state, path)
     return state
+
+
+def check_values(state: dict[str, Tensor], path: Path) -> None:
+    """No tensor is empty along a dimension or holds NaN/inf: sizes are read off these shapes, and a NaN
+    weight would make a run whose every score is NaN (evaluated as n=0, not as an error)."""
+    for key, tensor in state.items():
+        if 0 in tensor.shape:
+            raise CheckpointImportError(f"{path}: tensor {key!r} is zero-sized (shape {tuple(tensor.shape)})")
+        if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointImportError(f"{path}: tensor {key!r} holds NaN/inf values (a damaged file, or a "
+                                        "training run that diverged)")
 
 
 def _count(state: dict[str, Tensor], prefix: str) -> int:
@@ -105,9 +119,17 @@ def _count(state: dict[str, Tensor], prefix: str) -> int:
     return len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})
 
 
-def _shape(state: dict[str, Tensor], key: str, path: Path) -> tuple[int, ...]:
+def _dimensions(tensor: Tensor, expected: int, key: str) -> str | None:
+    """Why `tensor` (the file's `key`) does not have `expected` dimensions, or None."""
+    return None if tensor.dim() == expected else f"{key!r} is {tensor.dim()}-D, expected {expected}-D"
+
+
+def _shape(state: dict[str, Tensor], key: str, path: Path, dimensions: int) -> tuple[int, ...]:
     if key not in state:
         raise CheckpointImportError(f"{path}: tensor {key!r} is missing; not an MCMoE reference checkpoint")
+    problem = _dimensions(state[key], dimensions, key)
+    if problem:
+        raise CheckpointImportError(f"{path}: tensor {problem} (shape {tuple(state[key].shape)})")
     return tuple(state[key].shape)
 
 
@@ -115,9 +137,9 @@ def reference_config(
     state: dict[str, Tensor], path: Path, modalities: list[str], heads: int, **settings: Any
 ) -> MCMoEConfig:
     """The MCMoEConfig of the reference model these tensors come from (sizes read off the shapes)."""
-    feature_dims = {m: _shape(state, f"in_proj.{REFERENCE_LETTERS[m]}.0.weight", path)[1] for m in modalities}
-    hidden = _shape(state, "in_proj.v.3.weight", path)[0]
-    feedforward = _shape(state, "transformer.encoder.layers.0.linear1.weight", path)[0]
+    feature_dims = {m: _shape(state, f"in_proj.{REFERENCE_LETTERS[m]}.0.weight", path, 3)[1] for m in modalities}
+    hidden = _shape(state, "in_proj.v.3.weight", path, 3)[0]
+    feedforward = _shape(state, "transformer.encoder.layers.0.linear1.weight", path, 2)[0]
     if feedforward % hidden:
         raise CheckpointImportError(f"{path}: feed-forward width {feedforward} is not a multiple of hidden {hidden}")
     try:
@@ -127,7 +149,7 @@ def reference_config(
             decoder_layers=_count(state, "transformer.decoder.layers."), decoder_heads=heads,
             feedforward_ratio=feedforward // hidden,
             generator_layers=_count(state, "generators.v.cross_attn."), generator_heads=REFERENCE_GENERATOR_HEADS,
-            num_grades=_shape(state, "prototype.weight", path)[0], position_encoding=False, **settings,
+            num_grades=_shape(state, "prototype.weight", path, 2)[0], position_encoding=False, **settings,
         )
     except ValueError as exc:
         raise CheckpointImportError(f"{path}: {exc}") from None
@@ -195,9 +217,18 @@ def map_reference_state(state: dict[str, Tensor], model: MCMoE, path: Path) -> d
             missing += absent
             continue
         used.update(sources)
-        tensor = combine([state[s] for s in sources])
-        if tuple(tensor.shape) != tuple(target.shape):
-            mismatched.append(f"{key} <- {'+'.join(sources)}: {tuple(tensor.shape)}, expected {tuple(target.shape)}")
+        # every recipe keeps the number of dimensions; checked first, since combining assumes it
+        wrong = [p for p in (_dimensions(state[s], target.dim(), s) for s in sources) if p]
+        if wrong:
+            mismatched.append(f"{key} <- {'; '.join(wrong)}")
+            continue
+        try:
+            tensor = combine([state[s] for s in sources])
+        except RuntimeError:  # sizes that cannot be concatenated or split into the modality blocks
+            tensor = None
+        if tensor is None or tuple(tensor.shape) != tuple(target.shape):
+            found = ", ".join(str(tuple(state[s].shape)) for s in sources) if tensor is None else str(tuple(tensor.shape))
+            mismatched.append(f"{key} <- {'+'.join(sources)}: {found}, expected {tuple(target.shape)}")
             continue
         mapped[key] = tensor.to(target.dtype).clone()
     if "pos_encoder.pe" in state:

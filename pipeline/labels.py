@@ -2,7 +2,8 @@
 
 `split` (optional) is one of train / val / test. `train` never uses test rows; `evaluate` uses only
 them when the column is there. Every problem is reported with the file and the line (line 1 is the
-header), all of them at once, so a user fixes the file in one pass.
+header), all of them at once, so a user fixes the file in one pass. Other columns (a judge's notes)
+are ignored, and named in one warning line on stderr.
 """
 
 from __future__ import annotations
@@ -12,14 +13,17 @@ import csv
 import difflib
 import io
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from manifests.cache import DONE, FeatureCache
+from manifests.files import unescape_csv_cell
 
 REQUIRED_COLUMNS = ("video_id", "score")
 SPLITS = ("train", "val", "test")
 MAX_LISTED = 10  # problems listed in one error message before "... and N more"
+_warned: set[tuple[Path, tuple[str, ...]]] = set()  # said once per command: reproduce reads a file per seed
 
 
 class LabelError(ValueError):
@@ -77,7 +81,9 @@ def read_labels(path: str | Path) -> Labels:
     """Parse and check a labels CSV: header, ids, numeric finite scores, no duplicates, valid splits.
 
     Every row is checked for every problem and all of them are reported together. Ids are kept exactly
-    as written (spaces included: a video file named " a .mp4" has the id " a ")."""
+    as written (spaces included: a video file named " a .mp4" has the id " a "), except for the leading
+    single quote with which the project's CSV files escape an id a spreadsheet would run as a formula
+    ('=1+2 is the id =1+2: manifests.files.unescape_csv_cell)."""
     path = Path(path).expanduser()
     reader = csv.reader(io.StringIO(_read_text(path), newline=""))
     header = next(reader, None)
@@ -105,7 +111,7 @@ def read_labels(path: str | Path) -> Labels:
             hint = " (a decimal comma? write 7.5, not 7,5, or quote the field)" if len(row) > len(header) else ""
             problems.append(f"line {line}: {len(row)} field(s), the header has {len(header)}{hint}")
             continue
-        video_id = row[index["video_id"]]
+        video_id = unescape_csv_cell(row[index["video_id"]])  # as the project's CSV writers escape it
         text = row[index["score"]].strip()
         found = []
         if not video_id.strip():
@@ -135,6 +141,10 @@ def read_labels(path: str | Path) -> Labels:
     if not scores:
         raise LabelError(f"{path} has a header but no labelled videos")
     extra = [h for h in header if h not in (*REQUIRED_COLUMNS, "split")]
+    if extra and (path.resolve(), tuple(extra)) not in _warned:
+        _warned.add((path.resolve(), tuple(extra)))
+        print(f"warning: {path}: column(s) {', '.join(extra)} ignored (a labels file uses video_id, score "
+              "and split)", file=sys.stderr)
     return Labels(path, scores, lines, splits if has_split else None, extra)
 
 

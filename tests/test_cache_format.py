@@ -139,6 +139,60 @@ def test_configurations_differing_in_architecture_size_say_so(tmp_path):
     assert all("hash " in line and "seed" not in line for line in lines)  # only what differs
 
 
+def test_temporary_files_of_killed_writes_in_the_cache_root_go_on_the_next_run(tmp_path):
+    """config.json and manifest.csv are written through temporary files beside them; a kill mid-write
+    leaves one. The next open_cache removes those whose writer is gone (its pid, on this host, or an age
+    past the claims' staleness limit) and keeps a live writer's."""
+    import os
+    import time
+
+    from manifests.files import temporary_path
+    from tests.test_claims import written_by_a_dead_process
+
+    extraction = ExtractionConfig(modalities=("rgb",), backbones={"rgb": "vst"}, weights="random")
+    config = CacheConfig(source="extract", config_hash=extraction.config_hash(), modalities=["rgb"],
+                         extractors={"rgb": {"name": "vst", "version": "1", "feature_dim": 8}},
+                         extraction=extraction.to_dict(), random_weights=True)
+    root = open_cache(tmp_path, config).root
+    killed = [written_by_a_dead_process(root / name) for name in ("config.json", "manifest.csv")]
+    live = temporary_path(root / "manifest.csv")  # this process, writing it now
+    live.write_text("mid-write")
+    legacy_fresh, legacy_old = root / ".manifest.csv.0a1b2c3d4e5f.tmp", root / ".config.json.a1b2c3d4e5f6.tmp"
+    for path in (legacy_fresh, legacy_old):  # named before temporary files carried their writer
+        path.write_text("half")
+    past = time.time() - 601
+    os.utime(legacy_old, (past, past))
+    open_cache(tmp_path, config)
+    assert not any(p.exists() for p in (*killed, legacy_old))
+    assert live.exists() and legacy_fresh.exists()
+
+
+def test_manifest_cells_a_spreadsheet_would_run_are_escaped_and_read_back_exactly(tmp_path):
+    """Videos named like formulas: manifest.csv escapes their text cells with a leading single quote
+    (numbers, negative ones included, stay numbers); the reader's undo gives the ids back exactly, and
+    record.json keeps them as they are."""
+    import csv
+
+    from manifests.cache import DONE, FAILED, ModalityRecord, VideoRecord
+    from manifests.files import unescape_csv_cell
+
+    extraction = ExtractionConfig(modalities=("rgb",), backbones={"rgb": "vst"}, weights="random")
+    cache = open_cache(tmp_path, CacheConfig(
+        source="extract", config_hash=extraction.config_hash(), modalities=["rgb"], random_weights=True,
+        extractors={"rgb": {"name": "vst", "version": "1", "feature_dim": 8}}, extraction=extraction.to_dict()))
+    ids = ['=HYPERLINK("http:x","y")', "=1+2", "+SUM(1,2)", "@cmd", "-1", "plain"]
+    for video_id in ids:
+        cache.write_record(VideoRecord(video_id=video_id, path=f"/v/{video_id}.mp4", status=FAILED, fps=-2.5,
+                                       error="-bad", modalities={"rgb": ModalityRecord(DONE, [3, 8])}))
+    with open(cache.write_manifest(), newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    by_id = {row["video_id"]: row for row in rows}
+    assert sorted(by_id) == sorted(["'" + i for i in ids if i not in ("-1", "plain")] + ["-1", "plain"])
+    assert all(row["fps"] == "-2.5" and row["error"] == "'-bad" and row["path"].startswith("/v/") for row in rows)
+    assert sorted(unescape_csv_cell(row["video_id"]) for row in rows) == sorted(ids)
+    assert sorted(r.video_id for r in cache.records()) == sorted(ids)
+
+
 # --------------------------------------------------------------------------- the hash and the schema
 
 

@@ -8,10 +8,12 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from manifests import claims as claims_module
+from manifests import files as files_module
 from manifests.claims import Claims, RunLock, is_stale, read_holder
 
 
@@ -26,6 +28,15 @@ def dead_pid() -> int:
     process = subprocess.Popen([sys.executable, "-c", "pass"])
     process.wait()
     return process.pid
+
+
+def written_by_a_dead_process(path) -> "Path":
+    """The temporary file a process killed mid-write leaves beside `path` (that process has exited)."""
+    code = ("import sys; from pathlib import Path; from manifests.files import temporary_path; "
+            "tmp = temporary_path(Path(sys.argv[1])); tmp.write_text('half'); print(tmp)")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    return Path(out.stdout.strip())
 
 
 def age(path, seconds: float) -> None:
@@ -152,3 +163,68 @@ def test_run_lock(tmp_path):
     first.path.write_text(json.dumps({"host": first.me["host"], "pid": dead_pid(), "token": "t"}))
     assert first.acquire() is None  # the holder died (kill -9): provably stale, taken over
     first.release()
+
+
+def test_legacy_claim_without_process_start_is_judged_by_age(tmp_path):
+    """A claim written before process_start was recorded cannot tell its live holder from a process that
+    reused its pid: it goes by the heartbeat's age, as another host's claim does."""
+    claims = Claims(tmp_path, stale_after=600)
+    write_claim(claims, "legacy", host=claims.me["host"], pid=os.getppid())  # a live pid, no process_start
+    assert not claims.acquire("legacy")  # refreshed recently: its holder may be working
+    age(claims.path("legacy"), 601)
+    assert claims.acquire("legacy")
+
+
+def test_a_taker_paused_inside_its_takeover_cannot_remove_the_next_owner(tmp_path, monkeypatch):
+    """Interleaving 3: A judges the claim stale inside its takeover, then pauses longer than
+    TAKEOVER_STALE_S; B finds A's marker expired and takes the claim over completely. The old code let
+    A, resuming, delete B's fresh claim and create its own: two owners."""
+    a = Claims(tmp_path, stale_after=600)
+    b = other_process(a)
+    write_claim(a, "v", host="gone-container", pid=1)
+    age(a.path("v"), 1000)
+    judged = is_stale
+    markers = lambda: list(tmp_path.glob("*.takeover"))  # noqa: E731
+    played = []
+
+    def a_pauses_after_judging(path, holder, stale_after=600):
+        verdict = judged(path, holder, stale_after)
+        if not played and markers():  # A is inside its takeover, its marker in place
+            played.append(True)
+            monkeypatch.setattr(claims_module, "is_stale", judged)
+            for marker in markers():
+                age(marker, claims_module.TAKEOVER_STALE_S + 1)  # the pause, without waiting for it
+            assert b.acquire("v")
+        return verdict
+
+    monkeypatch.setattr(claims_module, "is_stale", a_pauses_after_judging)
+    assert not a.acquire("v")
+    assert played == [True]
+    assert b.still_held("v") and not a.still_held("v")
+    assert not markers() and not list(tmp_path.glob(".*"))  # nothing left over
+
+
+def test_leftover_temporaries_and_orphan_claims_go_on_the_next_run(tmp_path, monkeypatch):
+    """A claim killed while being written leaves its temporary file; a holder killed outright leaves its
+    claim. Both go when the claims folder is next opened; a live writer's temporary file stays."""
+    first = Claims(tmp_path, stale_after=600)
+    killed = written_by_a_dead_process(first.path("v"))
+    live = files_module.temporary_path(first.path("w"))
+    live.write_text("mid-write")
+    write_claim(first, "orphan", host=first.me["host"], pid=dead_pid())
+    write_claim(first, "held", host=first.me["host"], pid=os.getpid(),
+                process_start=claims_module.process_start_time(os.getpid()))
+    dead_taker = first.path("x").with_name(first.path("x").name + ".old.takeover")
+    dead_taker.write_text("")
+    age(dead_taker, claims_module.TAKEOVER_STALE_S + 1)
+    moved = dead_taker.with_name(dead_taker.name + ".0a1b2c3d4e5f.moved")  # it died after moving a claim aside
+    moved.write_text("{}")
+    age(moved, 1000)  # a moved claim keeps the old mtime of the claim
+    Claims(tmp_path, stale_after=600)
+    assert not killed.exists() and live.exists() and not dead_taker.exists()
+    assert not first.path("orphan").exists() and first.path("held").exists()
+    assert moved.exists()  # moved just now (a taker may be checking it): kept
+    now = time.time()
+    monkeypatch.setattr(claims_module.time, "time", lambda: now + claims_module.TAKEOVER_STALE_S + 1)
+    Claims(tmp_path, stale_after=600)
+    assert not moved.exists() and live.exists() and first.path("held").exists()

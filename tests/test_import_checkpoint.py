@@ -245,6 +245,29 @@ def test_tensors_left_over_or_missing_and_non_tensor_pickles_are_refused(setup, 
     assert code == 2 and "weights_only=True" in err and not marker.exists()
 
 
+@pytest.mark.parametrize("key, tensor, says", [
+    ("in_proj.v.0.weight", torch.zeros(8), "is 1-D, expected 3-D"),
+    ("in_proj.v.3.weight", torch.zeros(0, 8, 1), "zero-sized"),
+    ("transformer.encoder.layers.0.linear1.weight", torch.tensor(1.0), "is 0-D, expected 2-D"),
+    ("regressor.weight", torch.full((1, D), float("nan")), "NaN/inf"),
+    ("experts.a.4.running_var", torch.tensor([float("inf")] * (D // 2)), "NaN/inf"),
+    ("fusion.0.weight", torch.zeros(5), "is 1-D, expected 3-D"),
+    ("fusion.0.weight", torch.zeros(5, 5, 1), "fusion.0.weight <- fusion.0.weight: (5, 5, 1), expected"),
+    ("experts.f.0.weight", torch.zeros(D // 2, D, 2), "expected"),
+])
+def test_degenerate_tensors_are_one_line_naming_file_and_key(setup, tmp_path, capsys, key, tensor, says):
+    """Checked before any size is read off a shape: no traceback, and no run whose every score is NaN."""
+    made, reference, _ = setup
+    path = tmp_path / "degenerate.pkl"
+    torch.save(dict(reference.state_dict(), **{key: tensor}), path)
+    code = main(["import-checkpoint", str(path), "--format", "mcmoe-reference", "--out", str(tmp_path / "run"),
+                 "--features", str(made.cache.root), "--clip-num", "6", "--score-range", "10"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert str(path) in err and key in err and says in err, err
+    assert not (tmp_path / "run" / "run.json").exists()
+
+
 def test_score_new_clips_with_an_imported_checkpoint(extracted_clips, tmp_path, capsys):
     """With features made by `pipeline extract`, the run scores raw clips: extracted the same way, the
     missing audio imputed, the score that of the reference layout's forward pass on those features."""

@@ -185,3 +185,17 @@ def test_pamfn_finds_the_feature_folder_inside_the_download(tmp_path, rg_root, c
         import_pamfn(dataset, tmp_path / "other")
     with pytest.raises(FeatureImportError, match="nor does a folder inside it .*RG-feature/"):
         import_pamfn(tmp_path / "cache", tmp_path / "other")
+
+
+def test_imported_labels_escape_formula_ids_and_read_back_exactly(tmp_path, fs1000_root):
+    """A published video named like a spreadsheet formula: labels/<target>.csv escapes it (a leading single
+    quote), the labels reader gives the id back exactly, and it matches the cache's record."""
+    root, _ = fs1000_root
+    for folder in ("output_feature_fs1000_new", "i3d_avg_clip8_5s_fs1000", "ast_feature_fs1000_new"):
+        (root / folder / "2019_R_PF_B.npy").rename(root / folder / "=2019+1.npy")
+    train = root / "train_fs1000_new.txt"
+    train.write_text(train.read_text().replace("2019_R_PF_B", "=2019+1"))
+    (fs,) = import_skating_mixer(root, tmp_path / "cache")
+    assert "\n'=2019+1,33.3,train\n" in fs.labels["PCS"].read_text()
+    labels = read_labels(fs.labels["PCS"])
+    assert "=2019+1" in labels.scores and "=2019+1" in check_against_cache(labels, fs.cache)

@@ -153,3 +153,21 @@ def test_undecodable_files_are_named(tmp_path, clip_folder):
     latin.write_bytes("video_id,score\nvid000,1\nvid\xe9,2\n".encode("latin-1"))
     with pytest.raises(LabelError, match=rf"{latin} line 3: byte 0xe9 is not UTF-8"):
         read_labels(latin)
+
+
+def test_ids_escaped_for_spreadsheets_read_back_exactly(tmp_path):
+    """A labels file the project wrote (import-features) escapes ids a spreadsheet would run as formulas
+    with a leading single quote; the reader undoes exactly that and nothing else."""
+    path = write(tmp_path, "video_id,score\n'=1+2,1\n\"'+SUM(1,2)\",2\n''@cmd,3\n'plain,4\n-3,-5\n")
+    assert read_labels(path).scores == {"=1+2": 1.0, "+SUM(1,2)": 2.0, "'@cmd": 3.0, "'plain": 4.0, "-3": -5.0}
+
+
+def test_unknown_columns_are_named_in_one_warning_line(tmp_path, capsys):
+    path = write(tmp_path, "video_id,score,judge_notes,split,panel\na,1.5,fine,train,2\n")
+    labels = read_labels(path)
+    assert labels.scores == {"a": 1.5} and labels.splits == {"a": "train"}
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and str(path) in err and "judge_notes, panel" in err, err
+    read_labels(path)  # read again in the same command (reproduce: once per seed): said once
+    read_labels(write(tmp_path, "video_id,score\na,1\n", "plain.csv"))
+    assert capsys.readouterr().err == ""

@@ -137,6 +137,9 @@ def test_the_training_log_is_rewritten_byte_for_byte(tmp_path):
     folder.write_log([{"epoch": 1, "lr": 0.001, "loss": 0.5, "val_rho": None}, {"epoch": 2, "lr": 1e-05, "loss": 0.25,
                                                                                 "val_rho": 0.5, "extra": 3}])
     assert (tmp_path / RunDir.LOG).read_text() == "epoch,lr,loss,val_rho,extra\n1,0.001,0.5,,\n2,1e-05,0.25,0.5,3\n"
+    folder.write_log([{"epoch": 1, "loss": -0.5, "note": "=1+2"}])  # spreadsheet-safe, read back exactly
+    assert (tmp_path / RunDir.LOG).read_text() == "epoch,loss,note\n1,-0.5,'=1+2\n"
+    assert folder.read_log() == [{"epoch": "1", "loss": "-0.5", "note": "=1+2"}]
 
 
 def test_the_resume_state_is_swapped_in_whole(tmp_path):

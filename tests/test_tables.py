@@ -7,6 +7,7 @@ extract_report returning every line fails the report test."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 
@@ -72,3 +73,27 @@ def test_the_demo_shows_the_counts_and_failed_clips_not_every_clip():
         "2 extracted, 0 already done, 1 failed, 0 left to another running process. Manifest: m.csv",
     ]
     assert extract_report(printed.replace("clip01 failed", "clip01   done")) == [printed.splitlines()[-1]]
+
+
+# (a CR starting a cell is escaped the same way, escape_csv_cell("\rx") == "'\rx"; not in a file here,
+# since Python's csv writer does not quote a CR inside a cell when lines end in \n)
+FORMULAS = ['=HYPERLINK("http:x","y")', "=1+2", "+SUM(1,2)", "@cmd", "-2+3", "\tx", "'=quoted"]
+
+
+def test_csv_cells_that_a_spreadsheet_would_run_are_escaped_and_json_keeps_them_exact(tmp_path):
+    """Formula injection: text starting with = + - @ tab or CR gets a leading single quote (a quote the
+    escape would otherwise make ambiguous, too); numbers, negative ones included, are left as they are."""
+    from manifests.files import escape_csv_cell, unescape_csv_cell
+
+    ids = [*FORMULAS, "plain", "'plain", "-"]
+    rows = [{"clip": clip, "score": -1.5, "text": "-2.5"} for clip in ids]
+    path = write_table(Table("scores of run R", RANDOM, rows, rows_key="scores"), tmp_path / "t.csv")
+    with open(path, newline="") as handle:
+        header, *body = list(csv.reader(handle))
+    written = {column: [row[i] for row in body] for i, column in enumerate(header)}
+    assert written["clip"] == ["'" + c for c in FORMULAS] + ["plain", "'plain", "'-"]
+    assert set(written["score"]) == {"-1.5"} and set(written["text"]) == {"-2.5"}  # numbers are not text
+    assert [unescape_csv_cell(c) for c in written["clip"]] == ids  # the reader's undo gives the ids back
+    assert escape_csv_cell("\rx") == "'\rx" and unescape_csv_cell("'\rx") == "\rx"
+    table = write_table(Table("scores of run R", RANDOM, rows, rows_key="scores"), tmp_path / "t.json")
+    assert [r["clip"] for r in json.loads(table.read_text())["scores"]] == ids
