@@ -34,7 +34,7 @@ def test_the_fixture_runs_schema_1_record_upgrades_keeping_every_value():
     assert {k: written[k] for k in recorded} == recorded  # nothing the file held changed
     # the fields a trained schema-1 record lacks, with what they were for that run
     assert {k: written[k] for k in set(written) - set(recorded) - {"schema_version"}} == {
-        "imported": None, "test_used_for_selection": False}
+        "imported": None, "test_used_for_selection": False, "feature_recipe": None}
 
 
 def test_an_imported_schema_1_record_counts_every_parameter_trainable():
