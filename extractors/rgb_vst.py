@@ -22,6 +22,7 @@ from torchvision.models.video import swin_transformer as tv_swin
 from torchvision.models.video.swin_transformer import ShiftedWindowAttention3d, SwinTransformer3d
 
 from extractors.base import Extractor, WeightsSource, checkpoint_path, register
+from extractors.checkpoint_layouts import describe_checkpoint, load_original_checkpoint, original_checkpoint
 from extractors.config import ExtractionConfig
 from extractors.transforms import (
     IMAGENET_MEAN,
@@ -169,7 +170,11 @@ class VideoSwinExtractor(Extractor):
             model = swin3d_tiny()
         else:
             model = swin3d_b()
-            if not config.random_weights:
+            original = original_checkpoint(self.settings.vst_checkpoint)
+            if not config.random_weights and original is not None:
+                model.head = nn.Identity()  # the file's classifier (600 classes for Kinetics-600) is dropped too
+                load_original_checkpoint(model, checkpoint_path(weights, original.url), original)
+            elif not config.random_weights:
                 path = checkpoint_path(weights, PRETRAINED.url)
                 model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         if self.settings.attention == "fused":
@@ -180,7 +185,8 @@ class VideoSwinExtractor(Extractor):
 
     @classmethod
     def check_weights(cls, config: ExtractionConfig, weights: WeightsSource) -> None:
-        checkpoint_path(weights, PRETRAINED.url)
+        original = original_checkpoint(config.settings[cls.modality].vst_checkpoint)
+        checkpoint_path(weights, PRETRAINED.url if original is None else original.url)
 
     @torch.no_grad()
     def embed(self, batch: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -207,6 +213,7 @@ class VideoSwinExtractor(Extractor):
             **super().describe(),
             "architecture": "torchvision swin3d_b" if self.config.arch_size == "full" else "swin3d tiny",
             "pretrained": None if self.config.random_weights else f"Swin3D_B_Weights.{PRETRAINED.name}",
+            **describe_checkpoint(self.settings.vst_checkpoint, self.config.random_weights),
             "crop": f"centre {CROP[0]}x{CROP[1]} at short side 256, resized to {INPUT_SIZE}x{INPUT_SIZE}",
             "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
             "pooling": "mean over all tokens after the last norm (head removed)",

@@ -123,12 +123,20 @@ class VideoSwinSettings(LinearLayerSettings):
         "fused", ("fused", "reference"),
         help="window attention: fused into one kernel, or torchvision's reference code; equal up to "
         "float rounding")
+    vst_checkpoint: str = setting(
+        "torchvision-k400", ("torchvision-k400", "mmaction2-k600-22k", "mmaction2-k400-22k", "mmaction2-k400-1k"),
+        help="pretrained Swin-B file: torchvision's Kinetics-400 port (swin3d_b_1k-24f7c7c6.pth), or "
+        "Video-Swin-Transformer's own swin_base_patch244_window877_{kinetics600_22k,kinetics400_22k,"
+        "kinetics400_1k}.pth in its mmaction2 layout (PAMFN's features used kinetics600_22k)")
 
 
 @backbone_settings("rgb", "timesformer")
 @dataclass
 class TimeSformerSettings(LinearLayerSettings):
-    pass
+    timesformer_checkpoint: str = setting(
+        "hf-k400", ("hf-k400", "original-k400", "original-k600"),
+        help="pretrained TimeSformer: Hugging Face's facebook/timesformer-base-finetuned-k400, or "
+        "facebookresearch/TimeSformer's own TimeSformer_divST_8x32_224_{K400,K600}.pyth")
 
 
 # The flow backbones differ in how they compute flow; the I3D that embeds it is the same.
@@ -143,9 +151,17 @@ class FlowI3DSettings(BackboneSettings):
         help="library that runs the I3D: torch, or on a CPU ONNX Runtime or OpenVINO (optional packages: "
         "pip install -e \".[onnx]\" or \".[openvino]\"; extractors/cpu_runtimes.py); equal to torch's "
         "features up to float rounding but not bitwise, so in a cache folder of its own")
+    i3d_checkpoint: str = setting(
+        "pytorch-i3d-imagenet", ("pytorch-i3d-imagenet", "hassony2-kinetics"),
+        help="pretrained I3D flow file: pytorch-i3d's flow_imagenet.pt (BatchNorm eps 1e-3), or "
+        "kinetics_i3d_pytorch's model_flow.pth (PAMFN's; BatchNorm eps 1e-5, also with random weights)")
 
 
 @backbone_settings("audio", "ast")
 @dataclass
 class ASTSettings(LinearLayerSettings):
-    pass
+    ast_checkpoint: str = setting(
+        "hf-audioset", ("hf-audioset", "original-audioset"),
+        help="pretrained AST: Hugging Face's MIT/ast-finetuned-audioset-10-10-0.4593, or YuanGongND/ast's "
+        "own audioset_10_10_0.4593.pth (PAMFN's; LayerNorm eps 1e-6 as in its timm ViT, also with random "
+        "weights)")

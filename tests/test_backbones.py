@@ -23,6 +23,7 @@ from extractors import (
     build_extractors,
 )
 from extractors.base import BackboneUnavailableError
+from extractors.config import LAYOUT_1_SETTINGS
 from extractors.audio_ast import ast_config, time_positions
 from extractors.flow_i3d import I3D_FLOW_URL
 from extractors.i3d import inception_i3d
@@ -40,7 +41,8 @@ def layout_1(config: ExtractionConfig, without: str | None = None) -> dict:
     per setting (optionally leaving `without` out, as a file written before that setting existed)."""
     data = {k: v for k, v in config.to_dict().items() if k not in ("settings", "schema_version")}
     for settings in config.to_dict()["settings"].values():
-        data.update({k: v for k, v in settings.items() if k != "schema_version" and k != without})
+        # Only the settings layout 1 had: later ones did not exist when it was written.
+        data.update({k: v for k, v in settings.items() if k in LAYOUT_1_SETTINGS and k != without})
     return data
 
 
