@@ -47,8 +47,8 @@ The transformers names are those of the pinned transformers (setup.cfg); another
 show up as missing keys, not as silently random weights.
 
 Every tensor is mapped by name and checked by shape: a key of the file no rule maps, a key the network
-needs that the file lacks (BatchNorm's num_batches_tracked, never read at inference, may be absent) and
-a tensor of another shape are all named in one ValueError naming the file.
+needs that the file lacks (but DERIVED buffers) and a tensor of another shape are all named in one
+ValueError naming the file.
 """
 
 from __future__ import annotations
@@ -304,19 +304,24 @@ def names(items: list[str], limit: int = 8) -> str:
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
+# Buffers a file may lack: BatchNorm's step count, never read at inference, and Swin's relative position
+# index, which the network computes from its window size exactly as the authors' code does.
+DERIVED = ("num_batches_tracked", "relative_position_index")
+
+
 def fit_state_dict(model: nn.Module, converted: ConvertedState, source: str) -> None:
     """Load `converted` into `model` if every tensor matches by name and shape, else one ValueError naming
     `source` and every leftover, missing and misshapen tensor."""
     expected = model.state_dict()
     leftover = converted.leftover + [converted.origin[n] for n in converted.tensors if n not in expected]
-    missing = [n for n in expected if n not in converted.tensors and not n.endswith("num_batches_tracked")]
+    missing = [n for n in expected if n not in converted.tensors and not n.endswith(DERIVED)]
     misshapen = [f"{converted.origin[n]} {tuple(t.shape)} -> {n} {tuple(expected[n].shape)}"
                  for n, t in converted.tensors.items() if n in expected and t.shape != expected[n].shape]
     problems = [f"{what} ({len(items)}): {names(items)}" for what, items in
                 (("leftover keys", leftover), ("missing keys", missing), ("wrong shapes", misshapen)) if items]
     if problems:
         raise ValueError(f"{source} does not fit {type(model).__name__}: " + "; ".join(problems))
-    model.load_state_dict(converted.tensors, strict=False)  # strict on everything but num_batches_tracked
+    model.load_state_dict(converted.tensors, strict=False)  # strict on everything but DERIVED
 
 
 def load_original_checkpoint(model: nn.Module, path: Path, checkpoint: OriginalCheckpoint) -> None:
