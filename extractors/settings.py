@@ -154,7 +154,8 @@ class FlowI3DSettings(BackboneSettings):
     i3d_checkpoint: str = setting(
         "pytorch-i3d-imagenet", ("pytorch-i3d-imagenet", "hassony2-kinetics"),
         help="pretrained I3D flow file: pytorch-i3d's flow_imagenet.pt (BatchNorm eps 1e-3), or "
-        "kinetics_i3d_pytorch's model_flow.pth (PAMFN's; BatchNorm eps 1e-5, also with random weights)")
+        "kinetics_i3d_pytorch's model_flow.pth (PAMFN's; its BatchNorm eps 1e-5 and static padding, also "
+        "with random weights)")
 
 
 @backbone_settings("audio", "ast")

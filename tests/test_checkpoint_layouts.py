@@ -177,7 +177,8 @@ CASES = {
     "mmaction2-k600-22k": ("rgb", "vst", "vst_checkpoint", swin_two_blocks, lambda s: mmcv_file(to_video_swin(s)),
                            [(rgb_vst, "swin3d_b", swin_two_blocks)]),
     "hassony2-kinetics": ("flow", "farneback", "i3d_checkpoint",
-                          partial(inception_i3d, width_multiplier=TINY_WIDTH, bn_eps=HASSONY2_BN_EPS), to_hassony2,
+                          partial(inception_i3d, width_multiplier=TINY_WIDTH, bn_eps=HASSONY2_BN_EPS,
+                                  static_padding=True), to_hassony2,
                           [(flow_i3d, "inception_i3d", lambda **kw: inception_i3d(**{**kw, "width_multiplier": TINY_WIDTH}))]),
     "original-audioset": ("audio", "ast", "ast_checkpoint", tiny_ast, to_original_ast,
                           [(audio_ast, "ast_config", lambda size: ast_config("tiny"))]),
@@ -250,7 +251,7 @@ def test_an_original_file_in_the_weights_dir_gives_the_natively_loaded_network(c
     if case == "hassony2-kinetics":
         assert not zipfile.is_zipfile(path)  # the legacy format loads with weights_only too
         assert {m.eps for m in network.modules() if isinstance(m, torch.nn.BatchNorm3d)} == {HASSONY2_BN_EPS}
-        assert description["batch_norm_eps"] == HASSONY2_BN_EPS
+        assert description["batch_norm_eps"] == HASSONY2_BN_EPS and network.Conv3d_1a_7x7.static_padding
 
 
 def test_a_video_swin_file_without_relative_position_indices_uses_the_networks_own(tmp_path):
@@ -355,6 +356,7 @@ def test_random_weights_take_the_checkpoints_architecture_only():
                                 CPU, WeightsSource())
     eps = lambda e: {m.eps for m in e.i3d.modules() if isinstance(m, torch.nn.BatchNorm3d)}  # noqa: E731
     assert (eps(plain["flow"]), eps(original["flow"])) == ({PYTORCH_I3D_BN_EPS}, {HASSONY2_BN_EPS})
+    assert (plain["flow"].i3d.Mixed_5c.b3a.static_padding, original["flow"].i3d.Mixed_5c.b3a.static_padding) == (False, True)
     assert (plain["audio"].model.config.layer_norm_eps, original["audio"].model.config.layer_norm_eps) == (1e-12, 1e-6)
     assert "checkpoint" not in plain["flow"].describe() and "batch_norm_eps" not in plain["flow"].describe()
     assert original["flow"].describe()["checkpoint"] == "hassony2-kinetics"
