@@ -93,7 +93,8 @@ CHECKPOINTS: dict[str, OriginalCheckpoint] = {
         "Video Swin-B, ImageNet-1k then Kinetics-400 (Video-Swin-Transformer, mmaction2 layout)"),
     "hassony2-kinetics": OriginalCheckpoint(
         "https://github.com/hassony2/kinetics_i3d_pytorch/raw/master/model/model_flow.pth", "hassony2-i3d",
-        "I3D flow stream, ImageNet-inflated then Kinetics-400 (kinetics_i3d_pytorch port, BatchNorm eps 1e-5)"),
+        "I3D flow stream, ImageNet-inflated then Kinetics-400 (kinetics_i3d_pytorch port: BatchNorm eps 1e-5, "
+        "static padding)"),
     "original-audioset": OriginalCheckpoint(
         "https://www.dropbox.com/s/ca0b1v2nlxzyeb4/audioset_10_10_0.4593.pth?dl=1", "ast",
         "AST, ImageNet then AudioSet, 10/10 strides, mAP 0.4593 (YuanGongND/ast, LayerNorm eps 1e-6)"),
@@ -294,7 +295,7 @@ def read_checkpoint(path: Path) -> dict[str, Tensor]:
         for key in WRAPPERS:
             if is_state_dict(data.get(key)):
                 return dict(data[key])
-    keys = sorted(data)[:10] if isinstance(data, Mapping) else type(data).__name__
+    keys = [str(k) for k in list(data)[:10]] if isinstance(data, Mapping) else type(data).__name__
     raise ValueError(f"{path}: holds no state dict (tensor name -> tensor), directly or under {list(WRAPPERS)}; "
                      f"found {keys}")
 
