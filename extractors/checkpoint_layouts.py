@@ -26,18 +26,21 @@ The layouts (the file's name -> the network's):
                  module.v.patch_embed.proj.*             embeddings.patch_embeddings.projection.*
                  module.v.blocks.{i}.attn.qkv.*          layers.{i}.attention.{q,k,v}_proj.* (split in thirds)
                  module.v.blocks.{i}.attn.proj.*         layers.{i}.attention.o_proj.*
-                 module.v.blocks.{i}.norm1 / norm2 / mlp.fc1 / mlp.fc2
-                                                         layers.{i}.layernorm_before / layernorm_after / mlp.fc1 / mlp.fc2
+                 module.v.blocks.{i}.norm1 / norm2       layers.{i}.layernorm_before / layernorm_after
+                 module.v.blocks.{i}.mlp.fc1 / fc2       layers.{i}.mlp.fc1 / fc2
                  module.v.norm.*                         layernorm.*
                  module.v.head*, module.mlp_head.*       dropped (the classifiers)
     timesformer  facebookresearch/TimeSformer (PySlowFast's "model_state", optimizer and cfg beside it)
                  model.cls_token / pos_embed / time_embed
                                                          embeddings.cls_token / position_embeddings / time_embeddings
                  model.patch_embed.proj.*                embeddings.patch_embeddings.projection.*
-                 model.blocks.{i}.attn.qkv / attn.proj   encoder.layer.{i}.attention.attention.qkv / attention.output.dense
-                 model.blocks.{i}.temporal_norm1 / temporal_attn.qkv / temporal_attn.proj / temporal_fc
-                                                         encoder.layer.{i}.temporal_layernorm / temporal_attention.attention.qkv /
-                                                         temporal_attention.output.dense / temporal_dense
+                 model.blocks.{i}.attn.qkv / attn.proj   encoder.layer.{i}.attention.attention.qkv /
+                                                         encoder.layer.{i}.attention.output.dense
+                 model.blocks.{i}.temporal_norm1         encoder.layer.{i}.temporal_layernorm
+                 model.blocks.{i}.temporal_attn.qkv / temporal_attn.proj
+                                                         encoder.layer.{i}.temporal_attention.attention.qkv /
+                                                         encoder.layer.{i}.temporal_attention.output.dense
+                 model.blocks.{i}.temporal_fc            encoder.layer.{i}.temporal_dense
                  model.blocks.{i}.norm1 / norm2 / mlp.fc1 / mlp.fc2
                                                          encoder.layer.{i}.layernorm_before / layernorm_after /
                                                          intermediate.dense / output.dense
@@ -48,7 +51,7 @@ show up as missing keys, not as silently random weights.
 
 Every tensor is mapped by name and checked by shape: a key of the file no rule maps, a key the network
 needs that the file lacks (but DERIVED buffers) and a tensor of another shape are all named in one
-ValueError naming the file.
+CheckpointError (a ValueError) naming the file.
 """
 
 from __future__ import annotations
@@ -62,7 +65,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from extractors.base import url_filename
+from extractors.base import BackboneUnavailableError, url_filename
+
+
+class CheckpointError(BackboneUnavailableError, ValueError):
+    """A checkpoint file does not hold its backbone's weights; the message names the file and every problem.
+
+    A BackboneUnavailableError, so `pipeline extract` reports it in one line, as a missing file."""
 
 
 @dataclass(frozen=True)
@@ -267,7 +276,8 @@ def detect_layout(state: Mapping[str, Tensor], source: str) -> str:
         if any(marker in state for marker in markers):
             return layout
     first = sorted(state)[:5]
-    raise ValueError(f"{source}: not a checkpoint of a known layout ({', '.join(LAYOUTS)}); its first keys are {first}")
+    raise CheckpointError(
+        f"{source}: not a checkpoint of a known layout ({', '.join(LAYOUTS)}); its first keys are {first}")
 
 
 # The containers the authors' training code wraps a state dict in: mmcv / mmengine ("state_dict", with
@@ -284,7 +294,8 @@ def read_checkpoint(path: Path) -> dict[str, Tensor]:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"{path}: not a checkpoint that loads with torch.load(weights_only=True) ({reason})") from None
+        raise CheckpointError(
+            f"{path}: not a checkpoint that loads with torch.load(weights_only=True) ({reason})") from None
 
     def is_state_dict(value: object) -> bool:
         return isinstance(value, Mapping) and bool(value) and all(isinstance(v, Tensor) for v in value.values())
@@ -296,7 +307,7 @@ def read_checkpoint(path: Path) -> dict[str, Tensor]:
             if is_state_dict(data.get(key)):
                 return dict(data[key])
     keys = [str(k) for k in list(data)[:10]] if isinstance(data, Mapping) else type(data).__name__
-    raise ValueError(f"{path}: holds no state dict (tensor name -> tensor), directly or under {list(WRAPPERS)}; "
+    raise CheckpointError(f"{path}: holds no state dict (tensor name -> tensor), directly or under {list(WRAPPERS)}; "
                      f"found {keys}")
 
 
@@ -311,7 +322,7 @@ DERIVED = ("num_batches_tracked", "relative_position_index")
 
 
 def fit_state_dict(model: nn.Module, converted: ConvertedState, source: str) -> None:
-    """Load `converted` into `model` if every tensor matches by name and shape, else one ValueError naming
+    """Load `converted` into `model` if every tensor matches by name and shape, else one CheckpointError naming
     `source` and every leftover, missing and misshapen tensor."""
     expected = model.state_dict()
     leftover = converted.leftover + [converted.origin[n] for n in converted.tensors if n not in expected]
@@ -321,7 +332,7 @@ def fit_state_dict(model: nn.Module, converted: ConvertedState, source: str) -> 
     problems = [f"{what} ({len(items)}): {names(items)}" for what, items in
                 (("leftover keys", leftover), ("missing keys", missing), ("wrong shapes", misshapen)) if items]
     if problems:
-        raise ValueError(f"{source} does not fit {type(model).__name__}: " + "; ".join(problems))
+        raise CheckpointError(f"{source} does not fit {type(model).__name__}: " + "; ".join(problems))
     model.load_state_dict(converted.tensors, strict=False)  # strict on everything but DERIVED
 
 
@@ -330,7 +341,7 @@ def load_original_checkpoint(model: nn.Module, path: Path, checkpoint: OriginalC
     state = read_checkpoint(path)
     layout = detect_layout(state, str(path))
     if layout != checkpoint.layout:
-        raise ValueError(f"{path} is a {layout} checkpoint, not the {checkpoint.layout} layout of "
+        raise CheckpointError(f"{path} is a {layout} checkpoint, not the {checkpoint.layout} layout of "
                          f"{checkpoint.filename} ({checkpoint.what})")
     convert = LAYOUTS[layout][1]
     assert convert is not None  # every OriginalCheckpoint names a converted layout (tests check it)

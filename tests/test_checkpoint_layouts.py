@@ -21,6 +21,7 @@ from torchvision.models.video.swin_transformer import SwinTransformer3d
 from extractors import ExtractionConfig, WeightsSource, WeightsUnavailableError, build_extractors
 from extractors import audio_ast, flow_i3d, rgb_timesformer, rgb_vst
 from extractors.audio_ast import ast_config
+from extractors.base import BackboneUnavailableError
 from extractors.checkpoint_layouts import CHECKPOINTS, LAYOUTS, detect_layout, load_original_checkpoint, read_checkpoint
 from extractors.i3d import HASSONY2_BN_EPS, PYTORCH_I3D_BN_EPS, inception_i3d
 from extractors.rgb_timesformer import timesformer_config
@@ -270,7 +271,8 @@ def test_a_video_swin_file_without_relative_position_indices_uses_the_networks_o
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_leftover_a_missing_and_a_misshapen_tensor_are_named_together_with_the_file(case, tmp_path):
-    # Broken on purpose once: fit_state_dict raising on the first kind of problem only named the leftover.
+    # Broken on purpose once: fit_state_dict raising on the first kind of problem only named the leftover;
+    # and once CheckpointError as a plain ValueError (pipeline extract printed a traceback).
     def damage(state: dict) -> None:
         weights = [k for k, v in state.items() if v.ndim >= 2 and "head" not in k]
         first, second, last = weights[0], weights[1], weights[-1]
@@ -287,6 +289,7 @@ def test_a_leftover_a_missing_and_a_misshapen_tensor_are_named_together_with_the
         load_original_checkpoint(network, path, CHECKPOINTS[case])
     message = str(error.value)
     assert str(path) in message and "\n" not in message
+    assert isinstance(error.value, BackboneUnavailableError)  # so `pipeline extract` says it in one line
     leftover, misshapen = damage.names
     assert f"leftover keys (1): {leftover}" in message
     assert "missing keys (1" in message  # the deleted tensor, under the network's name
