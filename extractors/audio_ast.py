@@ -29,12 +29,15 @@ import torch.nn.functional as F
 import torchaudio
 from torch import nn
 
-from extractors.base import Extractor, WeightsSource, hf_pretrained, register
+from extractors.base import Extractor, WeightsSource, checkpoint_path, hf_pretrained, register
+from extractors.checkpoint_layouts import describe_checkpoint, load_original_checkpoint, original_checkpoint
 from extractors.config import ExtractionConfig
 from extractors.decode import AUDIO_DECODER, PAMFN_AUDIO_DECODER, AudioChunk
 from extractors.transforms import count_flops, one_clip_per_call
 
 HUB_ID = "MIT/ast-finetuned-audioset-10-10-0.4593"
+# The original AST is a timm ViT, whose LayerNorms use eps 1e-6; the Hugging Face port's config says 1e-12.
+ORIGINAL_LAYER_NORM_EPS = 1e-6
 SAMPLE_RATE = 16000
 WINDOW_SAMPLES = 400  # 25 ms, kaldi's default frame length
 # AudioSet filterbank statistics of the AST recipe; features are (fbank - mean) / (2 * std).
@@ -135,8 +138,14 @@ class ASTExtractor(Extractor):
 
         if config.audio_sample_rate != SAMPLE_RATE:
             raise ValueError(f"AST needs {SAMPLE_RATE} Hz audio; the config has {config.audio_sample_rate}")
-        if config.random_weights:
-            model = ASTModel(ast_config(config.arch_size))
+        original = original_checkpoint(self.settings.ast_checkpoint)
+        if config.random_weights or original is not None:
+            architecture = ast_config(config.arch_size)
+            if original is not None:
+                architecture.layer_norm_eps = ORIGINAL_LAYER_NORM_EPS
+            model = ASTModel(architecture)
+            if not config.random_weights:
+                load_original_checkpoint(model, checkpoint_path(weights, original.url), original)
         else:
             model = hf_pretrained(ASTModel, HUB_ID, weights, dtype=torch.float32)
         ast = model.config
@@ -155,7 +164,11 @@ class ASTExtractor(Extractor):
     def check_weights(cls, config: ExtractionConfig, weights: WeightsSource) -> None:
         from transformers import ASTConfig
 
-        hf_pretrained(ASTConfig, HUB_ID, weights)
+        original = original_checkpoint(config.settings[cls.modality].ast_checkpoint)
+        if original is None:
+            hf_pretrained(ASTConfig, HUB_ID, weights)
+        else:
+            checkpoint_path(weights, original.url)
 
     def time_patches(self, frames: int) -> int:
         """Time patches AST's patch convolution makes from `frames` filterbank frames (>= 1)."""
@@ -215,6 +228,10 @@ class ASTExtractor(Extractor):
             "audio_decoder": AUDIO_DECODER,
             "architecture": HUB_ID if self.config.arch_size == "full" else "ast tiny",
             "pretrained": None if self.config.random_weights else HUB_ID,
+            **describe_checkpoint(self.settings.ast_checkpoint, self.config.random_weights),
+            # Only for the original's: the default keeps the description existing caches record.
+            **({"layer_norm_eps": self.model.config.layer_norm_eps}
+               if original_checkpoint(self.settings.ast_checkpoint) else {}),
             "fbank": {**FBANK_OPTIONS, "frame_length_ms": 25, "mean_removed": True},
             "normalisation": {"mean": FBANK_MEAN, "std": FBANK_STD, "formula": "(fbank - mean) / (2 * std)"},
             "time_positions": f"centre-cut from {self.trained_frames} frames (interpolated when longer)",

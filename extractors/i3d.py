@@ -4,18 +4,27 @@ Neither torchvision nor transformers ships I3D, and the public Kinetics flow wei
 pytorch-i3d checkpoints (`flow_imagenet.pt`), so this module reproduces that layout exactly: the same
 layer names (`Conv3d_1a_7x7`, `Mixed_3b`, ...), branch names (b0, b1a, b1b, b2a, b2b, b3b), unit
 structure (`conv3d` + `bn`), TensorFlow-style 'same' padding and BatchNorm eps 0.001 / momentum 0.01,
-so `load_state_dict` takes such a checkpoint as it is.
+so `load_state_dict` takes such a checkpoint as it is. hassony2's kinetics_i3d_pytorch port of the same
+TensorFlow weights (the PAMFN features' flow stream) differs in two ways, so both are parameters that
+follow the checkpoint (extractors/checkpoint_layouts.py reads that layout): BatchNorm at PyTorch's
+default eps 1e-5, and 'static' padding, kernel - stride whatever the input size (TensorFlow's 'SAME'
+pads less along a size the stride does not divide), with ceil-mode max pools. The two paddings agree
+wherever the stride divides the size, as at PAMFN's 32 frames of 224 x 224.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 Triple = tuple[int, int, int]
+
+PYTORCH_I3D_BN_EPS = 1e-3  # TensorFlow's, kept by pytorch-i3d
+HASSONY2_BN_EPS = 1e-5  # PyTorch's default, which hassony2's port kept
 
 # (out channels of b0, b1a, b1b, b2a, b2b, b3b) per Inception block, as in Inception-v1.
 INCEPTION_BLOCKS: dict[str, tuple[int, int, int, int, int, int]] = {
@@ -38,14 +47,15 @@ TRUNK = (
 )
 
 
-def same_padding(size: tuple[int, ...], kernel: Triple, stride: Triple) -> tuple[int, ...]:
+def same_padding(size: tuple[int, ...], kernel: Triple, stride: Triple, static: bool = False) -> tuple[int, ...]:
     """TensorFlow 'SAME' padding for (T, H, W), in F.pad order (W front/back, H ..., T ...).
 
     The output has ceil(size / stride) positions; the odd pixel of padding goes at the back.
+    `static`: hassony2's padding instead, kernel - stride along every axis whatever its size.
     """
     pads: list[int] = []
     for s, k, st in zip(size, kernel, stride):
-        total = max(k - st, 0) if s % st == 0 else max(k - s % st, 0)
+        total = max(k - st, 0) if static or s % st == 0 else max(k - s % st, 0)
         pads.append(total // 2)
         pads.append(total - total // 2)
     t_front, t_back, h_front, h_back, w_front, w_back = pads
@@ -64,14 +74,16 @@ class Unit3D(nn.Module):
         use_batch_norm: bool = True,
         use_bias: bool = False,
         activation: bool = True,
+        bn_eps: float = PYTORCH_I3D_BN_EPS,
+        static_padding: bool = False,
     ) -> None:
         super().__init__()
-        self.kernel, self.stride, self.activation = kernel, stride, activation
+        self.kernel, self.stride, self.activation, self.static_padding = kernel, stride, activation, static_padding
         self.conv3d = nn.Conv3d(in_channels, out_channels, kernel, stride=stride, padding=0, bias=use_bias)
-        self.bn = nn.BatchNorm3d(out_channels, eps=0.001, momentum=0.01) if use_batch_norm else None
+        self.bn = nn.BatchNorm3d(out_channels, eps=bn_eps, momentum=0.01) if use_batch_norm else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pads = same_padding(x.shape[2:], self.kernel, self.stride)
+        pads = same_padding(x.shape[2:], self.kernel, self.stride, self.static_padding)
         if pads[0::2] == pads[1::2]:  # symmetric: the convolution pads by itself, without a padded copy
             x = F.conv3d(x, self.conv3d.weight, self.conv3d.bias, self.stride, pads[4::-2])
         else:
@@ -85,31 +97,35 @@ class MaxPool3dSame(nn.Module):
     """Max pooling with 'same' padding. The padding is zeros, not -inf, as in the checkpoints' code;
     every pool follows a ReLU, so the two agree."""
 
-    def __init__(self, kernel: Triple, stride: Triple) -> None:
+    def __init__(self, kernel: Triple, stride: Triple, static_padding: bool = False) -> None:
         super().__init__()
-        self.kernel, self.stride = kernel, stride
+        self.kernel, self.stride, self.static_padding = kernel, stride, static_padding
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pads = same_padding(x.shape[2:], self.kernel, self.stride)
+        pads = same_padding(x.shape[2:], self.kernel, self.stride, self.static_padding)
+        # hassony2's pools round up (ceil mode) after their static padding, giving ceil(size / stride) positions.
+        ceil = self.static_padding
         if pads[0::2] == pads[1::2] and all(2 * p <= k for p, k in zip(pads[4::-2], self.kernel)):
             # The pool pads by itself (with -inf; the same maximum, as above), without a padded copy.
-            return F.max_pool3d(x, self.kernel, self.stride, pads[4::-2])
-        return F.max_pool3d(F.pad(x, pads), self.kernel, self.stride)
+            return F.max_pool3d(x, self.kernel, self.stride, pads[4::-2], ceil_mode=ceil)
+        return F.max_pool3d(F.pad(x, pads), self.kernel, self.stride, ceil_mode=ceil)
 
 
 class InceptionBlock(nn.Module):
     """Four parallel branches (1x1; 1x1 -> 3x3x3; 1x1 -> 3x3x3; 3x3x3 max pool -> 1x1) concatenated."""
 
-    def __init__(self, in_channels: int, widths: tuple[int, int, int, int, int, int]) -> None:
+    def __init__(self, in_channels: int, widths: tuple[int, int, int, int, int, int],
+                 bn_eps: float = PYTORCH_I3D_BN_EPS, static_padding: bool = False) -> None:
         super().__init__()
         w0, w1a, w1b, w2a, w2b, w3b = widths
-        self.b0 = Unit3D(in_channels, w0)
-        self.b1a = Unit3D(in_channels, w1a)
-        self.b1b = Unit3D(w1a, w1b, kernel=(3, 3, 3))
-        self.b2a = Unit3D(in_channels, w2a)
-        self.b2b = Unit3D(w2a, w2b, kernel=(3, 3, 3))
-        self.b3a = MaxPool3dSame((3, 3, 3), (1, 1, 1))
-        self.b3b = Unit3D(in_channels, w3b)
+        unit = partial(Unit3D, bn_eps=bn_eps, static_padding=static_padding)
+        self.b0 = unit(in_channels, w0)
+        self.b1a = unit(in_channels, w1a)
+        self.b1b = unit(w1a, w1b, kernel=(3, 3, 3))
+        self.b2a = unit(in_channels, w2a)
+        self.b2b = unit(w2a, w2b, kernel=(3, 3, 3))
+        self.b3a = MaxPool3dSame((3, 3, 3), (1, 1, 1), static_padding)
+        self.b3b = unit(in_channels, w3b)
         self.out_channels = w0 + w1b + w2b + w3b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -128,7 +144,8 @@ class InceptionI3d(nn.Module):
     """I3D up to Mixed_5c, then average pooling and a 1x1x1 classifier (`logits`).
 
     `width_multiplier` scales every channel count (1.0 is the published network; the tiny test
-    variant uses 1/8) while keeping the layer structure and names.
+    variant uses 1/8) while keeping the layer structure and names. `bn_eps` is every BatchNorm's eps:
+    pytorch-i3d's 1e-3, or 1e-5 for hassony2's port; `static_padding` gives hassony2's padding.
     """
 
     def __init__(
@@ -137,6 +154,8 @@ class InceptionI3d(nn.Module):
         num_classes: int = 400,
         width_multiplier: float = 1.0,
         dropout: float = 0.5,
+        bn_eps: float = PYTORCH_I3D_BN_EPS,
+        static_padding: bool = False,
     ) -> None:
         super().__init__()
 
@@ -144,18 +163,20 @@ class InceptionI3d(nn.Module):
             return max(1, round(channels * width_multiplier))
 
         self.in_channels, self.num_classes = in_channels, num_classes
-        self.Conv3d_1a_7x7 = Unit3D(in_channels, width(64), kernel=(7, 7, 7), stride=(2, 2, 2))
-        self.MaxPool3d_2a_3x3 = MaxPool3dSame((1, 3, 3), (1, 2, 2))
-        self.Conv3d_2b_1x1 = Unit3D(width(64), width(64))
-        self.Conv3d_2c_3x3 = Unit3D(width(64), width(192), kernel=(3, 3, 3))
-        self.MaxPool3d_3a_3x3 = MaxPool3dSame((1, 3, 3), (1, 2, 2))
+        unit = partial(Unit3D, bn_eps=bn_eps, static_padding=static_padding)
+        pool = partial(MaxPool3dSame, static_padding=static_padding)
+        self.Conv3d_1a_7x7 = unit(in_channels, width(64), kernel=(7, 7, 7), stride=(2, 2, 2))
+        self.MaxPool3d_2a_3x3 = pool((1, 3, 3), (1, 2, 2))
+        self.Conv3d_2b_1x1 = unit(width(64), width(64))
+        self.Conv3d_2c_3x3 = unit(width(64), width(192), kernel=(3, 3, 3))
+        self.MaxPool3d_3a_3x3 = pool((1, 3, 3), (1, 2, 2))
         channels = width(192)
         for name, widths in INCEPTION_BLOCKS.items():
             if name == "Mixed_4b":
-                self.MaxPool3d_4a_3x3 = MaxPool3dSame((3, 3, 3), (2, 2, 2))
+                self.MaxPool3d_4a_3x3 = pool((3, 3, 3), (2, 2, 2))
             if name == "Mixed_5b":
-                self.MaxPool3d_5a_2x2 = MaxPool3dSame((2, 2, 2), (2, 2, 2))
-            block = InceptionBlock(channels, tuple(width(w) for w in widths))
+                self.MaxPool3d_5a_2x2 = pool((2, 2, 2), (2, 2, 2))
+            block = InceptionBlock(channels, tuple(width(w) for w in widths), bn_eps, static_padding)
             setattr(self, name, block)
             channels = block.out_channels
         self.feature_dim = channels
@@ -197,10 +218,12 @@ class InceptionI3d(nn.Module):
 
 
 def inception_i3d(
-    in_channels: int = 2, num_classes: int = 400, width_multiplier: float = 1.0
+    in_channels: int = 2, num_classes: int = 400, width_multiplier: float = 1.0,
+    bn_eps: float = PYTORCH_I3D_BN_EPS, static_padding: bool = False,
 ) -> InceptionI3d:
     """I3D for `in_channels` inputs (2 for optical flow, 3 for RGB); width 1/8 is the tiny variant."""
-    return InceptionI3d(in_channels=in_channels, num_classes=num_classes, width_multiplier=width_multiplier)
+    return InceptionI3d(in_channels=in_channels, num_classes=num_classes, width_multiplier=width_multiplier,
+                        bn_eps=bn_eps, static_padding=static_padding)
 
 
 def load_pytorch_i3d_state_dict(

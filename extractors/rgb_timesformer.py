@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from extractors.base import Extractor, WeightsSource, hf_pretrained, register
+from extractors.base import Extractor, WeightsSource, checkpoint_path, hf_pretrained, register
+from extractors.checkpoint_layouts import describe_checkpoint, load_original_checkpoint, original_checkpoint
 from extractors.config import ExtractionConfig
 from extractors.transforms import count_flops, crop_resize, dummy_frames, normalise, one_clip_per_call, uniform_frame_indices
 
@@ -47,8 +48,12 @@ class TimesformerExtractor(Extractor):
         super().__init__(config, device, weights)
         from transformers import TimesformerModel
 
-        if config.random_weights:
+        original = original_checkpoint(self.settings.timesformer_checkpoint)
+        if config.random_weights or original is not None:
+            # The original's LayerNorm eps (1e-6, timm's) is the transformers config's default already.
             model = TimesformerModel(timesformer_config(config.arch_size))
+            if not config.random_weights:
+                load_original_checkpoint(model, checkpoint_path(weights, original.url), original)
         else:
             model = hf_pretrained(TimesformerModel, HUB_ID, weights, dtype=torch.float32)
         self.num_frames = model.config.num_frames
@@ -59,7 +64,11 @@ class TimesformerExtractor(Extractor):
     def check_weights(cls, config: ExtractionConfig, weights: WeightsSource) -> None:
         from transformers import TimesformerConfig
 
-        hf_pretrained(TimesformerConfig, HUB_ID, weights)
+        original = original_checkpoint(config.settings[cls.modality].timesformer_checkpoint)
+        if original is None:
+            hf_pretrained(TimesformerConfig, HUB_ID, weights)
+        else:
+            checkpoint_path(weights, original.url)
 
     @torch.no_grad()
     def embed(self, batch: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -79,6 +88,7 @@ class TimesformerExtractor(Extractor):
             **super().describe(),
             "architecture": HUB_ID if self.config.arch_size == "full" else "timesformer tiny",
             "pretrained": None if self.config.random_weights else HUB_ID,
+            **describe_checkpoint(self.settings.timesformer_checkpoint, self.config.random_weights),
             "frames_per_clip": self.num_frames,
             "frame_sampling": f"{self.num_frames} frames uniformly spread over the clip",
             "crop": f"centre square at short side 256, resized to {INPUT_SIZE}x{INPUT_SIZE}",

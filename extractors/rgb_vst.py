@@ -22,6 +22,7 @@ from torchvision.models.video import swin_transformer as tv_swin
 from torchvision.models.video.swin_transformer import ShiftedWindowAttention3d, SwinTransformer3d
 
 from extractors.base import Extractor, WeightsSource, checkpoint_path, register
+from extractors.checkpoint_layouts import describe_checkpoint, load_original_checkpoint, original_checkpoint
 from extractors.config import ExtractionConfig
 from extractors.transforms import (
     IMAGENET_MEAN,
@@ -172,7 +173,11 @@ class VideoSwinExtractor(Extractor):
             model = swin3d_tiny()
         else:
             model = swin3d_b()
-            if not config.random_weights:
+            original = original_checkpoint(self.settings.vst_checkpoint)
+            if not config.random_weights and original is not None:
+                model.head = nn.Identity()  # the file's classifier (600 classes for Kinetics-600) is dropped too
+                load_original_checkpoint(model, checkpoint_path(weights, original.url), original)
+            elif not config.random_weights:
                 path = checkpoint_path(weights, PRETRAINED.url)
                 model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         if self.settings.attention == "fused":
@@ -183,7 +188,8 @@ class VideoSwinExtractor(Extractor):
 
     @classmethod
     def check_weights(cls, config: ExtractionConfig, weights: WeightsSource) -> None:
-        checkpoint_path(weights, PRETRAINED.url)
+        original = original_checkpoint(config.settings[cls.modality].vst_checkpoint)
+        checkpoint_path(weights, PRETRAINED.url if original is None else original.url)
 
     def input_frames(self, batch: torch.Tensor | np.ndarray) -> torch.Tensor:
         """uint8 frames (B, F, H, W, 3) -> float (B, F, 3, 224, 224) in [0, 255] on the device, the way the
@@ -222,6 +228,7 @@ class VideoSwinExtractor(Extractor):
             **super().describe(),
             "architecture": "torchvision swin3d_b" if self.config.arch_size == "full" else "swin3d tiny",
             "pretrained": None if self.config.random_weights else f"Swin3D_B_Weights.{PRETRAINED.name}",
+            **describe_checkpoint(self.settings.vst_checkpoint, self.config.random_weights),
             "crop": f"centre {CROP[0]}x{CROP[1]} at short side 256, resized to {INPUT_SIZE}x{INPUT_SIZE}",
             # Only when not the default: torch's transform keeps the description existing caches record.
             **({"frame_transform": "PIL bilinear Resize(256) (long side truncated), CenterCrop((224, 300)), "

@@ -131,6 +131,11 @@ class VideoSwinSettings(LinearLayerSettings):
     jpeg_quality: int = setting(
         0, help="0: none; else frames (rgb) and flow images (flow) go through a JPEG encode/decode at this "
         "quality first, as the published features were stored")
+    vst_checkpoint: str = setting(
+        "torchvision-k400", ("torchvision-k400", "mmaction2-k600-22k", "mmaction2-k400-22k", "mmaction2-k400-1k"),
+        help="pretrained Swin-B file: torchvision's Kinetics-400 port (swin3d_b_1k-24f7c7c6.pth), or "
+        "Video-Swin-Transformer's own swin_base_patch244_window877_{kinetics600_22k,kinetics400_22k,"
+        "kinetics400_1k}.pth in its mmaction2 layout (PAMFN's features used kinetics600_22k)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -143,7 +148,10 @@ class VideoSwinSettings(LinearLayerSettings):
 @backbone_settings("rgb", "timesformer")
 @dataclass
 class TimeSformerSettings(LinearLayerSettings):
-    pass
+    timesformer_checkpoint: str = setting(
+        "hf-k400", ("hf-k400", "original-k400", "original-k600"),
+        help="pretrained TimeSformer: Hugging Face's facebook/timesformer-base-finetuned-k400, or "
+        "facebookresearch/TimeSformer's own TimeSformer_divST_8x32_224_{K400,K600}.pyth")
 
 
 # The flow backbones differ in how they compute flow; the I3D that embeds it is the same.
@@ -180,6 +188,12 @@ class FlowI3DSettings(BackboneSettings):
         "the last from the clip's last frame to the next segment's first (at the video's end the previous "
         "flow repeated), as the published features (crossing)")
 
+    i3d_checkpoint: str = setting(
+        "pytorch-i3d-imagenet", ("pytorch-i3d-imagenet", "hassony2-kinetics"),
+        help="pretrained I3D flow file: pytorch-i3d's flow_imagenet.pt (BatchNorm eps 1e-3), or "
+        "kinetics_i3d_pytorch's model_flow.pth (PAMFN's; its BatchNorm eps 1e-5 and static padding, also "
+        "with random weights)")
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if isinstance(self.jpeg_quality, bool) or not isinstance(self.jpeg_quality, int) \
@@ -204,3 +218,8 @@ class ASTSettings(LinearLayerSettings):
         "resampled to 16 kHz by torchaudio, one mean removed, cut into T equal chunks (not the segments' "
         "spans), a filterbank of channel 0 told the source rate, (fbank - 4.26) / (4.57 * 2), zero-padded or "
         "cut to 41 frames (extractors/audio_ast.py)")
+    ast_checkpoint: str = setting(
+        "hf-audioset", ("hf-audioset", "original-audioset"),
+        help="pretrained AST: Hugging Face's MIT/ast-finetuned-audioset-10-10-0.4593, or YuanGongND/ast's "
+        "own audioset_10_10_0.4593.pth (PAMFN's; LayerNorm eps 1e-6 as in its timm ViT, also with random "
+        "weights)")

@@ -23,6 +23,7 @@ from extractors import (
     build_extractors,
 )
 from extractors.base import BackboneUnavailableError
+from extractors.config import LAYOUT_1_SETTINGS
 from extractors.audio_ast import ast_config, time_positions
 from extractors.config import LAYOUT_1_SETTINGS
 from extractors.flow_i3d import I3D_FLOW_URL

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from extractors.i3d import TRUNK, inception_i3d, load_pytorch_i3d_state_dict, same_padding
+from extractors.i3d import TRUNK, MaxPool3dSame, Unit3D, inception_i3d, load_pytorch_i3d_state_dict, same_padding
 
 # The published pytorch-i3d layout: three stem units, nine Inception blocks of six units, a logits conv.
 STEM_UNITS = ["Conv3d_1a_7x7", "Conv3d_2b_1x1", "Conv3d_2c_3x3"]
@@ -153,3 +153,30 @@ def test_a_channels_last_network_stays_channels_last_and_gives_the_same_features
             hook.remove()
     assert layouts == [True] * 9
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item())
+
+
+def test_static_padding_is_kinetics_i3d_pytorchs_and_equals_same_where_the_stride_divides():
+    # hassony2's port pads kernel - stride whatever the size and pools in ceil mode; written here with the
+    # torch primitives it uses. Broken on purpose once: pools without ceil mode gave 4 positions, not 5, at T=9.
+    assert same_padding((31, 224, 223), (7, 7, 7), (2, 2, 2), static=True) == (2, 3, 2, 3, 2, 3)
+    assert same_padding((31, 224, 223), (7, 7, 7), (2, 2, 2)) == (3, 3, 2, 3, 3, 3)
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(1, 4, 9, 15, 15))
+    unit = Unit3D(4, 8, kernel=(7, 7, 7), stride=(2, 2, 2), use_batch_norm=False, use_bias=True,
+                  activation=False, static_padding=True)
+    with torch.no_grad():
+        expected = unit.conv3d(torch.nn.ConstantPad3d((2, 3, 2, 3, 2, 3), 0.0)(x))
+        assert torch.equal(unit(x), expected) and expected.shape[2:] == (4, 7, 7)
+    for kernel, stride in (((3, 3, 3), (2, 2, 2)), ((1, 3, 3), (1, 2, 2)), ((2, 2, 2), (2, 2, 2)), ((3, 3, 3), (1, 1, 1))):
+        pads = [p for k, s in zip(kernel[::-1], stride[::-1]) for p in (max(k - s, 0) // 2, max(k - s, 0) - max(k - s, 0) // 2)]
+        expected = torch.nn.MaxPool3d(kernel, stride, ceil_mode=True)(torch.nn.ConstantPad3d(pads, 0.0)(x))
+        assert torch.equal(MaxPool3dSame(kernel, stride, static_padding=True)(x), expected), kernel
+
+    same = inception_i3d(in_channels=2, width_multiplier=1 / 8).eval()
+    static = inception_i3d(in_channels=2, width_multiplier=1 / 8, static_padding=True).eval()
+    static.load_state_dict(same.state_dict())
+    with torch.no_grad():
+        even = torch.randn(1, 2, 16, 64, 64)
+        assert torch.equal(same.extract_features(even), static.extract_features(even))
+        odd = torch.randn(1, 2, 9, 64, 64)
+        assert not torch.allclose(same.extract_features(odd), static.extract_features(odd))
