@@ -187,7 +187,6 @@ class FlowI3DSettings(BackboneSettings):
         help="which frames each flow joins: the F-1 consecutive pairs inside the clip (within), or F flows, "
         "the last from the clip's last frame to the next segment's first (at the video's end the previous "
         "flow repeated), as the published features (crossing)")
-
     i3d_checkpoint: str = setting(
         "pytorch-i3d-imagenet", ("pytorch-i3d-imagenet", "hassony2-kinetics"),
         help="pretrained I3D flow file: pytorch-i3d's flow_imagenet.pt (BatchNorm eps 1e-3), or "

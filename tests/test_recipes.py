@@ -115,9 +115,13 @@ def pamfn_extracted(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("pamfn")
     videos = root / "videos"
-    silent = write_clip(ClipSpec("st", 0.5, seconds=2.8, with_audio=False, seed=21), root / "silent.mp4")
-    with_track(silent, stereo_track(seconds=2.8), STEREO_RATE, videos / "stereo48.mkv")
-    write_clip(ClipSpec("f30", 0.4, seconds=2.7, fps=30, width=160, height=120, seed=22), videos / "fps30.mp4")
+    videos.mkdir()
+    # Small frames: TV-L1 at the source size is most of the time.
+    silent = write_clip(ClipSpec("st", 0.5, seconds=2.7, width=96, height=72, with_audio=False, seed=21),
+                        root / "silent.mp4")
+    with_track(silent, stereo_track(seconds=2.7), STEREO_RATE, videos / "stereo48.mkv")
+    # 2.2 s: 66 frames at 30 fps would make 2 segments, 55 at 25 fps make 1.
+    write_clip(ClipSpec("f30", 0.4, seconds=2.2, fps=30, width=96, height=64, seed=22), videos / "fps30.mp4")
     code = main(["extract", "--videos", str(videos), "--out", str(root / "cache"), "--recipe", "pamfn",
                  "--backbones", "random", "--arch-size", "tiny", "--device", "cpu", "--quiet"])
     return code, root
@@ -138,10 +142,10 @@ def test_pamfn_end_to_end_its_own_folder_a_complete_config_and_the_published_seg
     for modality, values in RECIPES["pamfn"].settings.items():
         assert {k: extraction["settings"][modality][k] for k in values} == values
     assert config["recipe"]["name"] == "pamfn" and config["recipe"]["unverified"]
-    assert "pamfn" in str(config["extractors"]["audio"]) and "crossing" in str(config["extractors"]["flow"])
+    assert "pamfn" in str(config["extractors"]["audio"]) and "next segment's first frame" in str(config["extractors"]["flow"])
     # T: frames at 25 fps // 32 (PAMFN's rule), every modality alike.
     for record in cache.records():
-        seconds = 2.8 if record.video_id.startswith("stereo") else 2.7
-        assert record.num_segments == int(seconds * 25) // 32 == 2
+        seconds, segments = (2.7, 2) if record.video_id.startswith("stereo") else (2.2, 1)
+        assert record.num_segments == int(seconds * 25) // 32 == segments
         assert {m: a.shape[0] for m, a in cache.load_features(record.video_id).items()} == dict.fromkeys(
-            ("rgb", "flow", "audio"), 2)
+            ("rgb", "flow", "audio"), segments)

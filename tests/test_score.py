@@ -12,6 +12,7 @@ from manifests.cache import FeatureCache
 from pipeline import data
 from pipeline.cli import main
 from pipeline.inference import load_run
+from pipeline.samples import ClipSpec, write_clip
 
 TINY_EXTRACT = ["--backbones", "random", "--arch-size", "tiny", "--flow", "farneback",
                 "--segment-frames", "8", "--device", "cpu", "--quiet"]
@@ -157,3 +158,17 @@ def test_demo_refuses_settings_it_cannot_run(tmp_path, capsys):
         assert main(["demo", "--out", str(tmp_path / "demo"), *flags]) == 2
         assert "--training-seeds >= 1" in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()  # refused before any clip is made
+
+
+def test_score_refuses_features_of_another_recipe(trained, capsys, tmp_path):
+    root, unseen = trained
+    clip = write_clip(ClipSpec("p", 0.4, seconds=1.4, width=96, height=64, seed=31), tmp_path / "videos" / "p.mp4")
+    assert main(["extract", "--videos", str(clip.parent), "--out", str(tmp_path / "pamfn"), "--recipe", "pamfn",
+                 "--backbones", "random", "--arch-size", "tiny", "--device", "cpu", "--quiet"]) == 0
+    capsys.readouterr()
+    score = ["score", str(clip), "--run", str(root / "run"), "--features", str(tmp_path / "pamfn"), "--device", "cpu"]
+    assert main(score) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trained on features of recipe project" in err[0] and "of recipe pamfn" in err[0], err
+    # The override uses them anyway (the tiny backbones of both recipes give rows of the same sizes).
+    assert main(score + ["--allow-other-recipe"]) == 0
