@@ -19,6 +19,7 @@ from models.mcmoe import MCMoE
 from pipeline import data
 from pipeline.cli import main
 from pipeline.inference import load_run
+from pipeline.score import run_extraction_config
 from tests.synthetic import write_labels, write_synthetic_cache
 
 LETTERS = ("v", "a", "f")  # the reference's order
@@ -194,6 +195,9 @@ def test_evaluate_an_imported_run_says_the_test_set_chose_it(setup, tmp_path, ca
                       sizes=("--clip-num", "6")) == 0
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["feature_recipe"] == "pamfn"
+    # Raw clips scored by these weights go through the recipe that remakes the published features.
+    remade = run_extraction_config(load_run(tmp_path / "run", "cpu"))
+    assert (remade.recipe, remade.frame_rate, remade.backbones) == ("pamfn", 25.0, {"rgb": "vst", "flow": "tvl1", "audio": "ast"})
     assert info["imported"]["num_tensors"] == len(torch.load(setup[2], weights_only=True))
     assert (info["clip_num"], info["clip_num_source"], info["score_range"], info["score_range_source"]) == (
         CLIP_NUM, "flag", 25.0, "preset rg/Ball")
