@@ -185,6 +185,15 @@ def acquire_file(path: Path, holder: dict[str, Any], stale_after: float = STALE_
     return current or {}
 
 
+def live_holder(path: Path, stale_after: float = STALE_AFTER_S) -> dict[str, Any] | None:
+    """The holder of `path` while it may not be taken over ({} if unreadable but recent); None when the
+    file is gone or stale (its holder is provably gone)."""
+    holder = read_holder(path)
+    if holder is None and not path.exists():
+        return None
+    return None if is_stale(path, holder, stale_after) else (holder or {})
+
+
 def holds(path: Path, holder: dict[str, Any]) -> bool:
     """True when `path` still names `holder` (by token)."""
     current = read_holder(path)
@@ -262,6 +271,10 @@ class Claims:
             return False
         self.held[video_id] = path
         return True
+
+    def live_holder(self, video_id: str) -> dict[str, Any] | None:
+        """The live process holding `video_id`'s claim (see `live_holder`), None when nobody does."""
+        return live_holder(self.path(video_id), self.stale_after)
 
     def still_held(self, video_id: str) -> bool:
         """True while our claim is in place (it is lost only if we were silent longer than stale_after)."""

@@ -32,7 +32,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from manifests.claims import RunLock
+from manifests.claims import RunLock, live_holder
 from manifests.config import ConfigError, RecordedConfig
 from manifests.files import atomic_write_bytes, atomic_write_json, escape_csv_cell, read_json_object, unescape_csv_cell
 
@@ -256,6 +256,11 @@ class RunDir:
     def has_run(self) -> bool:
         """run.json exists: a run was started (train) or written whole (import-checkpoint) here."""
         return self.run_json.is_file()
+
+    def writer(self) -> dict[str, Any] | None:
+        """The live process holding the run's lock (a `train` writing it; its "command" says which), or
+        None: nobody, or a holder that is provably gone (manifests.claims' staleness rule)."""
+        return live_holder(self.lock)
 
     def holds_other_files(self) -> bool:
         """Anything but a lock (which a train killed before writing anything leaves behind)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 from pathlib import Path
 
@@ -671,6 +672,10 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--offline", action="store_true", help="never download backbone weights")
     parser.add_argument("--batch-segments", type=int, default=None,
                         help="segments per backbone call (default: 8 on a GPU, 1 on a CPU)")
+    parser.add_argument("--wait", type=float, default=None, metavar="SECONDS",
+                        help="how long to wait for clips another running process (another score) is extracting "
+                        "into the same cache, then use its features (default: 1800); a clip it lets go "
+                        "unfinished is extracted here")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--allow-other-recipe", action="store_true",
                         help="use features of another recipe than the run's weights were trained on (refused by "
@@ -682,11 +687,15 @@ def _run_score(args: argparse.Namespace) -> int:
     from manifests.cache import CacheError
     from pipeline.devices import resolve_device
     from pipeline.inference import RunError
-    from pipeline.score import ScoreError, collect_clips, format_scores, score_clips, scores_table, write_scores
+    from pipeline.score import (WAIT_FOR_OTHERS_S, ScoreError, collect_clips, format_scores, score_clips,
+                                scores_table, write_scores)
     from pipeline.tables import FORMATS
 
     if args.out is not None and args.out.suffix.lower() not in FORMATS:
         raise UsageError(f"--out must end in {', '.join(FORMATS)}, got {args.out}")
+    wait = WAIT_FOR_OTHERS_S if args.wait is None else args.wait
+    if not (wait >= 0 and math.isfinite(wait)):
+        raise UsageError(f"--wait must be a number of seconds >= 0, got {args.wait}")
     clips = collect_clips(args.clips)
     if not clips:
         raise UsageError(f"no video files among {[str(c) for c in args.clips]}")
@@ -695,7 +704,7 @@ def _run_score(args: argparse.Namespace) -> int:
         results = score_clips(
             clips, args.run, device=device, features=args.features,
             weights=WeightsSource(weights_dir=args.weights_dir, offline=args.offline),
-            batch_segments=batch_segments(args, device.type), progress=not args.quiet,
+            batch_segments=batch_segments(args, device.type), progress=not args.quiet, wait=wait,
             allow_other_recipe=args.allow_other_recipe,
         )
     except (ScoreError, RunError, CacheError, BackboneUnavailableError, ValueError, FileNotFoundError) as exc:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from manifests.cache import CONFIG_NAME, FeatureCache, config_differences, feature_recipe
+from manifests.claims import describe_holder
 from manifests.run import RunDir, RunRecord
 from models.checkpoint import load_model_state, load_tensors, read_model_config
 from pipeline import data
@@ -186,10 +187,36 @@ class Run:
     # the chosen epoch and its validation metrics (the weights' header), with best.json's progress
     best: dict[str, Any]
     device: torch.device
+    # the live process that held the run's lock while the weights were read (a `train` writing the run),
+    # None when none did: then the weights are the run's final (or stopped) ones
+    writer: dict[str, Any] | None = None
 
     @property
     def folder(self) -> RunDir:
         return RunDir(self.directory)
+
+    @property
+    def checkpoint(self) -> dict[str, Any]:
+        """The weights this Run holds: their epoch and validation metrics (from their own file's header,
+        so they cannot disagree with them), how far training had got, and whether training was in progress."""
+        return {
+            **{k: self.best.get(k) for k in ("epoch", "val_rho", "val_mse", "epochs_done", "epochs_planned")},
+            "training_in_progress": self.writer is not None,
+            "writer": None if self.writer is None else f"{self.writer.get('command', 'pipeline train')}: "
+                                                        f"{describe_holder(self.writer)}",
+        }
+
+    def describe_checkpoint(self) -> str:
+        """"weights of epoch 3", and, while a `train` writes the run or when it stopped early, that they
+        are not its final ones."""
+        epoch = self.best.get("epoch")
+        words = f"weights of epoch {epoch}" if epoch is not None else "imported weights"
+        done, planned = self.best.get("epochs_done"), self.best.get("epochs_planned")
+        if self.writer is not None:
+            words += f"; TRAINING IN PROGRESS: {done} of {planned} epochs done when read, a later score may differ"
+        elif done is not None and planned is not None and done < planned:
+            words += f"; training stopped after {done} of {planned} epochs"
+        return words
 
     @property
     def info(self) -> dict[str, Any]:
@@ -338,10 +365,10 @@ def load_run(directory: str | Path, device: str | torch.device = "auto", weights
 
     folder = RunDir(directory)
     directory = folder.path
+    writer = folder.writer()  # asked before and after the weights are read: a train that ends meanwhile counts
     try:  # each a one-line error naming the file (JsonFileError, ConfigError, CheckpointError are ValueErrors)
         record = folder.read_record()
         extraction = folder.read_extraction_config()
-        progress = folder.read_progress()
     except FileNotFoundError as exc:
         raise RunError(f"{directory} is not a finished run folder: {Path(exc.filename).name} is missing") from None
     weights_path = folder.weights(weights)
@@ -358,8 +385,12 @@ def load_run(directory: str | Path, device: str | torch.device = "auto", weights
         if getattr(model.config, key) != getattr(record, key):
             raise RunError(f"{folder.run_json}: {key} {getattr(record, key)!r} differ from the model's "
                            f"{getattr(model.config, key)!r} in {folder.model_config_json}")
+    # One read of one file gives the weights and the epoch that names them together: train replaces
+    # best.safetensors by a rename, so a reader gets one epoch's file whole, never a mix.
     state, metadata = load_tensors(weights_path)
     load_model_state(model, state, weights_path)
+    progress = folder.read_progress()  # read after the weights: it counts at least their epoch
+    writer = writer or folder.writer()
     chosen = metadata.get("best", {})
     if not isinstance(chosen, dict):
         raise RunError(f"{weights_path}: its \"best\" metadata is not an object; the file was not written by train")
@@ -367,4 +398,4 @@ def load_run(directory: str | Path, device: str | torch.device = "auto", weights
     # also names an epoch: that one may lag behind the weights by a kill between two writes.
     best = {**progress, **chosen}
     model.to(torch_device).eval()
-    return Run(directory, model, name, record, extraction, best, torch_device)
+    return Run(directory, model, name, record, extraction, best, torch_device, writer)

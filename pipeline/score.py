@@ -3,12 +3,23 @@
 Backbones and the scorer are loaded once per invocation and every clip's segments go through the
 backbones together. A clip already extracted with the run's configuration (found by its content
 fingerprint, in the run's own training cache or in the score cache) is not extracted again.
+
+Next to other commands on the same run:
+- two `score` share the score cache: a clip another live process is extracting into it (it holds the
+  clip's claim, manifests/claims.py) is waited for, up to `wait` seconds (WAIT_FOR_OTHERS_S by
+  default), and its features are used; if that process lets the clip go unfinished (stopped, killed),
+  this one extracts it;
+- the model's weights are read once, with the epoch that names them (one file, replaced whole by
+  `train`), and every output names that epoch and says when a live `train` held the run's lock then.
 """
 
 from __future__ import annotations
 
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import pandas as pd
 import torch
@@ -16,13 +27,19 @@ import torch
 from extractors.base import WeightsSource
 from extractors.config import ExtractionConfig
 from extractors.recipes import PROJECT, RECIPES
-from manifests.cache import CONFIG_NAME, DONE, CacheError, FeatureCache, VideoRecord
+from manifests.cache import CONFIG_NAME, DONE, FAILED, CacheError, FeatureCache, VideoRecord
+from manifests.claims import describe_holder
 from pipeline.data import Sample
 from pipeline.extraction.entry import cache_folder, extract_into
 from pipeline.inference import Run, RunError, load_run
 from pipeline.provenance import provenance
 from pipeline.tables import Table, write_table
 from pipeline.videos import VIDEO_EXTENSIONS, VideoSource, file_fingerprint, legacy_fingerprint
+
+# How long score waits for clips another live process is extracting into the same cache: long enough
+# for a long clip on a CPU; a holder that dies is noticed sooner (manifests/claims.py).
+WAIT_FOR_OTHERS_S = 1800.0
+WAIT_POLL_S = 2.0  # how often the cache is looked at meanwhile (a few file reads per clip)
 
 
 class ScoreError(RuntimeError):
@@ -40,6 +57,8 @@ class ClipScore:
     video_id: str | None = None
     random_weights: bool | None = None  # of the backbones behind the run's features (pipeline.provenance)
     config_hash: str | None = None
+    checkpoint: dict[str, Any] = field(default_factory=dict)  # the weights used (inference.Run.checkpoint)
+    checkpoint_words: str = ""  # the same in words (Run.describe_checkpoint), for headlines
 
     def row(self) -> dict:
         return {
@@ -47,6 +66,8 @@ class ClipScore:
             "score": None if self.score is None else round(self.score, 4),
             "random_weights": self.random_weights,
             "config_hash": self.config_hash,
+            "checkpoint_epoch": self.checkpoint.get("epoch"),
+            "training_in_progress": self.checkpoint.get("training_in_progress"),
             "present": ",".join(self.present),
             "imputed": ",".join(self.imputed),
             "error": self.error,
@@ -107,8 +128,11 @@ def score_clips(
     batch_segments: int = 8,
     progress: bool = True,
     allow_other_recipe: bool = False,
+    wait: float = WAIT_FOR_OTHERS_S,
 ) -> list[ClipScore]:
-    """Score every clip with the run's model; a clip that fails gets a row with its error."""
+    """Score every clip with the run's model; a clip that fails gets a row with its error.
+
+    wait: seconds to wait for clips another live process is extracting into the same cache."""
     run = load_run(run_dir, device)
     config = run_extraction_config(run)
 
@@ -127,7 +151,8 @@ def score_clips(
     # its recipe's extraction rather than the published set the run names).
     made = (provenance(target.read_config()) if features is not None
             else {"random_weights": config.random_weights, "config_hash": config.config_hash()})
-    results = [ClipScore(clip=str(clip), **made) for clip in clips]
+    results = [ClipScore(clip=str(clip), **made, checkpoint=run.checkpoint, checkpoint_words=run.describe_checkpoint())
+               for clip in clips]
     known = _fingerprint_index(lookup + ([target] if (target.root / CONFIG_NAME).is_file() else []))
     legacy_known = any(not fingerprint.startswith("sha256:") for fingerprint in known)  # sampled fingerprints
 
@@ -150,10 +175,17 @@ def score_clips(
             to_extract.append(VideoSource(video_id, clip.absolute()))  # the manifest records absolute paths
             located[index] = (target, video_id)
 
+    left_elsewhere: dict[str, str] = {}  # video id -> why it is still not extracted
     if to_extract:
         # located rows name `target`: extract_into makes its folder (inside the score cache) when needed
-        extract_into(target if features is not None else run.folder.score_cache(), config, to_extract,
-                     device=device, weights=weights, batch_segments=batch_segments, progress=progress)
+        def extract(sources: list[VideoSource]) -> list[str]:
+            summary, _ = extract_into(target if features is not None else run.folder.score_cache(), config,
+                                      sources, device=device, weights=weights, batch_segments=batch_segments,
+                                      progress=progress)
+            return summary.claimed_elsewhere
+
+        elsewhere = set(extract(to_extract))
+        left_elsewhere = wait_for_others(target, [s for s in to_extract if s.video_id in elsewhere], extract, wait)
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -161,7 +193,8 @@ def score_clips(
     for index, (cache, video_id) in located.items():
         record = cache.read_record(video_id)
         if record is None or record.status != DONE:
-            results[index].error = (record.error if record else None) or "extraction did not finish"
+            results[index].error = ((record.error if record else None) or left_elsewhere.get(video_id)
+                                    or "extraction did not finish")
             continue
         features_of_clip = {m: a for m, a in cache.load_features(video_id).items() if m in run.modalities}
         if not features_of_clip:
@@ -180,22 +213,59 @@ def score_clips(
     return results
 
 
+def _final(cache: FeatureCache, video_id: str) -> bool:
+    record = cache.read_record(video_id)
+    return record is not None and record.status in (DONE, FAILED)
+
+
+def wait_for_others(
+    cache: FeatureCache, sources: list[VideoSource], extract: Callable[[list[VideoSource]], list[str]], wait: float
+) -> dict[str, str]:
+    """Wait until every source, left by `extract` to another live process, has its record in `cache`.
+
+    A source whose claim is let go unfinished (its holder stopped or died) is given to `extract` again
+    (which returns the ids it left to another process once more). After `wait` seconds, the ones still
+    held elsewhere are given up: {video id: why}, the reason naming the holder."""
+    claims, deadline = cache.claims(), time.monotonic() + wait
+    pending = list(sources)
+    if pending:
+        holder = claims.live_holder(pending[0].video_id)
+        print(f"score: another process is extracting {len(pending)} of the clips into {cache.root} "
+              f"({describe_holder(holder) if holder else 'it just finished'}); waiting up to {wait:g} s for it",
+              file=sys.stderr)
+    while True:
+        pending = [s for s in pending if not _final(cache, s.video_id)]
+        let_go = [s for s in pending if claims.live_holder(s.video_id) is None]
+        if let_go:
+            extract(let_go)
+            pending = [s for s in pending if not _final(cache, s.video_id)]
+        if not pending or time.monotonic() >= deadline:
+            break
+        time.sleep(min(WAIT_POLL_S, max(0.0, deadline - time.monotonic())))
+    return {s.video_id: f"still being extracted into {cache.root} by {describe_holder(claims.live_holder(s.video_id))} "
+                        f"after waiting {wait:g} s (score --wait); score it again later" for s in pending}
+
+
 def scores_table(results: list[ClipScore], run_dir: Path) -> Table:
-    """The scores with their provenance; grade weights become one column per grade in flat formats."""
+    """The scores with their provenance and the checkpoint used; grade weights become one column per
+    grade in flat formats."""
     made = {"random_weights": results[0].random_weights, "config_hash": results[0].config_hash}
-    return Table(f"scores of run {run_dir}", made, [r.row() for r in results],
-                 context={"run": str(Path(run_dir).absolute())}, rows_key="scores",
+    first = results[0]
+    return Table(f"scores of run {run_dir} ({first.checkpoint_words})", made, [r.row() for r in results],
+                 context={"run": str(Path(run_dir).absolute()), "checkpoint": first.checkpoint}, rows_key="scores",
                  expand={"grade_weights": "grade_{}_weight"})
 
 
 def format_scores(results: list[ClipScore]) -> str:
-    """The score table as the terminal shows it (the provenance is in the headline above it)."""
-    table = pd.DataFrame([r.row() for r in results]).drop(columns=["grade_weights", "random_weights", "config_hash"])
+    """The score table as the terminal shows it (the provenance and checkpoint are in the headline above it)."""
+    table = pd.DataFrame([r.row() for r in results]).drop(
+        columns=["grade_weights", "random_weights", "config_hash", "checkpoint_epoch", "training_in_progress"])
     return table.astype(object).fillna("").to_string(index=False)
 
 
 def write_scores(path: Path, results: list[ClipScore], run_dir: Path) -> None:
     """The scores in the format of path's suffix (pipeline.tables.FORMATS), atomically: every CSV row
-    carries random_weights and config_hash; the JSON file is {"note", "random_weights", "config_hash",
-    "run", "scores": [rows]}."""
+    carries random_weights, config_hash, checkpoint_epoch and training_in_progress; the JSON file is
+    {"note", "random_weights", "config_hash", "run", "checkpoint": {epoch, val_rho, val_mse, epochs_done,
+    epochs_planned, training_in_progress, writer}, "scores": [rows]}."""
     write_table(scores_table(results, run_dir), path)

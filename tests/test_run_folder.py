@@ -15,6 +15,7 @@ import pytest
 from manifests.cache import FeatureCache
 from manifests.config import ConfigError
 from manifests.run import RunDir, RunFolderError, describe_differences, differing_settings
+from models.checkpoint import load_tensors
 from pipeline import data
 from pipeline.cli import main
 from pipeline.inference import load_run
@@ -98,6 +99,10 @@ def test_pipeline_score_reads_an_older_run_and_gives_the_same_score(tmp_path):
     assert main(["score", str(clip), "--run", str(RUN), "--features", str(cache), "--out", str(tmp_path / "scores.csv"),
                  "--device", "cpu", "--quiet"]) == 0
     written, recorded = (pd.read_csv(path).drop(columns=["clip"]) for path in (tmp_path / "scores.csv", EXPECTED / "scores.csv"))
+    # columns added since the fixture was written: the checkpoint that scored it
+    assert written.loc[0, "checkpoint_epoch"] == load_tensors(RUN / "best.safetensors")[1]["best"]["epoch"]
+    assert not written.loc[0, "training_in_progress"]
+    written = written.drop(columns=["checkpoint_epoch", "training_in_progress"])
     numbers = ["score", *(c for c in recorded.columns if c.startswith("grade_"))]
     pd.testing.assert_frame_equal(written.drop(columns=numbers), recorded.drop(columns=numbers))
     # written to 4 decimals: another CPU's last bits may round to the neighbouring 4th decimal, no further
