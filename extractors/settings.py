@@ -106,6 +106,22 @@ def setting_fields() -> dict[str, tuple[dataclasses.Field, list[tuple[str, str]]
 # ----------------------------------------------------------------------------- the backbones' settings
 
 
+def jpeg_quality_setting() -> Any:
+    """The JPEG round trip of the published recipe's uint8 images, a setting of the backbones that have them."""
+    return setting(0, help="0: none; else the uint8 frames (rgb: with --frame-transform pil) or flow images (flow: "
+                   "with --flow-encoding u8) go through an OpenCV JPEG encode and decode at this quality, as the "
+                   "published features' files were stored (95, OpenCV's default)")
+
+
+def check_jpeg_quality(quality: Any, missing: str | None) -> None:
+    """ValueError unless `quality` is 0 (no round trip) or 1-100; `missing` names what a round trip needs and
+    the settings lack (None: nothing)."""
+    if isinstance(quality, bool) or not isinstance(quality, int) or not 0 <= quality <= 100:
+        raise ValueError(f"jpeg_quality must be an integer from 0 (no JPEG) to 100, got {quality!r}")
+    if quality and missing:
+        raise ValueError(f"jpeg_quality {quality} round-trips uint8 images: it needs {missing}")
+
+
 @dataclass
 class LinearLayerSettings(BackboneSettings):
     """Backbones made of linear layers (the transformers)."""
@@ -128,9 +144,7 @@ class VideoSwinSettings(LinearLayerSettings):
         help="how frames become the 224x224 input: torch (crop at the decode size, antialiased bilinear "
         "resize in float) or pil (the published recipe: PIL bilinear Resize(256), centre crop 224x300, "
         "Resize(224, 224), each step back to uint8)")
-    jpeg_quality: int = setting(
-        0, help="0: none; else frames (rgb) and flow images (flow) go through a JPEG encode/decode at this "
-        "quality first, as the published features were stored")
+    jpeg_quality: int = jpeg_quality_setting()
     vst_checkpoint: str = setting(
         "torchvision-k400", ("torchvision-k400", "mmaction2-k600-22k", "mmaction2-k400-22k", "mmaction2-k400-1k"),
         help="pretrained Swin-B file: torchvision's Kinetics-400 port (swin3d_b_1k-24f7c7c6.pth), or "
@@ -139,10 +153,7 @@ class VideoSwinSettings(LinearLayerSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0 <= self.jpeg_quality <= 100:
-            raise ValueError(f"jpeg_quality must be 0 (none) to 100, got {self.jpeg_quality}")
-        if self.jpeg_quality and self.frame_transform != "pil":
-            raise ValueError("jpeg_quality applies to the published recipe's frames: it needs frame_transform 'pil'")
+        check_jpeg_quality(self.jpeg_quality, "frame_transform 'pil'" if self.frame_transform != "pil" else None)
 
 
 @backbone_settings("rgb", "timesformer")
@@ -178,10 +189,7 @@ class FlowI3DSettings(BackboneSettings):
         "float", ("float", "u8"),
         help="flow as I3D sees it: clipped to +-20 px and divided by 20 in float (float), or denseflow's uint8 "
         "flow images round(255 * (f + 20) / 40) read back as u8 / 127.5 - 1 (u8)")
-    jpeg_quality: int = setting(
-        0, None,
-        help="JPEG quality (1-100) of an OpenCV encode/decode round trip of the uint8 flow images, as denseflow "
-        "wrote them (95, OpenCV's default); 0: no round trip; needs --flow-encoding u8")
+    jpeg_quality: int = jpeg_quality_setting()
     flow_pairs: str = setting(
         "within", ("within", "crossing"),
         help="which frames each flow joins: the F-1 consecutive pairs inside the clip (within), or F flows, "
@@ -195,12 +203,7 @@ class FlowI3DSettings(BackboneSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.jpeg_quality, bool) or not isinstance(self.jpeg_quality, int) \
-                or not 0 <= self.jpeg_quality <= 100:
-            raise ValueError(f"jpeg_quality must be an integer from 0 (no JPEG) to 100, got {self.jpeg_quality!r}")
-        if self.jpeg_quality and self.flow_encoding != "u8":
-            raise ValueError(f"jpeg_quality {self.jpeg_quality} round-trips the uint8 flow images: it needs "
-                             "flow_encoding 'u8'")
+        check_jpeg_quality(self.jpeg_quality, "flow_encoding 'u8'" if self.flow_encoding != "u8" else None)
         if self.flow_resolution == "source" and self.flow_encoding != "u8":
             raise ValueError("flow_resolution 'source' resizes the uint8 flow images as the published features "
                              "did: it needs flow_encoding 'u8'")

@@ -109,11 +109,14 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> None:
     atomic_write(path, lambda handle: np.save(handle, np.ascontiguousarray(array), allow_pickle=False))
 
 
-def remove_temporary_files(folder: Path) -> int:
+def remove_temporary_files(folder: Path, keep: Callable[[Path], bool] = lambda path: False) -> int:
     """Delete the temporary files interrupted writes left in `folder` (not recursive); the count.
-    Only for a folder the caller is the single writer of (a claimed video's, a locked run's)."""
+    Without `keep`, only for a folder the caller is the single writer of (a claimed video's, a locked
+    run's); `keep(path)` spares the files still being written (`remove_abandoned_temporary_files`)."""
     removed = 0
     for path in Path(folder).glob(f".*{TMP_SUFFIX}"):
+        if keep(path):
+            continue
         try:
             path.unlink()
             removed += 1
@@ -144,15 +147,7 @@ def writer_is_gone(tmp: Path, stale_after: float) -> bool:
 def remove_abandoned_temporary_files(folder: Path, stale_after: float) -> int:
     """Delete the temporary files in `folder` whose writer is gone (`writer_is_gone`); the count. For a
     folder that several processes write at once: a live writer's temporary file is left alone."""
-    removed = 0
-    for path in Path(folder).glob(f".*{TMP_SUFFIX}"):
-        if writer_is_gone(path, stale_after):
-            try:
-                path.unlink()
-                removed += 1
-            except OSError:
-                pass
-    return removed
+    return remove_temporary_files(folder, keep=lambda path: not writer_is_gone(path, stale_after))
 
 
 # A spreadsheet runs a cell starting with one of these as a formula (CSV injection)
