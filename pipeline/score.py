@@ -40,6 +40,7 @@ class ClipScore:
     video_id: str | None = None
     random_weights: bool | None = None  # of the backbones behind the run's features (pipeline.provenance)
     config_hash: str | None = None
+    score_rule: str | None = None  # a batch-position run's rule for one clip (Run.score_rule); not a column
 
     def row(self) -> dict:
         return {
@@ -177,15 +178,18 @@ def score_clips(
         predictions = run.predict(samples)
         for index, (score, grades) in zip(where, predictions):
             results[index].score, results[index].grade_weights = score, grades
+            results[index].score_rule = run.score_rule
     return results
 
 
 def scores_table(results: list[ClipScore], run_dir: Path) -> Table:
-    """The scores with their provenance; grade weights become one column per grade in flat formats."""
+    """The scores with their provenance; grade weights become one column per grade in flat formats. The
+    note and the JSON file name the rule a batch-position run scored each clip by (Run.score_rule)."""
     made = {"random_weights": results[0].random_weights, "config_hash": results[0].config_hash}
-    return Table(f"scores of run {run_dir}", made, [r.row() for r in results],
-                 context={"run": str(Path(run_dir).absolute())}, rows_key="scores",
-                 expand={"grade_weights": "grade_{}_weight"})
+    rule = next((r.score_rule for r in results if r.score_rule), None)
+    return Table(f"scores of run {run_dir}" + (f" ({rule})" if rule else ""), made, [r.row() for r in results],
+                 context={"run": str(Path(run_dir).absolute()), **({"score_rule": rule} if rule else {})},
+                 rows_key="scores", expand={"grade_weights": "grade_{}_weight"})
 
 
 def format_scores(results: list[ClipScore]) -> str:
