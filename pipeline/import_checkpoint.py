@@ -37,7 +37,8 @@ code calls.
 The released checkpoints were trained with the reference's prototype encoding, indexed by the sample's
 position in the batch, so the run is written with prototype_encoding "batch-position" (a compatibility
 mode: a video's score depends on where it sits in its batch; evaluate with --batch-size 32 and the
-labels in the reference's test-file order to get the reference's numbers). "grade-index" gives the
+labels in the reference's test-file order to get the reference's numbers; `score` gives a clip the mean
+of its scores over positions 0..31, see Run.predict). "grade-index" gives the
 paper's encoding instead, which these weights were not trained with.
 """
 

@@ -271,22 +271,49 @@ class Run:
         normalised = predict(self.model, samples, self.modalities, self.feature_dims, self.clip_num, self.device, batch_size, subset)
         return normalised * self.score_range
 
+    @property
+    def batch_positions(self) -> int | None:
+        """The batch positions 0..B-1 a model whose score depends on its place in the batch was trained
+        at (MCMoE with prototype_encoding "batch-position": the authors' released checkpoints); B is
+        the training batch size (the run's, else its preset's, else the model's default: the
+        reference's 32). None for every other model."""
+        config = getattr(self.model, "config", None)
+        if getattr(config, "prototype_encoding", None) != "batch-position":
+            return None
+        return int((self.record.config or self.record.preset or config.training_defaults())["batch_size"])
+
+    @property
+    def score_rule(self) -> str | None:
+        """How `predict` scores a run whose scores depend on batch positions, in words; None otherwise."""
+        positions = self.batch_positions
+        if positions is None:
+            return None
+        return f"batch-position weights: each clip's score is its mean over batch positions 0-{positions - 1}"
+
     @torch.no_grad()
     def predict(self, samples: Sequence[data.Sample], batch_size: int = 32) -> list[tuple[float, list[float] | None]]:
         """(score on the original scale, grade weights or None) per sample, using the modalities it has.
 
-        Every sample needs at least one of the run's modalities (the others are imputed by the model)."""
+        Every sample needs at least one of the run's modalities (the others are imputed by the model).
+        For a batch-position run (`batch_positions`) each sample is scored on its own, whatever is scored
+        with it: its score and grade weights are their means over the positions the weights were trained
+        at (one batch of copies of it, copy p at position p; benchmarks/batch_position_spread.py measured
+        this rule). `evaluate` and `scores` keep the batch order, as the reference evaluates."""
         self.model.eval()
+        positions = self.batch_positions
+        chunks = ([[sample] * positions for sample in samples] if positions is not None
+                  else [samples[first : first + batch_size] for first in range(0, len(samples), batch_size)])
         results: list[tuple[float, list[float] | None]] = []
-        for first in range(0, len(samples), batch_size):
-            chunk = samples[first : first + batch_size]
-            empty = [s.video_id for s in chunk if not any(m in s.features for m in self.modalities)]
+        for chunk in chunks:
+            empty = list(dict.fromkeys(s.video_id for s in chunk if not any(m in s.features for m in self.modalities)))
             if empty:
                 raise ValueError(f"videos {empty} have none of the run's modalities {self.modalities}")
             batch = data.collate(chunk, self.modalities, self.feature_dims, self.clip_num)
             out = run_model(self.model, batch, batch.present, self.device)
-            grades = out.get("grade_weights")
-            for i, score in enumerate(out["score"].float().cpu().tolist()):
+            scores, grades = out["score"], out.get("grade_weights")
+            if positions is not None:
+                scores, grades = scores.mean(0, keepdim=True), grades.mean(0, keepdim=True)
+            for i, score in enumerate(scores.float().cpu().tolist()):
                 results.append((score * self.score_range, None if grades is None else grades[i].float().cpu().tolist()))
         return results
 

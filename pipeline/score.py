@@ -59,6 +59,7 @@ class ClipScore:
     config_hash: str | None = None
     checkpoint: dict[str, Any] = field(default_factory=dict)  # the weights used (inference.Run.checkpoint)
     checkpoint_words: str = ""  # the same in words (Run.describe_checkpoint), for headlines
+    score_rule: str | None = None  # a batch-position run's rule for one clip (Run.score_rule); not a column
 
     def row(self) -> dict:
         return {
@@ -210,6 +211,7 @@ def score_clips(
         predictions = run.predict(samples)
         for index, (score, grades) in zip(where, predictions):
             results[index].score, results[index].grade_weights = score, grades
+            results[index].score_rule = run.score_rule
     return results
 
 
@@ -248,12 +250,16 @@ def wait_for_others(
 
 def scores_table(results: list[ClipScore], run_dir: Path) -> Table:
     """The scores with their provenance and the checkpoint used; grade weights become one column per
-    grade in flat formats."""
+    grade in flat formats. The note and the JSON file name the rule a batch-position run scored each
+    clip by (Run.score_rule)."""
     made = {"random_weights": results[0].random_weights, "config_hash": results[0].config_hash}
     first = results[0]
-    return Table(f"scores of run {run_dir} ({first.checkpoint_words})", made, [r.row() for r in results],
-                 context={"run": str(Path(run_dir).absolute()), "checkpoint": first.checkpoint}, rows_key="scores",
-                 expand={"grade_weights": "grade_{}_weight"})
+    rule = next((r.score_rule for r in results if r.score_rule), None)
+    return Table(f"scores of run {run_dir} ({first.checkpoint_words})" + (f" ({rule})" if rule else ""), made,
+                 [r.row() for r in results],
+                 context={"run": str(Path(run_dir).absolute()), "checkpoint": first.checkpoint,
+                          **({"score_rule": rule} if rule else {})},
+                 rows_key="scores", expand={"grade_weights": "grade_{}_weight"})
 
 
 def format_scores(results: list[ClipScore]) -> str:

@@ -1,10 +1,15 @@
 """import-checkpoint: a state dict in the MCMoE reference code's layout, written here by a module built
 from the reference's described structure (not from this project's model), becomes a run whose scores
-equal that module's own forward pass; unknown or missing tensors and non-tensor pickles are refused."""
+equal that module's own forward pass; unknown or missing tensors and non-tensor pickles are refused.
+`score` (Run.predict) gives such a batch-position run's clip the mean of the reference's scores over
+batch positions 0..31, whatever is scored with it.
+
+Deliberate breaks, each seen to fail: Run.predict scoring batch-position runs in batches as given (no
+copies) fails the order test; taking position 0 instead of the mean over 0..31 fails the order test's
+values and the score test."""
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -186,6 +191,35 @@ def test_compatibility_mode_depends_on_batch_order_the_default_does_not(setup, t
     torch.testing.assert_close(scores["compat"][1], reference(shuffled, dict.fromkeys(LETTERS, True)), rtol=1e-5, atol=1e-6)
 
 
+def mean_over_positions(reference: ReferenceLayout, features: dict[str, torch.Tensor], index: int, mask) -> torch.Tensor:
+    """The reference's score of sample `index` averaged over batch positions 0..31 (32 copies of it)."""
+    return reference({k: x[index : index + 1].expand(32, -1, -1) for k, x in features.items()}, mask).mean()
+
+
+def test_score_gives_a_batch_position_run_s_clip_one_score_whatever_is_scored_with_it(setup, tmp_path):
+    made, reference, _ = setup
+    assert import_run(setup, tmp_path / "compat") == 0
+    assert import_run(setup, tmp_path / "paper", "--prototype-encoding", "grade-index") == 0
+    compat, paper = load_run(tmp_path / "compat", device="cpu"), load_run(tmp_path / "paper", device="cpu")
+    assert (compat.batch_positions, paper.batch_positions) == (32, None)
+    samples, features = reference_batch(made, compat)
+    order = [4, 2, 0, 3, 1]
+    alone = [compat.predict([s])[0][0] for s in samples]
+    together, reordered = compat.predict(samples), compat.predict([samples[i] for i in order], batch_size=2)
+    assert [score for score, _ in together] == alone
+    assert [score for score, _ in reordered] == [alone[i] for i in order]
+    everything = dict.fromkeys(LETTERS, True)
+    expected = [10 * float(mean_over_positions(reference, features, i, everything)) for i in range(len(samples))]
+    assert alone == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert sum(together[0][1]) == pytest.approx(1, abs=1e-6)
+    # the evaluation route keeps the reference's batch order, and so its scores move with it
+    assert abs(compat.scores([samples[i] for i in order]) - compat.scores(samples)[order]).max() > 1e-4
+    # a grade-index run: the scores of its batches as given, to the bit
+    outputs = paper.forward(samples)
+    assert paper.predict(samples) == [(10 * float(score), weights) for score, weights
+                                      in zip(outputs["score"].tolist(), outputs["grade_weights"].tolist())]
+
+
 def test_evaluate_an_imported_run_says_the_test_set_chose_it(setup, tmp_path, capsys):
     made, _, _ = setup
     # The released RG weights were trained on the pamfn recipe's features; the synthetic cache is of none.
@@ -283,15 +317,20 @@ def test_score_new_clips_with_an_imported_checkpoint(extracted_clips, tmp_path, 
     run_dir = tmp_path / "run"
     assert main(["import-checkpoint", str(path), "--format", "mcmoe-reference", "--out", str(run_dir),
                  "--features", str(extracted_clips.cache), "--clip-num", "4", "--score-range", "10"]) == 0
-    out_csv = tmp_path / "scores.csv"
-    assert main(["score", str(extracted_clips.unseen), "--run", str(run_dir), "--out", str(out_csv),
+    out_json = tmp_path / "scores.json"
+    capsys.readouterr()
+    assert main(["score", str(extracted_clips.unseen), "--run", str(run_dir), "--out", str(out_json),
                  "--device", "cpu", "--quiet"]) == 0
-    row = next(csv.DictReader(out_csv.open()))
-    assert row["imputed"] == "audio"
+    rule = "batch-position weights: each clip's score is its mean over batch positions 0-31"
+    assert rule in capsys.readouterr().out.splitlines()[0]
+    written = json.loads(out_json.read_text())
+    (row,) = written["scores"]
+    assert row["imputed"] == "audio" and written["score_rule"] == rule
     scored = FeatureCache.open(run_dir / "score_cache")
     run = load_run(run_dir, device="cpu")
     samples = data.load_samples(scored, [r.video_id for r in scored.records()])
     batch = data.collate(samples, run.modalities, run.feature_dims, run.clip_num)
-    expected = reference({k: batch.features[NAMES[k]] for k in LETTERS}, {"v": True, "f": True, "a": False})
-    # the CSV holds 4 decimals: half a unit of the last one, plus float32 rounding across CPUs
+    expected = mean_over_positions(reference, {k: batch.features[NAMES[k]] for k in LETTERS}, 0,
+                                   {"v": True, "f": True, "a": False})
+    # the file holds 4 decimals: half a unit of the last one, plus float32 rounding across CPUs
     assert float(row["score"]) == pytest.approx(10 * float(expected), rel=0, abs=5e-5 + 1e-6)
