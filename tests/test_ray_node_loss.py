@@ -11,6 +11,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -117,3 +118,53 @@ def test_a_lost_worker_node_loses_no_video(cluster, tmp_path, kill_actor):
     assert [r.video_id for r in again.summary.records] == ["late"] and not again.summary.claimed_elsewhere
     assert again.retried == ["late"] and cache.read_record("late").status == DONE
     assert not list((cache.root / "claims").glob("*.claim"))
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if parent_pid(int(stat.parent.name)) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            pass
+    return found
+
+
+def test_every_worker_node_lost_ends_with_the_videos_unfinished(cluster, tmp_path, monkeypatch):
+    """Nowhere left to restart the actors on: the driver stops waiting and lists what is left, rather
+    than waiting for ever or calling a dead worker's video "left to another running process"."""
+    from pipeline.extraction import on_ray
+
+    cluster, workers = cluster
+    monkeypatch.setattr(on_ray, "RESTART_PATIENCE_S", 5.0)
+    videos = tmp_path / "videos"
+    write_clip(ClipSpec("long", 0.5, seconds=8.0, with_audio=False, seed=1), videos / "long.mp4")
+    write_clip(ClipSpec("short", 0.5, seconds=1.0, with_audio=False, seed=2), videos / "short.mp4")
+    config = tiny_config(modalities=("rgb",), backbones={"rgb": "vst"})
+    out = tmp_path / "out"
+    claims = out / config.config_hash() / "claims"
+
+    def kill_every_node():
+        deadline = time.time() + 90
+        while time.time() < deadline and not list(claims.glob("*.claim") if claims.is_dir() else []):
+            time.sleep(0.05)
+        for node in workers:
+            raylet = node.all_processes["raylet"][0].process.pid
+            orphans = children(raylet)
+            os.kill(raylet, signal.SIGKILL)
+            for pid in orphans:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    killer = threading.Thread(target=kill_every_node, daemon=True)
+    killer.start()
+    result = extract_on_ray(discover_videos(videos), out, config, workers=2, videos_per_task=1, progress=False)
+    killer.join()
+    cache = FeatureCache(out / config.config_hash())
+    done = [r.video_id for r in cache.records() if r.status == DONE]
+    assert result.workers_lost >= 1 and not result.summary.claimed_elsewhere
+    assert sorted(done + result.unfinished) == ["long", "short"] and result.unfinished
+    assert not list(claims.glob("*.claim"))

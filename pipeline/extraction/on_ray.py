@@ -54,7 +54,7 @@ from pipeline.videos import VideoSource
 MAX_RESTARTS = 3  # per actor; a worker that keeps dying is given up and its share goes to the others
 MAX_VIDEOS_PER_TASK = 8
 MAX_RETRIES = 3  # per video: handed out again after this many lost workers, it is reported failed
-RESTART_PATIENCE_S = 120.0  # an actor Ray still calls "restarting" after this long is given up
+RESTART_PATIENCE_S = 300.0  # a lost actor not back after this long (restarting, or nowhere to run) is given up
 
 
 class WorkerSetupError(RuntimeError):
@@ -218,7 +218,13 @@ class _Dispatch:
             self.hand_out()
             if not self.in_flight:
                 break  # every worker is gone for good
-            (ref,), _ = self.ray.wait(list(self.in_flight), num_returns=1)
+            # after a loss, with only restarts to wait for: a lost node may leave nowhere to restart on
+            restarts_only = self.result.workers_lost and all(b is None for _, b in self.in_flight.values())
+            done, _ = self.ray.wait(list(self.in_flight), num_returns=1,
+                                    timeout=RESTART_PATIENCE_S if restarts_only else None)
+            if not done:
+                break  # no worker came back: what is left is reported unfinished
+            (ref,) = done
             index, batch = self.in_flight.pop(ref)
             try:
                 value = self.ray.get(ref)
