@@ -33,12 +33,13 @@ import hashlib
 import json
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from manifests.files import pid_namespace, remove_abandoned_temporary_files, temporary_path
 
@@ -56,6 +57,18 @@ def process_start_time(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]  # field 22 of proc(5), counted after the command name
 
 
+def ray_identity() -> dict[str, str]:
+    """{"ray_node", "ray_actor"} when this process is a Ray actor, else {}: the Ray driver that saw the
+    actor or its node die knows from them, at once, that the actor's claims are stale, even while its
+    process still runs, orphaned by a killed raylet, or names a host whose claims go stale only later."""
+    ray = sys.modules.get("ray")  # never imported here: only a process that runs Ray has it
+    if ray is None or not ray.is_initialized():
+        return {}
+    context = ray.get_runtime_context()
+    actor = context.get_actor_id()
+    return {} if actor is None else {"ray_node": context.get_node_id(), "ray_actor": actor}
+
+
 def this_process() -> dict[str, Any]:
     """Who the current process is, as an ownership file records it (a new token per call)."""
     return {
@@ -65,6 +78,7 @@ def this_process() -> dict[str, Any]:
         "process_start": process_start_time(os.getpid()),
         "token": uuid.uuid4().hex,
         "since": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **ray_identity(),
     }
 
 
@@ -124,8 +138,9 @@ def _create(path: Path, holder: dict[str, Any]) -> bool:
         tmp.unlink(missing_ok=True)
 
 
-def _take_over(path: Path, stale: dict[str, Any] | None, stale_after: float) -> bool:
-    """Remove the stale file `path` if it still holds `stale`; True when removed (by us)."""
+def _take_over(path: Path, stale: dict[str, Any] | None, stale_after: float, known_gone: bool = False) -> bool:
+    """Remove the stale file `path` if it still holds `stale`; True when removed (by us).
+    known_gone: the caller knows the holder is gone (Claims.release_held_by): no staleness check."""
     token = stale.get("token", "none") if stale else "unreadable"
     marker = path.with_name(f"{path.name}.{token}.takeover")
     try:
@@ -141,7 +156,7 @@ def _take_over(path: Path, stale: dict[str, Any] | None, stale_after: float) -> 
     try:
         now = read_holder(path)
         same = (now == stale) if stale is not None else (now is None and path.exists())
-        if not same or not is_stale(path, now, stale_after):
+        if not same or not (known_gone or is_stale(path, now, stale_after)):
             return False  # someone else took it over (or released it) since we looked
         return _remove_if_still(path, stale, marker)
     finally:
@@ -289,14 +304,18 @@ class Claims:
         for video_id in list(self.held):
             self.release(video_id)
 
-    def release_for(self, video_ids: Iterable[str], host: str | None, pid: int | None) -> None:
-        """Remove the claims that process (host, pid) holds on these videos: it is known to be dead
-        (a Ray actor that crashed), so its videos can be redone now rather than after stale_after."""
+    def release_held_by(self, video_ids: Iterable[str], gone: Callable[[dict[str, Any]], bool]) -> list[str]:
+        """Remove the claims on these videos whose holder `gone` says is dead to us (a Ray actor that died
+        or whose node was lost), however alive it looks: its pid may still run, orphaned by a killed
+        raylet, or be on a host whose claims go stale only after stale_after. Each removal is the
+        compare-and-swap of a takeover. Returns the ids released."""
+        released = []
         for video_id in video_ids:
             path = self.path(video_id)
             current = read_holder(path)
-            if current is not None and current.get("host") == host and current.get("pid") == pid:
-                _take_over(path, current, stale_after=-1.0)  # compare, then remove
+            if current is not None and gone(current) and _take_over(path, current, self.stale_after, known_gone=True):
+                released.append(video_id)
+        return released
 
     def heartbeat(self, interval: float = HEARTBEAT_S) -> Heartbeat:
         return Heartbeat(lambda: list(self.held.values()), interval)

@@ -262,9 +262,9 @@ def _run_extract_ray(args: argparse.Namespace) -> int:
     except (RaySetupError, WorkerSetupError) as exc:
         raise UsageError(str(exc)) from None
     print_extract_summary(result.summary, result.cache)
-    if result.workers_lost:
-        print(f"{result.workers_lost} worker loss(es) ({result.last_error}); {result.videos_requeued} video(s) "
-              "were handed to another worker", file=sys.stderr)
+    if result.workers_lost or result.retried:
+        print(f"{result.workers_lost} worker(s) lost ({result.last_error}); {len(result.retried)} video(s) retried "
+              f"after a lost worker: {', '.join(result.retried) or 'none'}", file=sys.stderr)
     if result.unfinished:
         print(f"{len(result.unfinished)} video(s) were not processed because every worker was lost; "
               "rerun the command to finish them", file=sys.stderr)

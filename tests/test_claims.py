@@ -143,12 +143,16 @@ def test_takeover_marker_of_a_dead_taker_expires(tmp_path):
     assert a.acquire("v")  # it died between two steps: its marker expires
 
 
-def test_release_for_removes_only_that_process_claims(tmp_path):
+def test_release_held_by_removes_only_the_claims_of_a_process_known_gone(tmp_path):
     a = Claims(tmp_path)
     write_claim(a, "x", host="node2", pid=42)
     write_claim(a, "y", host="node2", pid=43)
-    a.release_for(["x", "y"], "node2", 42)
-    assert not a.path("x").exists() and a.path("y").exists()
+    live = {"host": a.me["host"], "pid": os.getppid(), "process_start": claims_module.process_start_time(os.getppid())}
+    write_claim(a, "z", **live)  # a live process of this host: an orphaned Ray actor, say
+    gone = lambda holder: holder.get("pid") in (42, os.getppid())  # noqa: E731
+    assert a.release_held_by(["x", "y", "z", "absent"], gone) == ["x", "z"]
+    assert not a.path("x").exists() and a.path("y").exists() and not a.path("z").exists()
+    assert not a.acquire("y") and a.acquire("z")
 
 
 def test_run_lock(tmp_path):

@@ -255,6 +255,25 @@ def test_writer_fails_non_finite_features_and_writes_nothing_once_the_claim_is_l
     assert claims.path("wide").exists() and "wide" not in claims.held  # the new holder's claim is left alone
 
 
+def test_writer_writes_no_record_when_its_claim_is_taken_while_it_saves_the_arrays(clip_folder, writing, monkeypatch):
+    """A Ray driver removes a lost worker's claims at once, though the worker may still run, orphaned:
+    its writer must not write a record over the new holder's once it has lost the claim midway."""
+    cache, claims, config, writer = writing
+    job = opened_job(clip_folder, "good.mp4", config)
+    assert claims.acquire("good")
+    real_save = cache.save_features
+
+    def save_then_lose_the_claim(video_id, modality, array):
+        real_save(video_id, modality, array)
+        claims.path(video_id).write_text(json.dumps({"video_id": video_id, "host": "elsewhere", "pid": 1,
+                                                     "token": "the new holder"}))
+
+    monkeypatch.setattr(cache, "save_features", save_then_lose_the_claim)
+    assert writer.finish(job) is None
+    assert cache.read_record("good") is None and "good" not in claims.held
+    assert json.loads(claims.path("good").read_text())["token"] == "the new holder"
+
+
 # --------------------------------------------------------------------------- progress
 
 

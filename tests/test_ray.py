@@ -124,6 +124,32 @@ def test_a_killed_workers_videos_are_redone(ray_instance, clip_folder, reference
     assert {r.status for r in result.cache.records()} == {"done", "failed"}
 
 
+class CrashOnWideWorker(ExtractionWorker):
+    """Dies whenever it is handed the video `wide` (as a video that takes its worker's node down would)."""
+
+    def extract(self, sources):
+        if any(s.video_id == "wide" for s in sources):
+            os._exit(1)
+        return super().extract(sources)
+
+
+def test_a_video_that_keeps_losing_its_worker_is_reported_failed_with_the_reason(ray_instance, clip_folder, tmp_path):
+    from pipeline.extraction.on_ray import MAX_RETRIES
+
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for name in ("wide.mov", "good.mp4"):
+        shutil.copy(clip_folder / name, folder / name)
+    config = tiny_config(modalities=("rgb",), backbones={"rgb": "vst"})
+    result = extract_on_ray(discover_videos(folder), tmp_path / "out", config, workers=1, videos_per_task=1,
+                            worker_class=CrashOnWideWorker, max_restarts=MAX_RETRIES + 1, progress=False)
+    assert result.workers_lost == MAX_RETRIES + 1 and result.retried == ["wide"] and not result.unfinished
+    (failed,) = result.summary.failed
+    assert failed.video_id == "wide" and f"lost {MAX_RETRIES + 1} times" in failed.error
+    assert [r.video_id for r in result.summary.records if r.status == "done"] == ["good"]
+    assert result.cache.read_record("wide") is None  # not recorded: a rerun tries it again
+
+
 def test_cli_extract_on_ray_and_rerun(ray_instance, clip_folder, tmp_path, capsys):
     folder = tmp_path / "videos"
     folder.mkdir()

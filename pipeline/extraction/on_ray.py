@@ -17,6 +17,14 @@ a lost node), Ray restarts it (it rebuilds its backbones), the driver releases t
 process held and puts its batch back at the front of the queue; the videos it had finished keep
 their records and are skipped, the unfinished ones are redone. A rerun of the command skips
 everything done, as on one machine.
+
+A lost worker is dead to the driver even when it does not look dead: its process may run on, orphaned
+by a killed raylet, or name another host, whose claims go stale only after 10 minutes. Its claims
+name its Ray actor and node (manifests/claims.py), so the driver removes them at once (the orphan then
+writes no record: a writer checks its claim first), and a video another worker left to "another
+running process" whose claim is held by a lost worker or a dead node is handed out again rather than
+reported so. A video is handed out again after a lost worker at most MAX_RETRIES times; then it is
+reported failed with the reason (not recorded in the cache: a rerun tries it again).
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,8 +42,10 @@ import torch
 
 from extractors.base import BackboneUnavailableError, WeightsSource
 from extractors.config import ExtractionConfig
-from manifests.cache import FAILED, CacheError, FeatureCache
+from manifests.cache import DONE, FAILED, CacheError, FeatureCache, VideoRecord
+from manifests.claims import ray_identity
 from pipeline.extraction.entry import cache_folder, cache_if_complete, extract_into, open_extraction
+from pipeline.extraction.events import now
 from pipeline.extraction.loop import ExtractSummary
 from pipeline.progress import progress_bar
 from pipeline.ray_session import import_ray
@@ -42,6 +53,8 @@ from pipeline.videos import VideoSource
 
 MAX_RESTARTS = 3  # per actor; a worker that keeps dying is given up and its share goes to the others
 MAX_VIDEOS_PER_TASK = 8
+MAX_RETRIES = 3  # per video: handed out again after this many lost workers, it is reported failed
+RESTART_PATIENCE_S = 300.0  # a lost actor not back after this long (restarting, or nowhere to run) is given up
 
 
 class WorkerSetupError(RuntimeError):
@@ -96,8 +109,8 @@ class ExtractionWorker:
             self.error = str(exc)  # reported by ready(): a clean usage error, not a dead actor
 
     def ready(self) -> dict[str, Any]:
-        """Who this process is (its claims name it) and whether it could start."""
-        return {"host": socket.gethostname(), "pid": os.getpid(), "error": self.error}
+        """Who this process is (its claims name it: host, pid, Ray node and actor) and whether it could start."""
+        return {"host": socket.gethostname(), "pid": os.getpid(), **ray_identity(), "error": self.error}
 
     def extract(self, sources: list[VideoSource]) -> ExtractSummary:
         summary, _ = extract_into(self.cache, self.config, sources, extractors=self.extractors,
@@ -113,14 +126,9 @@ class RayExtractResult:
     plan: WorkerPlan
     workers_lost: int = 0  # actor deaths seen (each followed by a restart while restarts remain)
     videos_requeued: int = 0  # videos handed out again after their worker died
+    retried: list[str] = field(default_factory=list)  # videos handed out again after a lost worker, each once
     unfinished: list[str] = field(default_factory=list)  # not processed: every worker was lost
     last_error: str | None = None  # why the last worker death happened, as Ray tells it
-
-
-def _release_claims(cache: FeatureCache, video_ids: list[str], owner: dict[str, Any]) -> None:
-    """Remove the claims a dead actor held, so its videos are redone now rather than once its
-    claims go stale (manifests/claims.py)."""
-    cache.claims().release_for(video_ids, owner.get("host"), owner.get("pid"))
 
 
 def _batches(sources: list[VideoSource], size: int) -> list[list[VideoSource]]:
@@ -190,11 +198,16 @@ class _Dispatch:
     of an actor that died back at the front of the queue (Ray restarts the actor while restarts remain)."""
 
     def __init__(self, ray: Any, actors: list[Any], batches: list[list[VideoSource]], result: RayExtractResult) -> None:
-        from ray.exceptions import RayActorError
+        from ray.exceptions import ActorUnavailableError, RayActorError
 
         self.ray, self.actors, self.result, self.actor_error = ray, actors, result, RayActorError
+        self.restarting_error = ActorUnavailableError
+        self.unavailable_since: dict[int, float] = {}  # actor index -> when its ready() first found it restarting
         self.queue = deque(batches)
-        self.identity: dict[int, dict[str, Any]] = {}  # actor index -> its ready() answer (host, pid)
+        self.started = now()  # records finished since were made by this run's workers
+        self.identity: dict[int, dict[str, Any]] = {}  # actor index -> its ready() answer (host, pid, Ray ids)
+        self.lost: list[dict[str, Any]] = []  # the identities of the workers that died
+        self.retries: dict[str, int] = {}  # video id -> times handed out again after a lost worker
         # ref -> (actor index, batch); batch None: a ready() call (start-up or after a restart)
         self.in_flight: dict[Any, tuple[int, list[VideoSource] | None]] = {
             a.ready.remote(): (i, None) for i, a in enumerate(actors)}
@@ -205,7 +218,13 @@ class _Dispatch:
             self.hand_out()
             if not self.in_flight:
                 break  # every worker is gone for good
-            (ref,), _ = self.ray.wait(list(self.in_flight), num_returns=1)
+            # after a loss, with only restarts to wait for: a lost node may leave nowhere to restart on
+            restarts_only = self.result.workers_lost and all(b is None for _, b in self.in_flight.values())
+            done, _ = self.ray.wait(list(self.in_flight), num_returns=1,
+                                    timeout=RESTART_PATIENCE_S if restarts_only else None)
+            if not done:
+                break  # no worker came back: what is left is reported unfinished
+            (ref,) = done
             index, batch = self.in_flight.pop(ref)
             try:
                 value = self.ray.get(ref)
@@ -216,7 +235,7 @@ class _Dispatch:
             if batch is None:
                 self.worker_ready(index, value)
                 continue
-            _merge(self.result.summary, value)
+            self.merge(value, batch)
             self.idle.append(index)
             bar.update(len(batch))
             bar.set_postfix(failed=len(self.result.summary.failed), lost=self.result.workers_lost, refresh=False)
@@ -232,33 +251,90 @@ class _Dispatch:
     def worker_ready(self, index: int, answer: dict[str, Any]) -> None:
         if answer["error"]:
             raise WorkerSetupError(answer["error"])
+        self.unavailable_since.pop(index, None)
+        # an actor Ray called unavailable may answer again as the same process: it is not gone after all
+        self.lost = [dead for dead in self.lost if not self.same_process(dead, answer)]
         self.identity[index] = answer
         self.idle.append(index)
 
     def worker_lost(self, index: int, batch: list[VideoSource] | None, exc: Exception) -> None:
         self.result.last_error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if batch is None:
-            return  # a ready() that failed: the actor is gone for good
+            # a ready() that failed: the actor is gone for good, unless Ray is still restarting it
+            first = self.unavailable_since.setdefault(index, time.monotonic())
+            if isinstance(exc, self.restarting_error) and time.monotonic() - first < RESTART_PATIENCE_S:
+                time.sleep(0.5)
+                self.in_flight[self.actors[index].ready.remote()] = (index, None)
+            return
         self.result.workers_lost += 1
-        self.result.videos_requeued += len(batch)
-        _release_claims(self.result.cache, [s.video_id for s in batch], self.identity.get(index, {}))
-        self.queue.appendleft(batch)
+        if index in self.identity:
+            self.lost.append(self.identity[index])
+        self.result.cache.claims().release_held_by([s.video_id for s in batch], self.gone)
+        self.retry(batch)
         # ready() waits for the restart; it fails for good once restarts are used up
         self.in_flight[self.actors[index].ready.remote()] = (index, None)
+
+    def merge(self, part: ExtractSummary, batch: list[VideoSource]) -> None:
+        """A worker's summary into the run's; a video it left to "another running process" whose claim
+        is held by a lost worker (or one on a dead node) is released and handed out again."""
+        total = self.result.summary
+        total.records.extend(part.records)
+        total.skipped.extend(part.skipped)
+        if not part.claimed_elsewhere:
+            return
+        released = set(self.result.cache.claims().release_held_by(part.claimed_elsewhere, self.gone))
+        sources = {s.video_id: s for s in batch}
+        self.retry([sources[v] for v in part.claimed_elsewhere if v in released])
+        total.claimed_elsewhere.extend(v for v in part.claimed_elsewhere if v not in released)
+
+    def retry(self, videos: list[VideoSource]) -> None:
+        """Hand out again the videos a lost worker held, except those it finished (counted as extracted
+        when finished during this run) and those retried MAX_RETRIES times already (reported failed)."""
+        again = []
+        for source in videos:
+            record = self.result.cache.read_record(source.video_id)
+            if record is not None and record.status == DONE:
+                finished_now = (record.finished_at or "") >= self.started
+                if finished_now and all(r.video_id != source.video_id for r in self.result.summary.records):
+                    self.result.summary.records.append(record)
+                elif not finished_now:
+                    self.result.summary.skipped.append(source.video_id)
+                continue
+            self.retries[source.video_id] = self.retries.get(source.video_id, 0) + 1
+            if self.retries[source.video_id] > MAX_RETRIES:
+                self.result.summary.records.append(VideoRecord(
+                    video_id=source.video_id, path=str(source.path), status=FAILED,
+                    error=f"its Ray worker was lost {self.retries[source.video_id]} times while extracting it "
+                          f"(last: {self.result.last_error}); not recorded in the cache, a rerun tries it again"))
+                continue
+            if source.video_id not in self.result.retried:
+                self.result.retried.append(source.video_id)
+            again.append(source)
+        self.result.videos_requeued += len(again)
+        if again:
+            self.queue.appendleft(again)
+
+    @staticmethod
+    def same_process(a: dict[str, Any], b: dict[str, Any]) -> bool:
+        """A claim's holder or a ready() answer naming the same worker process (a restart has a new pid)."""
+        return a.get("host") == b.get("host") and a.get("pid") == b.get("pid") and \
+            a.get("ray_actor", b.get("ray_actor")) == b.get("ray_actor")
+
+    def gone(self, holder: dict[str, Any]) -> bool:
+        """True when a claim's holder is a worker this driver saw die, or any process of a dead Ray node."""
+        if any(self.same_process(holder, dead) for dead in self.lost):
+            return True
+        node = holder.get("ray_node")
+        return node is not None and any(n["NodeID"] == node and not n["Alive"] for n in self.ray.nodes())
 
     def stop(self) -> None:
         """Kill the actors; stopped early (Ctrl-C, an error), free what they held, or a claim naming
         another machine would keep a rerun from those videos. The manifest once, over every record."""
         for actor in self.actors:
             self.ray.kill(actor, no_restart=True)
+        self.lost += list(self.identity.values())  # killed just now: each is gone
         for index, batch in self.in_flight.values():
             if batch is not None:
-                _release_claims(self.result.cache, [s.video_id for s in batch], self.identity.get(index, {}))
+                self.result.cache.claims().release_held_by([s.video_id for s in batch], self.gone)
         if self.result.cache.root.is_dir():
             self.result.cache.write_manifest()
-
-
-def _merge(total: ExtractSummary, part: ExtractSummary) -> None:
-    total.records.extend(part.records)
-    total.skipped.extend(part.skipped)
-    total.claimed_elsewhere.extend(part.claimed_elsewhere)

@@ -51,6 +51,11 @@ class Writer:
                 DONE, shape=list(array.shape), extractor=extractor.name, version=self._version(extractor),
                 bytes=path.stat().st_size, sha256=file_sha256(path),
             )
+        if not self.claims.still_held(record.video_id):
+            # taken while the arrays were saved (a Ray driver gives a lost worker's video to another
+            # worker at once): the new holder writes the record, over arrays equal to these
+            self.claims.release(record.video_id)
+            return None
         record.status, record.error, record.finished_at = DONE, None, now()
         self.cache.write_record(record)  # last: only now is the video trusted
         self.claims.release(record.video_id)
