@@ -23,7 +23,7 @@ import torch
 
 from extractors.config import ExtractionConfig
 from extractors.onednn import use_onednn_linears
-from extractors.settings import BackboneSettings, LinearLayerSettings
+from extractors.settings import BackboneSettings, LinearLayerSettings, backbone_names
 
 
 class BackboneUnavailableError(RuntimeError):
@@ -154,12 +154,10 @@ def register(modality: str, name: str):
 
 
 def available_backbones() -> dict[str, list[str]]:
-    """{modality: [backbone names]} in registration order."""
+    """{modality: [backbone names]} in the settings table's order (defaults first), whichever backbone
+    module happened to be imported first."""
     load_backbones()
-    out: dict[str, list[str]] = {}
-    for modality, name in REGISTRY:
-        out.setdefault(modality, []).append(name)
-    return out
+    return {m: [n for n in names if (m, n) in REGISTRY] for m, names in backbone_names().items()}
 
 
 def extractor_class(modality: str, name: str) -> type[Extractor]:
