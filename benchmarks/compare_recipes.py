@@ -7,8 +7,8 @@ Clips: generated like the demo's (pipeline/samples.py), 25 fps, at --size (defau
 runs at a real source size). Variants: `project` (the CPU defaults: Swin3D-B, Farneback + I3D, AST),
 `pamfn`, and `pamfn-no-jpeg` (pamfn without its JPEG round trips, --jpeg-quality 0). Each variant
 extracts each modality alone, one segment per call, so a modality's time is its own, decoding
-included. TV-L1 is also timed by itself, pair by pair at the clips' size, for its share of pamfn's
-flow time. Cosine: between the same clip's rows in two variants, segment by segment (both cut 32-frame
+included. TV-L1 is also timed by itself at the clips' size, its pairs run as the extractor runs them,
+for its share of pamfn's flow time. Cosine: between the same clip's rows in two variants, segment by segment (both cut 32-frame
 segments of 25 fps video, so segment i covers the same frames), averaged over segments and clips.
 
 Random full-size weights by default (--backbones pretrained --weights-dir DIR for real ones): the
@@ -59,14 +59,13 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def time_tvl1(path: Path, pairs: int) -> float:
-    """Seconds per TV-L1 pair on grey frames at the clip's own size."""
+    """Seconds per TV-L1 pair on grey frames at the clip's own size, the pairs run as the extractor runs
+    them (OpenCVFlow.gray_flows: as many at a time as the CPU has cores)."""
     video = VideoFrames(path, decode_short_side=0)
     frames = torch.from_numpy(video.read(np.arange(pairs + 1)))[None]
-    gray = source_gray(frames)[0]
-    flow = TVL1Flow()
+    gray = source_gray(frames)
     start = time.perf_counter()
-    for t in range(pairs):
-        flow.pair_flow(gray[t], gray[t + 1])
+    TVL1Flow().gray_flows(gray, [(t, t + 1) for t in range(pairs)])
     return (time.perf_counter() - start) / pairs
 
 
