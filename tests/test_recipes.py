@@ -149,3 +149,21 @@ def test_pamfn_end_to_end_its_own_folder_a_complete_config_and_the_published_seg
         assert record.num_segments == int(seconds * 25) // 32 == segments
         assert {m: a.shape[0] for m, a in cache.load_features(record.video_id).items()} == dict.fromkeys(
             ("rgb", "flow", "audio"), segments)
+
+
+def test_the_pil_frame_transform_feeds_swin_torchvisions_pil_steps():
+    import torch
+    from PIL import Image
+    from torchvision import transforms
+
+    from extractors.base import WeightsSource
+    from extractors.rgb_vst import VideoSwinExtractor
+
+    config = ExtractionConfig(modalities=("rgb",), backbones={"rgb": "vst"}, weights="random", arch_size="tiny",
+                              decode_short_side=0, settings={"rgb": {"frame_transform": "pil"}})
+    extractor = VideoSwinExtractor(config, torch.device("cpu"), WeightsSource())
+    frames = np.random.default_rng(0).integers(0, 256, (1, 2, 90, 160, 3), dtype=np.uint8)
+    published = transforms.Compose([transforms.Resize(256), transforms.CenterCrop((224, 300)),
+                                    transforms.Resize((224, 224)), transforms.PILToTensor()])
+    expected = torch.stack([published(Image.fromarray(frame)) for frame in frames[0]])[None].float()
+    assert torch.equal(extractor.input_frames(torch.from_numpy(frames)), expected)
