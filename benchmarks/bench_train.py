@@ -37,7 +37,8 @@ a separate paired run: the variants take turns step by step in one process on th
 the median per-step time ratio is reported. Epoch time and peak memory come from each variant's own
 process (the fastest of --repeats epochs).
 
-LIMSSR is timed with gradient checkpointing on and off, over the tiny random Qwen2 of the tests on a
+LIMSSR (its `project` variant, the one the recorded figures measured) is timed with gradient
+checkpointing on and off, over the tiny random Qwen2 of the tests on a
 CPU and over a random-weight LLM of Qwen2.5-0.5B's sizes in bfloat16 on a GPU (no pretrained weights are
 needed: speed and memory depend on the shapes only). Before timing, both variants must give the same
 score, loss and gradients. Its rows also report the LLM sequence length (prompt + M * (T + 2) + K), the
