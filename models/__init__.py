@@ -36,6 +36,10 @@ and never names a model):
     PATH_FIELDS           fields naming a hub id or a local folder; a folder is recorded as an absolute path
     PRESET_TRAINING       published settings of a preset (pipeline/presets.py) the model trains with
     PRESET_FIELDS         preset value -> the config field it sets (a preset's model settings)
+    from_preset(preset)   (training settings, config fields) a preset gives the model; by default the two
+                          mappings above, over the preset's (MCMoE's) published values. A model whose
+                          authors trained each dataset otherwise overrides it with its own table keyed by
+                          the preset's dataset and target (LIMSSR: REFERENCE_COMMANDS)
     GPUS_PER_RUN          GPU share of one run when `pipeline reproduce` runs several on a GPU
     device_defaults(kind) config fields that default differently on a device kind ("cuda", "cpu")
 

@@ -20,10 +20,12 @@ parameter owned by this module, so a checkpoint stores only those rows. The LLM 
 AutoModel (the decoder without its LM head): only hidden states are used, so the LM head would cost a
 vocabulary-sized projection per position for nothing.
 
-`variant="reference"` is the authors' model instead (docs/design/limssr.md lists every difference): the
-whole embedding matrix (resized to the tokenizer, markers as its rows) and the LM head trainable, LoRA
-rank 16, the reference's prompt, modality order (visual, audio, flow) and heads. Its LM head is kept
-for the parameter set but not computed: it never reaches the loss.
+`variant="reference"` (the default) is the authors' model (docs/design/limssr.md lists every
+difference): the whole embedding matrix (resized to the tokenizer, markers as its rows) and the LM head
+trainable, LoRA rank 16, the reference's prompt, modality order (visual, audio, flow) and heads. Its LM
+head is kept for the parameter set but not computed: it never reaches the loss. `variant="project"` is
+the design described above; it scored lower than the reference variant in every seed of the one
+side-by-side measurement (benchmarks/results/limssr_modes.json), so it is not the default.
 """
 
 from __future__ import annotations
@@ -49,6 +51,33 @@ VARIANTS = ("project", "reference")
 # Settings whose default depends on the variant (the reference's command-line defaults: LoRA rank 16,
 # dropout 0.15); None in a config means "the variant's default".
 VARIANT_DEFAULTS = {"project": {"lora_r": 8, "dropout": 0.1}, "reference": {"lora_r": 16, "dropout": 0.15}}
+# The reference README's training command per dataset and target (`--preset DATASET --action TARGET`):
+# the values it passes (epochs, --decay-rate as min_lr_ratio, dropout, and the per-target extras: seed,
+# --alpha, --alpha_mse as task_weight, --alpha_con as consistency_weight); lr 2e-4 in every command. All
+# else is main_llm.py's default, which training_defaults() and the reference variant's defaults hold,
+# but the seed: its default 42 where the command gives none. clip_num and the score range are the
+# preset's dataset facts (the same as the reference's readers use).
+REFERENCE_COMMANDS: dict[str, dict[str, dict[str, Any]]] = {
+    "rg": {
+        "Ball": {"epochs": 80, "min_lr_ratio": 0.1, "dropout": 0.35, "seed": 6},
+        "Clubs": {"epochs": 410, "min_lr_ratio": 0.1, "dropout": 0.35, "seed": 113, "alpha": 2.0},
+        "Hoop": {"epochs": 100, "min_lr_ratio": 0.01, "dropout": 0.3, "consistency_weight": 2.0},
+        "Ribbon": {"epochs": 270, "min_lr_ratio": 0.1, "dropout": 0.35},
+    },
+    "fisv": {"TES": {"epochs": 270}, "PCS": {"epochs": 140}},
+    "fs1000": {
+        "TES": {"epochs": 160},
+        "PCS": {"epochs": 100, "task_weight": 1.0},
+        "SS": {"epochs": 130},
+        "TR": {"epochs": 90, "consistency_weight": 10.0},
+        "PE": {"epochs": 130, "task_weight": 1.0},
+        "CO": {"epochs": 200, "consistency_weight": 10.0},
+        "IN": {"epochs": 290, "task_weight": 1.0, "alpha": 0.5},
+    },
+}
+REFERENCE_COMMAND_DEFAULTS = {"lr": 2e-4, "min_lr_ratio": 0.1, "dropout": 0.15, "seed": 42}
+# Which of a reference command's values are training settings (TrainConfig); the rest are config fields.
+REFERENCE_TRAINING = ("epochs", "lr", "min_lr_ratio", "seed")
 # The reference variant: its modality order (v, a, f), the words its prompt uses and its marker names.
 REFERENCE_ORDER = ("rgb", "audio", "flow")
 REFERENCE_WORDS = {"rgb": "visual"}
@@ -57,11 +86,13 @@ REFERENCE_MARKER_NAMES = {"rgb": "video"}
 
 @dataclass
 class LIMSSRConfig(ModelConfig):
-    """Schema version 2 records `schema_version`; a version-1 file lacks triplet_distance, and its run
-    trained with Euclidean distance (see `upgrade`). The presets' published settings are MCMoE's:
-    LIMSSR takes none of them (docs/design/limssr.md), only the dataset facts every model uses."""
+    """Schema version 3 makes `reference` the default variant: a file of an earlier version without
+    `variant` was trained as `project` (the default then), and a version-1 file also lacks
+    triplet_distance, its run trained with Euclidean distance (see `upgrade`). The presets' published
+    settings are MCMoE's: LIMSSR takes the dataset facts every model uses and, in place of the rest, the
+    reference's own command for that dataset and target (REFERENCE_COMMANDS, `from_preset`)."""
 
-    SCHEMA_VERSION = 2
+    SCHEMA_VERSION = 3
     FLAG_FIELDS = {"dropout": "dropout", "alpha": "alpha", "llm": "llm", "llm_dtype": "torch_dtype",
                    "gradient_checkpointing": "gradient_checkpointing", "limssr_variant": "variant"}
     PATH_FIELDS = ("llm",)  # evaluate / score / resume must find a local LLM folder from any working folder
@@ -70,16 +101,16 @@ class LIMSSRConfig(ModelConfig):
     modalities: list[str]
     feature_dims: dict[str, int]
     llm: str = "Qwen/Qwen2.5-0.5B"  # hub id or local folder holding weights + tokenizer
-    # "project" (this project's design) or "reference" (the authors' model: docs/design/limssr.md)
-    variant: str = "project"
-    lora_r: int | None = None  # None: the variant's (project 8, reference 16)
+    # "reference" (the authors' model) or "project" (this project's design): docs/design/limssr.md
+    variant: str = "reference"
+    lora_r: int | None = None  # None: the variant's (reference 16, project 8)
     lora_alpha: int = 32
     lora_dropout: float = 0.1
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     num_fusion_tokens: int = 4
     head_hidden: int = 256  # width of the refinement / regressor MLPs (project variant; the reference: H and H/2)
     mda_heads: int = 4  # heads of the self-attention across modality vectors; must divide the LLM width
-    dropout: float | None = None  # None: the variant's (project 0.1, reference 0.15)
+    dropout: float | None = None  # None: the variant's (reference 0.15, project 0.1)
     margin: float = 1.0  # hardest-triplet margin
     triplet_distance: str = "cosine"  # 1 - cosine, as the GDLT triplet loss both papers' code imports
     task_weight: float = 10.0
@@ -113,8 +144,18 @@ class LIMSSRConfig(ModelConfig):
 
     @classmethod
     def upgrade(cls, data: dict[str, Any], version: int) -> dict[str, Any]:
-        # A file without triplet_distance trained with Euclidean distance: it resumes and evaluates so.
-        return {"triplet_distance": "euclidean", **data}
+        # Before version 3 the default variant was project: a file without `variant` trained as project.
+        data = {"variant": "project", **data}
+        if version == 1:  # a file without triplet_distance trained with Euclidean distance
+            data = {"triplet_distance": "euclidean", **data}
+        return data
+
+    @classmethod
+    def from_preset(cls, preset: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The reference's command for the preset's dataset and target: (training settings, config fields)."""
+        command = {**REFERENCE_COMMAND_DEFAULTS, **REFERENCE_COMMANDS[preset.dataset][preset.target]}
+        training = {key: value for key, value in command.items() if key in REFERENCE_TRAINING}
+        return training, {key: value for key, value in command.items() if key not in REFERENCE_TRAINING}
 
     @classmethod
     def device_defaults(cls, device_type: str) -> dict[str, Any]:
@@ -123,10 +164,8 @@ class LIMSSRConfig(ModelConfig):
 
     @classmethod
     def training_defaults(cls) -> dict[str, Any]:
-        # docs/design/limssr.md. The papers give no epoch count for LIMSSR; 100 epochs at batch 8 is about
-        # 2,500 steps on an RG-sized split (~200 training clips): enough for heads trained from scratch
-        # plus LoRA, which adapts far faster than MCMoE's from-scratch 270-560 epochs, and short for
-        # Qwen2.5-0.5B on one GPU. Validation-based selection guards against the tail.
+        # The reference's command-line defaults (main_llm.py; docs/design/limssr.md). A preset replaces
+        # the epochs, the lr floor and the seed by its dataset's reference command (REFERENCE_COMMANDS).
         return {
             "optimizer": "adamw",
             "lr": 2e-4,
@@ -143,7 +182,7 @@ class LIMSSRConfig(ModelConfig):
     def training_defaults_for(cls, options: dict[str, Any]) -> dict[str, Any]:
         # The reference variant draws one availability pattern per batch, as the authors' code does.
         defaults = cls.training_defaults()
-        if options.get("variant") == "reference":
+        if options.get("variant", cls.variant) == "reference":
             defaults["mask_policy"] = "any-per-batch"
         return defaults
 

@@ -376,9 +376,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                      help="LIMSSR: dtype of the LLM (bfloat16 on a GPU halves its memory; projections and heads "
                      "stay float32; default: bfloat16 when training on a GPU, float32 on a CPU)")
     mod.add_argument("--limssr-variant", choices=["project", "reference"],
-                     help="LIMSSR: project = this project's design (default), reference = the authors' model "
-                     "(whole embedding matrix and LM head trainable, LoRA rank 16, their prompt and heads, one "
-                     "mask per batch; docs/design/limssr.md)")
+                     help="LIMSSR: reference = the authors' model (default: whole embedding matrix and LM head "
+                     "trainable, LoRA rank 16, their prompt and heads, one mask per batch), project = this "
+                     "project's design (only the new marker rows trained, rank 8, per-sample masks); "
+                     "docs/design/limssr.md")
     mod.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                      help="LIMSSR: recompute the LLM's activations during the backward pass (less memory, slower steps)")
     mod.add_argument("--ablation", action="append", default=[], metavar="NAME",

@@ -5,7 +5,8 @@ A preset carries two kinds of values:
   divided by;
 - the published optimisation and model settings (epochs, lr, alpha, ...; MCMoE's). Which of them a
   model takes, and onto which of its config fields, the model's config declares (PRESET_TRAINING,
-  PRESET_FIELDS in models/): MCMoE takes them all, LIMSSR none (its own defaults, docs/design/limssr.md).
+  PRESET_FIELDS, `from_preset` in models/): MCMoE takes them all; LIMSSR none of them, but its own
+  reference command for the preset's dataset and target (models/limssr.py REFERENCE_COMMANDS).
 Every value is overridable by the matching `pipeline train` flag.
 
 Every preset trains as the reference code does, step for step: one incomplete training mask per batch
@@ -17,7 +18,7 @@ No preset turns on the sinusoidal position encoding of the STEM input: the refer
 numbers were made without it. `--position-encoding` remains an explicit option.
 
 Each preset carries the seed of the reference command (RG 0, Fis-V 3, FS1000 1), used by MCMoE when no
---seed is given; run.json records, for every setting, whether it came from the preset, a flag or a
+--seed is given (LIMSSR's command has its own: RG Ball 6, Clubs 113, else 42); run.json records, for every setting, whether it came from the preset, a flag or a
 default.
 
 FS1000's PCS labels are divided by the factor in the label file's last column; that happens when the

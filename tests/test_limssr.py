@@ -1,4 +1,5 @@
-"""LIMSSR on the tiny random-weight Qwen2 LM: sequence layout, heads, losses, gradients, saving, training."""
+"""LIMSSR's project variant on the tiny random-weight Qwen2 LM: sequence layout, heads, losses, gradients,
+saving, training (the reference variant, the default: tests/test_limssr_reference.py)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ MIXED = torch.tensor([[1, 1, 1], [0, 1, 0], [1, 0, 1], [0, 0, 1]], dtype=torch.b
 
 def make_config(tiny_llm_folder, **overrides) -> LIMSSRConfig:
     return LIMSSRConfig(
-        modalities=list(DIMS), feature_dims=dict(DIMS), llm=str(tiny_llm_folder), head_hidden=16, **overrides
+        modalities=list(DIMS), feature_dims=dict(DIMS), llm=str(tiny_llm_folder), variant="project", head_hidden=16,
+        **overrides,
     )
 
 
@@ -227,7 +229,7 @@ def test_missing_llm_gives_clear_error(tmp_path, monkeypatch):
 def test_new_tokens_grow_a_full_embedding_matrix(tmp_path):
     folder = save_tiny_llm(tmp_path / "full_vocab", hidden_size=32, vocab_multiple=1)
     dims = {"rgb": 4, "audio": 3}
-    config = LIMSSRConfig(modalities=list(dims), feature_dims=dims, llm=str(folder), head_hidden=8)
+    config = LIMSSRConfig(modalities=list(dims), feature_dims=dims, llm=str(folder), variant="project", head_hidden=8)
     model = build_limssr(config)
     assert model.llm.get_input_embeddings().num_embeddings == len(model.tokenizer)
     available = torch.tensor([[True, False], [True, True]])
@@ -253,7 +255,7 @@ def test_short_cpu_training_through_the_trainer_reaches_positive_validation_rho(
     labels = write_labels(tmp_path / "labels.csv", made.scores)
     settings = dict(epochs=8, lr=5e-3, warmup_epochs=1, batch_size=8, clip_num=4, val_fraction=0.3, seed=0)
     config, _ = resolve_config(made.cache.root, labels, tmp_path / "run", model="limssr", overrides=settings,
-                               model_options={"llm": str(tiny_llm_folder), "head_hidden": 16})
+                               model_options={"llm": str(tiny_llm_folder), "variant": "project", "head_hidden": 16})
     result = train(config, device="cpu", progress=False, log=lambda message: None)
 
     assert result.finished and result.best["val_rho"] > 0.7

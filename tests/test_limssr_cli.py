@@ -22,7 +22,9 @@ from pipeline.inference import load_run
 from pipeline.metrics import mse, spearman_rho
 from tests.synthetic import write_labels, write_synthetic_cache
 
-LIMSSR = ["--model", "limssr", "--model-option", "head_hidden=16", "--device", "cpu", "--quiet"]
+# the project variant: what a run holds (marker rows, no embedding matrix) is its design
+LIMSSR = ["--model", "limssr", "--limssr-variant", "project", "--model-option", "head_hidden=16", "--device", "cpu",
+          "--quiet"]
 SMALL_RUN = ["--epochs", "2", "--batch-size", "4", "--clip-num", "4", "--lr", "5e-3", "--warmup-epochs", "1"]
 MCMOE = ["--model", "mcmoe", "--hidden", "16", "--model-option", "encoder_layers=1", "--model-option",
          "decoder_layers=1", "--model-option", "generator_heads=2", "--device", "cpu", "--quiet"]

@@ -149,7 +149,9 @@ def test_reference_variant_draws_one_pattern_per_batch(tmp_path):
     assert options == {"variant": "reference"}
     config, _ = resolve_config("f", "l", tmp_path, model="limssr", model_options=options)
     assert (config.mask_policy, config.sources["mask_policy"]) == ("any-per-batch", "limssr defaults")
-    assert resolve_config("f", "l", tmp_path, model="limssr")[0].mask_policy == "any"
+    assert resolve_config("f", "l", tmp_path, model="limssr")[0].mask_policy == "any-per-batch"  # the default
+    project, _ = resolve_config("f", "l", tmp_path, model="limssr", model_options={"variant": "project"})
+    assert project.mask_policy == "any"
     generator = torch.Generator().manual_seed(0)
     seen = set()
     for _ in range(200):
@@ -164,7 +166,9 @@ def test_config_records_the_variant_and_its_defaults(tiny_llm_folder):
     recorded = config.to_dict()
     assert (recorded["variant"], recorded["lora_r"], recorded["dropout"]) == ("reference", 16, 0.15)
     assert LIMSSRConfig.from_dict(recorded) == config
-    project = LIMSSRConfig(modalities=list(DIMS), feature_dims=dict(DIMS))
+    default = LIMSSRConfig(modalities=list(DIMS), feature_dims=dict(DIMS))
+    assert (default.variant, default.lora_r, default.dropout) == ("reference", 16, 0.15)
+    project = LIMSSRConfig(modalities=list(DIMS), feature_dims=dict(DIMS), variant="project")
     assert (project.variant, project.lora_r, project.dropout) == ("project", 8, 0.1)
     with pytest.raises(ValueError, match="variant must be one of"):
         LIMSSRConfig(modalities=list(DIMS), feature_dims=dict(DIMS), variant="paper")

@@ -17,7 +17,7 @@ from manifests.cache import FeatureCache
 from models import REGISTRY, ModelConfig, config_class
 from pipeline import data
 from pipeline.inference import call_model, load_run
-from pipeline.presets import Preset, get_preset
+from pipeline.presets import PRESETS, Preset, get_preset
 from pipeline.train import train
 from pipeline.train_config import MODEL_FLAGS, TRAINING_KEYS, TrainConfig, model_options_from_flags, resolve_config
 from tests.synthetic import write_labels, write_synthetic_cache
@@ -28,13 +28,17 @@ PRESET_VALUES = {f.name for f in dataclasses.fields(Preset)}
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_every_registered_config_declares_settings_it_has(name):
     cls = config_class(name)
-    assert issubclass(cls, ModelConfig) and cls.SCHEMA_VERSION == 2
+    assert issubclass(cls, ModelConfig) and cls.SCHEMA_VERSION >= 2
     settings = set(cls.settings())
     assert set(cls.training_defaults()) == set(TRAINING_KEYS)
     assert set(cls.FLAG_FIELDS) <= set(MODEL_FLAGS) and set(cls.FLAG_FIELDS.values()) <= settings
     assert all(set(fields) <= settings for fields in cls.ABLATIONS.values())
     assert set(cls.PRESET_FIELDS) <= PRESET_VALUES and set(cls.PRESET_FIELDS.values()) <= settings
     assert set(cls.PRESET_TRAINING) <= PRESET_VALUES & {f.name for f in dataclasses.fields(TrainConfig)}
+    for targets in PRESETS.values():  # every preset gives the model training settings and fields it has
+        for preset in targets.values():
+            training, fields = cls.from_preset(preset)
+            assert set(training) <= set(TRAINING_KEYS) | {"seed"} and set(fields) <= settings, (preset, training, fields)
     assert set(cls.PATH_FIELDS) <= settings and 0 < cls.GPUS_PER_RUN <= 1
     assert set(cls.device_defaults("cuda")) <= settings and set(cls.device_defaults("cpu")) <= settings
 
@@ -54,7 +58,8 @@ def test_declared_mappings_of_the_two_models():
     preset = get_preset("fisv", "TES")
     assert mcmoe.from_preset(preset)[1] == {"div_weight": 0.5, "position_encoding": False, "dropout": 0.3, "hidden": 256,
                                            "expert_stats_order": "reference"}
-    assert limssr.from_preset(preset) == ({}, {})
+    # LIMSSR: the reference's Fis-V TES command, not MCMoE's published values
+    assert limssr.from_preset(preset) == ({"epochs": 270, "lr": 2e-4, "min_lr_ratio": 0.1, "seed": 42}, {"dropout": 0.15})
     assert (mcmoe.GPUS_PER_RUN, limssr.GPUS_PER_RUN) == (0.25, 1.0)
     assert limssr.device_defaults("cuda") == {"torch_dtype": "bfloat16"} and limssr.device_defaults("cpu") == {}
     assert mcmoe.device_defaults("cuda") == {}

@@ -47,13 +47,27 @@ def test_mcmoe_config_from_before_the_newer_settings_keeps_their_old_values():
 
 
 def test_limssr_configs_load_with_the_values_they_were_written_with():
-    expected = LIMSSRConfig(modalities=list(DIMS), feature_dims=DIMS, llm="tiny-llm", lora_r=4, head_hidden=16,
-                            num_fusion_tokens=2, mda_heads=2)
+    # Both files predate `variant`: their runs trained the project variant, the default then (reference now).
+    expected = LIMSSRConfig(modalities=list(DIMS), feature_dims=DIMS, llm="tiny-llm", variant="project", lora_r=4,
+                            head_hidden=16, num_fusion_tokens=2, mda_heads=2)
     recorded = json.loads((FIXTURES / "limssr" / "model_config.json").read_text())["config"]
-    assert LIMSSRConfig.from_dict(recorded) == expected
+    assert "variant" not in recorded and LIMSSRConfig.from_dict(recorded) == expected
     old = json.loads((FIXTURES / "limssr_old" / "model_config.json").read_text())["config"]
     assert LIMSSRConfig.from_dict(old).triplet_distance == "euclidean"
     assert LIMSSRConfig.from_dict(old) == LIMSSRConfig(**{**expected.__dict__, "triplet_distance": "euclidean"})
+
+
+def test_limssr_variant_by_version():
+    """A version-2 file (written between schema_version and the default change) without `variant` is a
+    project run; a version-3 file without it gets today's default."""
+    written = LIMSSRConfig(modalities=list(DIMS), feature_dims=DIMS, variant="project", lora_r=4).to_dict()
+    assert written["schema_version"] == 3 and LIMSSRConfig.from_dict(written).variant == "project"
+    del written["variant"]
+    assert LIMSSRConfig.from_dict({**written, "schema_version": 2}).variant == "project"
+    assert LIMSSRConfig.from_dict({**written, "schema_version": 2}).triplet_distance == "cosine"
+    assert LIMSSRConfig.from_dict(written).variant == "reference"
+    reference = LIMSSRConfig(modalities=list(DIMS), feature_dims=DIMS, variant="reference").to_dict()
+    assert LIMSSRConfig.from_dict({**reference, "schema_version": 2}).variant == "reference"  # recorded wins
 
 
 def test_configs_written_now_record_their_version_and_read_back_equal():

@@ -86,10 +86,37 @@ def test_settings_resolve_model_defaults_then_preset_then_flags(tmp_path):
     assert (fs.seed, fs.sources["seed"]) == (7, "flag")
     plain, _ = resolve_config("f", "l", tmp_path)
     assert (plain.seed, plain.sources["seed"]) == (0, "default")
-    # LIMSSR keeps its own optimisation; the preset only gives the dataset facts.
-    limssr, _ = resolve_config("f", "l", tmp_path, model="limssr", preset="fs1000", action="PCS")
-    assert (limssr.optimizer, limssr.lr, limssr.warmup_epochs, limssr.grad_clip, limssr.mask_policy) == ("adamw", 2e-4, 5, 1.0, "any")
-    assert (limssr.clip_num, limssr.score_range, limssr.model_options) == (95, 60.0, {})
+
+
+def test_limssr_presets_are_the_reference_commands(tmp_path):
+    """LIMSSR takes the dataset facts and its authors' command for the dataset and target (their README:
+    epochs, --decay-rate, --dropout, per-target extras; the rest main_llm.py's defaults), not MCMoE's."""
+    # Broken on purpose once: REFERENCE_COMMAND_DEFAULTS' seed removed (the run keeps seed 0) -> fails.
+    ball, _ = resolve_config("f", "l", tmp_path, model="limssr", preset="rg", action="Ball")
+    assert (ball.epochs, ball.lr, ball.min_lr_ratio, ball.seed, ball.clip_num, ball.score_range) == (80, 2e-4, 0.1, 6, 68, 25.0)
+    assert (ball.optimizer, ball.batch_size, ball.weight_decay, ball.warmup_epochs, ball.grad_clip) == ("adamw", 8, 1e-4, 5, 1.0)
+    assert ball.mask_policy == "any-per-batch" and ball.model_options == {"dropout": 0.35}
+    assert {key: ball.sources[key] for key in ("epochs", "seed", "clip_num", "model.dropout")} == dict.fromkeys(
+        ("epochs", "seed", "clip_num", "model.dropout"), "preset rg/Ball")
+    assert (ball.sources["batch_size"], ball.sources["model.variant"]) == ("limssr defaults", "limssr defaults")
+    clubs, _ = resolve_config("f", "l", tmp_path, model="limssr", preset="rg", action="Clubs")
+    assert (clubs.epochs, clubs.seed, clubs.model_options) == (410, 113, {"dropout": 0.35, "alpha": 2.0})
+    hoop, _ = resolve_config("f", "l", tmp_path, model="limssr", preset="rg", action="Hoop")
+    assert (hoop.epochs, hoop.min_lr_ratio, hoop.seed) == (100, 0.01, 42)
+    assert hoop.model_options == {"dropout": 0.3, "consistency_weight": 2.0}
+    fisv, _ = resolve_config("f", "l", tmp_path, model="limssr", preset="fisv", action="PCS")
+    assert (fisv.epochs, fisv.clip_num, fisv.score_range, fisv.model_options) == (140, 124, 40.0, {"dropout": 0.15})
+    fs = {target: resolve_config("f", "l", tmp_path, model="limssr", preset="fs1000", action=target)[0]
+          for target in PRESETS["fs1000"]}
+    assert [fs[t].epochs for t in ("TES", "PCS", "SS", "TR", "PE", "CO", "IN")] == [160, 100, 130, 90, 130, 200, 290]
+    assert (fs["PCS"].clip_num, fs["PCS"].score_range, fs["PCS"].model_options) == (95, 60.0, {"dropout": 0.15, "task_weight": 1.0})
+    assert fs["IN"].model_options == {"dropout": 0.15, "task_weight": 1.0, "alpha": 0.5}
+    assert fs["CO"].model_options == {"dropout": 0.15, "consistency_weight": 10.0}
+    # flags win over the command; the project variant keeps its own masks under a preset
+    flagged, _ = resolve_config("f", "l", tmp_path, model="limssr", preset="rg", action="Ball", overrides={"epochs": 3},
+                                model_options={"variant": "project", "dropout": 0.2})
+    assert (flagged.epochs, flagged.sources["epochs"], flagged.mask_policy) == (3, "flag", "any")
+    assert (flagged.model_options["dropout"], flagged.sources["model.dropout"]) == (0.2, "flag")
 
 
 def test_learning_rate_warms_up_then_decays_to_the_floor(tmp_path):
