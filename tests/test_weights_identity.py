@@ -19,6 +19,7 @@ from extractors.audio_ast import HUB_ID, ast_config
 from extractors.base import WeightsSource, identify_weights, url_filename, weights_sha256
 from extractors.config import ExtractionConfig
 from manifests.cache import CacheError, file_sha256, weights_difference
+from pipeline.cli import main
 from pipeline.extraction.entry import extract_into
 from pipeline.inference import RunError, check_same_features
 from pipeline.score import ScoreError, check_run_weights
@@ -100,6 +101,18 @@ def test_two_files_under_the_public_name_make_two_cache_folders(clip_folder, tmp
     recorded = [c.read_config()["extractors"]["rgb"]["weights_files"][0] for c in caches]
     assert recorded[0]["sha256"] != recorded[1]["sha256"] and all("warning" in r for r in recorded)
     assert not np.array_equal(caches[0].load_features("good")["rgb"], caches[1].load_features("good")["rgb"])
+
+
+def test_extract_says_which_file_is_not_the_public_one(clip_folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(rgb_vst, "swin3d_b", rgb_vst.swin3d_tiny)
+    path = save_swin(tmp_path / "w", seed=0)
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "videos" / "good.mp4").write_bytes((clip_folder / "good.mp4").read_bytes())
+    assert main(["extract", "--videos", str(tmp_path / "videos"), "--out", str(tmp_path / "out"), "--modalities", "rgb",
+                 "--segment-frames", "8", "--device", "cpu", "--weights-dir", str(tmp_path / "w"), "--offline",
+                 "--quiet"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 1 and str(path) in warnings[0] and "24f7c7c6" in warnings[0]
 
 
 def test_other_files_of_no_known_public_hash_never_extend_a_cache(clip_folder, tmp_path):
