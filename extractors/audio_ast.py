@@ -29,7 +29,8 @@ import torch.nn.functional as F
 import torchaudio
 from torch import nn
 
-from extractors.base import Extractor, WeightsSource, checkpoint_path, hf_pretrained, register
+from extractors.base import (Extractor, WeightsFile, WeightsSource, checkpoint_file, checkpoint_path, hf_pretrained,
+                             hf_weights_files, register)
 from extractors.checkpoint_layouts import describe_checkpoint, load_original_checkpoint, original_checkpoint
 from extractors.config import ExtractionConfig
 from extractors.decode import AUDIO_DECODER, PAMFN_AUDIO_DECODER, AudioChunk
@@ -161,14 +162,11 @@ class ASTExtractor(Extractor):
         self.position_tables: dict[int, nn.Parameter] = {}
 
     @classmethod
-    def check_weights(cls, config: ExtractionConfig, weights: WeightsSource) -> None:
-        from transformers import ASTConfig
-
+    def weights_files(cls, config: ExtractionConfig, weights: WeightsSource) -> list[WeightsFile]:
         original = original_checkpoint(config.settings[cls.modality].ast_checkpoint)
         if original is None:
-            hf_pretrained(ASTConfig, HUB_ID, weights)
-        else:
-            checkpoint_path(weights, original.url)
+            return hf_weights_files(weights, HUB_ID)
+        return [checkpoint_file(weights, original.url, original.what)]
 
     def time_patches(self, frames: int) -> int:
         """Time patches AST's patch convolution makes from `frames` filterbank frames (>= 1)."""

@@ -8,8 +8,10 @@ cache and the models pick it up.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import io
+import json
 import os
 import urllib.parse
 import warnings
@@ -24,6 +26,8 @@ import torch
 from extractors.config import ExtractionConfig
 from extractors.onednn import use_onednn_linears
 from extractors.settings import BackboneSettings, LinearLayerSettings, backbone_names
+from manifests.cache import WEIGHTS_FILES_KEY, file_sha256
+from manifests.files import atomic_write_json
 
 
 class BackboneUnavailableError(RuntimeError):
@@ -98,12 +102,17 @@ class Extractor:
         store it: a cache is only ever extended with features of the same version."""
         return cls.version
 
-    @classmethod
-    def check_weights(cls, config: ExtractionConfig, weights: WeightsSource) -> None:
-        """Raise WeightsUnavailableError before any video is touched if weights cannot be had.
+    # The pretrained weights files this extractor loaded, described by `describe_weights_file` (set by
+    # build_extractors; None for random weights).
+    weights_identity: list[dict] | None = None
 
-        Called for pretrained runs only. The default does nothing (for weight-free extractors).
-        """
+    @classmethod
+    def weights_files(cls, config: ExtractionConfig, weights: WeightsSource) -> list[WeightsFile]:
+        """The pretrained weights files `config` makes this extractor load, located (downloaded when
+        online); WeightsUnavailableError before any video is touched if one cannot be had.
+
+        Called for pretrained runs only. The default has none (for weight-free extractors)."""
+        return []
 
     def embed(self, batch: torch.Tensor | list[np.ndarray]) -> torch.Tensor:
         raise NotImplementedError
@@ -124,6 +133,8 @@ class Extractor:
             "weights": self.config.weights,
             "arch_size": self.config.arch_size,
             "random_weights": self.config.random_weights,
+            # Only for pretrained weights: a random-weight description stays the one its caches record.
+            **({WEIGHTS_FILES_KEY: self.weights_identity} if self.weights_identity is not None else {}),
         }
 
 
@@ -183,15 +194,18 @@ def feature_versions(config: ExtractionConfig) -> dict[str, tuple[str, str]]:
 def build_extractors(
     config: ExtractionConfig, device: torch.device, weights: WeightsSource
 ) -> dict[str, Extractor]:
-    """Check every pretrained weight first, then build the extractors, one per modality."""
+    """Locate and identify every pretrained weight first, then build the extractors, one per modality.
+
+    Each extractor's describe() names the weights files it loaded by content (`weights_identity`); the
+    cache folder follows `config`, so a caller choosing one identifies the weights first (identify_weights)."""
     classes = {m: extractor_class(m, config.backbones[m]) for m in config.modalities}
-    if not config.random_weights:
-        check_all_weights([lambda cls=cls: cls.check_weights(config, weights) for cls in classes.values()])
+    _, described = identify_weights(config, weights)
     extractors = {}
     for modality, cls in classes.items():
         # Random weights are seeded per modality so that adding a modality leaves the others unchanged.
         torch.manual_seed(config.seed * 1_000_003 + zlib.crc32(modality.encode()))
         extractors[modality] = cls(config, device, weights)
+        extractors[modality].weights_identity = described.get(modality)
     return extractors
 
 
@@ -287,3 +301,142 @@ def hf_pretrained(loader_class, hub_id: str, weights: WeightsSource, **kwargs):
             )
     except OSError as exc:
         raise hf_weights_unavailable(weights, hub_id, exc) from exc
+
+
+# ----------------------------------------------------------------------------- weights by content
+
+WEIGHTS_SHA256_MEMO = "weights_sha256.json"  # in torch hub's folder: {absolute path: size, mtime, sha256}
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what from_pretrained loads, in its order
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    """A pretrained weights file an extractor loads, and the public weights its name stands for.
+
+    public_sha256: the public file's SHA-256 (hex, or a prefix of it) when known: torchvision names its
+    files `<name>-<sha256 prefix>.pth` (torch.hub.HASH_REGEX); None when no public hash is known."""
+
+    path: Path
+    name: str  # the public name it is found under: a file name, or "<hub id>/<file>" for a Hugging Face model
+    public: str  # the public weights that name stands for
+    public_sha256: str | None = None
+
+
+def checkpoint_file(weights: WeightsSource, url: str, public: str) -> WeightsFile:
+    """The WeightsFile of a torch checkpoint by its public URL (checkpoint_path), with the SHA-256 prefix
+    its name carries, if any."""
+    name = url_filename(url)
+    match = torch.hub.HASH_REGEX.search(name)
+    prefix = match.group(1) if match and match.group(1) else None
+    return WeightsFile(checkpoint_path(weights, url), name, public, prefix)
+
+
+def hf_weights_files(weights: WeightsSource, hub_id: str) -> list[WeightsFile]:
+    """The weights files `from_pretrained` loads for `hub_id`: from the --weights-dir folder when it exists,
+    else from the Hugging Face cache (downloaded when online). The first of HF_WEIGHT_FILES present, or
+    the shards its index (`<name>.index.json`) lists."""
+    source = hf_model_source(weights, hub_id)
+    for filename in HF_WEIGHT_FILES:
+        for name in (filename, f"{filename}.index.json"):
+            path = Path(source) / name if source != hub_id else _hub_file(weights, hub_id, name)
+            if path is None or not path.is_file():
+                continue
+            if not name.endswith(".index.json"):
+                return [WeightsFile(path, f"{hub_id}/{name}", hub_id)]
+            shards = sorted(set(json.loads(path.read_text()).get("weight_map", {}).values()))
+            found = [(s, Path(source) / s if source != hub_id else _hub_file(weights, hub_id, s)) for s in shards]
+            return [WeightsFile(p, f"{hub_id}/{s}", hub_id) for s, p in found if p is not None]
+    raise hf_weights_unavailable(weights, hub_id, FileNotFoundError(f"none of {HF_WEIGHT_FILES} in {source}"))
+
+
+def _hub_file(weights: WeightsSource, hub_id: str, filename: str) -> Path | None:
+    """A file of a Hugging Face repository from its cache (downloaded when online), None when the repository
+    has no such file (or, offline, the cache lacks it)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(hub_id, filename, local_files_only=weights.is_offline))
+    except EntryNotFoundError:  # LocalEntryNotFoundError (offline, not cached) is one too
+        return None
+    except Exception as exc:  # network and repository errors come in many types; all mean the same here
+        raise hf_weights_unavailable(weights, hub_id, exc) from exc
+
+
+def weights_sha256(path: Path) -> str:
+    """"sha256:<hex>" of a weights file, hashed once: a file of the size and mtime recorded in torch hub's
+    folder (WEIGHTS_SHA256_MEMO) stands for its recorded hash, as a video's record does (pipeline/videos.py
+    same_file), so a rerun does not read gigabytes again."""
+    path = Path(path).absolute()
+    stat = path.stat()
+    memo_path = Path(torch.hub.get_dir()) / WEIGHTS_SHA256_MEMO
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    known = memo.get(str(path)) if isinstance(memo, dict) else None
+    if isinstance(known, dict) and (known.get("size_bytes"), known.get("mtime_ns")) == (stat.st_size, stat.st_mtime_ns):
+        return str(known["sha256"])
+    sha256 = file_sha256(path)
+    memo = memo if isinstance(memo, dict) else {}
+    memo[str(path)] = {"size_bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256}
+    try:
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(memo_path, memo)
+    except OSError:
+        pass  # a read-only hub folder: the file is hashed again next time, nothing else changes
+    return sha256
+
+
+def describe_weights_file(file: WeightsFile) -> dict:
+    """A weights file by content, as config.json records it: its public name, SHA-256 and the public weights
+    it stands for; where the public SHA-256 is known, whether the content is that file, and a warning
+    when it is not."""
+    sha256 = weights_sha256(file.path)
+    out = {"file": file.name, "sha256": sha256, "public": file.public}
+    if file.public_sha256 is not None:
+        out["public_sha256"] = file.public_sha256
+        out["is_public"] = sha256.removeprefix("sha256:").startswith(file.public_sha256)
+        if not out["is_public"]:
+            out["warning"] = (f"{file.path}: its content (SHA-256 {sha256.removeprefix('sha256:')[:12]}...) does "
+                              f"not match the SHA-256 prefix {file.public_sha256} in its name: not the public "
+                              f"{file.public}")
+    return out
+
+
+def located_weights(config: ExtractionConfig, weights: WeightsSource) -> dict[str, list[WeightsFile]]:
+    """{modality: the weights files its backbone loads} of a pretrained `config`; one WeightsUnavailableError
+    listing every missing file."""
+    found: dict[str, list[WeightsFile]] = {}
+
+    def locate(modality: str) -> None:
+        found[modality] = extractor_class(modality, config.backbones[modality]).weights_files(config, weights)
+
+    check_all_weights([lambda m=m: locate(m) for m in config.modalities])
+    return {m: found[m] for m in config.modalities if m in found}
+
+
+def identify_weights(
+    config: ExtractionConfig, weights: WeightsSource
+) -> tuple[ExtractionConfig, dict[str, list[dict]]]:
+    """`config` with its `weights_sha256` set from the files its backbones would load, and each modality's
+    files described (describe_weights_file); both unchanged / empty for random weights.
+
+    A file whose public SHA-256 is known and differs enters `weights_sha256`, and so the cache folder's
+    name; the public file, and a file of which no public SHA-256 is known, do not (ExtractionConfig)."""
+    if config.random_weights:
+        return config, {}
+    described = {m: [describe_weights_file(f) for f in files] for m, files in located_weights(config, weights).items()}
+    return with_weights(config, described), described
+
+
+def with_weights(config: ExtractionConfig, described: dict[str, list[dict] | None]) -> ExtractionConfig:
+    """`config` naming, in its `weights_sha256`, the described weights files known not to be public."""
+    other = {m: {d["file"]: d["sha256"] for d in files or [] if d.get("is_public") is False}
+             for m, files in described.items()}
+    return dataclasses.replace(config, weights_sha256={m: v for m, v in other.items() if v})
+
+
+def weights_warnings(described: dict[str, list[dict]]) -> list[str]:
+    """The warnings of described weights files (identify_weights), one line each."""
+    return [d["warning"] for files in described.values() for d in files if d.get("warning")]

@@ -66,6 +66,13 @@ class ExtractionConfig(RecordedConfig):
     feature_dtype: str = "float32"
     frame_rate: float = 0.0  # frames per second the video is resampled to before segmenting; 0: its own rate
     recipe: str = PROJECT  # the named configuration these values reproduce (extractors/recipes.py)
+    # {modality: {weights file: "sha256:<hex>"}} of pretrained files that are not the public files the
+    # backbones name: a file whose public SHA-256 is known (torchvision's names carry a prefix of it) and
+    # whose content differs, so other weights get a folder of their own. Empty (as in every cache made before
+    # weights were identified): the public files, or files of which no public SHA-256 is known (config.json
+    # records their SHA-256, and a cache is only extended with the same ones). Set from the files by
+    # extractors.base.identify_weights before the cache folder is chosen.
+    weights_sha256: dict[str, dict[str, str]] = field(default_factory=dict)
     # Hashed through `settings_hash` (each non-default setting), not as a whole.
     settings: dict[str, BackboneSettings] = field(default_factory=dict, metadata={"hash": False})
 
@@ -86,6 +93,8 @@ class ExtractionConfig(RecordedConfig):
         self.modalities = tuple(self.modalities)
         self.backbones = {m: self.backbones[m] for m in self.modalities}
         self.settings = {m: self._backbone_settings(m) for m in self.modalities}
+        if self.weights_sha256 and self.random_weights:
+            raise ValueError("weights_sha256 names pretrained weights files; random weights have none")
         if self.decode_short_side < 0 or self.frame_rate < 0:
             raise ValueError("decode_short_side and frame_rate must be >= 0 (0: the video's own size / rate)")
         if self.extra_frames and self.protocol != "rg":

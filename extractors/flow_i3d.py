@@ -15,7 +15,8 @@ import cv2
 import numpy as np
 import torch
 
-from extractors.base import BackboneUnavailableError, Extractor, WeightsSource, check_all_weights, checkpoint_path, register
+from extractors.base import (BackboneUnavailableError, Extractor, WeightsFile, WeightsSource, check_all_weights,
+                             checkpoint_file, checkpoint_path, register)
 from extractors.cpu_runtimes import RuntimeNetwork, runtime_version
 from extractors.config import ExtractionConfig
 from extractors.checkpoint_layouts import describe_checkpoint, load_original_checkpoint, original_checkpoint
@@ -26,11 +27,11 @@ from extractors.optical_flow import (
     FLOW_SIZE,
     OpenCVFlow,
     build_flow_method,
-    check_flow_weights,
     encode_flow,
     flow_clip,
     flow_input,
     flow_pairs,
+    flow_weights_files,
     read_back,
     source_gray,
 )
@@ -111,10 +112,15 @@ class FlowI3DExtractor(Extractor):
         return "2" if config.random_weights else "1"
 
     @classmethod
-    def check_weights(cls, config: ExtractionConfig, weights: WeightsSource) -> None:
+    def weights_files(cls, config: ExtractionConfig, weights: WeightsSource) -> list[WeightsFile]:
         original = original_checkpoint(config.settings[cls.modality].i3d_checkpoint)
-        url = I3D_FLOW_URL if original is None else original.url
-        check_all_weights([lambda: check_flow_weights(cls.flow_method, weights), lambda: checkpoint_path(weights, url)])
+        url, public = ((I3D_FLOW_URL, "pytorch-i3d flow_imagenet.pt") if original is None
+                       else (original.url, original.what))
+        flow: list[WeightsFile] = []
+        i3d: list[WeightsFile] = []
+        check_all_weights([lambda: flow.extend(flow_weights_files(cls.flow_method, weights)),
+                           lambda: i3d.append(checkpoint_file(weights, url, public))])
+        return flow + i3d
 
     @property
     def extra_frames(self) -> int:

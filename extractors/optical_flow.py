@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torchvision.models.optical_flow import Raft_Large_Weights, raft_large, raft_small
 
-from extractors.base import BackboneUnavailableError, WeightsSource, checkpoint_path
+from extractors.base import BackboneUnavailableError, WeightsFile, WeightsSource, checkpoint_file, checkpoint_path
 from extractors.config import ExtractionConfig
 from extractors.transforms import crop_resize, jpeg_round_trip
 
@@ -226,12 +226,14 @@ class TVL1Flow(OpenCVFlow):
 FLOW_METHODS = ("raft", "farneback", "tvl1")
 
 
-def check_flow_weights(method: str, weights: WeightsSource) -> None:
-    """Raise before any work if the method cannot run (missing RAFT file, no cv2.optflow)."""
+def flow_weights_files(method: str, weights: WeightsSource) -> list[WeightsFile]:
+    """The method's pretrained weights files (RAFT's); raises before any work if the method cannot run
+    (missing RAFT file, no cv2.optflow)."""
     if method == "raft":
-        checkpoint_path(weights, RAFT_WEIGHTS.url)
-    elif method == "tvl1":
+        return [checkpoint_file(weights, RAFT_WEIGHTS.url, f"Raft_Large_Weights.{RAFT_WEIGHTS.name}")]
+    if method == "tvl1":
         require_tvl1()
+    return []
 
 
 def build_flow_method(

@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from extractors.base import Extractor, WeightsSource, checkpoint_path, hf_pretrained, register
+from extractors.base import (Extractor, WeightsFile, WeightsSource, checkpoint_file, checkpoint_path, hf_pretrained,
+                             hf_weights_files, register)
 from extractors.checkpoint_layouts import describe_checkpoint, load_original_checkpoint, original_checkpoint
 from extractors.config import ExtractionConfig
 from extractors.transforms import count_flops, crop_resize, dummy_frames, normalise, one_clip_per_call, uniform_frame_indices
@@ -61,14 +62,11 @@ class TimesformerExtractor(Extractor):
         self.model = self.freeze(model)
 
     @classmethod
-    def check_weights(cls, config: ExtractionConfig, weights: WeightsSource) -> None:
-        from transformers import TimesformerConfig
-
+    def weights_files(cls, config: ExtractionConfig, weights: WeightsSource) -> list[WeightsFile]:
         original = original_checkpoint(config.settings[cls.modality].timesformer_checkpoint)
         if original is None:
-            hf_pretrained(TimesformerConfig, HUB_ID, weights)
-        else:
-            checkpoint_path(weights, original.url)
+            return hf_weights_files(weights, HUB_ID)
+        return [checkpoint_file(weights, original.url, original.what)]
 
     @torch.no_grad()
     def embed(self, batch: torch.Tensor | np.ndarray) -> torch.Tensor:

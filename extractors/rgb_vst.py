@@ -21,7 +21,7 @@ from torchvision.models.video import Swin3D_B_Weights, swin3d_b
 from torchvision.models.video import swin_transformer as tv_swin
 from torchvision.models.video.swin_transformer import ShiftedWindowAttention3d, SwinTransformer3d
 
-from extractors.base import Extractor, WeightsSource, checkpoint_path, register
+from extractors.base import Extractor, WeightsFile, WeightsSource, checkpoint_file, checkpoint_path, register
 from extractors.checkpoint_layouts import describe_checkpoint, load_original_checkpoint, original_checkpoint
 from extractors.config import ExtractionConfig
 from extractors.transforms import (
@@ -187,9 +187,11 @@ class VideoSwinExtractor(Extractor):
         self.model = self.freeze(model)
 
     @classmethod
-    def check_weights(cls, config: ExtractionConfig, weights: WeightsSource) -> None:
+    def weights_files(cls, config: ExtractionConfig, weights: WeightsSource) -> list[WeightsFile]:
         original = original_checkpoint(config.settings[cls.modality].vst_checkpoint)
-        checkpoint_path(weights, PRETRAINED.url if original is None else original.url)
+        if original is None:
+            return [checkpoint_file(weights, PRETRAINED.url, f"Swin3D_B_Weights.{PRETRAINED.name}")]
+        return [checkpoint_file(weights, original.url, original.what)]
 
     def input_frames(self, batch: torch.Tensor | np.ndarray) -> torch.Tensor:
         """uint8 frames (B, F, H, W, 3) -> float (B, F, 3, 224, 224) in [0, 255] on the device, the way the

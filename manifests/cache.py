@@ -56,6 +56,9 @@ class CacheError(RuntimeError):
 
 # --------------------------------------------------------------------------- config.json
 
+# The key of an extractor description listing the pretrained weights files it loaded, by content
+# (extractors/base.py describe_weights_file): absent for random weights and in caches made before.
+WEIGHTS_FILES_KEY = "weights_files"
 EXTRACTED = "extract"  # CacheConfig.source of features made by `pipeline extract`; imports: "import:<format>"
 RANDOM_WEIGHTS_NOTE = "RANDOM-WEIGHT BACKBONES: these features carry no pretrained knowledge"
 
@@ -173,6 +176,9 @@ def config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
     def relevant(config: dict[str, Any]) -> dict[str, Any]:
         out = {k: v for k, v in config.items() if k not in ("created_at", "note", "recipe", SCHEMA_KEY)}
+        if isinstance(out.get("extractors"), dict):  # the weights files are compared by content: weights_difference
+            out["extractors"] = {m: {k: v for k, v in d.items() if k != WEIGHTS_FILES_KEY} if isinstance(d, dict) else d
+                                 for m, d in out["extractors"].items()}
         if out.get("config_hash") is not None:
             # The extraction settings count through config_hash, which covers every setting that changes the
             # features: a setting a config.json does not record stands at its default, which reproduces
@@ -184,9 +190,39 @@ def config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
+def weights_difference(a: dict[str, Any], b: dict[str, Any]) -> str | None:
+    """The first pretrained weights file two config.json payloads (or a run's copy of one) record with other
+    contents, in words naming both (`a`'s first), or None when they agree.
+
+    A payload recording no weights files for a modality (made before weights were identified) had the
+    public files: it differs from one recording a file known not to be public (`is_public` false), and
+    agrees with one whose file has no known public SHA-256, which cannot be told from the public one."""
+
+    def files(config: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]] | None]:
+        return {m: None if WEIGHTS_FILES_KEY not in d else {f["file"]: f for f in d[WEIGHTS_FILES_KEY] or []}
+                for m, d in (config.get("extractors") or {}).items() if isinstance(d, dict)}
+
+    def words(entry: dict[str, Any] | None) -> str:
+        return "the public file (recorded before weights were identified)" if entry is None else entry["sha256"]
+
+    mine, theirs = files(a), files(b)
+    for modality in sorted(set(mine) & set(theirs)):
+        x, y = mine[modality], theirs[modality]
+        if x is None and y is None:
+            continue
+        for name in sorted(set(x or {}) | set(y or {})):
+            if x is not None and y is not None:
+                if name in x and name in y and x[name]["sha256"] != y[name]["sha256"]:
+                    return f"{modality} weights {name}: {words(x[name])} vs {words(y[name])}"
+            elif (x or y)[name].get("is_public") is False:
+                return f"{modality} weights {name}: {words((x or {}).get(name))} vs {words((y or {}).get(name))}"
+    return None
+
+
 def open_cache(out: Path, config: CacheConfig) -> "FeatureCache":
     """The folder OUT/<config-hash>/ of `config`: made, with its config.json, when it does not exist yet;
-    when it does, it must record the same extractor versions and, for an imported set (whose hash covers
+    when it does, it must record the same extractor versions, the same pretrained weights files by content
+    (weights_difference) and, for an imported set (whose hash covers
     its whole description), the same description (else CacheError naming the folder). Temporary files
     that killed writes of config.json or manifest.csv left in the folder go (a live writer's stays:
     several processes extract into one folder at once)."""
@@ -198,6 +234,9 @@ def open_cache(out: Path, config: CacheConfig) -> "FeatureCache":
         return cache
     verb = "extract" if config.source == EXTRACTED else "import"
     problem = cache.config.version_mismatch(config.extractor_versions())
+    if problem is None and config.source == EXTRACTED:
+        differ = weights_difference(cache.read_config(), config.to_dict())
+        problem = f"holds features of other pretrained weights ({differ}: folder vs this run)" if differ else None
     if problem is None and config.source != EXTRACTED:
         differ = config_differences(cache.read_config(), config.to_dict())
         problem = f"holds a different feature set (its config.json differs in {differ})" if differ else None

@@ -221,13 +221,14 @@ def _run_extract(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     config = extraction_config_from_args(args, device.type)
     sources = video_sources(args.videos)
+    weights = WeightsSource(weights_dir=args.weights_dir, offline=args.offline)
+    config = identified_config(config, weights)
     if config.random_weights:
         print("NOTE: random-weight backbones: these features are for smoke tests, not for scoring.", file=sys.stderr)
     print(f"extracting {len(sources)} videos into {cache_folder(args.out, config)} on {device}", file=sys.stderr)
     try:
         summary, cache = extract_into(
-            args.out, config, sources, device=device,
-            weights=WeightsSource(weights_dir=args.weights_dir, offline=args.offline),
+            args.out, config, sources, device=device, weights=weights,
             batch_segments=batch_segments(args, device.type), retry_failed=args.retry_failed,
             verify=args.verify, progress=not args.quiet,
         )
@@ -249,6 +250,7 @@ def _run_extract_ray(args: argparse.Namespace) -> int:
         with ray_session(args.ray) as resources:
             plan = plan_workers(resources, args.device, args.ray_workers)
             config = extraction_config_from_args(args, plan.device)  # flow default follows the workers
+            config = identified_config(config, WeightsSource(weights_dir=args.weights_dir, offline=args.offline))
             if config.random_weights:
                 print("NOTE: random-weight backbones: these features are for smoke tests, not for scoring.", file=sys.stderr)
             print(f"extracting {len(sources)} videos into {cache_folder(args.out, config)} with Ray: "
@@ -269,6 +271,20 @@ def _run_extract_ray(args: argparse.Namespace) -> int:
         print(f"{len(result.unfinished)} video(s) were not processed because every worker was lost; "
               "rerun the command to finish them", file=sys.stderr)
     return EXIT_FAILURES if result.summary.failed or result.unfinished else EXIT_OK
+
+
+def identified_config(config: "ExtractionConfig", weights) -> "ExtractionConfig":
+    """`config` with its pretrained weights files identified by content (the cache folder follows them);
+    a file that is not the public one its name says it is gets a WARNING line (config.json records it too)."""
+    from extractors.base import BackboneUnavailableError, identify_weights, weights_warnings
+
+    try:
+        config, described = identify_weights(config, weights)
+    except BackboneUnavailableError as exc:
+        raise UsageError(str(exc)) from None
+    for line in weights_warnings(described):
+        print(f"WARNING: {line}", file=sys.stderr)
+    return config
 
 
 def batch_segments(args: argparse.Namespace, device_type: str) -> int:

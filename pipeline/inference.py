@@ -30,7 +30,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from manifests.cache import CONFIG_NAME, FeatureCache, config_differences, feature_recipe
+from manifests.cache import CONFIG_NAME, FeatureCache, config_differences, feature_recipe, weights_difference
 from manifests.claims import describe_holder
 from manifests.run import RunDir, RunRecord
 from models.checkpoint import load_model_state, load_tensors, read_model_config
@@ -355,7 +355,12 @@ def check_feature_recipe(expected: str, actual: dict[str, Any], who: str, cache_
 
 
 def check_same_features(expected: dict[str, Any], actual: dict[str, Any], run_dir: Path, cache_root: Path) -> None:
-    """Refuse features made differently from the run's, random vs pretrained weights included."""
+    """Refuse features made differently from the run's, random vs pretrained weights included; other
+    pretrained weights files (by content) in one line naming both."""
+    weights = weights_difference(expected, actual)
+    if weights:
+        raise RunError(f"the features in {cache_root} were made with other pretrained weights than run {run_dir} "
+                       f"was trained on ({weights}: run vs features)")
     differ = config_differences(expected, actual)
     if differ:
         a, b = expected, actual

@@ -24,10 +24,11 @@ from typing import Any, Callable
 import pandas as pd
 import torch
 
-from extractors.base import WeightsSource
+from extractors.base import WeightsSource, identify_weights
 from extractors.config import ExtractionConfig
 from extractors.recipes import PROJECT, RECIPES
-from manifests.cache import CONFIG_NAME, DONE, FAILED, CacheError, FeatureCache, VideoRecord
+from manifests.cache import (CONFIG_NAME, DONE, FAILED, WEIGHTS_FILES_KEY, CacheError, FeatureCache, VideoRecord,
+                             weights_difference)
 from manifests.claims import describe_holder
 from pipeline.data import Sample
 from pipeline.extraction.entry import cache_folder, extract_into
@@ -110,6 +111,19 @@ def run_extraction_config(run: Run) -> ExtractionConfig:
     )
 
 
+def check_run_weights(run: Run, config: ExtractionConfig, weights: WeightsSource) -> None:
+    """ScoreError in one line naming both when the pretrained weights files here are not, by content, those
+    the run's features were made with (nothing to check for random weights)."""
+    if config.random_weights:
+        return
+    _, described = identify_weights(config, weights)
+    here = {"extractors": {m: {WEIGHTS_FILES_KEY: files} for m, files in described.items()}}
+    differ = weights_difference(run.extraction_config, here)
+    if differ:
+        raise ScoreError(f"run {run.directory} was trained on features of other pretrained weights than the files "
+                         f"here ({differ}: run vs here); put the run's weights files in --weights-dir")
+
+
 def _fingerprint_index(caches: list[FeatureCache]) -> dict[str, tuple[FeatureCache, VideoRecord]]:
     index = {}
     for cache in caches:
@@ -178,6 +192,7 @@ def score_clips(
 
     left_elsewhere: dict[str, str] = {}  # video id -> why it is still not extracted
     if to_extract:
+        check_run_weights(run, config, weights)  # before any clip is extracted with other weights
         # located rows name `target`: extract_into makes its folder (inside the score cache) when needed
         def extract(sources: list[VideoSource]) -> list[str]:
             summary, _ = extract_into(target if features is not None else run.folder.score_cache(), config,

@@ -236,7 +236,7 @@ def test_missing_weights_offline_name_the_file_and_the_flag(tmp_path, no_hub_cac
     assert missing in str(error.value) and "--weights-dir" in str(error.value)
 
 
-def test_hugging_face_models_load_from_the_weights_dir(tmp_path):
+def test_hugging_face_models_load_from_the_weights_dir(tmp_path, no_hub_cache):  # the SHA-256 memo too
     from transformers import ASTModel, TimesformerModel
 
     torch.manual_seed(0)

@@ -1,7 +1,8 @@
 """The one way into the extract stage: `extract_into(out, config, videos)` makes or extends the cache
 of `config` in OUT/<config-hash>/ (named by `cache_folder`, and nowhere else), building the backbones
 only when some video needs them. `pipeline extract`, `score`, the Ray workers and the benchmarks all
-go through it."""
+go through it. Pretrained weights files are identified by content first (extractors.base.identify_weights):
+files other than the public ones name another folder."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from extractors.base import Extractor, WeightsSource, build_extractors, feature_versions
+from extractors.base import (BackboneUnavailableError, Extractor, WeightsSource, build_extractors, feature_versions,
+                             identify_weights, with_weights)
 from extractors.config import ExtractionConfig
 from manifests.cache import CONFIG_NAME, CacheConfig, FeatureCache, open_cache
 from pipeline.extraction.loop import ExtractSummary, extract_videos, needs_work
@@ -42,7 +44,14 @@ def open_extraction(
     out: Path, config: ExtractionConfig, device: torch.device, weights: WeightsSource
 ) -> tuple[FeatureCache, dict[str, Extractor]]:
     """The backbones of `config` (every pretrained weight checked first) and its cache in `out`, made
-    or checked against them (open_cache)."""
+    or checked against them (open_cache). `config` is identified (identify_weights): weights files here
+    other than those it names are refused, as they would belong in another folder."""
+    here = identify_weights(config, weights)[0].weights_sha256
+    if here != config.weights_sha256:
+        raise BackboneUnavailableError(
+            f"the pretrained weights files here ({here or 'the public files'}) are not those the extraction "
+            f"configuration names ({config.weights_sha256 or 'the public files'}): their features belong in "
+            "another cache folder")
     extractors = build_extractors(config, device, weights)
     return open_cache(out, CacheConfig.extracted(config, extractors)), extractors
 
@@ -69,11 +78,14 @@ def extract_into(
     Raises BackboneUnavailableError (weights or a library missing) and CacheError (the folder holds
     other features) before any video is touched."""
     if isinstance(out, FeatureCache):
-        cache = out
+        cache = out  # its caller chose it for these weights
         extractors = build_extractors(config, device, weights) if extractors is None else extractors
-    elif extractors is not None:
+    elif extractors is not None:  # the folder follows the contents of the weights files they loaded
+        if not config.random_weights:
+            config = with_weights(config, {m: e.weights_identity for m, e in extractors.items()})
         cache = open_cache(out, CacheConfig.extracted(config, extractors))
     else:
+        config = identify_weights(config, weights)[0]  # the folder follows the weights files' contents
         cache, extractors = cache_if_complete(out, config, videos, retry_failed, verify), {}
         if cache is None:  # something to do: only now are the backbones worth building
             cache, extractors = open_extraction(out, config, device, weights)

@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from extractors.base import BackboneUnavailableError, WeightsSource
+from extractors.base import BackboneUnavailableError, WeightsSource, identify_weights
 from extractors.config import ExtractionConfig
 from manifests.cache import DONE, FAILED, CacheError, FeatureCache, VideoRecord
 from manifests.claims import ray_identity
@@ -163,6 +163,10 @@ def extract_on_ray(
     worker_class: the actor class (a subclass of ExtractionWorker; the tests use one that crashes)."""
     ray = import_ray()
     plan = plan_workers(ray.cluster_resources(), device, workers)
+    try:  # the folder follows the weights files' contents; every worker must find the same ones
+        config = identify_weights(config, weights)[0]
+    except BackboneUnavailableError as exc:
+        raise WorkerSetupError(str(exc)) from None
     done = cache_if_complete(out, config, sources, retry_failed, verify)
     if done is not None:  # nothing to do: no worker, no backbone
         return _already_done(done, sources, plan)
