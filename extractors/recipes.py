@@ -2,8 +2,8 @@
 set was made and say so.
 
 A recipe fixes the fields of the ExtractionConfig and the backbones' settings that decide what a
-feature row means; `pipeline extract --recipe NAME` starts from them. Flags left at their defaults take
-the recipe's values; a flag set to another value than the recipe's is refused, because the features
+feature row means; `pipeline extract --recipe NAME` starts from them. Flags not given take the
+recipe's values; a flag given another value than the recipe's is refused, because the features
 would no longer be the recipe's (a recipe may name settings users may still change: `optional`).
 Settings that only change float rounding or speed (cpu_linear, attention, memory_format, flow_runtime)
 are never part of a recipe.

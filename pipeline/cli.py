@@ -24,6 +24,15 @@ class UsageError(Exception):
 # ============================================================================ extract
 
 
+class GivenValue(argparse.Action):
+    """Stores the value and notes the flag as given (`args.given`): a recipe refuses a given value other
+    than its own, even one equal to the project's default."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.given = getattr(namespace, "given", set()) | {self.dest}
+
+
 def add_extraction_options(parser: argparse.ArgumentParser) -> None:
     """Options that decide the features (the ExtractionConfig) and how they are computed. Each backbone
     setting's flag comes from its field in extractors/settings.py."""
@@ -38,18 +47,18 @@ def add_extraction_options(parser: argparse.ArgumentParser) -> None:
                        help="a named configuration the other flags start from; a flag set to another value than "
                        "the recipe's is refused (default: %(default)s). "
                        + "; ".join(f"{r.name}: {r.summary}" for r in RECIPES.values()))
-    group.add_argument("--protocol", choices=PROTOCOLS, default=defaults.protocol,
+    group.add_argument("--protocol", action=GivenValue, choices=PROTOCOLS, default=defaults.protocol,
                        help="rg (also Fis-V): non-overlapping --segment-frames windows; fs1000: "
                        "--window-seconds windows every --hop-seconds, --clip-frames clips averaged (default: %(default)s)")
-    group.add_argument("--segment-frames", type=int, default=defaults.segment_frames,
+    group.add_argument("--segment-frames", action=GivenValue, type=int, default=defaults.segment_frames,
                        help="frames per segment, rg protocol (default: %(default)s)")
-    group.add_argument("--frame-stride", type=int, default=defaults.frame_stride,
+    group.add_argument("--frame-stride", action=GivenValue, type=int, default=defaults.frame_stride,
                        help="use every N-th frame inside a segment, rg protocol (default: %(default)s)")
-    group.add_argument("--window-seconds", type=float, default=defaults.window_seconds,
+    group.add_argument("--window-seconds", action=GivenValue, type=float, default=defaults.window_seconds,
                        help="fs1000 window length in seconds (default: %(default)s)")
-    group.add_argument("--hop-seconds", type=float, default=defaults.hop_seconds,
+    group.add_argument("--hop-seconds", action=GivenValue, type=float, default=defaults.hop_seconds,
                        help="fs1000 window hop in seconds (default: %(default)s)")
-    group.add_argument("--clip-frames", type=int, default=defaults.clip_frames,
+    group.add_argument("--clip-frames", action=GivenValue, type=int, default=defaults.clip_frames,
                        help="fs1000 frames per backbone clip inside a window (default: %(default)s)")
     group.add_argument("--modalities", default=None,
                        help=f"comma-separated modalities to extract (default: the recipe's; {','.join(defaults.modalities)} "
@@ -58,14 +67,14 @@ def add_extraction_options(parser: argparse.ArgumentParser) -> None:
         default = DEFAULT_BACKBONES.get(modality, names[0])
         note = " (default: raft on a GPU, farneback on a CPU)" if modality == "flow" else f" (default: {default})"
         group.add_argument(f"--{modality}", choices=list(names), default=None, help=f"{modality} backbone{note}")
-    group.add_argument("--backbones", choices=BACKBONE_MODES, default=defaults.weights,
+    group.add_argument("--backbones", action=GivenValue, choices=BACKBONE_MODES, default=defaults.weights,
                        help="pretrained public weights, or the same architectures with seeded random "
                        "weights for smoke runs (marked random_weights everywhere) (default: %(default)s)")
-    group.add_argument("--arch-size", choices=ARCH_SIZES, default=defaults.arch_size,
+    group.add_argument("--arch-size", action=GivenValue, choices=ARCH_SIZES, default=defaults.arch_size,
                        help="tiny shrinks every backbone (random weights only; tests and quick demos)")
-    group.add_argument("--seed", type=int, default=defaults.seed,
+    group.add_argument("--seed", action=GivenValue, type=int, default=defaults.seed,
                        help="seed of random-weight backbones (default: %(default)s)")
-    group.add_argument("--feature-dtype", choices=FEATURE_DTYPES, default=defaults.feature_dtype,
+    group.add_argument("--feature-dtype", action=GivenValue, choices=FEATURE_DTYPES, default=defaults.feature_dtype,
                        help="dtype of the cached arrays (default: %(default)s)")
     add_backbone_setting_options(parser.add_argument_group(
         "each backbone's own settings (recorded and hashed only for the backbones extracted)"))
@@ -154,16 +163,15 @@ CONFIG_FLAGS = {"protocol": "protocol", "segment_frames": "segment_frames", "fra
 
 
 def recipe_config_from_args(args: argparse.Namespace, backbones: dict[str, str]) -> "ExtractionConfig":
-    """`--recipe NAME`: the recipe's configuration, with the flags the user set. A flag left at its
-    default takes the recipe's value (it cannot tell "not given" from "given as the default");
-    `backbones` are the project's choices, used for the modalities the recipe does not name."""
+    """`--recipe NAME`: the recipe's configuration, with the flags the user gave (check_recipe refuses
+    one that differs from the recipe); `backbones` are the project's choices, used for the modalities
+    the recipe does not name."""
     from extractors.config import ExtractionConfig
     from extractors.recipes import recipe
     from extractors.settings import setting_fields, settings_class
 
-    defaults = ExtractionConfig()
-    fields = {field: getattr(args, flag) for flag, field in CONFIG_FLAGS.items()
-              if getattr(args, flag) != getattr(defaults, field)}
+    given = getattr(args, "given", set())
+    fields = {field: getattr(args, flag) for flag, field in CONFIG_FLAGS.items() if flag in given}
     named = recipe(args.recipe).backbones
     backbones = {m: getattr(args, m) or named.get(m, chosen) for m, chosen in backbones.items()}
     values = {name: getattr(args, name) for name in setting_fields() if getattr(args, name, None) is not None}

@@ -40,10 +40,14 @@ def test_a_recipe_sets_what_it_fixes_and_gets_its_own_folder():
     assert ExtractionConfig().config_hash() == "024baf0d183f"
 
 
-def test_a_flag_against_the_recipe_is_refused_in_one_line(capsys):
-    assert main(["extract", "--videos", ".", "--out", "out", "--recipe", "skating-mixer", "--rgb", "vst"]) == 2
+def test_a_flag_against_the_recipe_is_refused_in_one_line(capsys, tmp_path):
+    extract = ["extract", "--videos", str(tmp_path), "--out", str(tmp_path / "out"), "--recipe", "skating-mixer"]
+    assert main([*extract, "--rgb", "vst"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "recipe skating-mixer extracts rgb with timesformer, not vst" in err[0], err
+    # Given at the project's default value, a flag is still given: the recipe's own value is another.
+    assert main([*extract, "--protocol", "rg"]) == 2
+    assert "recipe skating-mixer has protocol 'fs1000', not 'rg'" in capsys.readouterr().err
     # A modality the recipe does not name takes the project's backbone.
     config = extraction_config_from_args(parse("--recipe", "skating-mixer", "--modalities", "rgb,flow,audio"), "cpu")
     assert config.backbones["flow"] == "farneback"
