@@ -307,6 +307,13 @@ def _regressor(in_dim: int, hidden: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, 1))
 
 
+def head_outputs(main: Tensor, aux: Tensor, mix: Tensor, fusion_states: Tensor, weights: Tensor) -> dict[str, Tensor]:
+    """What both variants' heads return, in the one layout the losses and predictions read: the score
+    mixes the main and auxiliary regressors by `mix`."""
+    return {"score": mix * main + (1 - mix) * aux, "main": main, "aux": aux, "fusion_states": fusion_states,
+            "modality_weights": weights, "mix": mix}
+
+
 class ReferenceHeads(nn.Module):
     """The reference's LMRF and MDA heads and mixing parameters, for H-wide states and M modalities
     (in the reference's order wherever they are stacked or concatenated)."""
@@ -598,15 +605,7 @@ class LIMSSR(nn.Module):
         weights = weights / weights.sum(1, keepdim=True)
         aux = torch.sigmoid(self.aux_regressor((weights[..., None] * spans).sum(1))).squeeze(1)
 
-        mix = torch.sigmoid(self.mix_logit)
-        return {
-            "score": mix * main + (1 - mix) * aux,
-            "main": main,
-            "aux": aux,
-            "fusion_states": fusion_states,
-            "modality_weights": weights,
-            "mix": mix,
-        }
+        return head_outputs(main, aux, torch.sigmoid(self.mix_logit), fusion_states, weights)
 
     def _reference_heads(self, hidden: Tensor, layout: SequenceLayout, available: Tensor) -> dict[str, Tensor]:
         """The reference's LMRF and MDA on the LLM's last hidden states (modalities in its order)."""
@@ -629,15 +628,7 @@ class LIMSSR(nn.Module):
         confidence = mask + (1.0 - mask) * torch.sigmoid(heads.missing_confidence)
         aux = torch.sigmoid(heads.aux_regressor((attended * (weights * confidence)[..., None]).sum(1)).squeeze(-1))
 
-        mix = heads.mix.squeeze(0)
-        return {
-            "score": mix * main + (1.0 - mix) * aux,
-            "main": main,
-            "aux": aux,
-            "fusion_states": fusion_states,
-            "modality_weights": weights,
-            "mix": mix,
-        }
+        return head_outputs(main, aux, heads.mix.squeeze(0), fusion_states, weights)
 
     def loss(
         self, out: dict[str, Tensor], target: Tensor, present: Tensor, available: Tensor
