@@ -209,7 +209,7 @@ class ASTExtractor(Extractor):
         for frames, indices in sorted(by_length.items()):
             self.use_time_patches(self.time_patches(frames))
             x = torch.stack([inputs[i] for i in indices]).to(self.device)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            with self.autocast():
                 pooled = one_clip_per_call(lambda windows: self.model(input_values=windows).pooler_output, x)
             features[indices] = pooled.float().cpu()
         return features

@@ -71,8 +71,9 @@ class Extractor:
     `config.audio_sample_rate` Hz, one per segment (lengths may differ by a few samples); AST's pamfn
     front end receives AudioChunks instead (extractors/decode.py).
 
-    `embed` returns float32 (B, feature_dim) on the CPU. It runs under torch.no_grad(); on CUDA the
-    heavy parts may use bf16 autocast, but results are returned in float32.
+    `embed` returns float32 (B, feature_dim) on the CPU. It runs under torch.no_grad(); its network runs
+    inside `self.autocast()`, which computes in bf16 when the config's precision is bf16; results are
+    returned in float32 either way.
 
     `settings` is the backbone's own settings (its class in extractors/settings.py).
     """
@@ -116,6 +117,11 @@ class Extractor:
 
     def embed(self, batch: torch.Tensor | list[np.ndarray]) -> torch.Tensor:
         raise NotImplementedError
+
+    def autocast(self) -> torch.autocast:
+        """The context the network runs in: bf16 autocast on this device when `config.precision` is bf16
+        (matmuls and convolutions in bfloat16, reductions such as softmax and norms in float32), else off."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
 
     def freeze(self, model: torch.nn.Module) -> torch.nn.Module:
         """`model` on this extractor's device, in eval mode without gradients; its linear layers run

@@ -23,6 +23,9 @@ PROTOCOLS = ("rg", "fs1000")
 BACKBONE_MODES = ("pretrained", "random")
 ARCH_SIZES = ("full", "tiny")
 FEATURE_DTYPES = ("float32", "float16")
+# What the backbones compute in: fp32, or bf16 (autocast: matmuls and convolutions in bfloat16, features
+# written as float32) on hardware that computes bf16 natively (pipeline/devices.py native_bf16).
+PRECISIONS = ("fp32", "bf16")
 
 # The published feature sets put these backbones behind each modality (docs/design/features.md).
 DEFAULT_BACKBONES = {"rgb": "vst", "flow": "raft", "audio": "ast"}
@@ -66,6 +69,7 @@ class ExtractionConfig(RecordedConfig):
     feature_dtype: str = "float32"
     frame_rate: float = 0.0  # frames per second the video is resampled to before segmenting; 0: its own rate
     recipe: str = PROJECT  # the named configuration these values reproduce (extractors/recipes.py)
+    precision: str = "fp32"  # one of PRECISIONS; bf16 moves features by about 1e-2 of their scale, so it is hashed
     # {modality: {weights file: "sha256:<hex>"}} of pretrained files that are not the public files the
     # backbones name: a file whose public SHA-256 is known (torchvision's names carry a prefix of it) and
     # whose content differs, so other weights get a folder of their own. Empty (as in every cache made before
@@ -97,6 +101,8 @@ class ExtractionConfig(RecordedConfig):
             raise ValueError("weights_sha256 names pretrained weights files; random weights have none")
         if self.decode_short_side < 0 or self.frame_rate < 0:
             raise ValueError("decode_short_side and frame_rate must be >= 0 (0: the video's own size / rate)")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.extra_frames and self.protocol != "rg":
             raise ValueError("flow_pairs 'crossing' needs the rg protocol (one clip per segment)")
         self.check_recipe()

@@ -59,14 +59,20 @@ class _Method(nn.Module):
 
 
 class RuntimeNetwork:
-    """`module.<method>(x)` for float32 CPU tensors, computed by `runtime` (RUNTIMES) on torch's thread count.
+    """`module.<method>(x)` for float32 CPU tensors, computed by `runtime` (RUNTIMES) on torch's thread count,
+    in `precision` ("fp32", or "bf16": OpenVINO only; ONNX Runtime's CPU kernels have no bf16).
 
     One converted network per input shape, made on first use. The converters print their progress and
     warn about tracing: not the user's concern here, so both are kept off the terminal."""
 
-    def __init__(self, runtime: str, module: nn.Module, method: str = "forward", optimize: bool = True) -> None:
+    def __init__(self, runtime: str, module: nn.Module, method: str = "forward", optimize: bool = True,
+                 precision: str = "fp32") -> None:
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+        if precision == "bf16" and runtime != "openvino":
+            raise BackboneUnavailableError(
+                f"--flow-runtime {runtime} computes in fp32 only: use --flow-runtime openvino or torch for --precision bf16")
+        self.precision = precision
         self.runtime, self.library = runtime, import_runtime(runtime)
         self.module = _Method(module, method).eval()
         # torch's ONNX exporter's own graph optimisation (onnxscript) folds I3D's bias-less convolutions'
@@ -98,8 +104,9 @@ class RuntimeNetwork:
         return lambda array: torch.from_numpy(session.run(None, {name: array})[0])
 
     def _compile_openvino(self, example: torch.Tensor):
-        # fp32 explicitly: on a CPU with AVX512_BF16 OpenVINO would otherwise compute in bf16.
+        # The precision explicitly: on a CPU with AVX512_BF16 OpenVINO would otherwise always compute in bf16.
+        hint = "bf16" if self.precision == "bf16" else "f32"
         compiled = self.library.compile_model(self.library.convert_model(self.module, example_input=example), "CPU", {
-            "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+            "INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": torch.get_num_threads()})
         request, output = compiled.create_infer_request(), compiled.output(0)
         return lambda array: torch.from_numpy(request.infer([array])[output].copy())

@@ -103,7 +103,7 @@ class FlowI3DExtractor(Extractor):
         self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
         self.i3d = self.freeze(i3d).to(memory_format=self.memory_format)
         self.run_i3d = (self.i3d.extract_features if self.runtime == "torch"
-                        else RuntimeNetwork(self.runtime, self.i3d, "extract_features"))
+                        else RuntimeNetwork(self.runtime, self.i3d, "extract_features", precision=config.precision))
 
     @classmethod
     def feature_version(cls, config: ExtractionConfig) -> str:
@@ -145,8 +145,8 @@ class FlowI3DExtractor(Extractor):
     @torch.no_grad()
     def embed(self, batch: torch.Tensor | np.ndarray) -> torch.Tensor:
         frames = as_frames(batch)
-        flow = self.flow_stream(frames).contiguous(memory_format=self.memory_format)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        with self.autocast():  # RAFT too: its convolutions and correlation volume (the OpenCV flows are not torch)
+            flow = self.flow_stream(frames).contiguous(memory_format=self.memory_format)
             features = one_clip_per_call(self.run_i3d, flow)
         return features.float().cpu()
 

@@ -6,7 +6,8 @@ also inside torch, picks by the CPU's features and runs AVX-512, at a higher rat
 backbones' shapes (benchmarks/bench_extract.py measures both and takes the faster as the ceiling).
 Same weights and the same sums in another order: outputs agree to float rounding
 (tests/test_backbones.py). The frozen backbones only: oneDNN's op here has no backward, so a call that
-needs a gradient, a GPU tensor or another dtype takes torch's own path.
+needs a gradient, a GPU tensor or another dtype takes torch's own path. Under bf16 autocast
+(`precision="bf16"`) the same kernel runs in bf16.
 """
 
 from __future__ import annotations
@@ -32,23 +33,46 @@ if onednn_linear_available() and torch.ops.mkldnn._linear_pointwise not in flop_
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
-    """F.linear (then an exact GELU when `gelu`), through one oneDNN kernel when the call is an fp32 CPU
-    inference one."""
-    frozen = not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-    if frozen and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32:
+    """F.linear (then an exact GELU when `gelu`), through one oneDNN kernel when the call is an fp32 or
+    bf16 CPU inference one."""
+    if frozen_cpu_call(x, weight) and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
     y = F.linear(x, weight, bias)
     return F.gelu(y) if gelu else y
 
 
+def frozen_cpu_call(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+
+
 class OneDNNLinear(nn.Linear):
     """nn.Linear whose inference calls on a CPU run through oneDNN; parameters and state_dict unchanged.
-    With `gelu` set, it also applies the GELU that followed it (that module became an nn.Identity)."""
+    With `gelu` set, it also applies the GELU that followed it (that module became an nn.Identity).
+
+    Under bf16 autocast (precision bf16) the call runs in bf16 on bf16 copies of the weights made once:
+    autocast itself keeps no copy of a weight that needs no gradient, so it would convert every weight on
+    every call, and its own linear would leave the GELU a pass of its own."""
 
     gelu = False
+    _bf16: tuple[tuple[int, int], torch.Tensor, torch.Tensor | None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16 \
+                and frozen_cpu_call(x, self.weight):
+            return linear(x.to(torch.bfloat16), *self.bf16_parameters(), self.gelu)
         return linear(x, self.weight, self.bias, self.gelu)
+
+    def bf16_parameters(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """bf16 copies of weight and bias, made again only when the weight changed (load_state_dict)."""
+        try:
+            version = self.weight._version
+        except RuntimeError:  # made under inference_mode, which keeps no version: it cannot change in place
+            version = 0
+        key = (self.weight.data_ptr(), version)
+        if self._bf16 is None or self._bf16[0] != key:
+            bias = None if self.bias is None else self.bias.detach().to(torch.bfloat16)
+            self._bf16 = (key, self.weight.detach().to(torch.bfloat16), bias)
+        return self._bf16[1], self._bf16[2]
 
 
 def use_onednn_linears(model: nn.Module) -> nn.Module:

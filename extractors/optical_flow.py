@@ -119,13 +119,12 @@ class RaftFlow(nn.Module):
         x = frames / 127.5 - 1.0  # RAFT's input range [-1, 1]
         first = x[:, [a for a, _ in pairs]].reshape(-1, *x.shape[2:])
         second = x[:, [b for _, b in pairs]].reshape(-1, *x.shape[2:])
-        # bf16 on CUDA as RAFT's own mixed-precision mode: its convolutions and correlation volume
-        # run in bf16, while the pixel coordinate grid it refines stays float32 (grid_sample promotes).
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=frames.device.type == "cuda"):
-            flows = [
-                self.model(first[i : i + self.max_pairs], second[i : i + self.max_pairs])[-1].float()
-                for i in range(0, first.shape[0], self.max_pairs)
-            ]
+        # Under the caller's bf16 autocast (precision bf16) its convolutions and correlation volume run in
+        # bf16, while the pixel coordinate grid it refines stays float32 (grid_sample promotes).
+        flows = [
+            self.model(first[i : i + self.max_pairs], second[i : i + self.max_pairs])[-1].float()
+            for i in range(0, first.shape[0], self.max_pairs)
+        ]
         return torch.cat(flows).reshape(batch, len(pairs), 2, *frames.shape[-2:])
 
     def describe(self) -> dict:
@@ -133,7 +132,6 @@ class RaftFlow(nn.Module):
             "method": f"raft_{self.arch}",
             "weights": self.weights_name,
             "num_flow_updates": 12,
-            "precision": "bf16 autocast on CUDA, float32 on CPU",
         }
 
 

@@ -6,7 +6,8 @@ feature row means; `pipeline extract --recipe NAME` starts from them. Flags not 
 recipe's values; a flag given another value than the recipe's is refused, because the features
 would no longer be the recipe's (a recipe may name settings users may still change: `optional`).
 Settings that only change float rounding or speed (cpu_linear, attention, memory_format, flow_runtime)
-are never part of a recipe.
+are never part of a recipe. `precision` is: bf16 moves features far more than rounding does, and the
+published features were computed in fp32.
 
 `project` is this project's own choice of every step and fixes nothing. The others reproduce published
 features step by step, including their authors' slips where the published models were trained on them
@@ -49,7 +50,7 @@ RECIPES: dict[str, Recipe] = {
             "were trained on: Video Swin-B K600-22k, TV-L1 flow at source resolution + I3D, AST on 41 "
             "filterbank frames, 32-frame segments at 25 fps",
             config={"protocol": "rg", "segment_frames": 32, "frame_stride": 1, "frame_rate": 25.0,
-                    "decode_short_side": 0, "audio_sample_rate": 16000},
+                    "decode_short_side": 0, "audio_sample_rate": 16000, "precision": "fp32"},
             backbones={"rgb": "vst", "flow": "tvl1", "audio": "ast"},
             settings={
                 "rgb": {"vst_checkpoint": "mmaction2-k600-22k", "frame_transform": "pil", "jpeg_quality": 95},
@@ -71,7 +72,8 @@ RECIPES: dict[str, Recipe] = {
             "skating-mixer",
             "the FS1000 features (Skating-Mixer's extraction) that MCMoE's FS1000 checkpoints were trained on: "
             "5 s windows every 2 s, TimeSformer on 8-frame clips averaged, AST per window",
-            config={"protocol": "fs1000", "window_seconds": 5.0, "hop_seconds": 2.0, "clip_frames": 8},
+            config={"protocol": "fs1000", "window_seconds": 5.0, "hop_seconds": 2.0, "clip_frames": 8,
+                    "precision": "fp32"},
             backbones={"rgb": "timesformer", "audio": "ast"},
             unverified=(
                 "TimeSformer checkpoint: Kinetics-400 or Kinetics-600 (K400 used here)",

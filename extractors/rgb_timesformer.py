@@ -74,7 +74,7 @@ class TimesformerExtractor(Extractor):
         if frames.ndim == 5 and frames.shape[1] != self.num_frames:
             frames = frames[:, uniform_frame_indices(frames.shape[1], self.num_frames)]
         x = normalise(crop_resize(frames, CROP, INPUT_SIZE, self.device), MEAN, STD)  # (B, F, 3, H, W)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        with self.autocast():
             cls = one_clip_per_call(lambda clips: self.model(pixel_values=clips).last_hidden_state[:, 0], x)
         return cls.float().cpu()
 

@@ -209,7 +209,7 @@ class VideoSwinExtractor(Extractor):
     def embed(self, batch: torch.Tensor | np.ndarray) -> torch.Tensor:
         x = normalise(self.input_frames(batch), IMAGENET_MEAN, IMAGENET_STD)
         x = x.permute(0, 2, 1, 3, 4)  # (B, 3, F, H, W)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        with self.autocast():
             features = one_clip_per_call(self.model, x)
         return features.float().cpu()
 

@@ -169,6 +169,12 @@ def feature_recipe(config: dict[str, Any]) -> str:
     return str(config.get("format") or config.get("source"))
 
 
+def feature_precision(config: dict[str, Any]) -> str:
+    """What the backbones of an extraction's config.json computed in: "fp32" (recorded only when not), or
+    "bf16" (extractors/config.py PRECISIONS)."""
+    return (config.get("extraction") or {}).get("precision", "fp32")
+
+
 def config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """The keys in which two config.json payloads (or a run's copy of one) differ; [] when they describe
     the same features. When each was written (created_at), its note, its recipe description and the schema version its file
@@ -237,6 +243,10 @@ def open_cache(out: Path, config: CacheConfig) -> "FeatureCache":
     if problem is None and config.source == EXTRACTED:
         differ = weights_difference(cache.read_config(), config.to_dict())
         problem = f"holds features of other pretrained weights ({differ}: folder vs this run)" if differ else None
+    if problem is None and config.source == EXTRACTED:
+        # The precision is in the folder's name; checked here too, so a renamed or copied folder cannot mix them.
+        held, new = feature_precision(cache.read_config()), feature_precision(config.to_dict())
+        problem = f"holds features computed in {held}, not {new}" if held != new else None
     if problem is None and config.source != EXTRACTED:
         differ = config_differences(cache.read_config(), config.to_dict())
         problem = f"holds a different feature set (its config.json differs in {differ})" if differ else None

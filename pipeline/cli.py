@@ -38,6 +38,7 @@ def add_extraction_options(parser: argparse.ArgumentParser) -> None:
     setting's flag comes from its field in extractors/settings.py."""
     from extractors.config import ARCH_SIZES, BACKBONE_MODES, DEFAULT_BACKBONES, FEATURE_DTYPES, PROTOCOLS, ExtractionConfig
     from extractors.settings import backbone_names
+    from pipeline.devices import PRECISION_CHOICES
 
     from extractors.recipes import PROJECT, RECIPES
 
@@ -76,6 +77,11 @@ def add_extraction_options(parser: argparse.ArgumentParser) -> None:
                        help="seed of random-weight backbones (default: %(default)s)")
     group.add_argument("--feature-dtype", action=GivenValue, choices=FEATURE_DTYPES, default=defaults.feature_dtype,
                        help="dtype of the cached arrays (default: %(default)s)")
+    group.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
+                       help="what the backbones compute in: bf16 runs their matmuls and convolutions in bfloat16 "
+                       "(features still written as float32), only where the hardware computes it natively (a CPU "
+                       "with AVX512_BF16 or AMX, a recent GPU); auto: bf16 where native, else fp32; the "
+                       "published-feature recipes fix fp32 (default: auto on a GPU, fp32 on a CPU)")
     add_backbone_setting_options(parser.add_argument_group(
         "each backbone's own settings (recorded and hashed only for the backbones extracted)"))
     run = parser.add_argument_group("how it is computed (not part of the cache key)")
@@ -141,17 +147,33 @@ def extraction_config_from_args(args: argparse.Namespace, device_type: str) -> "
             if modality == "flow" and device_type != "cuda":
                 chosen = CPU_FLOW_BACKBONE
         backbones[modality] = chosen
+    precision = precision_from_args(args, device_type)
     if args.recipe != PROJECT:
-        return recipe_config_from_args(args, backbones)
+        return recipe_config_from_args(args, backbones, precision)
     values = {name: getattr(args, name) for name in setting_fields() if getattr(args, name, None) is not None}
     try:
         return ExtractionConfig(
             protocol=args.protocol, segment_frames=args.segment_frames, frame_stride=args.frame_stride,
             window_seconds=args.window_seconds, hop_seconds=args.hop_seconds, clip_frames=args.clip_frames,
             modalities=modalities, backbones=backbones, weights=args.backbones, arch_size=args.arch_size,
-            seed=args.seed, feature_dtype=args.feature_dtype,
+            seed=args.seed, feature_dtype=args.feature_dtype, precision=precision,
             settings={m: settings_from_values(m, backbones[m], values) for m in modalities},
         )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def precision_from_args(args: argparse.Namespace, device_type: str) -> str:
+    """--precision as the config records it (pipeline/devices.py resolve_precision); by default auto on a
+    GPU and fp32 on a CPU; auto under a recipe is the recipe's."""
+    import torch
+
+    from extractors.recipes import recipe
+    from pipeline.devices import resolve_precision
+
+    choice = args.precision or ("auto" if device_type == "cuda" else "fp32")
+    try:
+        return resolve_precision(choice, torch.device(device_type), fixed=recipe(args.recipe).config.get("precision"))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
@@ -162,16 +184,18 @@ CONFIG_FLAGS = {"protocol": "protocol", "segment_frames": "segment_frames", "fra
                 "backbones": "weights", "arch_size": "arch_size", "seed": "seed", "feature_dtype": "feature_dtype"}
 
 
-def recipe_config_from_args(args: argparse.Namespace, backbones: dict[str, str]) -> "ExtractionConfig":
+def recipe_config_from_args(args: argparse.Namespace, backbones: dict[str, str], precision: str) -> "ExtractionConfig":
     """`--recipe NAME`: the recipe's configuration, with the flags the user gave (check_recipe refuses
     one that differs from the recipe); `backbones` are the project's choices, used for the modalities
-    the recipe does not name."""
+    the recipe does not name; `precision` the resolved --precision (taken only when the flag was given)."""
     from extractors.config import ExtractionConfig
     from extractors.recipes import recipe
     from extractors.settings import setting_fields, settings_class
 
     given = getattr(args, "given", set())
     fields = {field: getattr(args, flag) for flag, field in CONFIG_FLAGS.items() if flag in given}
+    if args.precision is not None:
+        fields["precision"] = precision
     named = recipe(args.recipe).backbones
     backbones = {m: getattr(args, m) or named.get(m, chosen) for m, chosen in backbones.items()}
     values = {name: getattr(args, name) for name in setting_fields() if getattr(args, name, None) is not None}

@@ -14,6 +14,7 @@ from extractors.base import (BackboneUnavailableError, Extractor, WeightsSource,
                              identify_weights, with_weights)
 from extractors.config import ExtractionConfig
 from manifests.cache import CONFIG_NAME, CacheConfig, FeatureCache, open_cache
+from pipeline.devices import describe_device, native_bf16
 from pipeline.extraction.loop import ExtractSummary, extract_videos, needs_work
 from pipeline.videos import VideoSource
 
@@ -77,6 +78,9 @@ def extract_into(
     are built here, and only when some video needs them.
     Raises BackboneUnavailableError (weights or a library missing) and CacheError (the folder holds
     other features) before any video is touched."""
+    if config.precision == "bf16" and not native_bf16(device):
+        raise BackboneUnavailableError(f"precision bf16 asked for on a {describe_device(device)} without native bf16 "
+                                       "(AVX512_BF16 or AMX on a CPU): it would be emulated; extract with --precision fp32")
     if isinstance(out, FeatureCache):
         cache = out  # its caller chose it for these weights
         extractors = build_extractors(config, device, weights) if extractors is None else extractors

@@ -1,0 +1,120 @@
+"""`--precision bf16`: the backbones compute in bf16 where the hardware does, features stay float32, and
+bf16 features never share a cache folder with fp32 ones."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from extractors.onednn import OneDNNLinear
+from manifests.cache import CONFIG_NAME, CacheConfig, CacheError, FeatureCache, open_cache
+from pipeline.cli import main
+from pipeline.devices import native_bf16, resolve_precision
+from pipeline.extraction.entry import extract_into
+from pipeline.videos import VideoSource
+from tests.conftest import TINY_EXTRACT_FLAGS, tiny_config
+
+CPU = torch.device("cpu")
+needs_native_bf16 = pytest.mark.skipif(
+    not native_bf16(CPU), reason="this CPU has neither AVX512_BF16 nor AMX: bf16 would be emulated, and is refused")
+
+# Largest difference between bf16 and fp32 features of the tiny backbones, relative to the largest fp32
+# value, per modality. bf16 keeps 8 bits of mantissa (relative rounding 2**-9 = 2e-3 per operation); the
+# tiny random backbones measured 3e-3 to 1.6e-2 on AMD Zen 4 (2026-12-06). The floor proves bf16 was
+# used: fp32 runs agree to 1e-6.
+BF16_TOLERANCE = 0.05
+BF16_FLOOR = 1e-4
+
+
+@needs_native_bf16
+def test_bf16_features_are_float32_and_within_tolerance_of_fp32(clip_folder, tmp_path):
+    video = [VideoSource("good", clip_folder / "good.mp4")]
+    features = {}
+    for precision in ("fp32", "bf16"):
+        _, cache = extract_into(tmp_path / "out", tiny_config(precision=precision), video, progress=False)
+        features[precision] = cache.load_features("good")
+    assert set(features["bf16"]) == {"rgb", "flow", "audio"}
+    for modality, fp32 in features["fp32"].items():
+        bf16 = features["bf16"][modality]
+        assert bf16.dtype == np.float32 and bf16.shape == fp32.shape
+        relative = np.abs(bf16 - fp32).max() / np.abs(fp32).max()
+        print(f"{modality}: bf16 vs fp32 relative difference {relative:.2e}")
+        assert BF16_FLOOR < relative < BF16_TOLERANCE, modality
+
+
+@needs_native_bf16
+def test_precision_is_recorded_and_names_its_own_folder(clip_folder, tmp_path):
+    # Broken on purpose once: with `precision` left out of the hash, both runs wrote one folder and the
+    # fp32 run found the bf16 features already there.
+    out = tmp_path / "out"
+    flags = ["--videos", str(clip_folder / "good.mp4"), "--out", str(out), *TINY_EXTRACT_FLAGS, "--modalities", "rgb"]
+    assert main(["extract", *flags, "--precision", "bf16"]) == 0
+    (bf16_folder,) = out.iterdir()
+    bf16_manifest = (bf16_folder / "manifest.csv").read_bytes()
+    assert json.loads((bf16_folder / CONFIG_NAME).read_text())["extraction"]["precision"] == "bf16"
+    assert main(["extract", *flags]) == 0  # fp32, the CPU's default
+    (fp32_folder,) = [f for f in out.iterdir() if f != bf16_folder]
+    assert fp32_folder.name == tiny_config(modalities=("rgb",)).config_hash()  # fp32 keeps the names it had
+    assert json.loads((fp32_folder / CONFIG_NAME).read_text())["extraction"]["precision"] == "fp32"
+    assert (bf16_folder / "manifest.csv").read_bytes() == bf16_manifest
+
+
+def test_a_bf16_cache_is_never_extended_with_fp32_features(tmp_path):
+    # Broken on purpose once: without open_cache's precision check the fp32 config opened the bf16 folder.
+    class Described:  # what CacheConfig.extracted reads of an extractor
+        def describe(self) -> dict:
+            return {"name": "vst", "version": "1", "feature_dim": 16}
+
+    bf16, fp32 = (tiny_config(modalities=("rgb",), precision=p) for p in ("bf16", "fp32"))
+    made = CacheConfig.extracted(bf16, {"rgb": Described()})
+    open_cache(tmp_path, made)
+    renamed = CacheConfig.extracted(fp32, {"rgb": Described()})
+    renamed.config_hash = made.config_hash  # as if the folder had been copied under the fp32 name
+    with pytest.raises(CacheError, match="computed in bf16, not fp32"):
+        open_cache(tmp_path, renamed)
+    assert FeatureCache(tmp_path / made.config_hash).config.extraction["precision"] == "bf16"
+
+
+def test_bf16_where_it_would_be_emulated_is_refused(monkeypatch, clip_folder, tmp_path, capsys):
+    monkeypatch.setattr("pipeline.devices.native_bf16", lambda device: False)
+    monkeypatch.setattr("pipeline.extraction.entry.native_bf16", lambda device: False)
+    assert resolve_precision("auto", CPU) == "fp32"
+    flags = ["--videos", str(clip_folder / "good.mp4"), "--out", str(tmp_path / "out"), *TINY_EXTRACT_FLAGS]
+    assert main(["extract", *flags, "--precision", "bf16"]) == 2
+    assert "no native bf16" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(Exception, match="without native bf16"):  # the stage itself refuses too (Ray, score)
+        extract_into(tmp_path / "out", tiny_config(precision="bf16"), [], progress=False)
+
+
+def test_published_recipes_stay_fp32(clip_folder, tmp_path, capsys):
+    flags = ["--videos", str(clip_folder / "good.mp4"), "--out", str(tmp_path / "out"), "--recipe", "pamfn",
+             "--backbones", "random", "--device", "cpu", "--quiet"]
+    assert main(["extract", *flags, "--precision", "bf16"]) == 2
+    assert "recipe pamfn has precision 'fp32'" in capsys.readouterr().err
+    assert resolve_precision("auto", CPU, fixed="fp32") == "fp32"
+
+
+@needs_native_bf16
+def test_onednn_linear_runs_bf16_under_autocast_on_weights_converted_once():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 32)
+    layer.__class__ = OneDNNLinear
+    layer.gelu = True
+    x = torch.randn(10, 64)
+    with torch.no_grad():
+        fp32 = F.gelu(F.linear(x, layer.weight, layer.bias))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            first, second = layer(x), layer(x)
+        weight = layer.bf16_parameters()[0]
+        assert first.dtype == torch.bfloat16 and torch.equal(first, second)
+        assert 1e-4 < (first.float() - fp32).abs().max() / fp32.abs().max() < 2e-2
+        assert layer.bf16_parameters()[0] is weight  # converted once, not per call
+        layer.load_state_dict({"weight": torch.zeros(32, 64), "bias": torch.zeros(32)})
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layer(x).abs().max() == 0  # new weights are converted again
+        assert layer(x).dtype == torch.float32  # outside autocast: fp32 as before
