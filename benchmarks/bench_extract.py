@@ -3,17 +3,24 @@
     python benchmarks/bench_extract.py                       # synthetic 25 fps clips, full-size random backbones
     python benchmarks/bench_extract.py --videos DIR --backbones pretrained --device cuda --json out.json
 
+    python benchmarks/bench_extract.py --precision fp32,bf16 --clips 1   # both precisions side by side
+
 Reports segments/s and x-real-time (seconds of video covered by the kept segments per second of wall
 time: the remainder after a video's last segment is never embedded, so it does not count) for every
-stage, and
-each backbone's arithmetic rate (its FLOPs per segment over its time) as a fraction of this machine's
-own ceiling, measured first in the same run: the best matmul rate with torch at the shapes the
-backbones multiply (fp32 on all CPU cores; bf16 on a GPU).
+stage, and each backbone's arithmetic rate (its FLOPs per segment over its time) as a fraction of this
+machine's own ceilings, measured first in the same run: the best matmul rate with torch at the shapes
+the backbones multiply, in fp32 and in bf16 (on all CPU cores, or the GPU; bf16 only where the hardware
+computes it natively, pipeline/devices.py native_bf16).
+
+`--precision` lists the precisions to run (`pipeline extract --precision`): each backbone is timed in one
+after the other on the same batch, and the end-to-end extraction runs once per precision, so their ratio
+comes from one run on one machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import platform
@@ -37,7 +44,7 @@ from extractors.decode import SegmentPlan, VideoFrames, audio_windows, load_audi
 from extractors.onednn import linear as onednn_linear, onednn_linear_available  # noqa: E402
 from extractors.optical_flow import flow_input  # noqa: E402
 from extractors.transforms import as_frames  # noqa: E402
-from pipeline.devices import resolve_device  # noqa: E402
+from pipeline.devices import native_bf16, resolve_device  # noqa: E402
 from pipeline.cli import add_backbone_setting_options  # noqa: E402
 from pipeline.extraction.entry import extract_into  # noqa: E402
 from pipeline.videos import discover_videos  # noqa: E402
@@ -66,13 +73,14 @@ MATMUL_SHAPES = {"vst stage 1 mlp": (50176, 128, 512), "vst stage 3 mlp": (3136,
 
 
 @torch.inference_mode()
-def matmul_rates(device: torch.device) -> dict[str, float]:
-    """GFLOP/s of torch matmuls at MATMUL_SHAPES (fp32 on a CPU, bf16 on a GPU), on every core / the GPU.
+def matmul_rates(device: torch.device, dtype: torch.dtype | None = None) -> dict[str, float]:
+    """GFLOP/s of torch matmuls at MATMUL_SHAPES in `dtype` (default: fp32 on a CPU, bf16 on a GPU), on
+    every core / the GPU.
 
     On a CPU each shape is timed twice: torch's matmul (MKL, which on an AMD CPU runs its AVX2 code
     even where the CPU has AVX-512) and oneDNN's, inside the same torch, which the extractors use for
     their linear layers (extractors/onednn.py). The ceiling is the best of all."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     rates = {}
     for name, (rows, inner, columns) in MATMUL_SHAPES.items():
         a = torch.randn(rows, inner, device=device, dtype=dtype)
@@ -166,12 +174,17 @@ def main() -> None:
     parser.add_argument("--flow", default=None, help="default: raft on GPU, farneback on CPU")
     parser.add_argument("--audio", default="ast")
     add_backbone_setting_options(parser.add_argument_group("backbone settings, as `pipeline extract`'s"))
+    parser.add_argument("--precision", default="fp32",
+                        help="comma-separated precisions to run side by side: fp32, bf16 (default: %(default)s)")
     parser.add_argument("--batch-segments", type=int, default=8)
     parser.add_argument("--weights-dir", type=Path)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
     device = resolve_device(args.device)
+    precisions = args.precision.split(",")
+    if any(p not in ("fp32", "bf16") for p in precisions) or ("bf16" in precisions and not native_bf16(device)):
+        parser.error(f"--precision: fp32 and/or bf16 (bf16 only where native), got {args.precision!r}")
     modalities = tuple(args.modalities.split(","))
     flow = args.flow or ("raft" if device.type == "cuda" else "farneback")
     names = {"rgb": args.rgb, "flow": flow, "audio": args.audio}
@@ -179,9 +192,10 @@ def main() -> None:
     config = ExtractionConfig(modalities=modalities, backbones={m: names[m] for m in modalities},
                               weights=args.backbones, arch_size=args.arch_size,
                               settings={m: settings_from_values(m, names[m], values) for m in modalities})
+    configs = {p: dataclasses.replace(config, precision=p) for p in precisions}
     work = Path(tempfile.mkdtemp(prefix="bench_extract_"))
     sources = discover_videos(benchmark_videos(args.videos, work, args.clips, args.seconds, args.size))
-    extractors = build_extractors(config, device, WeightsSource(weights_dir=args.weights_dir))
+    built = {p: build_extractors(c, device, WeightsSource(weights_dir=args.weights_dir)) for p, c in configs.items()}
 
     # decode + audio, per video
     decode_s = audio_s = 0.0
@@ -208,80 +222,101 @@ def main() -> None:
         audio_s += time.perf_counter() - start
 
     rows = [("decode frames", decode_s, segments), ("decode audio", audio_s, segments)]
-    rates = matmul_rates(device)
-    ceiling = max(rates.values())  # GFLOP/s
-    flops_rows = {}
-    for modality, extractor in extractors.items():
-        if extractor.input_kind == "frames":
-            clips = sample_batch.reshape(-1, config.frames_per_clip, *sample_batch.shape[2:])
-            batch = torch.from_numpy(np.ascontiguousarray(clips))
-        elif sample_audio:
-            batch = sample_audio
-        else:
-            continue
-        seconds, _ = timed(lambda: extractor.embed(batch), device, repeats=2)
-        per_segment = seconds / len(batch)
-        if modality == "flow" and extractor.flow_method != "raft":
-            # OpenCV's flow apart from the network (its work is not in the FLOP count; RAFT's is)
-            frames = flow_input(as_frames(batch), device)
-            flow_seconds, _ = timed(lambda: extractor.flow(frames), device, repeats=2)
-            rows.append((f"flow: {extractor.flow_method} (OpenCV)", flow_seconds / len(batch) * segments, segments))
-            per_segment -= flow_seconds / len(batch)
-            rows.append(("flow: I3D", per_segment * segments, segments))
-        else:
-            rows.append((f"{modality}: {extractor.name}", per_segment * segments, segments))
-        if extractor.input_kind == "frames":
-            # the extractor's own count: it writes out what torch's counter cannot see in a fused kernel
-            flops = extractor.flops_per_clip(config.frames_per_clip)  # per clip, as per_segment is per batch row
-        else:
-            with FlopCounterMode(display=False) as counter:
-                extractor.embed(batch)
-            flops = counter.get_total_flops() / len(batch)
-        flops_rows[modality] = {"gflops_per_segment": flops / 1e9, "seconds_per_segment": per_segment,
-                                "gflop_per_s": flops / 1e9 / per_segment,
-                                "fraction_of_matmul_ceiling": flops / 1e9 / per_segment / ceiling}
+    rates = {"fp32": matmul_rates(device, torch.float32)}
+    if native_bf16(device):
+        rates["bf16"] = matmul_rates(device, torch.bfloat16)
+    ceilings = {dtype: max(r.values()) for dtype, r in rates.items()}  # GFLOP/s
+    label = (lambda stage, p: f"{stage} [{p}]") if len(precisions) > 1 else (lambda stage, p: stage)
+    flops_rows: dict[str, dict] = {}
+    for modality in modalities:
+        for precision in precisions:  # one after the other on the same batch: a load that comes and goes hits both
+            extractor = built[precision][modality]
+            if extractor.input_kind == "frames":
+                clips = sample_batch.reshape(-1, config.frames_per_clip, *sample_batch.shape[2:])
+                batch = torch.from_numpy(np.ascontiguousarray(clips))
+            elif sample_audio:
+                batch = sample_audio
+            else:
+                continue
+            seconds, _ = timed(lambda: extractor.embed(batch), device, repeats=2)
+            per_segment = seconds / len(batch)
+            if modality == "flow" and extractor.flow_method != "raft":
+                # OpenCV's flow apart from the network (its work is not in the FLOP count; RAFT's is)
+                frames = flow_input(as_frames(batch), device)
+                flow_seconds, _ = timed(lambda: extractor.flow(frames), device, repeats=2)
+                rows.append((label(f"flow: {extractor.flow_method} (OpenCV)", precision),
+                             flow_seconds / len(batch) * segments, segments))
+                per_segment -= flow_seconds / len(batch)
+                rows.append((label("flow: I3D", precision), per_segment * segments, segments))
+            else:
+                rows.append((label(f"{modality}: {extractor.name}", precision), per_segment * segments, segments))
+            if extractor.input_kind == "frames":
+                # the extractor's own count: it writes out what torch's counter cannot see in a fused kernel
+                flops = extractor.flops_per_clip(config.frames_per_clip)  # per clip, as per_segment is per batch row
+            else:
+                with FlopCounterMode(display=False) as counter:
+                    extractor.embed(batch)
+                flops = counter.get_total_flops() / len(batch)
+            rate = flops / 1e9 / per_segment
+            flops_rows[label(modality, precision)] = {
+                "precision": precision, "gflops_per_segment": flops / 1e9, "seconds_per_segment": per_segment,
+                "gflop_per_s": rate, "fraction_of_matmul_ceiling": rate / ceilings[precision],
+                **{f"fraction_of_{dtype}_ceiling": rate / ceiling for dtype, ceiling in ceilings.items()}}
 
-    start = time.perf_counter()
-    extract_into(work / "cache", config, sources, extractors=extractors, batch_segments=args.batch_segments,
-                 progress=False)
-    synchronize(device)
-    rows.append(("end to end", time.perf_counter() - start, segments))
+    for precision in precisions:
+        start = time.perf_counter()
+        extract_into(work / "cache", configs[precision], sources, extractors=built[precision],
+                     batch_segments=args.batch_segments, progress=False)
+        synchronize(device)
+        rows.append((label("end to end", precision), time.perf_counter() - start, segments))
 
     name, record = device_name(device), run_record()
     print(f"device: {name}; {len(sources)} videos, {video_seconds:.2f} s of video, of which {segments} segments "
           f"cover {covered:.2f} s (x real time is over these); backbones: {config.backbones} ({config.weights}, "
-          f"{config.arch_size}); commit {record['commit']}, {record['date']}")
-    print("matmul ceiling (GFLOP/s): " + ", ".join(f"{n} {r:.0f}" for n, r in rates.items()) + f"; best {ceiling:.0f}")
-    print(f"{'stage':28s} {'seconds':>9s} {'segments/s':>11s} {'x real time':>12s}")
+          f"{config.arch_size}); precision {', '.join(precisions)}; commit {record['commit']}, {record['date']}")
+    for dtype, dtype_rates in rates.items():
+        print(f"{dtype} matmul ceiling (GFLOP/s): " + ", ".join(f"{n} {r:.0f}" for n, r in dtype_rates.items())
+              + f"; best {ceilings[dtype]:.0f}")
+    print(f"{'stage':34s} {'seconds':>9s} {'segments/s':>11s} {'x real time':>12s}")
     results = []
     for stage, seconds, count in rows:
         rate = count / seconds if seconds else float("inf")
         realtime = covered / seconds if seconds else float("inf")
-        print(f"{stage:28s} {seconds:9.2f} {rate:11.2f} {realtime:12.2f}")
+        print(f"{stage:34s} {seconds:9.2f} {rate:11.2f} {realtime:12.2f}")
         results.append({"stage": stage, "seconds": seconds, "segments_per_s": rate, "x_real_time": realtime})
-    for modality, info in flops_rows.items():
-        print(f"{modality}: {info['gflops_per_segment']:.1f} GFLOP/segment, {info['gflop_per_s']:.0f} GFLOP/s, "
-              f"{info['fraction_of_matmul_ceiling']:.0%} of the matmul ceiling")
-    slowest = min((count / seconds, stage) for stage, seconds, count in rows if ":" in stage)
-    end_to_end = segments / rows[-1][1]
+    for row_name, info in flops_rows.items():
+        fractions = ", ".join(f"{info[f'fraction_of_{dtype}_ceiling']:.0%} of the {dtype} ceiling" for dtype in ceilings)
+        print(f"{row_name}: {info['gflops_per_segment']:.1f} GFLOP/segment, {info['gflop_per_s']:.0f} GFLOP/s, {fractions}")
     # On a CPU every stage shares the same cores, so nothing can hide behind the slowest backbone: the
     # bound there is all stages one after another (on a GPU, decode and flow run beside the backbones).
-    serial = segments / sum(seconds for stage, seconds, count in rows[:-1])
-    print(f"end to end: {end_to_end / slowest[0]:.0%} of the slowest backbone's rate ({slowest[1]}); "
-          f"{end_to_end / serial:.0%} of the rate of all stages one after another ({serial:.3f} segments/s)")
+    summary = {}
+    for precision in precisions:
+        own = [(stage, seconds, count) for stage, seconds, count in rows[2:] if stage.endswith(label("", precision))]
+        stages, (end_stage, end_seconds, _) = [r for r in own if "end to end" not in r[0]], own[-1]
+        slowest = min((count / seconds, stage) for stage, seconds, count in stages)
+        end_to_end = segments / end_seconds
+        serial = segments / (decode_s + audio_s + sum(seconds for _, seconds, _ in stages))
+        summary[precision] = {"end_to_end_fraction_of_slowest_backbone": end_to_end / slowest[0],
+                              "end_to_end_fraction_of_stages_in_series": end_to_end / serial,
+                              "end_to_end_x_real_time": covered / end_seconds}
+        print(f"{end_stage}: {end_to_end / slowest[0]:.0%} of the slowest backbone's rate ({slowest[1]}); "
+              f"{end_to_end / serial:.0%} of the rate of all stages one after another ({serial:.3f} segments/s)")
+    if len(precisions) > 1:
+        speedup = summary[precisions[1]]["end_to_end_x_real_time"] / summary[precisions[0]]["end_to_end_x_real_time"]
+        print(f"end to end: {precisions[1]} runs {speedup:.2f}x the rate of {precisions[0]}")
     if args.json:
-        args.json.write_text(json.dumps({"device": name, **record, "config": config.to_dict(),
+        single = summary[precisions[0]] if len(precisions) == 1 else {"by_precision": summary}
+        args.json.write_text(json.dumps({"device": name, **record, "config": config.to_dict(), "precisions": precisions,
                                          "video_seconds": video_seconds, "covered_seconds": covered,
                                          "segments": segments,
                                          "command": " ".join(["python", *sys.argv]),
-                                         "matmul_gflop_per_s": rates, "matmul_ceiling_gflop_per_s": ceiling,
-                                         "stages": results, "flops": flops_rows,
-                                         "end_to_end_fraction_of_slowest_backbone": end_to_end / slowest[0],
-                                         "end_to_end_fraction_of_stages_in_series": end_to_end / serial,
+                                         "matmul_gflop_per_s": rates["fp32"],
+                                         "matmul_ceiling_gflop_per_s": ceilings["fp32"],
+                                         "matmul_gflop_per_s_by_dtype": rates, "matmul_ceilings": ceilings,
+                                         "stages": results, "flops": flops_rows, **single,
                                          # the whole run's: backbones, decoded batches, extract's own state
                                          "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
                                         indent=2) + "\n")
-
 
 if __name__ == "__main__":
     main()
