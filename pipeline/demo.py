@@ -89,6 +89,15 @@ def extract_command(settings: DemoSettings, videos: Path, cache: Path, device: s
             "--seed", str(settings.seed), "--device", device, *(["--quiet"] if quiet else [])]
 
 
+def train_command(settings: DemoSettings, features: Path, labels: Path, run_dir: Path, model: str, seed: int,
+                  device: str, resume: bool, quiet: bool) -> list[str]:
+    """The `pipeline train` arguments of one demo model's run at training seed `seed`."""
+    return ["train", "--features", str(features), "--labels", str(labels), "--out", str(run_dir), *MODELS[model],
+            "--epochs", str(settings.epochs), "--batch-size", str(settings.batch_size), "--lr", str(settings.lr),
+            "--hidden", str(settings.hidden), "--dropout", str(settings.dropout), "--alpha", str(settings.alpha),
+            "--seed", str(seed), "--device", device, *(["--resume"] if resume else []), *(["--quiet"] if quiet else [])]
+
+
 def make_dataset(out: Path, settings: DemoSettings) -> tuple[Path, Path, list[ClipSpec], list[ClipSpec]]:
     """Labelled clips in out/videos with out/labels.csv (video_id,score,split), and unseen clips in
     out/new/ whose known scores go to out/new/known_scores.csv (never seen by training).
@@ -256,11 +265,8 @@ def train_model(out: Path, labels: Path, model: str, step: int, settings: DemoSe
                  f"{settings.epochs * steps_per_epoch} optimiser steps; the checkpoint is chosen on the "
                  f"{settings.val_clips} validation clips, never on the test clips"
                  + (f"; {settings.training_seeds} training seeds" if settings.training_seeds > 1 else ""))
-        argv = ["train", "--features", str(out / "cache"), "--labels", str(labels), "--out", str(run_dir), *MODELS[model],
-                "--epochs", str(settings.epochs), "--batch-size", str(settings.batch_size), "--lr", str(settings.lr),
-                "--hidden", str(settings.hidden), "--dropout", str(settings.dropout), "--alpha", str(settings.alpha),
-                "--seed", str(settings.seed + k), "--device", device,
-                *(["--resume"] if RunDir(run_dir).has_run() else []), *([] if progress else ["--quiet"])]
+        argv = train_command(settings, out / "cache", labels, run_dir, model, settings.seed + k, device,
+                             resume=RunDir(run_dir).has_run(), quiet=not progress)
         code = _run(pipeline, title if k == 0 else f"  {model}, training seed {settings.seed + k}", argv)
         if code != 0:
             return code
