@@ -15,6 +15,7 @@ Next to other commands on the same run:
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from manifests.cache import (CONFIG_NAME, DONE, FAILED, WEIGHTS_FILES_KEY, Cache
                              weights_difference)
 from manifests.claims import describe_holder
 from pipeline.data import Sample
+from pipeline.devices import describe_device, native_bf16
 from pipeline.extraction.entry import cache_folder, extract_into
 from pipeline.inference import Run, RunError, load_run
 from pipeline.provenance import provenance
@@ -111,6 +113,17 @@ def run_extraction_config(run: Run) -> ExtractionConfig:
     )
 
 
+def precision_here(config: ExtractionConfig, device: torch.device) -> tuple[ExtractionConfig, str | None]:
+    """The run's extraction as `device` can compute it, and a note when it cannot as the run's features were:
+    bf16 where the hardware has no native bf16 falls back to fp32 (which a bf16-made feature matches to
+    within its own rounding) instead of refusing the clips."""
+    if config.precision != "bf16" or native_bf16(device):
+        return config, None
+    return dataclasses.replace(config, precision="fp32"), (
+        f"the run was trained on features computed in bf16, but this {describe_device(device)} has no native bf16: "
+        "the clips' features are computed in fp32 (they differ by about 1% of their scale; README, \"Precision\")")
+
+
 def check_run_weights(run: Run, config: ExtractionConfig, weights: WeightsSource) -> None:
     """ScoreError in one line naming both when the pretrained weights files here are not, by content, those
     the run's features were made with (nothing to check for random weights)."""
@@ -149,7 +162,9 @@ def score_clips(
 
     wait: seconds to wait for clips another live process is extracting into the same cache."""
     run = load_run(run_dir, device)
-    config = run_extraction_config(run)
+    config, note = precision_here(run_extraction_config(run), device)
+    if note:
+        print(f"NOTE: {note}", file=sys.stderr)
 
     # Where features come from: --features if given (checked), else the run's own cache is consulted
     # read-only and new clips go to <run>/score_cache, so scoring never mixes into training data.
