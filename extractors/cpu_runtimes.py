@@ -86,7 +86,8 @@ class RuntimeNetwork:
             raise ValueError(f"{self.runtime} runs float32 CPU tensors here, got {x.dtype} on {x.device}")
         shape = tuple(x.shape)
         if shape not in self.compiled:
-            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            # The runtime computes in its own `precision`: a caller's autocast must not enter the traced graph.
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.autocast("cpu", enabled=False):
                 warnings.simplefilter("ignore")
                 self.compiled[shape] = getattr(self, f"_compile_{self.runtime}")(torch.zeros(shape))
         return self.compiled[shape](x.contiguous().numpy())

@@ -139,3 +139,22 @@ def test_a_bf16_run_scores_where_bf16_is_not_native_in_fp32_with_a_note(extracte
     rows = pd.read_csv(out_csv)
     assert rows.loc[0, "error"] != rows.loc[0, "error"] and 0 <= rows.loc[0, "score"]  # no error (NaN), a score
     assert rows.loc[0, "config_hash"] == tiny_config().config_hash()  # the fp32 features of the run's config
+
+
+@needs_native_bf16
+def test_openvino_runs_the_i3d_in_bf16_and_onnxruntime_refuses_it():
+    # Broken on purpose once: with the hint left at f32, OpenVINO's features matched fp32 to 1e-7 (the floor).
+    from extractors.base import BackboneUnavailableError, WeightsSource, build_extractors
+
+    pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    flow = dict(modalities=("flow",), backbones={"flow": "farneback"}, segment_frames=8)
+    eager = build_extractors(tiny_config(**flow), CPU, WeightsSource())["flow"]
+    openvino = build_extractors(tiny_config(**flow, precision="bf16", settings={"flow": {"flow_runtime": "openvino"}}),
+                                CPU, WeightsSource())["flow"]
+    frames = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (1, 8, 64, 80, 3), dtype=np.uint8))
+    fp32, bf16 = eager.embed(frames), openvino.embed(frames)
+    assert bf16.dtype == torch.float32
+    assert BF16_FLOOR < (bf16 - fp32).abs().max() / fp32.abs().max() < BF16_TOLERANCE
+    with pytest.raises(BackboneUnavailableError, match="computes in fp32 only"):
+        build_extractors(tiny_config(**flow, precision="bf16", settings={"flow": {"flow_runtime": "onnxruntime"}}),
+                         CPU, WeightsSource())
