@@ -145,8 +145,10 @@ class FlowI3DExtractor(Extractor):
     @torch.no_grad()
     def embed(self, batch: torch.Tensor | np.ndarray) -> torch.Tensor:
         frames = as_frames(batch)
-        with self.autocast():  # RAFT too: its convolutions and correlation volume (the OpenCV flows are not torch)
-            flow = self.flow_stream(frames).contiguous(memory_format=self.memory_format)
+        # The flow is computed as its method says (RAFT in the config's precision, the OpenCV methods on
+        # float32 frames); only the I3D runs under the extractor's autocast.
+        flow = self.flow_stream(frames).contiguous(memory_format=self.memory_format)
+        with self.autocast():
             features = one_clip_per_call(self.run_i3d, flow)
         return features.float().cpu()
 

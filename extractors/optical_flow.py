@@ -103,11 +103,12 @@ class RaftFlow(nn.Module):
 
     max_pairs = 64  # frame pairs per forward: bounds GPU memory for long batches
 
-    def __init__(self, arch: str, state_dict: dict | None = None, weights_name: str | None = None) -> None:
+    def __init__(self, arch: str, state_dict: dict | None = None, weights_name: str | None = None,
+                 bf16: bool = False) -> None:
         super().__init__()
         if arch not in ("large", "small"):
             raise ValueError(f"RAFT arch must be 'large' or 'small', got {arch!r}")
-        self.arch, self.weights_name = arch, weights_name
+        self.arch, self.weights_name, self.bf16 = arch, weights_name, bf16
         self.model = raft_large() if arch == "large" else raft_small()
         if state_dict is not None:
             self.model.load_state_dict(state_dict)
@@ -119,12 +120,13 @@ class RaftFlow(nn.Module):
         x = frames / 127.5 - 1.0  # RAFT's input range [-1, 1]
         first = x[:, [a for a, _ in pairs]].reshape(-1, *x.shape[2:])
         second = x[:, [b for _, b in pairs]].reshape(-1, *x.shape[2:])
-        # Under the caller's bf16 autocast (precision bf16) its convolutions and correlation volume run in
-        # bf16, while the pixel coordinate grid it refines stays float32 (grid_sample promotes).
-        flows = [
-            self.model(first[i : i + self.max_pairs], second[i : i + self.max_pairs])[-1].float()
-            for i in range(0, first.shape[0], self.max_pairs)
-        ]
+        # bf16 (precision bf16): its convolutions and correlation volume run in bf16, while the pixel
+        # coordinate grid it refines stays float32 (grid_sample promotes).
+        with torch.autocast(frames.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            flows = [
+                self.model(first[i : i + self.max_pairs], second[i : i + self.max_pairs])[-1].float()
+                for i in range(0, first.shape[0], self.max_pairs)
+            ]
         return torch.cat(flows).reshape(batch, len(pairs), 2, *frames.shape[-2:])
 
     def describe(self) -> dict:
@@ -237,17 +239,19 @@ def flow_weights_files(method: str, weights: WeightsSource) -> list[WeightsFile]
 def build_flow_method(
     method: str, config: ExtractionConfig, device: torch.device, weights: WeightsSource
 ) -> RaftFlow | FarnebackFlow | TVL1Flow:
-    """RAFT: large with the C_T_SKHT_V2 weights, large random, or small random for arch_size tiny."""
+    """RAFT: large with the C_T_SKHT_V2 weights, large random, or small random for arch_size tiny; in bf16
+    when the config's precision is."""
     if method == "farneback":
         return FarnebackFlow()
     if method == "tvl1":
         return TVL1Flow()
     if method != "raft":
         raise ValueError(f"unknown flow method {method!r}; choose from {FLOW_METHODS}")
+    bf16 = config.precision == "bf16"
     if config.arch_size == "tiny":
-        return RaftFlow("small").to(device)
+        return RaftFlow("small", bf16=bf16).to(device)
     if config.random_weights:
-        return RaftFlow("large").to(device)
+        return RaftFlow("large", bf16=bf16).to(device)
     path = checkpoint_path(weights, RAFT_WEIGHTS.url)
     state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    return RaftFlow("large", state_dict, f"Raft_Large_Weights.{RAFT_WEIGHTS.name}").to(device)
+    return RaftFlow("large", state_dict, f"Raft_Large_Weights.{RAFT_WEIGHTS.name}", bf16).to(device)
