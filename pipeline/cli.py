@@ -36,9 +36,9 @@ class GivenValue(argparse.Action):
 def add_extraction_options(parser: argparse.ArgumentParser) -> None:
     """Options that decide the features (the ExtractionConfig) and how they are computed. Each backbone
     setting's flag comes from its field in extractors/settings.py."""
-    from extractors.config import ARCH_SIZES, BACKBONE_MODES, DEFAULT_BACKBONES, FEATURE_DTYPES, PROTOCOLS, ExtractionConfig
+    from extractors.config import (ARCH_SIZES, BACKBONE_MODES, DEFAULT_BACKBONES, FEATURE_DTYPES, PRECISIONS, PROTOCOLS,
+                                   ExtractionConfig)
     from extractors.settings import backbone_names
-    from pipeline.devices import PRECISION_CHOICES
 
     from extractors.recipes import PROJECT, RECIPES
 
@@ -77,7 +77,7 @@ def add_extraction_options(parser: argparse.ArgumentParser) -> None:
                        help="seed of random-weight backbones (default: %(default)s)")
     group.add_argument("--feature-dtype", action=GivenValue, choices=FEATURE_DTYPES, default=defaults.feature_dtype,
                        help="dtype of the cached arrays (default: %(default)s)")
-    group.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
+    group.add_argument("--precision", choices=["auto", *PRECISIONS], default=None,
                        help="what the backbones compute in: bf16 runs their matmuls and convolutions in bfloat16 "
                        "(features still written as float32), only where the hardware computes it natively (a CPU "
                        "with AVX512_BF16 or AMX, a recent GPU); auto: bf16 where native, else fp32; the "
@@ -701,6 +701,8 @@ def _run_reproduce(args: argparse.Namespace) -> int:
 
 
 def _add_score(sub: argparse._SubParsersAction) -> None:
+    from extractors.config import PRECISIONS
+
     parser = sub.add_parser(
         "score",
         help="score new clips end to end with a trained run",
@@ -729,6 +731,10 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--allow-other-recipe", action="store_true",
                         help="use features of another recipe than the run's weights were trained on (refused by "
                         "default: such scores mean nothing; see extract --recipe)")
+    parser.add_argument("--precision", choices=["run", "auto", *PRECISIONS], default="run",
+                        help="what new clips' features are computed in: run: the precision of the run's features "
+                        "(fp32 where bf16 is not native); auto, fp32, bf16 as in extract; another precision than "
+                        "the run's gets a NOTE (default: %(default)s)")
 
 
 def _run_score(args: argparse.Namespace) -> int:
@@ -754,7 +760,7 @@ def _run_score(args: argparse.Namespace) -> int:
             clips, args.run, device=device, features=args.features,
             weights=WeightsSource(weights_dir=args.weights_dir, offline=args.offline),
             batch_segments=batch_segments(args, device.type), progress=not args.quiet, wait=wait,
-            allow_other_recipe=args.allow_other_recipe,
+            allow_other_recipe=args.allow_other_recipe, precision=args.precision,
         )
     except (ScoreError, RunError, CacheError, BackboneUnavailableError, ValueError, FileNotFoundError) as exc:
         raise UsageError(str(exc)) from None

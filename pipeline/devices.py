@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from extractors.config import PRECISIONS
+
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
@@ -18,7 +20,7 @@ def resolve_device(choice: str = "auto") -> torch.device:
     return torch.device(choice)
 
 
-PRECISION_CHOICES = ("auto", "fp32", "bf16")
+PRECISION_CHOICES = ("auto", *PRECISIONS)  # `--precision`; the config records one of PRECISIONS
 
 
 def native_bf16(device: torch.device) -> bool:

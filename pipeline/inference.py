@@ -19,8 +19,10 @@ many were used).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
+import sys
 import warnings
 from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass, field
@@ -30,7 +32,10 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from manifests.cache import CONFIG_NAME, FeatureCache, config_differences, feature_recipe, weights_difference
+from extractors.config import ExtractionConfig
+from manifests.cache import (CONFIG_NAME, FeatureCache, config_differences, feature_precision, feature_recipe,
+                             weights_difference)
+from manifests.config import ConfigError
 from manifests.claims import describe_holder
 from manifests.run import RunDir, RunRecord
 from models.checkpoint import load_model_state, load_tensors, read_model_config
@@ -354,13 +359,32 @@ def check_feature_recipe(expected: str, actual: dict[str, Any], who: str, cache_
             f"(extract with --recipe {expected}, or pass --allow-other-recipe to use them anyway)")
 
 
+def other_precision_only(expected: dict[str, Any], actual: dict[str, Any]) -> bool:
+    """Whether two extractions' config.json describe the same features but for their precision (fp32 vs
+    bf16): features that move scores far less than the training seed does (README, "Precision")."""
+    if feature_precision(expected) == feature_precision(actual) or "extraction" not in actual:
+        return False
+    try:
+        other = ExtractionConfig.from_dict(actual["extraction"])
+    except (ConfigError, ValueError, TypeError):
+        return False
+    same = dataclasses.replace(other, precision=feature_precision(expected)).config_hash()
+    return same == expected.get("config_hash") and not config_differences(expected, {**actual, "config_hash": same})
+
+
 def check_same_features(expected: dict[str, Any], actual: dict[str, Any], run_dir: Path, cache_root: Path) -> None:
     """Refuse features made differently from the run's, random vs pretrained weights included; other
-    pretrained weights files (by content) in one line naming both."""
+    pretrained weights files (by content) in one line naming both. Features that differ in precision alone
+    are used, with a NOTE on stderr."""
     weights = weights_difference(expected, actual)
     if weights:
         raise RunError(f"the features in {cache_root} were made with other pretrained weights than run {run_dir} "
                        f"was trained on ({weights}: run vs features)")
+    if other_precision_only(expected, actual):
+        print(f"NOTE: the features in {cache_root} were computed in {feature_precision(actual)}, run {run_dir} was "
+              f"trained on {feature_precision(expected)} ones; the two differ by about 1% of their scale, which moved "
+              "scores far less than the training seed does (README, \"Precision\")", file=sys.stderr)
+        return
     differ = config_differences(expected, actual)
     if differ:
         a, b = expected, actual

@@ -26,13 +26,13 @@ import pandas as pd
 import torch
 
 from extractors.base import WeightsSource, identify_weights
-from extractors.config import ExtractionConfig
-from extractors.recipes import PROJECT, RECIPES
+from extractors.config import PRECISIONS, ExtractionConfig
+from extractors.recipes import PROJECT, RECIPES, recipe
 from manifests.cache import (CONFIG_NAME, DONE, FAILED, WEIGHTS_FILES_KEY, CacheError, FeatureCache, VideoRecord,
                              weights_difference)
 from manifests.claims import describe_holder
 from pipeline.data import Sample
-from pipeline.devices import describe_device, native_bf16
+from pipeline.devices import describe_device, native_bf16, resolve_precision
 from pipeline.extraction.entry import cache_folder, extract_into
 from pipeline.inference import Run, RunError, load_run
 from pipeline.provenance import provenance
@@ -113,15 +113,32 @@ def run_extraction_config(run: Run) -> ExtractionConfig:
     )
 
 
-def precision_here(config: ExtractionConfig, device: torch.device) -> tuple[ExtractionConfig, str | None]:
-    """The run's extraction as `device` can compute it, and a note when it cannot as the run's features were:
-    bf16 where the hardware has no native bf16 falls back to fp32 (which a bf16-made feature matches to
-    within its own rounding) instead of refusing the clips."""
-    if config.precision != "bf16" or native_bf16(device):
+PRECISION_CHOICES = ("run", "auto", *PRECISIONS)  # `score --precision`
+
+
+def precision_here(config: ExtractionConfig, device: torch.device, choice: str = "run") -> tuple[ExtractionConfig, str | None]:
+    """The run's extraction in the precision `choice` names, and a note when that is not the one the run's
+    features were computed in. "run" keeps the run's, except bf16 where `device` has no native bf16: fp32
+    then, instead of refusing the clips (the two differ far less than the training seed moves scores);
+    auto/fp32/bf16 as `extract --precision` (a recipe's fixed precision stays)."""
+    trained = config.precision
+    if choice == "run":
+        wanted = "fp32" if trained == "bf16" and not native_bf16(device) else trained
+    else:
+        fixed = recipe(config.recipe).config.get("precision")
+        try:
+            wanted = resolve_precision(choice, device, fixed=fixed)
+        except ValueError as exc:
+            raise ScoreError(str(exc)) from None
+        if fixed is not None and wanted != fixed:
+            raise ScoreError(f"--precision {choice}: the run's recipe {config.recipe} fixes precision {fixed}")
+    if wanted == trained:
         return config, None
-    return dataclasses.replace(config, precision="fp32"), (
-        f"the run was trained on features computed in bf16, but this {describe_device(device)} has no native bf16: "
-        "the clips' features are computed in fp32 (they differ by about 1% of their scale; README, \"Precision\")")
+    why = f"this {describe_device(device)} has no native bf16" if choice == "run" else f"--precision {choice}"
+    return dataclasses.replace(config, precision=wanted), (
+        f"the run was trained on features computed in {trained}; the clips' are computed in {wanted} ({why}); the "
+        "two differ by about 1% of their scale, which moved scores far less than the training seed does "
+        "(README, \"Precision\")")
 
 
 def check_run_weights(run: Run, config: ExtractionConfig, weights: WeightsSource) -> None:
@@ -157,12 +174,14 @@ def score_clips(
     progress: bool = True,
     allow_other_recipe: bool = False,
     wait: float = WAIT_FOR_OTHERS_S,
+    precision: str = "run",
 ) -> list[ClipScore]:
     """Score every clip with the run's model; a clip that fails gets a row with its error.
 
-    wait: seconds to wait for clips another live process is extracting into the same cache."""
+    wait: seconds to wait for clips another live process is extracting into the same cache.
+    precision: what new clips' features are computed in (PRECISION_CHOICES, see precision_here)."""
     run = load_run(run_dir, device)
-    config, note = precision_here(run_extraction_config(run), device)
+    config, note = precision_here(run_extraction_config(run), device, precision)
     if note:
         print(f"NOTE: {note}", file=sys.stderr)
 

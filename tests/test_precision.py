@@ -135,7 +135,7 @@ def test_a_bf16_run_scores_where_bf16_is_not_native_in_fp32_with_a_note(extracte
     out_csv = tmp_path / "scores.csv"
     assert main(["score", str(extracted_clips.unseen), "--run", str(tmp_path / "run"), "--out", str(out_csv),
                  "--device", "cpu", "--quiet"]) == 0
-    assert "trained on features computed in bf16, but this CPU has no native bf16" in capsys.readouterr().err
+    assert "the clips' are computed in fp32 (this CPU has no native bf16)" in capsys.readouterr().err
     rows = pd.read_csv(out_csv)
     assert rows.loc[0, "error"] != rows.loc[0, "error"] and 0 <= rows.loc[0, "score"]  # no error (NaN), a score
     assert rows.loc[0, "config_hash"] == tiny_config().config_hash()  # the fp32 features of the run's config
@@ -175,3 +175,29 @@ def test_raft_computes_in_bf16_when_asked():
         expected, got = fp32(frames), bf16(frames)
     assert got.dtype == torch.float32
     assert BF16_FLOOR < (got - expected).abs().max() / expected.abs().max() < 0.1  # 2.3e-2 measured (Zen 4)
+
+
+@needs_native_bf16
+def test_a_fp32_run_takes_bf16_features_with_a_note(extracted_clips, tmp_path, capsys):
+    # Broken on purpose once: without other_precision_only, evaluate refused the bf16 cache ("config.json
+    # differs in ['config_hash']"), and score --precision bf16 scored the clip from its fp32 features.
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    assert main(["train", "--features", str(extracted_clips.cache), "--labels", str(extracted_clips.labels),
+                 "--out", str(run), "--epochs", "1", "--batch-size", "4", "--hidden", "32", "--device", "cpu",
+                 "--quiet"]) == 0
+    assert main(["extract", "--videos", str(extracted_clips.videos), "--out", str(cache), *TINY_EXTRACT_FLAGS,
+                 "--precision", "bf16"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(run), "--labels", str(extracted_clips.labels), "--features", str(cache),
+                 "--device", "cpu"]) == 0
+    assert "were computed in bf16, run" in capsys.readouterr().err
+    out_csv = tmp_path / "scores.csv"
+    assert main(["score", str(extracted_clips.unseen), "--run", str(run), "--out", str(out_csv), "--device", "cpu",
+                 "--quiet", "--precision", "bf16"]) == 0
+    assert "the clips' are computed in bf16 (--precision bf16)" in capsys.readouterr().err
+    assert pd.read_csv(out_csv).loc[0, "config_hash"] == tiny_config(precision="bf16").config_hash()
+    # features made otherwise than in precision are still refused
+    assert main(["extract", "--videos", str(extracted_clips.videos), "--out", str(tmp_path / "other"),
+                 *TINY_EXTRACT_FLAGS, "--precision", "bf16", "--seed", "1"]) == 0
+    assert main(["evaluate", "--run", str(run), "--labels", str(extracted_clips.labels), "--features",
+                 str(tmp_path / "other"), "--device", "cpu"]) == 2
