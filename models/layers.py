@@ -22,6 +22,12 @@ def sinusoidal_position_encoding(
     return encoding.to(dtype)
 
 
+# Under autocast a convolution hands the batch norms bfloat16 (or float16); their training statistics are
+# taken in float32, as torch's own batch norm kernels accumulate them, so the running statistics that
+# float32 evaluation reads are not rounded to 8 bits. The output goes back in the input's dtype.
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
 def _momentum_factor(norm: nn.BatchNorm1d) -> float:
     if norm.momentum is None:  # cumulative moving average, as nn.BatchNorm1d does
         return 1.0 / float(norm.num_batches_tracked)
@@ -40,6 +46,8 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
     def forward(self, x: Tensor, rows: Tensor | None = None) -> Tensor:
         if rows is None or not self.training or not self.track_running_stats:
             return super().forward(x)
+        if x.dtype in LOW_PRECISION:
+            return self.forward(x.float(), rows).to(x.dtype)
         if rows.dim() == 1:
             rows = rows.unsqueeze(1)
         weight = rows.to(x.dtype).expand(x.shape[0], x.shape[1])
@@ -82,6 +90,8 @@ def batch_norm_per_group(x: Tensor, norm: nn.BatchNorm1d, order: list[int] | Non
             norm.weight, norm.bias, False, 0.0, norm.eps,
         )
         return flat.view_as(x)
+    if x.dtype in LOW_PRECISION:
+        return batch_norm_per_group(x.float(), norm, order).to(x.dtype)
     var, mean = torch.var_mean(x, dim=(1, 3), unbiased=False, keepdim=True)
     out = (x - mean) * torch.rsqrt(var + norm.eps)
     if norm.affine:
