@@ -73,7 +73,7 @@ from typing import Any, Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -128,6 +128,23 @@ class OperatorCounter(TorchDispatchMode):
         if not func.is_view and str(func.overloadpacket) not in self.METADATA_ONLY:
             self.count += 1
         return func(*args, **(kwargs or {}))
+
+
+_torch_conv_backward_flop = flop_registry[torch.ops.aten.convolution_backward]
+
+
+def grouped_conv_backward_flop(*args: Any, out_val: Any = None) -> int:
+    """torch's FLOP count of a convolution's backward, with the weight gradient of a grouped convolution
+    divided by its groups: torch's formula counts it as if every input channel met every output
+    channel, `groups` times the arithmetic done (MCMoE's experts are grouped convolutions)."""
+    *head, groups, mask = args  # aten.convolution_backward's 11 arguments, as the dispatcher passes them
+    inputs = _torch_conv_backward_flop(*head, groups, [mask[0], False, False], out_val=out_val)
+    weights = _torch_conv_backward_flop(*head, groups, [False, mask[1], False], out_val=out_val)
+    return inputs + weights // groups
+
+
+# FlopCounterMode and profile_train's PartTimer read this registry
+flop_registry[torch.ops.aten.convolution_backward] = grouped_conv_backward_flop
 
 
 def count_step(step: Callable[[Any], float], batch: Any) -> dict[str, float]:

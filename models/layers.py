@@ -46,6 +46,10 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
     def forward(self, x: Tensor, rows: Tensor | None = None) -> Tensor:
         if rows is None or not self.training or not self.track_running_stats:
             return super().forward(x)
+        if x.device.type == "cpu" and bool(rows.all()):
+            # every row selected: torch's batch norm kernel, the same function in one pass (asking
+            # would cost a GPU a synchronisation, so there the masked form below runs)
+            return super().forward(x)
         if x.dtype in LOW_PRECISION:
             return self.forward(x.float(), rows).to(x.dtype)
         if rows.dim() == 1:
@@ -76,47 +80,44 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
         return out
 
 
-def batch_norm_per_group(x: Tensor, norm: nn.BatchNorm1d, order: list[int] | None = None) -> Tensor:
-    """Apply `norm` to x (G, B, C, T) as if it were called on each of the G groups in turn.
+def batch_norm_per_block(x: Tensor, norm: nn.BatchNorm1d, blocks: int, order: list[int] | None = None) -> Tensor:
+    """Apply `norm` (C channels) to x (B, blocks * C, T) as if it were called on each channel block in turn.
 
-    Each group gets its own batch statistics, and the running statistics end where G successive calls
-    would leave them, so one call over stacked groups gives the numbers of G separate calls; `order`
-    (a permutation of range(G), default in turn) is the order of those calls.
+    Each block gets its own batch statistics, and the running statistics end where `blocks` successive
+    calls would leave them, so one call over stacked blocks gives the numbers of separate calls; `order`
+    (a permutation of range(blocks), default in turn) is the order of those calls. One torch batch norm
+    kernel does the work (the statistics and the normalisation in one pass, its backward in one more)
+    with `norm`'s parameters tiled over the blocks: the blocks share them.
     """
-    groups, batch, channels, length = x.shape
+    tile = lambda t: None if t is None else t.repeat(blocks)  # noqa: E731
+    weight, bias = tile(norm.weight), tile(norm.bias)
     if not norm.training or not norm.track_running_stats:
-        flat = F.batch_norm(
-            x.reshape(groups * batch, channels, length), norm.running_mean, norm.running_var,
-            norm.weight, norm.bias, False, 0.0, norm.eps,
-        )
-        return flat.view_as(x)
-    if x.dtype in LOW_PRECISION:
-        return batch_norm_per_group(x.float(), norm, order).to(x.dtype)
-    var, mean = torch.var_mean(x, dim=(1, 3), unbiased=False, keepdim=True)
-    out = (x - mean) * torch.rsqrt(var + norm.eps)
-    if norm.affine:
-        out = out * norm.weight.view(1, 1, -1, 1) + norm.bias.view(1, 1, -1, 1)
+        return F.batch_norm(x, tile(norm.running_mean), tile(norm.running_var), weight, bias, False, 0.0, norm.eps)
+    # With momentum 1 a batch norm leaves exactly this batch's mean and unbiased variance in the buffers
+    # it is given; the blocks' updates of `norm`'s own buffers are made from them below.
+    mean = torch.zeros(x.shape[1], device=x.device, dtype=norm.running_mean.dtype)
+    var = torch.ones_like(mean)
+    out = F.batch_norm(x, mean, var, weight, bias, True, 1.0, norm.eps)
     with torch.no_grad():
-        count = batch * length
-        mean, var = mean.view(groups, channels), var.view(groups, channels) * count / max(count - 1, 1)
+        mean, var = mean.view(blocks, -1), var.view(blocks, -1)
         if order is not None:
-            if sorted(order) != list(range(groups)):
-                raise ValueError(f"order must be a permutation of range({groups}), got {order}")
+            if sorted(order) != list(range(blocks)):
+                raise ValueError(f"order must be a permutation of range({blocks}), got {order}")
             mean, var = mean[order], var[order]
-        if norm.momentum is None:  # cumulative average: replay the G updates one by one
-            for g in range(groups):
+        if norm.momentum is None:  # cumulative average: replay the updates one by one
+            for g in range(blocks):
                 norm.num_batches_tracked.add_(1)
                 factor = _momentum_factor(norm)
                 norm.running_mean.mul_(1 - factor).add_(factor * mean[g])
                 norm.running_var.mul_(1 - factor).add_(factor * var[g])
         else:
-            # G exponential updates in a row: old * (1-m)^G + sum_g m (1-m)^(G-1-g) * stat_g
+            # `blocks` exponential updates in a row: old * (1-m)^G + sum_g m (1-m)^(G-1-g) * stat_g
             momentum = norm.momentum
-            norm.num_batches_tracked.add_(groups)
-            decay = (1 - momentum) ** torch.arange(groups - 1, -1, -1, device=x.device, dtype=mean.dtype)
+            norm.num_batches_tracked.add_(blocks)
+            decay = (1 - momentum) ** torch.arange(blocks - 1, -1, -1, device=x.device, dtype=mean.dtype)
             share = (momentum * decay).unsqueeze(1)
-            norm.running_mean.mul_((1 - momentum) ** groups).add_((share * mean).sum(0))
-            norm.running_var.mul_((1 - momentum) ** groups).add_((share * var).sum(0))
+            norm.running_mean.mul_((1 - momentum) ** blocks).add_((share * mean).sum(0))
+            norm.running_var.mul_((1 - momentum) ** blocks).add_((share * var).sum(0))
     return out
 
 
