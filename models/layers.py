@@ -159,8 +159,10 @@ class UniformDropout(nn.Dropout):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or not 0.0 < self.p < 1.0 or x.device.type != "cpu":
             return super().forward(x)
-        keep = torch.rand_like(x) >= self.p
-        return x * (keep * (1.0 / (1.0 - self.p))).to(x.dtype)
+        # In place on the draws: one fresh buffer instead of three (a first touch of fresh memory is slow on
+        # these machines). Drawn in float32 whatever x's dtype: bfloat16 draws would round p.
+        scale = torch.rand_like(x, dtype=torch.float32).ge_(self.p).mul_(1.0 / (1.0 - self.p))
+        return x * scale.to(x.dtype)
 
 
 def use_uniform_dropout(model: nn.Module) -> nn.Module:

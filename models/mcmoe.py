@@ -422,10 +422,11 @@ class MCMoE(nn.Module):
         if self.experts is not None:
             expert_out = self.experts.all_pairs(completed, self.expert_order)  # (M, B, E, T, d)
             weights = torch.softmax(self.router(completed), dim=-1)  # (M, B, T, E)
-            # the E weighted outputs summed in turn (an einsum would be a batched 1 x E by E x d matmul per step)
-            fused = weights[..., 0, None] * expert_out[:, :, 0]
-            for e in range(1, self.experts.count):
-                fused = fused + weights[..., e, None] * expert_out[:, :, e]
+            # One broadcast product summed over the experts, in the experts' memory layout (B, M, E, d, T):
+            # there the sum and the fusion's input below are contiguous. (An einsum would be a batched
+            # 1 x E by E x d matmul per time step, a sum of E slices a zero-filled gradient per slice.)
+            fused = (weights.permute(1, 0, 3, 2).unsqueeze(3) * expert_out.permute(1, 0, 2, 4, 3)).sum(2)
+            fused = fused.permute(1, 0, 3, 2)  # (M, B, T, d)
             out["fused"] = fused.transpose(0, 1)
             out["own_expert"] = self.experts.own(real, present).transpose(0, 1)
         else:
