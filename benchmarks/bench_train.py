@@ -11,8 +11,8 @@ Each (model, variant, device) runs in its own process so its peak memory is its 
 torch's peak allocation, CPU the process's peak resident set (which includes ~0.3-0.5 GiB of torch
 itself; `rss_before_mib` is the resident set after setup, before the first step).
 
-MCMoE is timed twice: the model as written (modalities stacked for the STEM, all experts in one
-grouped convolution, generators attending from one query step without projecting their context) and
+MCMoE is timed twice: the model as written (modalities stacked for the STEM, every (expert, modality)
+pair in one grouped convolution per layer, generators attending from one query step without projecting their context) and
 a straightforward per-modality loop over the same parameters (the structure of the published code: one
 STEM call per modality, M x M expert calls, full-length generator queries; tests/reference_mcmoe.py,
 which the tests check the model against). Before timing, both are run once on the same batch and must
@@ -21,6 +21,8 @@ give the same score, loss, gradients and running statistics.
 Every row also counts one step's floating-point operations and computing operators (`count_step`).
 Where arithmetic bounds a step (a CPU), the GFLOP ratio caps the speed-up; where dispatch and kernel
 launches do (a GPU at these sizes), the operator ratio is the better guide. Both are counts, not timings.
+A grouped convolution's weight gradient is counted as the work done (`grouped_conv_backward_flop`;
+torch's formula counts it `groups` times over).
 Each row's arithmetic rate (GFLOP per step over the median step) is reported as a fraction of this
 machine's ceilings, measured in the same process right after the epoch: the best fp32 and the best
 bf16 matmul rate at the backbones' shapes (`bench_extract.matmul_rates`; bf16 only where the device
