@@ -423,9 +423,11 @@ class MCMoE(nn.Module):
             expert_out = self.experts.all_pairs(completed, self.expert_order)  # (M, B, E, T, d)
             weights = torch.softmax(self.router(completed), dim=-1)  # (M, B, T, E)
             # One broadcast product summed over the experts, in the experts' memory layout (B, M, E, d, T):
-            # there the sum and the fusion's input below are contiguous. (An einsum would be a batched
-            # 1 x E by E x d matmul per time step, a sum of E slices a zero-filled gradient per slice.)
-            fused = (weights.permute(1, 0, 3, 2).unsqueeze(3) * expert_out.permute(1, 0, 2, 4, 3)).sum(2)
+            # there the sum and the fusion's input below are contiguous, and the (small) weights are made
+            # so too, so the product runs vectorised along T. (An einsum would be a batched 1 x E by E x d
+            # matmul per time step, a sum of E slices a zero-filled gradient per slice.)
+            route = weights.permute(1, 0, 3, 2).contiguous().unsqueeze(3)  # (B, M, E, 1, T)
+            fused = (route * expert_out.permute(1, 0, 2, 4, 3)).sum(2)
             fused = fused.permute(1, 0, 3, 2)  # (M, B, T, d)
             out["fused"] = fused.transpose(0, 1)
             out["own_expert"] = self.experts.own(real, present).transpose(0, 1)
