@@ -247,7 +247,7 @@ class PartTimer(TorchDispatchMode):
         optimizer = False
         while frame is not None:
             if frame.f_code.co_filename == MODEL_FILE:
-                return frame.f_code.co_qualname
+                return frame.f_code.co_qualname.split(".<locals>")[0]  # a helper lambda: its function
             optimizer = optimizer or "torch/optim/" in frame.f_code.co_filename
             frame = frame.f_back
         return "optimizer" if optimizer else "other (data, bookkeeping)"
