@@ -21,7 +21,7 @@ from pipeline.cli import main
 from pipeline.inference import load_run
 from pipeline.metrics import fisher_z_mean, mean_mse
 from pipeline.presets import PRESETS, get_preset
-from pipeline.train import NonFiniteLossError, lr_at, prepare_data, train
+from pipeline.train import NonFiniteLossError, forward_and_loss, lr_at, prepare_data, train
 from pipeline.train_config import TrainError, resolve_config
 from tests.synthetic import write_labels, write_synthetic_cache
 
@@ -571,6 +571,14 @@ def test_bf16_training_is_recorded_gives_finite_losses_and_keeps_float32_weights
         tensors = load_file(run / name)
         floats = {k: t.dtype for k, t in tensors.items() if t.is_floating_point()}
         assert floats and set(floats.values()) == {torch.float32}, name  # master weights and Adam's moments
+    # the loss: every term and the total reduced in float32 from the bfloat16 forward pass
+    model = MCMoE(MCMoEConfig(modalities=["rgb", "flow"], feature_dims={"rgb": 8, "flow": 6}, **TINY)).train()
+    features = {"rgb": torch.randn(4, 5, 8), "flow": torch.randn(4, 5, 6)}
+    available = torch.tensor([[True, False], [False, True], [True, False], [False, True]])
+    out, total, terms = forward_and_loss(model, features, available, torch.ones_like(available), torch.rand(4),
+                                         "bf16", torch.device("cpu"))
+    assert total.dtype == torch.float32 and all(t.dtype == torch.float32 for t in terms.values())
+    assert math.isfinite(total.item()) and out["generated"].dtype == torch.float32
 
 
 def test_a_bf16_run_resumes_in_bf16_and_refuses_another_precision(tmp_path, small, monkeypatch, capsys):
