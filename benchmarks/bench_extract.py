@@ -77,16 +77,17 @@ def matmul_rates(device: torch.device, dtype: torch.dtype | None = None) -> dict
     """GFLOP/s of torch matmuls at MATMUL_SHAPES in `dtype` (default: fp32 on a CPU, bf16 on a GPU), on
     every core / the GPU.
 
-    On a CPU each shape is timed twice: torch's matmul (MKL, which on an AMD CPU runs its AVX2 code
+    On a CPU each fp32 shape is timed twice: torch's matmul (MKL, which on an AMD CPU runs its AVX2 code
     even where the CPU has AVX-512) and oneDNN's, inside the same torch, which the extractors use for
-    their linear layers (extractors/onednn.py). The ceiling is the best of all."""
+    their linear layers (extractors/onednn.py). The ceiling is the best of all. A bf16 CPU matmul is
+    timed once: torch itself sends it to oneDNN on a CPU with AVX-512."""
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     rates = {}
     for name, (rows, inner, columns) in MATMUL_SHAPES.items():
         a = torch.randn(rows, inner, device=device, dtype=dtype)
         b = torch.randn(inner, columns, device=device, dtype=dtype)
         calls = {"": lambda: a @ b}
-        if device.type == "cpu" and onednn_linear_available():
+        if device.type == "cpu" and dtype == torch.float32 and onednn_linear_available():
             weight = b.t().contiguous()
             calls = {" (MKL)": calls[""], " (oneDNN)": lambda: onednn_linear(a, weight, None)}
         for label, call in calls.items():

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_train.py                      # CPU, and CUDA when visible
     python benchmarks/bench_train.py --batches 2 --device cpu --json bench.json
+    python benchmarks/bench_train.py --models mcmoe --device cpu --precision bf16   # bf16 against the fp32 loop
 
 RG setting: 68 segments, synthetic features of the real shapes (rgb 1024, flow 1024, audio 768), each
 model's own batch size (MCMoE 32, LIMSSR 8), every step a forward, loss, backward and optimiser update
@@ -10,8 +11,8 @@ Each (model, variant, device) runs in its own process so its peak memory is its 
 torch's peak allocation, CPU the process's peak resident set (which includes ~0.3-0.5 GiB of torch
 itself; `rss_before_mib` is the resident set after setup, before the first step).
 
-MCMoE is timed twice: the model as written (modalities stacked for the STEM, all experts in one
-grouped convolution, generators attending from one query step without projecting their context) and
+MCMoE is timed twice: the model as written (modalities stacked for the STEM, every (expert, modality)
+pair in one grouped convolution per layer, generators attending from one query step without projecting their context) and
 a straightforward per-modality loop over the same parameters (the structure of the published code: one
 STEM call per modality, M x M expert calls, full-length generator queries; tests/reference_mcmoe.py,
 which the tests check the model against). Before timing, both are run once on the same batch and must
@@ -20,10 +21,19 @@ give the same score, loss, gradients and running statistics.
 Every row also counts one step's floating-point operations and computing operators (`count_step`).
 Where arithmetic bounds a step (a CPU), the GFLOP ratio caps the speed-up; where dispatch and kernel
 launches do (a GPU at these sizes), the operator ratio is the better guide. Both are counts, not timings.
+A grouped convolution's weight gradient is counted as the work done (`grouped_conv_backward_flop`;
+torch's formula counts it `groups` times over).
 Each row's arithmetic rate (GFLOP per step over the median step) is reported as a fraction of this
-machine's ceiling, measured in the same process right after the epoch: the best matmul rate at the
-backbones' shapes (`bench_extract.matmul_rates`). The paired run measures the ceiling between its
-rounds as well, so its `paired_fraction` (median over rounds) holds up on a shared machine.
+machine's ceilings, measured in the same process right after the epoch: the best fp32 and the best
+bf16 matmul rate at the backbones' shapes (`bench_extract.matmul_rates`; bf16 only where the device
+computes it natively, `pipeline.devices.native_bf16`). The paired run measures both ceilings between
+its rounds as well, so its `paired_fraction` / `paired_bf16_fraction` (medians over rounds) hold up on
+a shared machine.
+
+--precision (default fp32) is the arithmetic of every step but the reference's: bf16 runs the forward
+pass under torch.autocast and the loss in float32, as `pipeline train --precision bf16` does
+(`pipeline.train.forward_and_loss`). The "loop" variant is the reference code and always runs in fp32,
+so with --precision bf16 the paired speed-up of "batched" is bf16 against the fp32 reference.
 
 "mcmoe-adam" times the batched MCMoE step with each implementation of Adam's update
 (`pipeline.train.OPTIMIZER_IMPLEMENTATIONS`), and the update alone, paired the same way
@@ -65,7 +75,7 @@ from typing import Any, Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -75,8 +85,9 @@ from models.mcmoe import mcmoe  # noqa: E402
 from models.tiny_llm import build_tiny_tokenizer, save_tiny_llm  # noqa: E402
 from pipeline.data import draw_training_masks  # noqa: E402
 from models.layers import use_uniform_dropout  # noqa: E402
-from pipeline.train import build_optimizer  # noqa: E402
-from pipeline.train_config import DROPOUT_MASKS, OPTIMIZER_IMPLEMENTATIONS, TrainConfig  # noqa: E402
+from pipeline.devices import native_bf16  # noqa: E402
+from pipeline.train import build_optimizer, forward_and_loss  # noqa: E402
+from pipeline.train_config import DROPOUT_MASKS, OPTIMIZER_IMPLEMENTATIONS, PRECISIONS, TrainConfig  # noqa: E402
 from tests.reference_mcmoe import check_mcmoe_loop_matches, mcmoe_loop_forward  # noqa: E402
 
 RG_DIMS = {"rgb": 1024, "flow": 1024, "audio": 768}
@@ -121,6 +132,23 @@ class OperatorCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+_torch_conv_backward_flop = flop_registry[torch.ops.aten.convolution_backward]
+
+
+def grouped_conv_backward_flop(*args: Any, out_val: Any = None) -> int:
+    """torch's FLOP count of a convolution's backward, with the weight gradient of a grouped convolution
+    divided by its groups: torch's formula counts it as if every input channel met every output
+    channel, `groups` times the arithmetic done (MCMoE's experts are grouped convolutions)."""
+    *head, groups, mask = args  # aten.convolution_backward's 11 arguments, as the dispatcher passes them
+    inputs = _torch_conv_backward_flop(*head, groups, [mask[0], False, False], out_val=out_val)
+    weights = _torch_conv_backward_flop(*head, groups, [False, mask[1], False], out_val=out_val)
+    return inputs + weights // groups
+
+
+# FlopCounterMode and profile_train's PartTimer read this registry
+flop_registry[torch.ops.aten.convolution_backward] = grouped_conv_backward_flop
+
+
 def count_step(step: Callable[[Any], float], batch: Any) -> dict[str, float]:
     """Floating-point operations and computing operators of one training step (forward, backward, update)."""
     with FlopCounterMode(display=False) as flops, OperatorCounter() as operators:
@@ -143,29 +171,30 @@ def peak_memory_mib(device: torch.device) -> float:
 # =============================================================================== MCMoE
 
 
-MCMOE_VARIANTS: dict[str, Callable] = {
-    "batched": lambda model, features, available: model(features, available),
-    "loop": mcmoe_loop_forward,
-}
+MCMOE_VARIANTS = ("batched", "loop")
 
 
 def setup_mcmoe(variant: str, device: torch.device, batches: int, batch_size: int, clips: int, seed: int = 0,
                 implementation: str = "torch-default", dropout_masks: str = TrainConfig.dropout_masks,
-                **options: Any) -> tuple[Callable[[Any], float], list[Any], int]:
-    """One MCMoE training step (forward, loss, backward, Adam) for `variant`, its batches, its size."""
+                precision: str = "fp32", **options: Any) -> tuple[Callable[[Any], float], list[Any], int]:
+    """One MCMoE training step (forward, loss, backward, Adam) for `variant`, its batches, its size.
+    The model as written runs at `precision`; the reference loop always in fp32."""
     torch.manual_seed(seed)
     model = mcmoe(list(RG_DIMS), RG_DIMS, position_encoding=True, **options).to(device).train()
     if dropout_masks == "uniform":
         use_uniform_dropout(model)
     data = synthetic_batches(RG_DIMS, batches, batch_size, clips, device, seed)
     optimizer = build_optimizer("adam", list(model.parameters()), 2e-4, 1e-4, implementation)
-    forward = MCMOE_VARIANTS[variant]
+    if variant not in MCMOE_VARIANTS:
+        raise ValueError(f"MCMoE variant must be one of {MCMOE_VARIANTS}, got {variant!r}")
     present = torch.ones(batch_size, len(RG_DIMS), dtype=torch.bool, device=device)
 
     def step(batch) -> float:
         features, available, target = batch
-        out = forward(model, features, available)
-        total, _ = model.loss(out, target, present, available)
+        if variant == "loop":
+            total, _ = model.loss(mcmoe_loop_forward(model, features, available), target, present, available)
+        else:
+            _, total, _ = forward_and_loss(model, features, available, present, target, precision, device)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
@@ -310,7 +339,7 @@ def any_subset_batches(batches: int, batch_size: int, clips: int, device: torch.
 
 
 def setup_limssr(variant: str, device: torch.device, batches: int, batch_size: int, clips: int,
-                 seed: int = 0) -> tuple[Callable[[Any], float], list[Any], int, dict[str, Any]]:
+                 seed: int = 0, precision: str = "fp32") -> tuple[Callable[[Any], float], list[Any], int, dict[str, Any]]:
     """One LIMSSR training step (forward, loss, backward, clipping, AdamW) as `pipeline train` runs it."""
     torch.manual_seed(seed)
     model = build_bench_limssr(variant, device)
@@ -322,8 +351,7 @@ def setup_limssr(variant: str, device: torch.device, batches: int, batch_size: i
 
     def step(batch) -> float:
         features, available, target = batch
-        out = model(features, available)
-        total, _ = model.loss(out, target, present, available)
+        _, total, _ = forward_and_loss(model, features, available, present, target, precision, device)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(params, defaults["grad_clip"])
@@ -379,10 +407,25 @@ BENCHES: dict[str, tuple[tuple[str, ...], Callable, Callable | None, int]] = {
 }
 
 
+def ceilings(device: torch.device) -> dict[str, float | None]:
+    """This machine's best fp32 and bf16 matmul rates in GFLOP/s (bf16 None where it is emulated)."""
+    return {"fp32": max(matmul_rates(device, torch.float32).values()),
+            "bf16": max(matmul_rates(device, torch.bfloat16).values()) if native_bf16(device) else None}
+
+
+def fraction(rate: float, ceiling: float | None) -> float | None:
+    return None if ceiling is None else rate / ceiling
+
+
+def row_precision(variant: str, precision: str) -> str:
+    return "fp32" if variant == "loop" else precision  # the reference loop runs in fp32 (setup_mcmoe)
+
+
 def time_epoch(model: str, variant: str, device: torch.device, batches: int, batch_size: int,
-               clips: int) -> dict[str, Any]:
+               clips: int, precision: str = "fp32") -> dict[str, Any]:
     """One untimed warm-up step (allocator, kernels, optimiser state), then `batches` timed steps."""
-    step, data, parameters, *facts = BENCHES[model][1](variant, device, batches + 1, batch_size, clips)
+    step, data, parameters, *facts = BENCHES[model][1](variant, device, batches + 1, batch_size, clips,
+                                                       precision=precision)
     rss_before = peak_memory_mib(torch.device("cpu"))
     step(data[0])
     if device.type == "cuda":
@@ -395,28 +438,32 @@ def time_epoch(model: str, variant: str, device: torch.device, batches: int, bat
         step_s.append(time.perf_counter() - began)
     wall_s, peak_mib = time.perf_counter() - start, peak_memory_mib(device)
     counts = count_step(step, data[1])
-    ceiling = max(matmul_rates(device).values())
+    ceiling = ceilings(device)
     rate = counts["gflop_per_step"] / statistics.median(step_s)
     return {
         "wall_s": wall_s, "step_s": step_s, "peak_mib": peak_mib,
         "rss_before_mib": rss_before if device.type == "cpu" else None, "final_loss": loss,
         "parameters": parameters, "facts": facts[0] if facts else {}, **counts,
-        "gflop_per_s": rate, "ceiling_gflop_per_s": ceiling, "fraction_of_ceiling": rate / ceiling,
+        "precision": row_precision(variant, precision), "gflop_per_s": rate,
+        "ceiling_gflop_per_s": ceiling["fp32"], "fraction_of_ceiling": rate / ceiling["fp32"],
+        "bf16_ceiling_gflop_per_s": ceiling["bf16"], "fraction_of_bf16_ceiling": fraction(rate, ceiling["bf16"]),
     }
 
 
-def time_paired(model: str, device: torch.device, batches: int, batch_size: int, clips: int) -> dict[str, Any]:
+def time_paired(model: str, device: torch.device, batches: int, batch_size: int, clips: int,
+                precision: str = "fp32") -> dict[str, Any]:
     """All variants in one process, taking turns step by step on the same batches.
 
     Whatever else loads the machine then hits every variant alike; the median of the per-step time
-    ratios is the speed-up. The order within a round rotates, so no variant always follows another. The ceiling (`matmul_rates`) is measured once per round, between the
-    variants' steps, so each round also gives each variant's fraction of it; their median is reported.
+    ratios is the speed-up. The order within a round rotates, so no variant always follows another. The
+    ceilings (`ceilings`) are measured once per round, between the variants' steps, so each round also
+    gives each variant's fraction of them; their medians are reported.
     """
     variants = BENCHES[model][0]
-    setups = {v: BENCHES[model][1](v, device, batches + 1, batch_size, clips) for v in variants}
+    setups = {v: BENCHES[model][1](v, device, batches + 1, batch_size, clips, precision=precision) for v in variants}
     gflop = {v: count_step(step, data[0])["gflop_per_step"] for v, (step, data, *_) in setups.items()}
     times: dict[str, list[float]] = {v: [] for v in variants}
-    ceilings = []
+    rounds = []
     for index in range(batches + 1):
         turn = variants[index % len(variants):] + variants[:index % len(variants)]  # who goes first rotates
         for variant in turn:
@@ -426,18 +473,24 @@ def time_paired(model: str, device: torch.device, batches: int, batch_size: int,
             if index:  # the first round warms up
                 times[variant].append(time.perf_counter() - began)
         if index:
-            ceilings.append(max(matmul_rates(device).values()))
+            rounds.append(ceilings(device))
+
+    def paired_fraction(kind: str) -> dict[str, float | None]:
+        if rounds[0][kind] is None:
+            return {v: None for v in variants}
+        return {v: statistics.median(gflop[v] / t / c[kind] for t, c in zip(times[v], rounds)) for v in variants}
+
     base = times[variants[-1]]
     return {
         "speedup": {v: statistics.median(b / t for b, t in zip(base, times[v])) for v in variants},
-        "paired_fraction": {v: statistics.median(gflop[v] / t / c for t, c in zip(times[v], ceilings)) for v in variants},
-        "ceilings": ceilings,
+        "paired_fraction": paired_fraction("fp32"), "paired_bf16_fraction": paired_fraction("bf16"),
+        "ceilings": [c["fp32"] for c in rounds], "bf16_ceilings": [c["bf16"] for c in rounds],
     }
 
 
 def run_child(args: argparse.Namespace, job: str, device: str, batch_size: int) -> dict[str, Any]:
     command = [sys.executable, __file__, "--child", job, "--device", device, "--batches", str(args.batches),
-               "--batch-size", str(batch_size), "--clips", str(args.clips)]
+               "--batch-size", str(batch_size), "--clips", str(args.clips), "--precision", args.precision]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"{job} on {device} failed:\n{done.stderr}")
@@ -453,6 +506,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int, help="(default: each model's RG batch size: mcmoe 32, limssr 8)")
     parser.add_argument("--clips", type=int, default=RG_CLIPS, help="segments per video")
     parser.add_argument("--repeats", type=int, default=1, help="epochs per variant; the fastest is reported")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="arithmetic of every variant but the fp32 reference loop (default: %(default)s)")
     parser.add_argument("--skip-check", action="store_true", help="do not compare the variants' numbers")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -462,7 +517,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model, _, variant = args.child.partition(":")
         args.batch_size = args.batch_size or BENCHES[model][3]
         sizes = (torch.device(args.device), args.batches, args.batch_size, args.clips)
-        result = time_epoch(model, variant, *sizes) if variant else time_paired(model, *sizes)
+        result = time_epoch(model, variant, *sizes, args.precision) if variant else time_paired(model, *sizes, args.precision)
         print(json.dumps(result))
         return result
 
@@ -470,9 +525,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     else:
         devices = [args.device]
+    lacking = [d for d in devices if args.precision == "bf16" and not native_bf16(torch.device(d))]
+    if lacking:
+        parser.error(f"--precision bf16: {lacking[0]} does not compute bfloat16 natively here (pipeline.devices.native_bf16)")
     report: dict[str, Any] = {
         "setting": {"batches": args.batches, "batch_size": args.batch_size or "per model", "clips": args.clips,
-                    "repeats": args.repeats, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "repeats": args.repeats, "precision": args.precision, "torch": torch.__version__, "threads": torch.get_num_threads(),
                     **run_record()},
         "results": [], "checks": [],
     }
@@ -494,16 +552,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "median_step_ms": 1000 * statistics.median(best["step_s"]),
                     "all_wall_s": [r["wall_s"] for r in epochs], "speedup": paired["speedup"][variant],
                     "paired_fraction": paired["paired_fraction"][variant], "paired_ceilings": paired["ceilings"],
+                    "paired_bf16_fraction": paired["paired_bf16_fraction"][variant],
+                    "paired_bf16_ceilings": paired["bf16_ceilings"],
                     **alone.get(variant, {}),
                 })
 
-    print(f"{'model':10} {'variant':13} {'device':6} {'batch':>5} {'epoch s':>8} {'step ms':>8} {'peak MiB':>9} "
-          f"{'speed-up':>9} {'GFLOP':>7} {'operators':>9} {'GFLOP/s':>8} {'ceiling':>8} {'fraction':>8} {'paired':>7}")
+    shown = lambda value: "-" if value is None else f"{value:.1%}"  # noqa: E731 (no bf16 ceiling: emulated)
+    print(f"{'model':10} {'variant':13} {'device':6} {'prec':4} {'batch':>5} {'epoch s':>8} {'step ms':>8} "
+          f"{'peak MiB':>9} {'speed-up':>9} {'GFLOP':>7} {'operators':>9} {'GFLOP/s':>8} {'fp32 ceil':>9} "
+          f"{'of fp32':>7} {'paired':>7} {'bf16 ceil':>9} {'of bf16':>7} {'paired':>7}")
     for row in report["results"]:
-        print(f"{row['model']:10} {row['variant']:13} {row['device']:6} {row['batch_size']:5d} {row['wall_s']:8.2f} "
-              f"{row['median_step_ms']:8.0f} {row['peak_mib']:9.0f} {row['speedup']:8.2f}x "
+        bf16_ceiling = "-" if row["bf16_ceiling_gflop_per_s"] is None else f"{row['bf16_ceiling_gflop_per_s']:.1f}"
+        print(f"{row['model']:10} {row['variant']:13} {row['device']:6} {row['precision']:4} {row['batch_size']:5d} "
+              f"{row['wall_s']:8.2f} {row['median_step_ms']:8.0f} {row['peak_mib']:9.0f} {row['speedup']:8.2f}x "
               f"{row['gflop_per_step']:7.1f} {row['operators_per_step']:9d} {row['gflop_per_s']:8.1f} "
-              f"{row['ceiling_gflop_per_s']:8.1f} {row['fraction_of_ceiling']:8.1%} {row['paired_fraction']:7.1%}")
+              f"{row['ceiling_gflop_per_s']:9.1f} {row['fraction_of_ceiling']:7.1%} {row['paired_fraction']:7.1%} "
+              f"{bf16_ceiling:>9} {shown(row['fraction_of_bf16_ceiling']):>7} {shown(row['paired_bf16_fraction']):>7}")
     for row in report["results"]:
         if "optimizer_step_ms" in row:
             print(f"{row['model']} {row['variant']} on {row['device']}: Adam's update alone {row['optimizer_step_ms']:.0f} ms, "

@@ -2,6 +2,7 @@
 
     python benchmarks/compare_reference_modes.py --model mcmoe --seeds 0 1 2 --json benchmarks/results/mcmoe_modes.json
     python benchmarks/compare_reference_modes.py --model limssr --seeds 0 1 2 --json benchmarks/results/limssr_modes.json
+    python benchmarks/compare_reference_modes.py --model mcmoe-precision --seeds 0 1 2 --json benchmarks/results/mcmoe_precision.json
 
 One synthetic RG-shaped feature cache (seeded; rgb 1024, flow 1024, audio 768 per segment) with a
 train/test split; for every seed, the two modes train one after the other (interleaved, so machine
@@ -11,7 +12,9 @@ evaluated on the test rows:
   default without a preset) against `per-batch` (incomplete-per-batch and the reference's order: the
   presets' reproduction mode);
 - limssr: `--limssr-variant project` against `reference` (each with its own training defaults), on the
-  LLM given by --llm (default: a tiny random Qwen2 written to a temporary folder).
+  LLM given by --llm (default: a tiny random Qwen2 written to a temporary folder);
+- mcmoe-precision: MCMoE with its defaults trained with `--precision fp32` against `bf16` (needs a
+  device that computes bfloat16 natively): whether bf16 keeps the held-out rho within seed noise.
 Reported per run: rho Average (Fisher z over the six incomplete settings) and full set, seconds per
 epoch, trainable parameters; then the mean over seeds per mode. Synthetic features say whether the
 modes differ, not what either scores on a real benchmark.
@@ -42,7 +45,9 @@ MODES = {
         "per-batch": ({"mask_policy": "incomplete-per-batch"}, {"expert_stats_order": "reference"}),
     },
     "limssr": {"project": ({}, {"variant": "project"}), "reference": ({}, {"variant": "reference"})},
+    "mcmoe-precision": {"fp32": ({"precision": "fp32"}, {}), "bf16": ({"precision": "bf16"}, {})},
 }
+MODEL = {"mcmoe-precision": "mcmoe"}  # the scorer a comparison trains, where its name is not one
 RG_DIMS = {"rgb": 1024, "flow": 1024, "audio": 768}
 
 
@@ -54,7 +59,8 @@ def run_one(model: str, mode: str, seed: int, cache, labels: Path, work: Path, a
     if model == "limssr":
         options = {**options, "llm": str(args.llm)}
     out = work / f"{mode}-seed{seed}"
-    config, _ = resolve_config(cache.root, labels, out, model=model, overrides=overrides, model_options=options)
+    config, _ = resolve_config(cache.root, labels, out, model=MODEL.get(model, model), overrides=overrides,
+                               model_options=options)
     started = time.perf_counter()
     train(config, device=args.device, progress=False, log=lambda message: None)
     seconds = time.perf_counter() - started
@@ -63,7 +69,8 @@ def run_one(model: str, mode: str, seed: int, cache, labels: Path, work: Path, a
     full = next(s.rho for s in result.evaluation.settings if s.complete)
     return {"mode": mode, "seed": seed, "average_rho": result.evaluation.average_rho, "full_rho": full,
             "seconds_per_epoch": seconds / config.epochs, "epochs": config.epochs,
-            "trainable_parameters": info["num_trainable_parameters"], "mask_policy": config.mask_policy}
+            "trainable_parameters": info["num_trainable_parameters"], "mask_policy": config.mask_policy,
+            "precision": config.precision}
 
 
 def main() -> None:

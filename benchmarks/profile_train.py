@@ -2,6 +2,7 @@
 
     python benchmarks/profile_train.py                    # RG setting: batch 32, T 68, rgb/flow 1024, audio 768
     python benchmarks/profile_train.py --steps 3 --rows 25 --shapes
+    python benchmarks/profile_train.py --parts --precision bf16   # time and FLOPs per model part
 
 The step is `pipeline train`'s, on synthetic samples of the RG shapes: a batch from
 `data.training_batches` (shuffle, random crops, collate), `data.draw_training_masks`, forward, loss,
@@ -12,20 +13,35 @@ unprofiled steps, --steps steps run under torch.profiler (CPU, record_shapes).
 Printed: the operators by their own (self) CPU time; each phase's wall time, split into the time
 inside aten operators and the rest (Python, autograd engine, optimiser loop: host work outside any
 operator); and the dispatch floor, the cost of one trivial operator times the operators per step.
+
+--parts instead times every operator of --steps steps by itself (`PartTimer`, no torch.profiler) and
+books its time and FLOPs to the part of the model that ran it: a top-level module of MCMoE
+(projections, stem, generators, router, fusion, decoder), else the MCMoE method it ran in (the
+experts' `ExpertBank.all_pairs` / `ExpertBank.own`, `MCMoE._complete`, `MCMoE.forward` for the
+routing and the grade head, `MCMoE.loss`), the optimiser, or the data. A backward operator goes to
+the part whose forward created its autograd node, so each part has a forward and a backward column.
+Timing each operator alone adds host work between operators, so the parts' times add up to less than
+a step; the shares are what to read. --precision bf16 runs the forward pass as `pipeline train
+--precision bf16` does; the dtype conversions autocast inserts show up as `_to_copy` operators.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import statistics
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.profiler import ProfilerActivity, profile, record_function
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -35,8 +51,8 @@ from models.mcmoe import mcmoe  # noqa: E402
 from pipeline import data  # noqa: E402
 from pipeline.inference import call_model  # noqa: E402
 from models.layers import use_uniform_dropout  # noqa: E402
-from pipeline.train import build_optimizer  # noqa: E402
-from pipeline.train_config import DROPOUT_MASKS, OPTIMIZER_IMPLEMENTATIONS, TrainConfig  # noqa: E402
+from pipeline.train import build_optimizer, forward_and_loss  # noqa: E402
+from pipeline.train_config import DROPOUT_MASKS, OPTIMIZER_IMPLEMENTATIONS, PRECISIONS, TrainConfig  # noqa: E402
 
 PHASES = ("data", "forward", "loss", "backward", "optimizer", "bookkeeping")
 ARITHMETIC = ("addmm", "mm", "bmm", "matmul", "convolution", "linear", "baddbmm", "einsum")
@@ -54,10 +70,10 @@ def synthetic_samples(count: int, clips: int, seed: int = 0) -> list[data.Sample
 
 
 def training_steps(implementation: str, batch_size: int, clips: int, seed: int = 0,
-                   dropout_masks: str = TrainConfig.dropout_masks):
+                   dropout_masks: str = TrainConfig.dropout_masks, precision: str = "fp32", model=None):
     """An endless iterator of `pipeline train` steps; each call of next() runs one, in labelled phases."""
     torch.manual_seed(seed)
-    model = mcmoe(list(RG_DIMS), RG_DIMS, position_encoding=True).train()
+    model = model or mcmoe(list(RG_DIMS), RG_DIMS, position_encoding=True).train()
     if dropout_masks == "uniform":
         use_uniform_dropout(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -72,10 +88,16 @@ def training_steps(implementation: str, batch_size: int, clips: int, seed: int =
             with record_function("data"):
                 available = data.draw_training_masks(batch.present, "incomplete", generator)
                 batch = batch.to(torch.device("cpu"))
-            with record_function("forward"):
-                out = call_model(model, batch.features, available, batch.present)
+            if precision == "fp32":
+                with record_function("forward"):
+                    out = call_model(model, batch.features, available, batch.present)
+                with record_function("loss"):
+                    total, terms = model.loss(out, batch.score / score_range, batch.present, available)
+            else:  # one region: forward_and_loss runs both, as `pipeline train` does
+                with record_function("forward"):
+                    out, total, terms = forward_and_loss(model, batch.features, available, batch.present,
+                                                         batch.score / score_range, precision, torch.device("cpu"))
             with record_function("loss"):
-                total, terms = model.loss(out, batch.score / score_range, batch.present, available)
                 if not torch.isfinite(total):
                     raise RuntimeError("non-finite loss")
             with record_function("backward"):
@@ -144,8 +166,8 @@ def phase_split(profiler) -> dict[str, dict[str, float]]:
 
 
 def profile_steps(implementation: str, batch_size: int, clips: int, warmup: int, steps: int, rows: int,
-                  shapes: bool, dropout_masks: str = TrainConfig.dropout_masks) -> dict:
-    stepper = training_steps(implementation, batch_size, clips, dropout_masks=dropout_masks)
+                  shapes: bool, dropout_masks: str = TrainConfig.dropout_masks, precision: str = "fp32") -> dict:
+    stepper = training_steps(implementation, batch_size, clips, dropout_masks=dropout_masks, precision=precision)
     timed_batches(stepper, warmup)
     unprofiled = timed_batches(stepper, steps)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as profiler:
@@ -163,7 +185,7 @@ def profile_steps(implementation: str, batch_size: int, clips: int, warmup: int,
     floor = dispatch_floor_us()
     top_level_ops = sum(row["operators"] for row in split.values()) / per_step
     report = {
-        "implementation": implementation, "dropout_masks": dropout_masks, "batch_size": batch_size, "clips": clips, "steps": steps,
+        "implementation": implementation, "dropout_masks": dropout_masks, "precision": precision, "batch_size": batch_size, "clips": clips, "steps": steps,
         "threads": torch.get_num_threads(), "torch": torch.__version__, **run_record(),
         "step_ms_unprofiled": [1000 * t for t in unprofiled],
         "median_step_ms_unprofiled": 1000 * statistics.median(unprofiled),
@@ -183,6 +205,149 @@ def profile_steps(implementation: str, batch_size: int, clips: int, warmup: int,
         ],
     }
     return report
+
+
+# --------------------------------------------------------------------------- --parts
+
+MODEL_FILE = str(Path(__file__).resolve().parents[1] / "models" / "mcmoe.py")
+NOT_COMPUTING = {"aten.detach", "aten.view", "aten._unsafe_view", "aten.t", "aten.transpose", "aten.permute",
+                 "aten.expand", "aten.unsqueeze", "aten.squeeze", "aten.select", "aten.slice", "aten.split",
+                 "aten.split_with_sizes", "aten.chunk", "aten.as_strided", "aten.alias", "aten.lift_fresh",
+                 "aten.empty", "aten.empty_like", "aten.empty_strided", "aten.unbind", "aten.diagonal",
+                 "aten.unflatten", "aten.flatten", "aten.reshape", "aten.view_as", "aten.expand_as"}
+
+
+class PartTimer(TorchDispatchMode):
+    """Times each aten operator and counts its FLOPs, booked to (part, "forward" | "backward", operator).
+
+    The forward part: the innermost top-level MCMoE module running (module hooks), else the innermost
+    function of models/mcmoe.py on the Python stack (qualified name), else the optimiser or "other".
+    A backward operator runs inside an autograd node; `NodeParts` knows which part created it."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.modules: list[str] = []
+        self.nodes = NodeParts(self)
+        self.time: dict[tuple[str, str, str], float] = defaultdict(float)
+        self.flops: dict[tuple[str, str, str], float] = defaultdict(float)
+        self.calls: dict[tuple[str, str, str], int] = defaultdict(int)
+        for name, child in model.named_children():
+            for module in [child, *(child.values() if isinstance(child, torch.nn.ModuleDict) else
+                                    child if isinstance(child, torch.nn.ModuleList) else [])]:
+                module.register_forward_pre_hook(lambda *_, name=name: self.modules.append(name))
+                module.register_forward_hook(self._leave)
+
+    def _leave(self, *_) -> None:  # a forward hook's return value would replace the module's output
+        self.modules.pop()
+
+    def part(self) -> str:
+        if self.modules:
+            return self.modules[-1]
+        frame = sys._getframe(2)
+        optimizer = False
+        while frame is not None:
+            if frame.f_code.co_filename == MODEL_FILE:
+                return frame.f_code.co_qualname.split(".<locals>")[0]  # a helper lambda: its function
+            optimizer = optimizer or "torch/optim/" in frame.f_code.co_filename
+            frame = frame.f_back
+        return "optimizer" if optimizer else "other (data, bookkeeping)"
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        node = torch._C._current_autograd_node()
+        began = time.perf_counter()
+        out = func(*args, **kwargs)
+        seconds = time.perf_counter() - began
+        name = str(func.overloadpacket)
+        if name in NOT_COMPUTING:
+            return out
+        if node is None:
+            key = (self.part(), "forward", name)
+        else:
+            key = (self.nodes.part_of(node._sequence_nr()), "backward", name)
+        self.time[key] += seconds
+        self.calls[key] += 1
+        if func.overloadpacket in flop_registry:
+            self.flops[key] += flop_registry[func.overloadpacket](*args, **kwargs, out_val=out)
+        return out
+
+
+class NodeParts(TorchFunctionMode):
+    """Which part created each autograd node: after every torch call of the forward pass, the nodes
+    numbered up to its output's node (the call's own and those of what it was composed of) are the
+    part's then running."""
+
+    def __init__(self, timer: PartTimer) -> None:
+        super().__init__()
+        self.timer = timer
+        self.bounds: list[int] = []
+        self.parts: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        numbers = [t.grad_fn._sequence_nr() for t in (out if isinstance(out, (tuple, list)) else [out])
+                   if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+        if numbers and (not self.bounds or max(numbers) > self.bounds[-1]):
+            self.bounds.append(max(numbers))
+            self.parts.append(self.timer.part())
+        return out
+
+    def part_of(self, number: int) -> str:
+        if number >= 2**63:  # AccumulateGrad: a gradient added into a parameter's .grad
+            return "gradient accumulation"
+        index = bisect.bisect_left(self.bounds, number)
+        return self.parts[index] if index < len(self.parts) else "other (data, bookkeeping)"
+
+
+def part_breakdown(precision: str, batch_size: int, clips: int, warmup: int, steps: int) -> dict:
+    """Per model part: forward and backward milliseconds and GFLOP per step, from `PartTimer`."""
+    torch.manual_seed(0)
+    model = mcmoe(list(RG_DIMS), RG_DIMS, position_encoding=True).train()
+    stepper = training_steps("torch-default", batch_size, clips, precision=precision, model=model)
+    timed_batches(stepper, warmup)
+    timer = PartTimer(model)
+    with timer.nodes, timer:
+        began = time.perf_counter()
+        timed_batches(stepper, steps)
+        wall = (time.perf_counter() - began) / steps
+    parts: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    operators: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for key, seconds in timer.time.items():
+        part, direction, name = key
+        parts[part][f"{direction}_ms"] += 1000 * seconds / steps
+        parts[part][f"{direction}_gflop"] += timer.flops[key] / 1e9 / steps
+        operators[name]["ms"] += 1000 * seconds / steps
+        operators[name]["gflop"] += timer.flops[key] / 1e9 / steps
+        operators[name]["calls"] += timer.calls[key] / steps
+    total_ms = sum(v["ms"] for v in operators.values())
+    total_gflop = sum(v["gflop"] for v in operators.values())
+    return {
+        "precision": precision, "batch_size": batch_size, "clips": clips, "steps": steps,
+        "threads": torch.get_num_threads(), "torch": torch.__version__, **run_record(),
+        "step_ms_timed_per_operator": 1000 * wall, "operators_ms": total_ms, "gflop_per_step": total_gflop,
+        "parts": {p: dict(v) for p, v in sorted(parts.items(), key=lambda kv: -sum(x for k, x in kv[1].items()
+                                                                                   if k.endswith("_ms")))},
+        "operators": {o: dict(v) for o, v in sorted(operators.items(), key=lambda kv: -kv[1]["ms"])},
+    }
+
+
+def print_parts(report: dict, rows: int) -> None:
+    total_ms, total_gflop = report["operators_ms"], report["gflop_per_step"]
+    print(f"MCMoE training step by part, {report['precision']}, batch {report['batch_size']}, T {report['clips']}, "
+          f"{report['threads']} threads, torch {report['torch']}, commit {report['commit']}: "
+          f"{total_gflop:.1f} GFLOP, operators {total_ms:.0f} ms of a {report['step_ms_timed_per_operator']:.0f} ms "
+          "step (each operator timed alone)")
+    print(f"{'part':28s} {'fwd ms':>8s} {'bwd ms':>8s} {'time':>6s} {'fwd GFLOP':>9s} {'bwd GFLOP':>9s} {'FLOPs':>6s} "
+          f"{'GFLOP/s':>8s}")
+    for part, row in report["parts"].items():
+        ms = row.get("forward_ms", 0.0) + row.get("backward_ms", 0.0)
+        gflop = row.get("forward_gflop", 0.0) + row.get("backward_gflop", 0.0)
+        print(f"{part:28s} {row.get('forward_ms', 0.0):8.1f} {row.get('backward_ms', 0.0):8.1f} {ms / total_ms:6.1%} "
+              f"{row.get('forward_gflop', 0.0):9.2f} {row.get('backward_gflop', 0.0):9.2f} {gflop / total_gflop:6.1%} "
+              f"{gflop / ms * 1e3 if ms else 0.0:8.1f}")
+    print(f"\n{'operator':36s} {'ms/step':>8s} {'time':>6s} {'GFLOP':>7s} {'calls':>6s}")
+    for name, row in list(report["operators"].items())[:rows]:
+        print(f"{name:36s} {row['ms']:8.1f} {row['ms'] / total_ms:6.1%} {row['gflop']:7.2f} {row['calls']:6.0f}")
 
 
 def print_report(report: dict) -> None:
@@ -218,11 +383,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="profiled steps")
     parser.add_argument("--rows", type=int, default=20)
     parser.add_argument("--shapes", action="store_true", help="group the operators by input shapes too")
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS, help="as `pipeline train --precision`")
+    parser.add_argument("--parts", action="store_true", help="time and FLOPs per model part (`PartTimer`)")
     parser.add_argument("--json", type=Path, help="also write the report here")
     args = parser.parse_args()
-    report = profile_steps(args.optimizer_implementation, args.batch_size, args.clips, args.warmup, args.steps,
-                           args.rows, args.shapes, args.dropout_masks)
-    print_report(report)
+    if args.parts:
+        report = part_breakdown(args.precision, args.batch_size, args.clips, args.warmup, args.steps)
+        print_parts(report, args.rows)
+    else:
+        report = profile_steps(args.optimizer_implementation, args.batch_size, args.clips, args.warmup, args.steps,
+                               args.rows, args.shapes, args.dropout_masks, args.precision)
+        print_report(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 

@@ -22,6 +22,12 @@ def sinusoidal_position_encoding(
     return encoding.to(dtype)
 
 
+# Under autocast a convolution hands the batch norms bfloat16 (or float16); their training statistics are
+# taken in float32, as torch's own batch norm kernels accumulate them, so the running statistics that
+# float32 evaluation reads are not rounded to 8 bits. The output goes back in the input's dtype.
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
 def _momentum_factor(norm: nn.BatchNorm1d) -> float:
     if norm.momentum is None:  # cumulative moving average, as nn.BatchNorm1d does
         return 1.0 / float(norm.num_batches_tracked)
@@ -40,6 +46,12 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
     def forward(self, x: Tensor, rows: Tensor | None = None) -> Tensor:
         if rows is None or not self.training or not self.track_running_stats:
             return super().forward(x)
+        if x.device.type == "cpu" and bool(rows.all()):
+            # every row selected: torch's batch norm kernel, the same function in one pass (asking
+            # would cost a GPU a synchronisation, so there the masked form below runs)
+            return super().forward(x)
+        if x.dtype in LOW_PRECISION:
+            return self.forward(x.float(), rows).to(x.dtype)
         if rows.dim() == 1:
             rows = rows.unsqueeze(1)
         weight = rows.to(x.dtype).expand(x.shape[0], x.shape[1])
@@ -68,45 +80,44 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
         return out
 
 
-def batch_norm_per_group(x: Tensor, norm: nn.BatchNorm1d, order: list[int] | None = None) -> Tensor:
-    """Apply `norm` to x (G, B, C, T) as if it were called on each of the G groups in turn.
+def batch_norm_per_block(x: Tensor, norm: nn.BatchNorm1d, blocks: int, order: list[int] | None = None) -> Tensor:
+    """Apply `norm` (C channels) to x (B, blocks * C, T) as if it were called on each channel block in turn.
 
-    Each group gets its own batch statistics, and the running statistics end where G successive calls
-    would leave them, so one call over stacked groups gives the numbers of G separate calls; `order`
-    (a permutation of range(G), default in turn) is the order of those calls.
+    Each block gets its own batch statistics, and the running statistics end where `blocks` successive
+    calls would leave them, so one call over stacked blocks gives the numbers of separate calls; `order`
+    (a permutation of range(blocks), default in turn) is the order of those calls. One torch batch norm
+    kernel does the work (the statistics and the normalisation in one pass, its backward in one more)
+    with `norm`'s parameters tiled over the blocks: the blocks share them.
     """
-    groups, batch, channels, length = x.shape
+    tile = lambda t: None if t is None else t.repeat(blocks)  # noqa: E731
+    weight, bias = tile(norm.weight), tile(norm.bias)
     if not norm.training or not norm.track_running_stats:
-        flat = F.batch_norm(
-            x.reshape(groups * batch, channels, length), norm.running_mean, norm.running_var,
-            norm.weight, norm.bias, False, 0.0, norm.eps,
-        )
-        return flat.view_as(x)
-    var, mean = torch.var_mean(x, dim=(1, 3), unbiased=False, keepdim=True)
-    out = (x - mean) * torch.rsqrt(var + norm.eps)
-    if norm.affine:
-        out = out * norm.weight.view(1, 1, -1, 1) + norm.bias.view(1, 1, -1, 1)
+        return F.batch_norm(x, tile(norm.running_mean), tile(norm.running_var), weight, bias, False, 0.0, norm.eps)
+    # With momentum 1 a batch norm leaves exactly this batch's mean and unbiased variance in the buffers
+    # it is given; the blocks' updates of `norm`'s own buffers are made from them below.
+    mean = torch.zeros(x.shape[1], device=x.device, dtype=norm.running_mean.dtype)
+    var = torch.ones_like(mean)
+    out = F.batch_norm(x, mean, var, weight, bias, True, 1.0, norm.eps)
     with torch.no_grad():
-        count = batch * length
-        mean, var = mean.view(groups, channels), var.view(groups, channels) * count / max(count - 1, 1)
+        mean, var = mean.view(blocks, -1), var.view(blocks, -1)
         if order is not None:
-            if sorted(order) != list(range(groups)):
-                raise ValueError(f"order must be a permutation of range({groups}), got {order}")
+            if sorted(order) != list(range(blocks)):
+                raise ValueError(f"order must be a permutation of range({blocks}), got {order}")
             mean, var = mean[order], var[order]
-        if norm.momentum is None:  # cumulative average: replay the G updates one by one
-            for g in range(groups):
+        if norm.momentum is None:  # cumulative average: replay the updates one by one
+            for g in range(blocks):
                 norm.num_batches_tracked.add_(1)
                 factor = _momentum_factor(norm)
                 norm.running_mean.mul_(1 - factor).add_(factor * mean[g])
                 norm.running_var.mul_(1 - factor).add_(factor * var[g])
         else:
-            # G exponential updates in a row: old * (1-m)^G + sum_g m (1-m)^(G-1-g) * stat_g
+            # `blocks` exponential updates in a row: old * (1-m)^G + sum_g m (1-m)^(G-1-g) * stat_g
             momentum = norm.momentum
-            norm.num_batches_tracked.add_(groups)
-            decay = (1 - momentum) ** torch.arange(groups - 1, -1, -1, device=x.device, dtype=mean.dtype)
+            norm.num_batches_tracked.add_(blocks)
+            decay = (1 - momentum) ** torch.arange(blocks - 1, -1, -1, device=x.device, dtype=mean.dtype)
             share = (momentum * decay).unsqueeze(1)
-            norm.running_mean.mul_((1 - momentum) ** groups).add_((share * mean).sum(0))
-            norm.running_var.mul_((1 - momentum) ** groups).add_((share * var).sum(0))
+            norm.running_mean.mul_((1 - momentum) ** blocks).add_((share * mean).sum(0))
+            norm.running_var.mul_((1 - momentum) ** blocks).add_((share * var).sum(0))
     return out
 
 
@@ -148,8 +159,10 @@ class UniformDropout(nn.Dropout):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or not 0.0 < self.p < 1.0 or x.device.type != "cpu":
             return super().forward(x)
-        keep = torch.rand_like(x) >= self.p
-        return x * (keep * (1.0 / (1.0 - self.p))).to(x.dtype)
+        # In place on the draws: one fresh buffer instead of three (a first touch of fresh memory is slow on
+        # these machines). Drawn in float32 whatever x's dtype: bfloat16 draws would round p.
+        scale = torch.rand_like(x, dtype=torch.float32).ge_(self.p).mul_(1.0 / (1.0 - self.p))
+        return x * scale.to(x.dtype)
 
 
 def use_uniform_dropout(model: nn.Module) -> nn.Module:

@@ -534,7 +534,8 @@ class LIMSSR(nn.Module):
             # only available samples go through the projection: zero-filled absent ones would skew BatchNorm
             projected = self.projections[name](features[name][rows].transpose(1, 2)).transpose(1, 2)
             positions = layout.content_positions[rows, index]
-            embeds = embeds.index_put((rows[:, None].expand_as(positions), positions), projected)
+            # under autocast (--precision bf16) the projection hands back bfloat16; the sequence is float32
+            embeds = embeds.index_put((rows[:, None].expand_as(positions), positions), projected.to(embeds.dtype))
         return embeds
 
     # ------------------------------------------------------------------ forward / loss

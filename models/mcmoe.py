@@ -37,7 +37,7 @@ from torch import Tensor
 
 from models import ModelConfig
 from models.layers import (
-    MaskedBatchNorm1d, batch_norm_per_group, single_query_attention, sinusoidal_position_encoding,
+    MaskedBatchNorm1d, batch_norm_per_block, single_query_attention, sinusoidal_position_encoding,
 )
 from models.losses import DISTANCES, hardest_triplet_loss, masked_modality_mean
 
@@ -238,13 +238,18 @@ class ExpertBank(nn.Module):
 
         Batch statistics are taken per (expert, modality) pair, as separate expert calls would; the
         running statistics take the modalities' updates in `order` (default: 0, 1, ..., M-1).
+        The modalities are stacked on the channel axis (each convolution group a modality, the
+        weights tiled over them), so that each batch norm is one torch kernel over (modality,
+        channel) blocks (`batch_norm_per_block`) instead of a chain of element-wise operators.
         """
         groups, batch, length, hidden = x.shape
-        h = self.conv1(x.reshape(groups * batch, length, hidden).transpose(1, 2))
-        h = F.gelu(batch_norm_per_group(h.view(groups, batch, -1, length), self.norm1, order))
-        y = self.conv2(h.view(groups * batch, -1, length))
-        y = batch_norm_per_group(y.view(groups, batch, -1, length), self.norm2, order)
-        return y.view(groups, batch, self.count, hidden, length).transpose(-1, -2)
+        stacked = x.permute(1, 0, 3, 2).reshape(batch, groups * hidden, length)
+        tile = lambda t: t.repeat(groups, *[1] * (t.dim() - 1))  # noqa: E731
+        h = F.conv1d(stacked, tile(self.conv1.weight), tile(self.conv1.bias), padding=1, groups=groups)
+        h = F.gelu(batch_norm_per_block(h, self.norm1, groups, order))
+        y = F.conv1d(h, tile(self.conv2.weight), tile(self.conv2.bias), groups=groups * self.count)
+        y = batch_norm_per_block(y, self.norm2, groups, order)
+        return y.view(batch, groups, self.count, hidden, length).permute(1, 0, 2, 4, 3)
 
     def own(self, x: Tensor, rows: Tensor) -> Tensor:
         """x (M, B, T, d) -> (M, B, T, d): expert m applied to modality m only; rows (B, M) pick the
@@ -417,7 +422,13 @@ class MCMoE(nn.Module):
         if self.experts is not None:
             expert_out = self.experts.all_pairs(completed, self.expert_order)  # (M, B, E, T, d)
             weights = torch.softmax(self.router(completed), dim=-1)  # (M, B, T, E)
-            fused = torch.einsum("mbte,mbetd->mbtd", weights, expert_out)
+            # One broadcast product summed over the experts, in the experts' memory layout (B, M, E, d, T):
+            # there the sum and the fusion's input below are contiguous, and the (small) weights are made
+            # so too, so the product runs vectorised along T. (An einsum would be a batched 1 x E by E x d
+            # matmul per time step, a sum of E slices a zero-filled gradient per slice.)
+            route = weights.permute(1, 0, 3, 2).contiguous().unsqueeze(3)  # (B, M, E, 1, T)
+            fused = (route * expert_out.permute(1, 0, 2, 4, 3)).sum(2)
+            fused = fused.permute(1, 0, 3, 2)  # (M, B, T, d)
             out["fused"] = fused.transpose(0, 1)
             out["own_expert"] = self.experts.own(real, present).transpose(0, 1)
         else:

@@ -391,6 +391,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                      help="how dropout draws its masks on a CPU (default: uniform, one uniform draw per "
                      "element compared with the dropout rate, cheaper to draw; bernoulli: torch's own masks, "
                      "which a run recorded without this setting resumes with; same distribution)")
+    opt.add_argument("--precision", choices=["fp32", "bf16"],
+                     help="arithmetic of the forward pass and loss (default: fp32); bf16 = bfloat16 autocast "
+                     "with float32 weights, optimiser state and loss terms, refused on a CPU without native "
+                     "bfloat16 (AVX512-BF16 or AMX). Recorded; a resumed run keeps it. Evaluation and scoring "
+                     "run in float32")
     opt.add_argument("--weight-decay", type=float)
     opt.add_argument("--warmup-epochs", type=int, help="linear warm-up epochs before the cosine decay")
     opt.add_argument("--min-lr-ratio", type=float, help="the cosine decays to this fraction of --lr")
@@ -452,7 +457,8 @@ def _run_train(args: argparse.Namespace) -> int:
     from pipeline.labels import LabelError
 
     overrides = {k: getattr(args, k) for k in (
-        "epochs", "lr", "batch_size", "optimizer", "optimizer_implementation", "dropout_masks", "weight_decay", "warmup_epochs",
+        "epochs", "lr", "batch_size", "optimizer", "optimizer_implementation", "dropout_masks", "precision", "weight_decay",
+        "warmup_epochs",
         "min_lr_ratio", "grad_clip", "mask_policy", "clip_num", "score_range", "val_fraction", "seed", "ignore_unlabelled",
     )}
     try:

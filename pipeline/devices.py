@@ -1,4 +1,4 @@
-"""`--device auto|cpu|cuda`, resolved once per command."""
+"""`--device auto|cpu|cuda`, resolved once per command, and whether a device computes bfloat16 natively."""
 
 from __future__ import annotations
 

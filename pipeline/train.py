@@ -10,6 +10,10 @@ flags resolve into them: pipeline/train_config.py.
 
 The learning rate follows a per-epoch schedule: linear warm-up over `warmup_epochs`, then cosine decay
 to `min_lr_ratio * lr`; it is a pure function of the epoch, so the "scheduler state" is the epoch.
+
+`precision` "bf16" runs each training step's forward pass under torch.autocast to bfloat16 and its loss
+in float32 (`forward_and_loss`); the weights, gradients and optimiser state stay float32, and validation
+(like evaluate and score) runs in float32.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from models import build_model, config_class
 from models.checkpoint import load_model_state, load_tensors, model_state, read_model_config, save_model_config, save_tensors
 from models.layers import use_uniform_dropout
 from pipeline import data
-from pipeline.devices import resolve_device
+from pipeline.devices import native_bf16, resolve_device
 from pipeline.inference import call_model, evaluate_samples, predict
 from pipeline.labels import LabelError, Labels, check_against_cache, read_labels
 from pipeline.metrics import mse, spearman_rho
@@ -235,6 +239,7 @@ def _train_locked(
 
     # data, then every random stream seeded, then the model (its initial weights draw from torch's)
     torch_device = resolve_device(device)
+    check_precision(config.precision, torch_device)
     bundle = prepare_data(config, log)
     generator = seed_everything(config.seed)
     model = build_training_model(config, bundle, folder if resume else None, torch_device)
@@ -300,6 +305,14 @@ def check_folder(folder: RunDir, config: TrainConfig, resume: bool) -> None:
         raise TrainError(str(exc)) from None
     if differ:
         raise TrainError(f"--resume: settings differ from the run in {folder.path}: {describe_differences(differ)}")
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """bf16 only where the device computes it natively: emulated bfloat16 is slower than float32."""
+    if precision == "bf16" and not native_bf16(device):
+        what = "this GPU does not support bfloat16" if device.type == "cuda" else \
+            "this CPU has neither AVX512-BF16 nor AMX, so torch would emulate bfloat16, slower than float32"
+        raise TrainError(f"--precision bf16: {what}; train with --precision fp32")
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -393,8 +406,8 @@ def train_one_epoch(
         available = available.to(device)
         # Present-but-masked modalities keep their real features: they are the targets of
         # reconstruction-type losses; the model itself looks only at `available`.
-        out = call_model(model, batch.features, available, batch.present)
-        total, terms = model.loss(out, batch.score / bundle.score_range, batch.present, available)
+        out, total, terms = forward_and_loss(model, batch.features, available, batch.present,
+                                             batch.score / bundle.score_range, config.precision, device)
         if not torch.isfinite(total):
             raise non_finite_loss(folder, epoch, index, total, terms, best)
         optimizer.zero_grad(set_to_none=True)
@@ -412,6 +425,24 @@ def train_one_epoch(
         bar.update(1)
     means = {k: v / seen for k, v in sums.items()}
     return {**means, "train_rho": spearman_rho(torch.cat(train_pred).numpy(), torch.cat(train_true).numpy())}
+
+
+def forward_and_loss(
+    model: torch.nn.Module, features: dict[str, torch.Tensor], available: torch.Tensor, present: torch.Tensor,
+    target: torch.Tensor, precision: str, device: torch.device,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+    """One training forward pass and its loss at `precision`: (outputs, total, loss terms).
+
+    bf16: the forward pass runs under torch.autocast (matmuls and convolutions in bfloat16, the float32
+    weights cast on the fly); its outputs are cast to float32 and the loss runs outside autocast, so
+    every loss term and their sum are float32 reductions and the gradient enters the model as float32."""
+    if precision == "fp32":
+        out = call_model(model, features, available, present)
+        return (out, *model.loss(out, target, present, available))
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        out = call_model(model, features, available, present)
+    out = {k: v.float() if v.is_floating_point() else v for k, v in out.items()}
+    return (out, *model.loss(out, target, present, available))
 
 
 def non_finite_loss(folder: RunDir, epoch: int, index: int, total: torch.Tensor, terms: dict[str, Any],

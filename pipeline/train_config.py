@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from extractors.config import PRECISIONS
 from manifests.config import RecordedConfig
 from manifests.run import RunDir, RunRecord, differing_settings
 from models import config_class
@@ -25,12 +26,14 @@ OPTIMIZER_IMPLEMENTATIONS = ("fused", "foreach", "torch-default")
 # p: models.layers.UniformDropout, faster to draw; benchmarks/results/README.md) or "bernoulli" (torch's
 # own). Same distribution, other random numbers.
 DROPOUT_MASKS = ("uniform", "bernoulli")
+# The arithmetic of a training step's forward pass and loss: one of PRECISIONS (extraction's), "fp32" or
+# "bf16" (torch.autocast to bfloat16; weights, gradients, optimiser state and the loss's final terms stay float32).
 TRAINING_KEYS = (
     "optimizer", "lr", "weight_decay", "batch_size", "epochs",
     "warmup_epochs", "min_lr_ratio", "grad_clip", "mask_policy",
 )
 # TrainConfig settings whose source run.json records (besides the model-config fields).
-RECORDED_KEYS = TRAINING_KEYS + ("optimizer_implementation", "dropout_masks", "clip_num", "score_range",
+RECORDED_KEYS = TRAINING_KEYS + ("optimizer_implementation", "dropout_masks", "precision", "clip_num", "score_range",
                                  "val_fraction", "seed", "train_missing", "ignore_unlabelled")
 
 
@@ -44,9 +47,9 @@ class TrainConfig(RecordedConfig):
 
     A record of schema 1 or 2 lacks dropout_masks (and schema 1 optimizer_implementation): its run was
     trained with "bernoulli" masks and "torch-default" updates, which `upgrade` fills in so a resume
-    continues it bit for bit."""
+    continues it bit for bit. A record before schema 4 lacks precision: its run trained in "fp32"."""
 
-    SCHEMA_VERSION = 3
+    SCHEMA_VERSION = 4
 
     features: str
     labels: str
@@ -62,6 +65,8 @@ class TrainConfig(RecordedConfig):
     # Dropout masks on a CPU (DROPOUT_MASKS): "uniform", since torch's bernoulli_ masks are a large part
     # of an MCMoE step (benchmarks/results/README.md); no effect on a GPU or in evaluation.
     dropout_masks: str = "uniform"
+    # PRECISIONS; "bf16" needs a device that computes bfloat16 natively (pipeline.devices.native_bf16).
+    precision: str = "fp32"
     lr: float = 1e-4
     weight_decay: float = 1e-4
     batch_size: int = 32
@@ -83,7 +88,7 @@ class TrainConfig(RecordedConfig):
 
     @classmethod
     def upgrade(cls, data: dict[str, Any], version: int) -> dict[str, Any]:
-        return {"optimizer_implementation": "torch-default", "dropout_masks": "bernoulli", **data}
+        return {"optimizer_implementation": "torch-default", "dropout_masks": "bernoulli", "precision": "fp32", **data}
 
     def validate(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -93,6 +98,8 @@ class TrainConfig(RecordedConfig):
                              f"got {self.optimizer_implementation!r}")
         if self.dropout_masks not in DROPOUT_MASKS:
             raise ValueError(f"--dropout-masks must be one of {DROPOUT_MASKS}, got {self.dropout_masks!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.mask_policy not in data.MASK_POLICIES:
             raise ValueError(f"--mask-policy must be one of {data.MASK_POLICIES}, got {self.mask_policy!r}")
         for name in ("epochs", "batch_size"):

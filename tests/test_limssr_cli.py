@@ -198,3 +198,19 @@ def test_evaluate_keeps_library_noise_off_the_terminal(synthetic, synthetic_run,
     captured = capfd.readouterr()
     assert "Loading weights" not in captured.err and "Warning" not in captured.err
     assert "{v,f,a}" in captured.out
+
+
+@pytest.mark.parametrize("llm_dtype", ["float32", "bfloat16"])
+def test_bf16_training_runs_with_either_llm_dtype(synthetic, tiny_llm_folder, tmp_path, llm_dtype):
+    from pipeline.devices import native_bf16
+
+    if not native_bf16(torch.device("cpu")):
+        pytest.skip("this CPU has neither AVX512-BF16 nor AMX: `pipeline train --precision bf16` is refused here")
+    made, labels = synthetic
+    run = tmp_path / llm_dtype
+    assert main(train_command(made, labels, run, tiny_llm_folder, "--precision", "bf16", "--llm-dtype", llm_dtype)) == 0
+    assert json.loads((run / "run.json").read_text())["config"]["precision"] == "bf16"
+    log = pd.read_csv(run / "train_log.csv")
+    assert np.isfinite(log[["loss", "task", "triplet", "consistency"]].to_numpy()).all()
+    saved = load_file(run / "best.safetensors")  # the trained parts stay float32 whatever the LLM's dtype
+    assert {t.dtype for t in saved.values() if t.is_floating_point()} == {torch.float32}

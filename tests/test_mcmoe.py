@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from models import build_model, config_class
 from models.layers import (
-    MaskedBatchNorm1d, batch_norm_per_group, single_query_attention, sinusoidal_position_encoding,
+    MaskedBatchNorm1d, batch_norm_per_block, single_query_attention, sinusoidal_position_encoding,
 )
 from models.losses import hardest_triplet_loss, masked_modality_mean
 from models.mcmoe import LOSS_TERMS, MCMoE, MCMoEConfig, mcmoe
@@ -522,19 +522,23 @@ def test_masked_batch_norm_matches_batch_norm_and_ignores_unselected_rows():
     torch.testing.assert_close(MaskedBatchNorm1d(4)(changed, rows)[rows], out[rows])
 
 
-def test_batch_norm_per_group_equals_successive_calls():
+def test_batch_norm_per_block_equals_successive_calls():
     torch.manual_seed(0)
-    x = torch.randn(3, 4, 5, 7)
-    grouped, successive = nn.BatchNorm1d(5), nn.BatchNorm1d(5)
-    nn.init.normal_(grouped.weight)
-    successive.load_state_dict(grouped.state_dict())
-    out = batch_norm_per_group(x, grouped)
-    expected = torch.stack([successive(x[g]) for g in range(3)])
-    torch.testing.assert_close(out, expected)
-    torch.testing.assert_close(grouped.running_mean, successive.running_mean)
-    torch.testing.assert_close(grouped.running_var, successive.running_var)
-    grouped.eval(), successive.eval()
-    torch.testing.assert_close(batch_norm_per_group(x, grouped), torch.stack([successive(x[g]) for g in range(3)]))
+    x = torch.randn(4, 3 * 5, 7)  # (B, blocks * C, T)
+    blocks = list(x.view(4, 3, 5, 7).unbind(1))
+    for order in (None, [2, 0, 1]):
+        grouped, successive = nn.BatchNorm1d(5), nn.BatchNorm1d(5)
+        nn.init.normal_(grouped.weight)
+        nn.init.normal_(grouped.running_mean)
+        successive.load_state_dict(grouped.state_dict())
+        out = batch_norm_per_block(x, grouped, 3, order)
+        expected = {g: successive(blocks[g]) for g in (order or range(3))}  # called in `order`
+        torch.testing.assert_close(out, torch.cat([expected[g] for g in range(3)], 1))
+        torch.testing.assert_close(grouped.running_mean, successive.running_mean)
+        torch.testing.assert_close(grouped.running_var, successive.running_var)
+        assert grouped.num_batches_tracked == successive.num_batches_tracked == 3
+        grouped.eval(), successive.eval()
+        torch.testing.assert_close(batch_norm_per_block(x, grouped, 3), torch.cat([successive(b) for b in blocks], 1))
 
 
 def test_sinusoidal_position_encoding_values():

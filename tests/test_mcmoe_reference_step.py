@@ -176,7 +176,7 @@ def _compare(order: str, kept: tuple[str, ...]) -> dict[str, float]:
 
 @pytest.mark.parametrize("kept", INCOMPLETE, ids=data.subset_name)
 def test_one_step_equals_the_reference_step(kept):
-    # Broken on purpose once: batch_norm_per_group ignoring `order` -> all six fail, running_stats
+    # Broken on purpose once: batch_norm_per_group (now batch_norm_per_block) ignoring `order` -> all six fail, running_stats
     # differ by 3e-3 to 5e-3 (the rest to 1e-15).
     diffs = _compare("reference", kept)
     assert all(value < 1e-10 for value in diffs.values()), diffs

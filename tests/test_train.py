@@ -21,7 +21,7 @@ from pipeline.cli import main
 from pipeline.inference import load_run
 from pipeline.metrics import fisher_z_mean, mean_mse
 from pipeline.presets import PRESETS, get_preset
-from pipeline.train import NonFiniteLossError, lr_at, prepare_data, train
+from pipeline.train import NonFiniteLossError, forward_and_loss, lr_at, prepare_data, train
 from pipeline.train_config import TrainError, resolve_config
 from tests.synthetic import write_labels, write_synthetic_cache
 
@@ -281,7 +281,7 @@ def test_the_optimizer_implementation_is_recorded_and_fused_differs_from_torch_d
         config = tiny_config(made, labels, tmp_path / implementation, optimizer_implementation=implementation)
         run = train(config, **QUIET).run_dir
         recorded = json.loads((run / "run.json").read_text())["config"]
-        assert recorded["optimizer_implementation"] == implementation and recorded["schema_version"] == 3
+        assert recorded["optimizer_implementation"] == implementation and recorded["schema_version"] == 4
         groups = json.loads((run / "last/state.json").read_text())["optimizer"]["param_groups"]
         assert all(bool(g["fused"]) == (implementation == "fused") for g in groups)
         weights[implementation] = load_file(run / "last/model.safetensors")
@@ -518,11 +518,104 @@ def test_dropout_masks_are_recorded_and_a_version_2_run_resumes_with_torchs_mask
 def test_the_train_flags_offer_the_choices_the_config_checks():
     """cli.py spells the choices out (building the parser must not import torch); they must stay these."""
     from pipeline.cli import build_parser
-    from pipeline.train_config import DROPOUT_MASKS, OPTIMIZERS, OPTIMIZER_IMPLEMENTATIONS
+    from pipeline.train_config import DROPOUT_MASKS, OPTIMIZERS, OPTIMIZER_IMPLEMENTATIONS, PRECISIONS
 
     parser = build_parser()
     train_parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
     choices = {a.dest: a.choices for a in train_parser._actions if a.choices}
-    assert {k: sorted(choices[k]) for k in ("optimizer", "optimizer_implementation", "dropout_masks", "mask_policy")} == {
+    assert {k: sorted(choices[k]) for k in ("optimizer", "optimizer_implementation", "dropout_masks", "precision",
+                                            "mask_policy")} == {
         "optimizer": sorted(OPTIMIZERS), "optimizer_implementation": sorted(OPTIMIZER_IMPLEMENTATIONS),
-        "dropout_masks": sorted(DROPOUT_MASKS), "mask_policy": sorted(data.MASK_POLICIES)}
+        "dropout_masks": sorted(DROPOUT_MASKS), "precision": sorted(PRECISIONS), "mask_policy": sorted(data.MASK_POLICIES)}
+
+
+# --------------------------------------------------------------------------- precision
+
+
+def needs_native_bf16() -> None:
+    from pipeline.devices import native_bf16
+
+    if not native_bf16(torch.device("cpu")):
+        pytest.skip("this CPU has neither AVX512-BF16 nor AMX: `pipeline train --precision bf16` is refused here")
+
+
+def watch_training_dtypes(monkeypatch) -> list[torch.dtype]:
+    """The dtype of the STEM's first feed-forward output in every training forward pass of `train`."""
+    from pipeline import train as training
+
+    seen: list[torch.dtype] = []
+    build = training.build_training_model
+
+    def watched(*args, **kwargs):
+        model = build(*args, **kwargs)
+        model.stem.layers[0].linear1.register_forward_hook(
+            lambda module, inputs, output: seen.append(output.dtype) if module.training else None)
+        return model
+
+    monkeypatch.setattr(training, "build_training_model", watched)
+    return seen
+
+
+def test_bf16_training_is_recorded_gives_finite_losses_and_keeps_float32_weights(tmp_path, small, monkeypatch):
+    needs_native_bf16()
+    made, labels = small
+    assert tiny_config(made, labels, tmp_path / "x").precision == "fp32"  # the default: today's runs
+    seen = watch_training_dtypes(monkeypatch)
+    run = train(tiny_config(made, labels, tmp_path / "bf16", precision="bf16"), **QUIET).run_dir
+    assert seen and set(seen) == {torch.bfloat16}  # the forward pass really ran in bfloat16
+    recorded = json.loads((run / "run.json").read_text())["config"]
+    assert recorded["precision"] == "bf16" and recorded["sources"]["precision"] == "flag"
+    rows = RunDir(run).read_log()
+    assert len(rows) == 2 and all(math.isfinite(float(r[k])) for r in rows for k in ("loss", "task", "recon", "align"))
+    for name in ("best.safetensors", "last/model.safetensors", "last/optimizer.safetensors"):
+        tensors = load_file(run / name)
+        floats = {k: t.dtype for k, t in tensors.items() if t.is_floating_point()}
+        assert floats and set(floats.values()) == {torch.float32}, name  # master weights and Adam's moments
+    # the loss: every term and the total reduced in float32 from the bfloat16 forward pass
+    model = MCMoE(MCMoEConfig(modalities=["rgb", "flow"], feature_dims={"rgb": 8, "flow": 6}, **TINY)).train()
+    features = {"rgb": torch.randn(4, 5, 8), "flow": torch.randn(4, 5, 6)}
+    available = torch.tensor([[True, False], [False, True], [True, False], [False, True]])
+    out, total, terms = forward_and_loss(model, features, available, torch.ones_like(available), torch.rand(4),
+                                         "bf16", torch.device("cpu"))
+    assert total.dtype == torch.float32 and all(t.dtype == torch.float32 for t in terms.values())
+    assert math.isfinite(total.item()) and out["generated"].dtype == torch.float32
+
+
+def test_a_bf16_run_resumes_in_bf16_and_refuses_another_precision(tmp_path, small, monkeypatch, capsys):
+    needs_native_bf16()
+    made, labels = small
+    straight = train(tiny_config(made, labels, tmp_path / "straight", precision="bf16"), **QUIET)
+    train(tiny_config(made, labels, tmp_path / "resumed", precision="bf16"), stop_after_epochs=1, **QUIET)
+    seen = watch_training_dtypes(monkeypatch)
+    assert main(["train", "--out", str(tmp_path / "resumed"), "--resume", "--quiet"]) == 0  # no --precision given
+    assert seen and set(seen) == {torch.bfloat16}
+    assert (straight.run_dir / "train_log.csv").read_text() == (tmp_path / "resumed/train_log.csv").read_text()
+    capsys.readouterr()
+    assert main(["train", "--out", str(tmp_path / "resumed"), "--resume", "--precision", "fp32", "--quiet"]) == 2
+    assert "these flags differ: {'precision': 'fp32'}" in capsys.readouterr().err
+
+
+def test_a_run_recorded_before_precision_resumes_in_fp32(tmp_path, small, monkeypatch):
+    made, labels = small
+    train(tiny_config(made, labels, tmp_path / "old"), stop_after_epochs=1, **QUIET)
+    record = json.loads((tmp_path / "old/run.json").read_text())
+    del record["config"]["precision"], record["config"]["sources"]["precision"]
+    record["config"]["schema_version"] = 3  # as runs were recorded before the setting
+    (tmp_path / "old/run.json").write_text(json.dumps(record))
+    seen = watch_training_dtypes(monkeypatch)
+    assert main(["train", "--out", str(tmp_path / "old"), "--resume", "--quiet"]) == 0
+    assert seen and set(seen) == {torch.float32}
+
+
+def test_bf16_is_refused_in_one_line_where_the_cpu_lacks_it(tmp_path, small, monkeypatch):
+    from pipeline import train as training
+
+    made, labels = small
+    monkeypatch.setattr(training, "native_bf16", lambda device: False)
+    with pytest.raises(TrainError) as caught:
+        train(tiny_config(made, labels, tmp_path / "run", precision="bf16"), device="cpu", **QUIET)
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith("--precision bf16: this CPU has neither AVX512-BF16 nor AMX")
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+    with pytest.raises(ValueError, match="--precision must be one of"):
+        tiny_config(made, labels, tmp_path / "y", precision="fp16")
