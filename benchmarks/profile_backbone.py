@@ -3,12 +3,14 @@
     python benchmarks/profile_backbone.py --modality rgb            # Video Swin-B, full size, one segment
     python benchmarks/profile_backbone.py --modality flow --segments 2 --rows 25
     python benchmarks/profile_backbone.py --modality rgb --ceiling --json benchmarks/results/profile_rgb_cpu.json
+    python benchmarks/profile_backbone.py --modality rgb --ceiling --precision bf16   # as `extract --precision bf16`
 
 Builds the backbone as `pipeline extract` does (random weights unless --backbones pretrained), runs
 `embed` once to warm up, then once under torch.profiler, and prints the operators by their own time
 with the share that is arithmetic (matmul / convolution) and the share that only moves memory.
 
-With --ceiling it first measures this machine's fp32 matmul rate (bench_extract's `matmul_rates`) and
+With --ceiling it first measures this machine's matmul rate in the backbone's precision (bench_extract's
+`matmul_rates`, fp32 or bf16) and
 gives each operator its FLOPs (torch's FLOP counter; a fused attention kernel, which the counter cannot
 see into, gets the extractor's written-out count minus what the counter saw) and its rate as a fraction
 of that ceiling: how fast the arithmetic itself runs, and what the other operators cost the whole.
@@ -49,14 +51,16 @@ def main() -> None:
     parser.add_argument("--segments", type=int, default=1)
     parser.add_argument("--rows", type=int, default=15)
     parser.add_argument("--ceiling", action="store_true", help="measure the matmul ceiling and each operator's rate")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="as `pipeline extract --precision`")
     parser.add_argument("--json", type=Path, help="also write the shares and the top operators here")
     args = parser.parse_args()
-    ceiling = max(matmul_rates(torch.device("cpu")).values()) if args.ceiling else None
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    ceiling = max(matmul_rates(torch.device("cpu"), dtype).values()) if args.ceiling else None
 
     defaults = {"rgb": "vst", "flow": "farneback", "audio": "ast"}
     name = args.backbone or defaults[args.modality]
     config = ExtractionConfig(modalities=(args.modality,), backbones={args.modality: name},
-                              weights=args.backbones, arch_size=args.arch_size)
+                              weights=args.backbones, arch_size=args.arch_size, precision=args.precision)
     extractor = build_extractors(config, torch.device("cpu"), WeightsSource())[args.modality]
     if extractor.input_kind == "frames":
         shape = dummy_frames(config.frames_per_clip, config.decode_short_side).shape[1:]  # the decode size
@@ -78,9 +82,9 @@ def main() -> None:
                      or "convolution" in e.key)
     record = {**run_record(), "threads": torch.get_num_threads(), "command": " ".join(["python", *sys.argv]),
               "modality": args.modality, "backbone": name, "arch_size": config.arch_size, "weights": config.weights,
-              "segments": args.segments, "profiled_s": seconds, "arithmetic_share_of_operators": arithmetic / total,
+              "segments": args.segments, "precision": args.precision, "profiled_s": seconds, "arithmetic_share_of_operators": arithmetic / total,
               "matmul_ceiling_gflop_per_s": ceiling}
-    print(f"{args.modality}: {name} ({config.arch_size}, {config.weights} weights), {args.segments} segment(s), "
+    print(f"{args.modality}: {name} ({config.arch_size}, {config.weights} weights, {args.precision}), {args.segments} segment(s), "
           f"{record['cpu']}, {record['threads']} threads, commit {record['commit']}, {record['date']}: "
           f"{seconds:.2f} s under the profiler")
     print(f"arithmetic operators (matmul, convolution): {arithmetic / total:.0%} of the operators' own time")
