@@ -13,9 +13,9 @@ both precisions, so each row pairs a run with the features it was trained on and
 A precision that costs nothing measurable moves rho and MSE by well under the seed spread.
 
 The backbones are the demo's (tiny, random weights), whose bf16 features differ from fp32 ones by
-0.5-1.5% of their scale (tests/test_precision.py prints the figures); the full-size backbones' differ by
-0.4-0.9% (benchmarks/bench_extract.py --precision fp32,bf16 compares their features too). The results
-file names the commit, the CPU and the date.
+0.5-1.5% of their largest value (tests/test_precision.py prints the figures); full-size Swin-B's and the
+I3D's by 0.4% and 0.9% (bench_cpu_backends.py's bf16 autocast try, results/cpu_backends.json). The
+results file names the commit, the CPU and the date.
 """
 
 from __future__ import annotations

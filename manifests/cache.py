@@ -170,8 +170,8 @@ def feature_recipe(config: dict[str, Any]) -> str:
 
 
 def feature_precision(config: dict[str, Any]) -> str:
-    """What the backbones of an extraction's config.json computed in: "fp32" (recorded only when not), or
-    "bf16" (extractors/config.py PRECISIONS)."""
+    """What the backbones of an extraction's config.json computed in (extractors/config.py PRECISIONS):
+    "fp32" when a config.json written before the precision existed says nothing."""
     return (config.get("extraction") or {}).get("precision", "fp32")
 
 
