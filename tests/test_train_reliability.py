@@ -57,7 +57,12 @@ def test_two_train_processes_on_one_run_folder(tmp_path, small):
     made, labels = small
     run_dir = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    first = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *cli_train(made, labels, run_dir, "--epochs", "100000", "--seed", "0")],
+    # The test process may run with SIGINT ignored (seen in a pytest-xdist worker that had run the Ray tests:
+    # SigIgn in /proc), which a child inherits and Python then keeps: the child takes back the handler a
+    # `pipeline train` started from a terminal has, so the SIGINT below reaches it.
+    with_ctrl_c = "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); " \
+                  "from pipeline.cli import main; sys.exit(main(sys.argv[1:]))"
+    first = subprocess.Popen([sys.executable, "-c", with_ctrl_c, *cli_train(made, labels, run_dir, "--epochs", "100000", "--seed", "0")],
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
