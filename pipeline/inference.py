@@ -359,6 +359,11 @@ def check_feature_recipe(expected: str, actual: dict[str, Any], who: str, cache_
             f"(extract with --recipe {expected}, or pass --allow-other-recipe to use them anyway)")
 
 
+# Why features of another precision are used rather than refused (benchmarks/precision_scores.py).
+OTHER_PRECISION = ("the two differ by about 1% of their scale, which moved scores far less than the training "
+                   "seed does (README, \"Precision\")")
+
+
 def other_precision_only(expected: dict[str, Any], actual: dict[str, Any]) -> bool:
     """Whether two extractions' config.json describe the same features but for their precision (fp32 vs
     bf16): features that move scores far less than the training seed does (README, "Precision")."""
@@ -382,8 +387,7 @@ def check_same_features(expected: dict[str, Any], actual: dict[str, Any], run_di
                        f"was trained on ({weights}: run vs features)")
     if other_precision_only(expected, actual):
         print(f"NOTE: the features in {cache_root} were computed in {feature_precision(actual)}, run {run_dir} was "
-              f"trained on {feature_precision(expected)} ones; the two differ by about 1% of their scale, which moved "
-              "scores far less than the training seed does (README, \"Precision\")", file=sys.stderr)
+              f"trained on {feature_precision(expected)} ones; {OTHER_PRECISION}", file=sys.stderr)
         return
     differ = config_differences(expected, actual)
     if differ:

@@ -34,7 +34,7 @@ from manifests.claims import describe_holder
 from pipeline.data import Sample
 from pipeline.devices import describe_device, native_bf16, resolve_precision
 from pipeline.extraction.entry import cache_folder, extract_into
-from pipeline.inference import Run, RunError, load_run
+from pipeline.inference import OTHER_PRECISION, Run, RunError, load_run
 from pipeline.provenance import provenance
 from pipeline.tables import Table, write_table
 from pipeline.videos import VIDEO_EXTENSIONS, VideoSource, file_fingerprint, legacy_fingerprint
@@ -136,9 +136,8 @@ def precision_here(config: ExtractionConfig, device: torch.device, choice: str =
         return config, None
     why = f"this {describe_device(device)} has no native bf16" if choice == "run" else f"--precision {choice}"
     return dataclasses.replace(config, precision=wanted), (
-        f"the run was trained on features computed in {trained}; the clips' are computed in {wanted} ({why}); the "
-        "two differ by about 1% of their scale, which moved scores far less than the training seed does "
-        "(README, \"Precision\")")
+        f"the run was trained on features computed in {trained}; the clips' are computed in {wanted} ({why}); "
+        f"{OTHER_PRECISION}")
 
 
 def check_run_weights(run: Run, config: ExtractionConfig, weights: WeightsSource) -> None:
