@@ -1,14 +1,15 @@
-"""Video Swin-B's window attention on this CPU: as torchvision writes it vs torch's fused kernel.
+"""Video Swin-B's window attention on this CPU, each way the `attention` setting offers, in each precision.
 
-    python benchmarks/bench_attention.py --json benchmarks/results/attention_cpu.json
+    python benchmarks/bench_attention.py --precision fp32,bf16 --json benchmarks/results/attention_cpu.json
 
 torchvision's swin3d computes softmax(q k^T * scale + bias + mask) v with a matmul, two adds, a
-softmax and a matmul, each pass over the (windows, heads, 392, 392) scores in memory. This times that
-against F.scaled_dot_product_attention with the same additive mask, at the shapes of Swin-B's stages
-1-3 for one 32-frame segment at 224x224, and prints the largest difference of the outputs. Then the
-whole Video Swin-B (random weights) on one segment, with torchvision's attention and with the fused
-FusedWindowAttention3d the extractor uses by default (extractors/rgb_vst.py): time of each, the
-ratio, and the largest difference of the 1024-d features relative to their scale.
+softmax and a matmul, each pass over the (windows, heads, 392, 392) scores in memory ("reference").
+"fused" is F.scaled_dot_product_attention with the same additive mask; "matmul" is two batched matmuls
+per window with the softmax between (extractors/rgb_vst.py). This times each at the shapes of Swin-B's
+stages 1-3 for one 32-frame segment at 224x224 and prints the largest difference from float64 of the
+same inputs. Then the whole Video Swin-B extractor (random weights, one segment) with each attention:
+time, speed against "fused" in the same precision, and the largest difference of the 1024-d features
+from fp32 with "fused", relative to their largest value. bf16 runs where the CPU has it natively.
 """
 
 from __future__ import annotations
@@ -19,17 +20,24 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_extract import run_record  # noqa: E402
-from extractors.rgb_vst import fuse_window_attention  # noqa: E402
+from extractors.base import WeightsSource  # noqa: E402
+from extractors.config import ExtractionConfig  # noqa: E402
+from extractors.rgb_vst import MatmulWindowAttention3d, VideoSwinExtractor  # noqa: E402
+from extractors.settings import settings_from_values  # noqa: E402
+from pipeline.devices import native_bf16  # noqa: E402
 
 # (stage, windows, heads) for a (16, 56, 56)-token first stage and 8x7x7 windows; 392 tokens, head dim 32
 STAGES = (("stage 1", 128, 4), ("stage 2", 32, 8), ("stage 3", 8, 16))
 TOKENS, HEAD_DIM = 392, 32
+ATTENTIONS = ("reference", "fused", "matmul")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def timed(fn, repeats: int = 3) -> tuple[float, torch.Tensor]:
@@ -42,64 +50,95 @@ def timed(fn, repeats: int = 3) -> tuple[float, torch.Tensor]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--precision", default="fp32,bf16",
+                        help="comma-separated: fp32, bf16 (bf16 skipped without native support; default: %(default)s)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
-    record = {**run_record(), "threads": torch.get_num_threads(), "command": " ".join(["python", *sys.argv])}
+    asked = args.precision.split(",")
+    if any(p not in DTYPES for p in asked):
+        parser.error(f"--precision: fp32 and/or bf16, got {args.precision!r}")
+    # fp32 first: the features of every other run are compared with its
+    precisions = [p for p in DTYPES if p in asked and (p == "fp32" or native_bf16(torch.device("cpu")))]
+    if not precisions:
+        parser.error("--precision bf16: this CPU has no native bf16")
+    record = {**run_record(), "threads": torch.get_num_threads(), "command": " ".join(["python", *sys.argv]),
+              "precisions": precisions}
     print(f"{record['cpu']}, {record['threads']} threads, commit {record['commit']}, {record['date']}")
-    record["stages"] = stages()
-    record["whole_network"] = whole_network()
+    record["stages"] = stages(precisions)
+    record["whole_network"] = whole_network(precisions)
     if args.json:
         args.json.write_text(json.dumps(record, indent=2) + "\n")
 
 
+def attention_ways(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> dict:
+    """Each `attention` setting's computation of one clip's windows, as the extractor runs it."""
+    matmul = MatmulWindowAttention3d.__new__(MatmulWindowAttention3d)  # only attend() is used: no weights needed
+    matmul.training, matmul.attention_dropout = False, 0.0
+
+    def reference() -> torch.Tensor:
+        scores = (q * HEAD_DIM**-0.5) @ k.transpose(-2, -1)
+        return (scores + mask).softmax(-1) @ v
+
+    return {"reference": reference,
+            "fused": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask.expand(*q.shape[:2], -1, -1)),
+            "matmul": lambda: matmul.attend(q, k, v, mask)}
+
+
 @torch.inference_mode()
-def stages() -> list[dict[str, float | str]]:
+def stages(precisions: list[str]) -> list[dict]:
     torch.manual_seed(0)
     rows = []
     for stage, windows, heads in STAGES:
         q, k, v = (torch.randn(windows, heads, TOKENS, HEAD_DIM) for _ in range(3))
-        mask = torch.randn(heads, TOKENS, TOKENS)[None] + torch.zeros(windows, 1, TOKENS, TOKENS)
-
-        def as_written() -> torch.Tensor:
-            scores = (q * HEAD_DIM**-0.5) @ k.transpose(-2, -1)
-            return (scores + mask).softmax(-1) @ v
-
-        def fused() -> torch.Tensor:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-        written_s, written = timed(as_written)
-        fused_s, out = timed(fused)
-        difference = (written - out).abs().max().item()
-        print(f"{stage}: {windows} windows x {heads} heads: as written {written_s * 1e3:.0f} ms, fused "
-              f"{fused_s * 1e3:.0f} ms ({written_s / fused_s:.2f}x), largest difference {difference:.1e}")
-        rows.append({"stage": stage, "windows": windows, "heads": heads, "as_written_s": written_s, "fused_s": fused_s,
-                     "speedup": written_s / fused_s, "largest_difference": difference})
+        mask = torch.randn(1, heads, TOKENS, TOKENS)  # one bias for every window, as an unshifted block's
+        exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask.double().expand(
+            windows, -1, -1, -1))
+        gflop = 4 * windows * heads * TOKENS * TOKENS * HEAD_DIM / 1e9
+        for precision in precisions:
+            inputs = [x.to(DTYPES[precision]) for x in (q, k, v, mask)]
+            times = {}
+            for attention, fn in attention_ways(*inputs).items():
+                seconds, out = timed(fn)
+                difference = (out.double() - exact).abs().max().item()
+                times[attention] = seconds
+                rows.append({"stage": stage, "windows": windows, "heads": heads, "precision": precision,
+                             "attention": attention, "seconds": seconds, "gflop_per_s": gflop / seconds,
+                             "largest_difference_from_float64": difference})
+            print(f"{stage} ({windows} windows x {heads} heads) {precision}: " + ", ".join(
+                f"{a} {s * 1e3:.0f} ms ({gflop / s:.0f} GFLOP/s)" for a, s in times.items())
+                + f"; matmul {times['fused'] / times['matmul']:.2f}x fused")
     return rows
 
 
-def whole_network(repeats: int = 2) -> dict[str, float]:
-    from torchvision.models.video import swin3d_b
-
-    # Built outside inference mode, as the extractor builds it: a fused block keys its kept mask on its
-    # weights' version counter, which inference tensors do not have.
-    torch.manual_seed(0)
-    reference = swin3d_b().eval()
-    fused = fuse_window_attention(swin3d_b().eval())
-    fused.load_state_dict(reference.state_dict())
-    reference.head = fused.head = torch.nn.Identity()
-    segment = torch.randn(1, 3, 32, 224, 224)
-    with torch.inference_mode():
-        reference_s, expected = timed(lambda: reference(segment), repeats)
-        fused_s, got = timed(lambda: fused(segment), repeats)
-    relative = ((got - expected).abs().max() / expected.abs().max()).item()
-    # what the fused blocks keep between calls (FusedWindowAttention3d.attention_mask)
-    masks = [m.__dict__["_cached_mask"][1] for m in fused.modules() if "_cached_mask" in m.__dict__]
-    mask_mib = sum(mask.numel() * mask.element_size() for mask in masks) / 2**20
-    print(f"Video Swin-B, one 32-frame segment: torchvision attention {reference_s:.2f} s, fused {fused_s:.2f} s "
-          f"({reference_s / fused_s:.2f}x); largest feature difference {relative:.1e} of the largest feature; "
-          f"{len(masks)} blocks keep {mask_mib:.0f} MiB of attention masks")
-    return {"torchvision_attention_s": reference_s, "fused_s": fused_s, "speedup": reference_s / fused_s,
-            "relative_difference": relative, "cached_masks": len(masks), "cached_mask_mib": mask_mib}
+def whole_network(precisions: list[str], repeats: int = 2) -> list[dict]:
+    """The extractor on one segment with each attention and precision, the same random weights."""
+    frames = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (1, 32, 256, 455, 3), dtype=np.uint8))
+    state, expected, rows = None, None, []
+    for precision in precisions:
+        fused_s = None
+        for attention in ("fused", "matmul", "reference"):
+            config = ExtractionConfig(modalities=("rgb",), backbones={"rgb": "vst"}, weights="random",
+                                      arch_size="full", precision=precision,
+                                      settings={"rgb": settings_from_values("rgb", "vst", {"attention": attention})})
+            extractor = VideoSwinExtractor(config, torch.device("cpu"), WeightsSource())
+            if state is None:
+                state = {name: value.clone() for name, value in extractor.model.state_dict().items()}
+            extractor.model.load_state_dict(state)
+            seconds, features = timed(lambda: extractor.embed(frames), repeats)
+            if expected is None:  # the first precision (fp32 when asked) with the fused attention
+                expected = features
+            fused_s = fused_s or seconds
+            relative = ((features - expected).abs().max() / expected.abs().max()).item()
+            # what the blocks keep between calls (FusedWindowAttention3d.attention_mask)
+            masks = [m.__dict__["_cached_mask"][1] for m in extractor.model.modules() if "_cached_mask" in m.__dict__]
+            mask_mib = sum(mask.numel() * mask.element_size() for mask in masks) / 2**20
+            rows.append({"precision": precision, "attention": attention, "seconds": seconds,
+                         "speedup_over_fused": fused_s / seconds,
+                         f"relative_difference_from_{precisions[0]}_fused": relative, "cached_mask_mib": mask_mib})
+            print(f"Video Swin-B, one 32-frame segment, {precision}, attention {attention}: {seconds:.2f} s "
+                  f"({fused_s / seconds:.2f}x fused); largest feature difference from {precisions[0]} fused "
+                  f"{relative:.1e} of the largest feature; blocks keep {mask_mib:.0f} MiB of masks")
+    return rows
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from extractors.i3d import inception_i3d  # noqa: E402
 from extractors.onednn import use_onednn_linears  # noqa: E402
 from extractors.base import BackboneUnavailableError  # noqa: E402
 from extractors.cpu_runtimes import RUNTIMES, RuntimeNetwork, import_runtime  # noqa: E402
-from extractors.rgb_vst import fuse_window_attention  # noqa: E402
+from extractors.rgb_vst import use_window_attention  # noqa: E402
 
 def network(name: str, today: bool = True, fused: bool = True) -> tuple[torch.nn.Module, torch.Tensor]:
     """The network and its input as the extractors run them today, or with torch's defaults instead of
@@ -52,7 +52,7 @@ def network(name: str, today: bool = True, fused: bool = True) -> tuple[torch.nn
     torchvision's own window attention. The same weights either way."""
     torch.manual_seed(0)
     if name == "Video Swin-B":
-        swin = fuse_window_attention(swin3d_b()) if fused else swin3d_b()
+        swin = use_window_attention(swin3d_b()) if fused else swin3d_b()
         swin.head = torch.nn.Identity()
         swin = (use_onednn_linears(swin) if today else swin).eval().requires_grad_(False)
         return swin, torch.randn(1, 3, 32, 224, 224)

@@ -193,7 +193,9 @@ def main() -> None:
     config = ExtractionConfig(modalities=modalities, backbones={m: names[m] for m in modalities},
                               weights=args.backbones, arch_size=args.arch_size,
                               settings={m: settings_from_values(m, names[m], values) for m in modalities})
-    configs = {p: dataclasses.replace(config, precision=p) for p in precisions}
+    # each precision with the settings `pipeline extract --precision` gives it (a CPU's bf16 has its own defaults)
+    configs = {p: dataclasses.replace(config, precision=p, settings={
+        m: settings_from_values(m, names[m], values, p, device.type) for m in modalities}) for p in precisions}
     work = Path(tempfile.mkdtemp(prefix="bench_extract_"))
     sources = discover_videos(benchmark_videos(args.videos, work, args.clips, args.seconds, args.size))
     built = {p: build_extractors(c, device, WeightsSource(weights_dir=args.weights_dir)) for p, c in configs.items()}

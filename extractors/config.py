@@ -11,11 +11,11 @@ cache keeps its folder name. A backbone's own settings are fields of its setting
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar
 
 from extractors.recipes import PROJECT, recipe
-from extractors.settings import BackboneSettings, settings_class
+from extractors.settings import BackboneSettings, settings_class, settings_in_precision
 from manifests.config import ConfigError, RecordedConfig
 from manifests.hashing import feature_hash, hashed_fields
 
@@ -185,6 +185,12 @@ class ExtractionConfig(RecordedConfig):
                 continue  # an unknown backbone: __post_init__ names it
             settings[modality] = {f.name: values[f.name] for f in declared if f.name in values}
         return {**data, "settings": settings}
+
+    def in_precision(self, precision: str, device_type: str) -> ExtractionConfig:
+        """This extraction computed in `precision` on `device_type`, each backbone setting that goes with
+        the precision (settings_in_precision: Video Swin's attention on a CPU) moved along with it."""
+        return replace(self, precision=precision, settings={
+            m: settings_in_precision(s, precision, device_type) for m, s in self.settings.items()})
 
     @property
     def frames_per_clip(self) -> int:

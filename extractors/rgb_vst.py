@@ -6,6 +6,11 @@ each a pass over the (windows, heads, 392, 392) scores, which made half of Swin-
 (benchmarks/profile_backbone.py); torch's scaled_dot_product_attention does it in one kernel. Same
 weights, same arithmetic up to float rounding (tests/test_backbones.py bounds the difference);
 `attention="reference"` keeps torchvision's own code.
+
+`attention="matmul"` computes each window's attention as two batched matmuls with the softmax between,
+one window at a time so its scores stay in cache. Under bf16 on a CPU this is faster than the fused
+kernel, which there runs at about its float32 speed (benchmarks/bench_attention.py measures both); the
+scores are rounded to bf16 before the softmax, which the fused kernel keeps in float32.
 """
 
 from __future__ import annotations
@@ -116,14 +121,19 @@ class FusedWindowAttention3d(ShiftedWindowAttention3d):
 
         qkv = self.qkv(x).view(batch, windows, tokens, 3, heads, channels // heads)
         q, k, v = qkv.permute(3, 0, 1, 4, 2, 5)  # each (batch, windows, heads, tokens, head_dim)
-        mask = self.attention_mask(padded, window, shift, q.dtype).expand(windows, heads, tokens, tokens)
-        dropout = self.attention_dropout if self.training else 0.0
-        attend = lambda i: F.scaled_dot_product_attention(q[i], k[i], v[i], attn_mask=mask, dropout_p=dropout)  # noqa: E731
+        mask = self.attention_mask(padded, window, shift, q.dtype)
+        attend = lambda i: self.attend(q[i], k[i], v[i], mask)  # noqa: E731
         out = attend(0)[None] if batch == 1 else torch.stack([attend(i) for i in range(batch)])
         x = out.transpose(2, 3).reshape(batch, windows * tokens, channels)
         x = F.dropout(self.proj(x), p=self.dropout, training=self.training)
         x = x.index_select(1, inverse).view(batch, *padded, channels)
         return x[:, :t, :h, :w].contiguous() if any(pad) else x
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """One clip's windows: q, k, v (windows, heads, tokens, head_dim), mask (1 or windows, heads,
+        tokens, tokens) -> (windows, heads, tokens, head_dim)."""
+        dropout = self.attention_dropout if self.training else 0.0
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.expand(*q.shape[:2], -1, -1), dropout_p=dropout)
 
     def attention_mask(self, padded: tuple[int, int, int], window: tuple[int, int, int], shift: tuple[int, int, int],
                        dtype: torch.dtype) -> torch.Tensor:
@@ -149,11 +159,35 @@ class FusedWindowAttention3d(ShiftedWindowAttention3d):
         return mask
 
 
-def fuse_window_attention(model: SwinTransformer3d) -> SwinTransformer3d:
-    """Every window attention of `model` runs fused (FusedWindowAttention3d); weights untouched."""
+class MatmulWindowAttention3d(FusedWindowAttention3d):
+    """FusedWindowAttention3d with each window's attention as two batched matmuls (`attention="matmul"`):
+    softmax(q k^T * scale + mask) v over the window's heads, one window per call, so the (heads, tokens,
+    tokens) scores stay in cache between the matmuls and the softmax. The matmuls run in the dtype q
+    comes in (bf16 under the extractor's autocast), scores included."""
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        scale = q.shape[-1] ** -0.5
+        dropout = self.attention_dropout if self.training else 0.0
+        out = q.new_empty(q.shape)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        for window in range(len(q)):
+            # the scale is applied to the matmul's float accumulator, not to a rounded q
+            scores = torch.baddbmm(mask[window if len(mask) > 1 else 0], q[window], k[window].transpose(-2, -1),
+                                   alpha=scale)
+            weights = F.dropout(scores.softmax(-1), p=dropout, training=self.training)
+            torch.bmm(weights, v[window], out=out[window])
+        return out
+
+
+WINDOW_ATTENTION = {"fused": FusedWindowAttention3d, "matmul": MatmulWindowAttention3d}
+
+
+def use_window_attention(model: SwinTransformer3d, attention: str = "fused") -> SwinTransformer3d:
+    """Every window attention of `model` runs the way `attention` names (WINDOW_ATTENTION; "reference"
+    leaves torchvision's); weights untouched."""
     for module in model.modules():
-        if type(module) is ShiftedWindowAttention3d:
-            module.__class__ = FusedWindowAttention3d
+        if isinstance(module, ShiftedWindowAttention3d) and attention != "reference":
+            module.__class__ = WINDOW_ATTENTION[attention]
     return model
 
 
@@ -180,8 +214,7 @@ class VideoSwinExtractor(Extractor):
             elif not config.random_weights:
                 path = checkpoint_path(weights, PRETRAINED.url)
                 model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        if self.settings.attention == "fused":
-            fuse_window_attention(model)
+        use_window_attention(model, self.settings.attention)
         self.feature_dim = model.num_features
         model.head = nn.Identity()
         self.model = self.freeze(model)
@@ -216,14 +249,14 @@ class VideoSwinExtractor(Extractor):
     def flops_per_clip(self, frames: int) -> float:
         # torch's FLOP counter sees no arithmetic in the fused attention kernel: count the same work
         # written out, with torchvision's attention swapped in for the count.
-        fused = [m for m in self.model.modules() if type(m) is FusedWindowAttention3d]
-        for module in fused:
+        replaced = [(m, type(m)) for m in self.model.modules() if isinstance(m, FusedWindowAttention3d)]
+        for module, _ in replaced:
             module.__class__ = ShiftedWindowAttention3d
         try:
             return count_flops(self.embed, dummy_frames(frames, self.config.decode_short_side))
         finally:
-            for module in fused:
-                module.__class__ = FusedWindowAttention3d
+            for module, kind in replaced:
+                module.__class__ = kind
 
     def describe(self) -> dict:
         return {

@@ -22,10 +22,12 @@ from manifests.config import RecordedConfig
 SettingsT = TypeVar("SettingsT", bound=type["BackboneSettings"])
 
 
-def setting(default: Any, choices: tuple[Any, ...] | None = None, help: str = "") -> Any:
-    """A settings field: its default, its allowed values (None: any value of the default's type) and
-    the help text its command line flag shows."""
-    return dataclasses.field(default=default, metadata={"choices": tuple(choices) if choices else None, "help": help})
+def setting(default: Any, choices: tuple[Any, ...] | None = None, help: str = "", cpu_bf16: Any = None) -> Any:
+    """A settings field: its default, its allowed values (None: any value of the default's type), the
+    help text its command line flag shows, and the value to take instead of the default when the
+    features are computed in bf16 on a CPU (None: the default there too; see settings_from_values)."""
+    return dataclasses.field(default=default, metadata={"choices": tuple(choices) if choices else None, "help": help,
+                                                        "cpu_bf16": cpu_bf16})
 
 
 @dataclass
@@ -79,11 +81,31 @@ def settings_class(modality: str, name: str) -> type[BackboneSettings]:
         raise ValueError(f"unknown {modality} backbone {name!r}; choose from {list(known[modality])}") from None
 
 
-def settings_from_values(modality: str, name: str, values: dict[str, Any]) -> BackboneSettings:
+def settings_from_values(modality: str, name: str, values: dict[str, Any], precision: str = "fp32",
+                         device_type: str = "cpu") -> BackboneSettings:
     """The settings of backbone `name` from `values`, a flat {setting: value} for all backbones (the
-    command line's flags): the backbone takes the names it declares, the rest is not its concern."""
+    command line's flags): the backbone takes the names it declares, the rest is not its concern.
+
+    A setting not in `values` takes its `cpu_bf16` value for bf16 on a CPU: the value is then recorded
+    and hashed like any other, so a cache says how it was made and keeps its name whatever the defaults."""
     cls = settings_class(modality, name)
-    return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
+    fields = dataclasses.fields(cls)
+    chosen = {f.name: values[f.name] for f in fields if f.name in values}
+    if precision == "bf16" and device_type == "cpu":
+        chosen = {**{f.name: f.metadata["cpu_bf16"] for f in fields if f.metadata.get("cpu_bf16") is not None},
+                  **chosen}
+    return cls(**chosen)
+
+
+def settings_in_precision(settings: BackboneSettings, precision: str, device_type: str) -> BackboneSettings:
+    """`settings` for the same features computed in `precision` on `device_type`: a setting at the value one
+    precision takes by default (its default, or its `cpu_bf16` value) takes the other's; any other value stays."""
+    changes = {}
+    for f in dataclasses.fields(settings):
+        cpu_bf16 = f.metadata.get("cpu_bf16")
+        if cpu_bf16 is not None and getattr(settings, f.name) in (f.default, cpu_bf16):
+            changes[f.name] = cpu_bf16 if precision == "bf16" and device_type == "cpu" else f.default
+    return dataclasses.replace(settings, **changes)
 
 
 def setting_fields() -> dict[str, tuple[dataclasses.Field, list[tuple[str, str]]]]:
@@ -136,9 +158,11 @@ class LinearLayerSettings(BackboneSettings):
 @dataclass
 class VideoSwinSettings(LinearLayerSettings):
     attention: str = setting(
-        "fused", ("fused", "reference"),
-        help="window attention: fused into one kernel, or torchvision's reference code; equal up to "
-        "float rounding")
+        "fused", ("fused", "matmul", "reference"),
+        help="window attention: fused into one kernel, two batched matmuls per window (faster under "
+        "--precision bf16 on a CPU; its scores round to bf16 there), or torchvision's reference code; equal up "
+        "to float rounding",
+        cpu_bf16="matmul")
     frame_transform: str = setting(
         "torch", ("torch", "pil"),
         help="how frames become the 224x224 input: torch (crop at the decode size, antialiased bilinear "

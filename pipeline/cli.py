@@ -107,7 +107,8 @@ def add_backbone_setting_options(group: argparse._ArgumentGroup) -> None:
             {"choices": list(choices)} if choices else {"type": type(default)}
         backbones = ", ".join(sorted({n for _, n in owners}, key=[n for _, n in owners].index))
         group.add_argument(f"--{name.replace('_', '-')}", default=None, **kind,
-                           help=f"{backbones}: {field.metadata.get('help', '')} (default: {default})")
+                           help=f"{backbones}: {field.metadata.get('help', '')} (default: {default}"
+                           + (f"; {field.metadata['cpu_bf16']} for bf16 on a CPU)" if field.metadata.get("cpu_bf16") else ")"))
 
 
 def check_extraction_flags(args: argparse.Namespace) -> tuple[str, ...]:
@@ -157,7 +158,7 @@ def extraction_config_from_args(args: argparse.Namespace, device_type: str) -> "
             window_seconds=args.window_seconds, hop_seconds=args.hop_seconds, clip_frames=args.clip_frames,
             modalities=modalities, backbones=backbones, weights=args.backbones, arch_size=args.arch_size,
             seed=args.seed, feature_dtype=args.feature_dtype, precision=precision,
-            settings={m: settings_from_values(m, backbones[m], values) for m in modalities},
+            settings={m: settings_from_values(m, backbones[m], values, precision, device_type) for m in modalities},
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None

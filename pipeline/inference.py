@@ -19,7 +19,6 @@ many were used).
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import math
 import sys
@@ -373,8 +372,12 @@ def other_precision_only(expected: dict[str, Any], actual: dict[str, Any]) -> bo
         other = ExtractionConfig.from_dict(actual["extraction"])
     except (ConfigError, ValueError, TypeError):
         return False
-    same = dataclasses.replace(other, precision=feature_precision(expected)).config_hash()
-    return same == expected.get("config_hash") and not config_differences(expected, {**actual, "config_hash": same})
+    # The features were made on a CPU or a GPU, whose bf16 settings may differ (settings_in_precision).
+    for device_type in ("cpu", "cuda"):
+        same = other.in_precision(feature_precision(expected), device_type).config_hash()
+        if same == expected.get("config_hash") and not config_differences(expected, {**actual, "config_hash": same}):
+            return True
+    return False
 
 
 def check_same_features(expected: dict[str, Any], actual: dict[str, Any], run_dir: Path, cache_root: Path) -> None:

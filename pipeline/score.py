@@ -15,7 +15,6 @@ Next to other commands on the same run:
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from dataclasses import dataclass, field
@@ -135,7 +134,7 @@ def precision_here(config: ExtractionConfig, device: torch.device, choice: str =
     if wanted == trained:
         return config, None
     why = f"this {describe_device(device)} has no native bf16" if choice == "run" else f"--precision {choice}"
-    return dataclasses.replace(config, precision=wanted), (
+    return config.in_precision(wanted, device.type), (
         f"the run was trained on features computed in {trained}; the clips' are computed in {wanted} ({why}); "
         f"{OTHER_PRECISION}")
 

@@ -23,7 +23,6 @@ from extractors import (
     build_extractors,
 )
 from extractors.base import BackboneUnavailableError
-from extractors.config import LAYOUT_1_SETTINGS
 from extractors.audio_ast import ast_config, time_positions
 from extractors.config import LAYOUT_1_SETTINGS
 from extractors.flow_i3d import I3D_FLOW_URL
@@ -297,21 +296,22 @@ def swin3d_tiny_shifted() -> SwinTransformer3d:
                              window_size=[8, 7, 7], stochastic_depth_prob=0.0)
 
 
-def test_fused_window_attention_matches_torchvision_with_the_same_weights():
+@pytest.mark.parametrize("attention", ["fused", "matmul"])
+def test_window_attention_matches_torchvision_with_the_same_weights(attention):
     """Shifted and unshifted windows, padding (a 10x9 token grid is no multiple of the 7x7 windows) and a
     batch of two clips: equal up to float rounding, and the weights / state_dict are untouched."""
     torch.manual_seed(0)
     reference = swin3d_tiny_shifted().eval()
-    fused = swin3d_tiny_shifted()
-    fused.load_state_dict(reference.state_dict())
-    rgb_vst.fuse_window_attention(fused.eval())
-    kinds = {type(m).__name__ for m in fused.modules()}
-    assert "FusedWindowAttention3d" in kinds and "ShiftedWindowAttention3d" not in kinds
-    assert any(sum(m.shift_size) > 0 for m in fused.modules() if isinstance(m, rgb_vst.FusedWindowAttention3d))
-    assert fused.state_dict().keys() == reference.state_dict().keys()
+    replaced = swin3d_tiny_shifted()
+    replaced.load_state_dict(reference.state_dict())
+    rgb_vst.use_window_attention(replaced.eval(), attention)
+    kinds = {type(m) for m in replaced.modules()}
+    assert rgb_vst.WINDOW_ATTENTION[attention] in kinds and swin_transformer.ShiftedWindowAttention3d not in kinds
+    assert any(sum(m.shift_size) > 0 for m in replaced.modules() if isinstance(m, rgb_vst.FusedWindowAttention3d))
+    assert replaced.state_dict().keys() == reference.state_dict().keys()
     clips = torch.randn(2, 3, 16, 40, 36)
     with torch.no_grad():
-        expected, got = reference(clips), fused(clips)
+        expected, got = reference(clips), replaced(clips)
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5), (got - expected).abs().max()
     assert expected.std() > 0.01  # a real output, not zeros on both sides
 
@@ -333,7 +333,7 @@ def test_torch_compile_builds_and_matches_a_shifted_window_block():
     """torch.compile (inductor's C++ code) of one shifted-window block; torchvision's own mask code does not
     build on torch 2.10/2.11 CPUs (pytorch/pytorch#179135), which stopped the compile of Swin-B."""
     torch.manual_seed(0)
-    block = rgb_vst.fuse_window_attention(swin3d_tiny_shifted()).features[0][1].eval()
+    block = rgb_vst.use_window_attention(swin3d_tiny_shifted()).features[0][1].eval()
     assert sum(block.attn.shift_size) > 0
     tokens = torch.randn(1, 16, 14, 14, 16)  # windows shift along all three axes (torchvision's mask fails here)
     with torch.inference_mode():  # compiled first: a mask made by an eager call before could be reused
@@ -377,7 +377,7 @@ def test_memory_format_reaches_the_i3d_keeps_features_and_only_contiguous_change
 
 def test_fused_attention_keeps_each_blocks_mask_until_its_weights_change():
     torch.manual_seed(0)
-    fused = rgb_vst.fuse_window_attention(rgb_vst.swin3d_tiny().eval())
+    fused = rgb_vst.use_window_attention(rgb_vst.swin3d_tiny().eval())
     clips = torch.randn(1, 3, 16, 40, 36)
     blocks = [m for m in fused.modules() if type(m).__name__ == "FusedWindowAttention3d"]
     with torch.no_grad():
@@ -393,7 +393,7 @@ def test_fused_attention_keeps_each_blocks_mask_until_its_weights_change():
 
 def test_fused_attention_still_trains_the_relative_position_bias():
     torch.manual_seed(0)
-    fused = rgb_vst.fuse_window_attention(rgb_vst.swin3d_tiny().eval())
+    fused = rgb_vst.use_window_attention(rgb_vst.swin3d_tiny().eval())
     clips = torch.randn(1, 3, 16, 40, 36)
     with torch.no_grad():
         fused(clips)  # frozen use first: each block keeps a mask without gradient

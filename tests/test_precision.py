@@ -12,9 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from extractors.onednn import OneDNNLinear
+from extractors.settings import settings_from_values
 from manifests.cache import CONFIG_NAME, CacheConfig, CacheError, FeatureCache, open_cache
 from pipeline.cli import main
 from pipeline.devices import native_bf16, resolve_precision
+from pipeline.inference import other_precision_only
 from pipeline.extraction.entry import extract_into
 from pipeline.videos import VideoSource
 from tests.conftest import TINY_EXTRACT_FLAGS, tiny_config
@@ -48,6 +50,23 @@ def test_bf16_features_are_float32_and_within_tolerance_of_fp32(clip_folder, tmp
 
 
 @needs_native_bf16
+def test_matmul_window_attention_runs_bf16_within_tolerance_of_fp32(clip_folder, tmp_path):
+    """attention="matmul" under bf16: the features stay within bf16's tolerance of fp32 (with the fused
+    attention) and differ from the fused attention's bf16 features, which keep float32 scores."""
+    video = [VideoSource("good", clip_folder / "good.mp4")]
+    features = {}
+    for precision, attention in (("fp32", "fused"), ("bf16", "fused"), ("bf16", "matmul")):
+        settings = {"rgb": settings_from_values("rgb", "vst", {"attention": attention})}
+        config = tiny_config(modalities=("rgb",), backbones={"rgb": "vst"}, precision=precision, settings=settings)
+        _, cache = extract_into(tmp_path / "out", config, video, progress=False)
+        features[precision, attention] = cache.load_features("good")["rgb"]
+    fp32, fused, matmul = features["fp32", "fused"], features["bf16", "fused"], features["bf16", "matmul"]
+    scale = np.abs(fp32).max()
+    assert BF16_FLOOR < np.abs(matmul - fp32).max() / scale < BF16_TOLERANCE
+    assert np.abs(matmul - fused).max() / scale > BF16_FLOOR  # not the fused kernel under another name
+
+
+@needs_native_bf16
 def test_precision_is_recorded_and_names_its_own_folder(clip_folder, tmp_path):
     # Broken on purpose once: with `precision` left out of the hash, both runs wrote one folder and the
     # fp32 run found the bf16 features already there.
@@ -56,12 +75,43 @@ def test_precision_is_recorded_and_names_its_own_folder(clip_folder, tmp_path):
     assert main(["extract", *flags, "--precision", "bf16"]) == 0
     (bf16_folder,) = out.iterdir()
     bf16_manifest = (bf16_folder / "manifest.csv").read_bytes()
-    assert json.loads((bf16_folder / CONFIG_NAME).read_text())["extraction"]["precision"] == "bf16"
+    bf16_config = json.loads((bf16_folder / CONFIG_NAME).read_text())["extraction"]
+    assert bf16_config["precision"] == "bf16"
+    assert bf16_config["settings"]["rgb"]["attention"] == "matmul"  # bf16's own default on a CPU, recorded
     assert main(["extract", *flags]) == 0  # fp32, the CPU's default
     (fp32_folder,) = [f for f in out.iterdir() if f != bf16_folder]
     assert fp32_folder.name == tiny_config(modalities=("rgb",)).config_hash()  # fp32 keeps the names it had
-    assert json.loads((fp32_folder / CONFIG_NAME).read_text())["extraction"]["precision"] == "fp32"
+    fp32_config = json.loads((fp32_folder / CONFIG_NAME).read_text())["extraction"]
+    assert fp32_config["precision"] == "fp32" and fp32_config["settings"]["rgb"]["attention"] == "fused"
     assert (bf16_folder / "manifest.csv").read_bytes() == bf16_manifest
+
+
+def test_a_setting_takes_its_cpu_bf16_default_only_for_bf16_on_a_cpu_and_never_over_a_given_value():
+    assert settings_from_values("rgb", "vst", {}, "bf16", "cpu").attention == "matmul"
+    assert settings_from_values("rgb", "vst", {"attention": "fused"}, "bf16", "cpu").attention == "fused"
+    assert settings_from_values("rgb", "vst", {}, "bf16", "cuda").attention == "fused"
+    assert settings_from_values("rgb", "vst", {}, "fp32", "cpu").attention == "fused"
+    assert settings_from_values("rgb", "vst", {}).attention == "fused"
+    # the same extraction in the other precision moves the setting along, unless it is neither default
+    bf16 = tiny_config(precision="bf16", settings={"rgb": settings_from_values("rgb", "vst", {}, "bf16", "cpu")})
+    assert bf16.in_precision("fp32", "cpu").config_hash() == tiny_config().config_hash()
+    assert tiny_config().in_precision("bf16", "cpu").config_hash() == bf16.config_hash()
+    reference = tiny_config(settings={"rgb": settings_from_values("rgb", "vst", {"attention": "reference"})})
+    assert reference.in_precision("bf16", "cpu").settings["rgb"].attention == "reference"
+
+
+def test_features_of_either_device_count_as_differing_in_precision_only():
+    """A GPU's bf16 features keep the fused attention, a CPU's take matmul: both are the fp32 run's
+    features in another precision, and a bf16 run of either takes fp32 features; other settings still count."""
+    payload = lambda config: {"config_hash": config.config_hash(), "extraction": config.to_dict()}  # noqa: E731
+    fp32, gpu_bf16 = tiny_config(), tiny_config(precision="bf16")
+    cpu_bf16 = fp32.in_precision("bf16", "cpu")
+    assert cpu_bf16.config_hash() != gpu_bf16.config_hash()
+    for bf16 in (gpu_bf16, cpu_bf16):
+        assert other_precision_only(payload(fp32), payload(bf16))
+        assert other_precision_only(payload(bf16), payload(fp32))
+    assert not other_precision_only(payload(fp32), payload(tiny_config(precision="bf16", seed=1)))
+    assert not other_precision_only(payload(fp32), payload(fp32))  # the same precision is no precision difference
 
 
 def test_a_bf16_cache_is_never_extended_with_fp32_features(tmp_path):
@@ -195,7 +245,10 @@ def test_a_fp32_run_takes_bf16_features_with_a_note(extracted_clips, tmp_path, c
     assert main(["score", str(extracted_clips.unseen), "--run", str(run), "--out", str(out_csv), "--device", "cpu",
                  "--quiet", "--precision", "bf16"]) == 0
     assert "the clips' are computed in bf16 (--precision bf16)" in capsys.readouterr().err
-    assert pd.read_csv(out_csv).loc[0, "config_hash"] == tiny_config(precision="bf16").config_hash()
+    # the features `extract --precision bf16` makes here (their own attention on a CPU), in the folder it made
+    (bf16_folder,) = cache.iterdir()
+    assert pd.read_csv(out_csv).loc[0, "config_hash"] == tiny_config().in_precision("bf16", "cpu").config_hash() \
+        == bf16_folder.name
     # features made otherwise than in precision are still refused
     assert main(["extract", "--videos", str(extracted_clips.videos), "--out", str(tmp_path / "other"),
                  *TINY_EXTRACT_FLAGS, "--precision", "bf16", "--seed", "1"]) == 0
