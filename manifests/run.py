@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import io
 import math
 import shutil
 from pathlib import Path
@@ -34,7 +33,7 @@ from typing import Any
 
 from manifests.claims import RunLock, live_holder
 from manifests.config import ConfigError, RecordedConfig
-from manifests.files import atomic_write_bytes, atomic_write_json, escape_csv_cell, read_json_object, unescape_csv_cell
+from manifests.files import atomic_write_bytes, atomic_write_json, read_json_object, rows_to_csv, unescape_csv_cell
 
 # TrainConfig keys that say where the run is or where a value came from, not how it trains.
 NOT_SETTINGS = ("out", "sources", "schema_version")
@@ -322,11 +321,8 @@ class RunDir:
         columns = list(rows[0])
         for row in rows[1:]:
             columns += [c for c in row if c not in columns]
-        text = io.StringIO()
-        writer = csv.DictWriter(text, columns, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows({k: escape_csv_cell(v) for k, v in row.items()} for row in rows)
-        atomic_write_bytes(self.log_csv, text.getvalue().encode())
+        text = rows_to_csv([columns, *([row.get(c) for c in columns] for row in rows)])
+        atomic_write_bytes(self.log_csv, text.encode())
 
     # ------------------------------------------------------------------ last/: the resume state
 
