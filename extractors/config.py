@@ -52,6 +52,13 @@ class ExtractionConfig(RecordedConfig):
     """
 
     SCHEMA_VERSION: ClassVar[int] = 2
+    RETIRED_KEYS: ClassVar[dict[str, str]] = {
+        "onnxruntime_modalities": (
+            "was written by `pipeline extract` of 534dd3a (--onnxruntime, replaced by --flow-runtime in 10579f8) "
+            "and is not read: if it is [] (torch, the default), delete the key from the file (the features and "
+            "their folder name are today's); else extract the videos again with --flow-runtime onnxruntime into a "
+            "new --out folder and train on those"),
+    }
 
     protocol: str = "rg"
     segment_frames: int = 32

@@ -37,7 +37,7 @@ import pandas as pd
 from manifests.claims import STALE_AFTER_S, Claims
 from manifests.config import SCHEMA_KEY, ConfigError, RecordedConfig
 from manifests.files import (
-    atomic_save_npy, atomic_write_bytes, atomic_write_json, escape_csv_cell, remove_abandoned_temporary_files,
+    atomic_save_npy, atomic_write_bytes, atomic_write_json, remove_abandoned_temporary_files, rows_to_csv,
 )
 from manifests.hashing import feature_hash, hashed_fields
 
@@ -478,13 +478,11 @@ class FeatureCache:
     def write_manifest(self) -> Path:
         """manifest.csv, spreadsheet-safe: text cells a spreadsheet would run as formulas (a video named
         `=1+2.mp4`) get a leading single quote (manifests.files.unescape_csv_cell reads them back);
-        numeric columns are written as numbers, negative ones included."""
-        table = self.manifest()
-        for column in table.columns:
-            if not pd.api.types.is_numeric_dtype(table[column]):  # text (object or string dtype)
-                table[column] = table[column].map(escape_csv_cell)
+        numeric columns are written as numbers, negative ones included, and an unknown one as an empty cell."""
+        table = self.manifest().astype(object)
+        table = table.where(table.notna(), None)  # NaN and <NA> as empty cells
         path = self.root / MANIFEST_NAME
-        atomic_write_bytes(path, table.to_csv(index=False).encode())
+        atomic_write_bytes(path, rows_to_csv([list(table.columns), *table.itertuples(index=False)]).encode())
         return path
 
     # ---- features

@@ -7,7 +7,8 @@ of them follow the same three rules:
   layout that wrote it. `from_dict(to_dict())` gives back an equal config.
 - `from_dict(data, source)` refuses a key the class does not know, naming the key and `source`
   (the file it came from), so a typo in a hand-edited file or a file from a newer tool is an error,
-  never silently dropped.
+  never silently dropped. A key an earlier version wrote that no upgrade reads (`RETIRED_KEYS`) is
+  refused with what to do about it.
 - A file of an earlier version than the class's current `SCHEMA_VERSION` (a file without
   `schema_version` is version 1) goes through the class's `upgrade` first, which returns the
   fields of the current layout; a file from a newer version is refused.
@@ -30,6 +31,8 @@ class ConfigError(ValueError):
 @dataclasses.dataclass
 class RecordedConfig:
     SCHEMA_VERSION: ClassVar[int] = 1
+    # Keys an earlier version wrote whose files are not read (CHANGELOG.md): key -> why, and what to do
+    RETIRED_KEYS: ClassVar[dict[str, str]] = {}
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -52,6 +55,9 @@ class RecordedConfig:
             data = cls.upgrade(data, version)
         known = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(data) - set(known))
+        retired = [key for key in unknown if key in cls.RETIRED_KEYS]
+        if retired:
+            raise ConfigError(f"{cls.__name__}{where}: key {retired[0]!r} {cls.RETIRED_KEYS[retired[0]]}")
         if unknown:
             raise ConfigError(f"{cls.__name__}{where}: unknown key {unknown[0]!r}"
                               + (f" (and {unknown[1:]})" if len(unknown) > 1 else "") + f"; known keys: {known}")

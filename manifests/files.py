@@ -9,12 +9,15 @@ writer of; `remove_abandoned_temporary_files` clears, in a folder several proces
 root, its claims), only those whose writer is gone.
 
 CSV files are written spreadsheet-safe: `escape_csv_cell` is the one escape of a cell a spreadsheet
-would run as a formula, `unescape_csv_cell` its undo for the project's readers.
+would run as a formula, `unescape_csv_cell` its undo for the project's readers; `rows_to_csv` writes every
+CSV the project makes, so that any cell, line breaks included, reads back as one cell.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import os
 import re
@@ -23,7 +26,7 @@ import stat
 import time
 import uuid
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Iterable
 
 import numpy as np
 
@@ -178,6 +181,19 @@ def escape_csv_cell(value: Any) -> Any:
 def unescape_csv_cell(text: str) -> str:
     """A cell of a CSV the project wrote, as it was before `escape_csv_cell` (ids come back exactly)."""
     return text[1:] if text.startswith("'") and _formula_like(text[1:]) else text
+
+
+def rows_to_csv(rows: Iterable[Iterable[Any]]) -> str:
+    r"""The rows as CSV text, each line ending in "\n", each cell escaped (`escape_csv_cell`). A cell holding
+    the delimiter, a quote or a line break is quoted: csv's writer quotes only the line breaks its line
+    terminator holds, so with "\n" a lone "\r" (a video named "a\rb.mp4", an error message) would stay bare
+    and split the row for every reader. Each row is written ending in "\r\n", which is then cut to "\n"."""
+    lines = []
+    for row in rows:
+        line = io.StringIO()
+        csv.writer(line, lineterminator="\r\n").writerow([escape_csv_cell(cell) for cell in row])
+        lines.append(line.getvalue()[:-2] + "\n")
+    return "".join(lines)
 
 
 class JsonFileError(ValueError):

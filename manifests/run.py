@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import io
 import math
 import shutil
 from pathlib import Path
@@ -34,7 +33,7 @@ from typing import Any
 
 from manifests.claims import RunLock, live_holder
 from manifests.config import ConfigError, RecordedConfig
-from manifests.files import atomic_write_bytes, atomic_write_json, escape_csv_cell, read_json_object, unescape_csv_cell
+from manifests.files import atomic_write_bytes, atomic_write_json, read_json_object, rows_to_csv, unescape_csv_cell
 
 # TrainConfig keys that say where the run is or where a value came from, not how it trains.
 NOT_SETTINGS = ("out", "sources", "schema_version")
@@ -50,10 +49,12 @@ class RunRecord(RecordedConfig):
     `import-checkpoint` write it through `RunDir.write_record`, every reader gets it from
     `RunDir.read_record`; both check the values (`check`), so a bad one is one line naming the key.
 
-    Schema version 2 records every field; a version-1 file (no schema_version) lacks the fields its
-    writer had no value for, and `upgrade` fills them with what they were for that run."""
+    Schema version 3 records every field; a version-1 file (no schema_version) lacks the fields its
+    writer had no value for, and `upgrade` fills them with what they were for that run. Files before
+    version 3 also hold `seed`, a copy of the TrainConfig's (null for an imported checkpoint), which
+    `upgrade` drops: the run's seed is `config["seed"]`, its one record."""
 
-    SCHEMA_VERSION = 2
+    SCHEMA_VERSION = 3
 
     model: str
     modalities: list[str]
@@ -68,7 +69,6 @@ class RunRecord(RecordedConfig):
     config: dict[str, Any] | None  # TrainConfig.to_dict(); None: an imported checkpoint, nothing to resume
     preset: dict[str, Any] | None
     imported: dict[str, Any] | None  # the imported file: format, path, sha256, ...
-    seed: int | None
     selection: str  # how the checkpoint was chosen, in words
     selected_on: str
     test_used_for_selection: bool
@@ -95,7 +95,7 @@ class RunRecord(RecordedConfig):
             "absent_in_data": {}, "train_missing": None, "sequence_length": None,
             # an imported checkpoint recorded only the total: every parameter of it is trainable
             **({"num_trainable_parameters": data["num_parameters"]} if imported and "num_parameters" in data else {}),
-            **data,
+            **{k: v for k, v in data.items() if k != "seed"},  # versions 1 and 2: a copy of config["seed"]
         }
 
     @classmethod
@@ -156,8 +156,6 @@ class RunRecord(RecordedConfig):
             if not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
                 raise bad(f"splits.{key}", "a list of video ids")
         mapping("absent_in_data")
-        if not (self.seed is None or _is_int(self.seed)):
-            raise bad("seed", "an integer or null")
         for key, least in (("validation_videos", 0), ("num_parameters", 0), ("num_trainable_parameters", 0)):
             count(key, least)
         if self.sequence_length is not None:
@@ -322,11 +320,8 @@ class RunDir:
         columns = list(rows[0])
         for row in rows[1:]:
             columns += [c for c in row if c not in columns]
-        text = io.StringIO()
-        writer = csv.DictWriter(text, columns, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows({k: escape_csv_cell(v) for k, v in row.items()} for row in rows)
-        atomic_write_bytes(self.log_csv, text.getvalue().encode())
+        text = rows_to_csv([columns, *([row.get(c) for c in columns] for row in rows)])
+        atomic_write_bytes(self.log_csv, text.encode())
 
     # ------------------------------------------------------------------ last/: the resume state
 

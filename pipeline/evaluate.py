@@ -38,26 +38,46 @@ def format_table(evaluation: Evaluation) -> str:
     return "\n".join(lines)
 
 
+def unfinished_training(run: Run) -> dict[str, Any]:
+    """{epochs_done, epochs_planned, training_in_progress} of a run whose training has not finished (a live
+    `train` writes it, or it stopped before its last epoch), whose weights are the best chosen so far;
+    {} for a finished run or an imported checkpoint."""
+    done, planned = run.best.get("epochs_done"), run.best.get("epochs_planned")
+    if run.writer is None and not (done is not None and planned and done < planned):
+        return {}
+    return {"epochs_done": done, "epochs_planned": planned, "training_in_progress": run.writer is not None}
+
+
+def describe_unfinished(state: dict[str, Any]) -> str:
+    """The words every output of an evaluation of an unfinished run carries ("" for a finished one)."""
+    if not state:
+        return ""
+    words = "TRAINING IN PROGRESS" if state["training_in_progress"] else "TRAINING UNFINISHED"
+    return f" ({words}: {state['epochs_done']} of {state['epochs_planned']} epochs done)"
+
+
 def evaluation_tables(run: Run, evaluation: Evaluation, labels_path: Path, split: str,
                       overlap: list[str]) -> tuple[Table, Table]:
-    """The table (setting, rho, mse, n; with provenance and context for JSON) and the per-video predictions."""
-    what = f"evaluation of run {run.directory}"
-    rows = [{"setting": name, "rho": rho, "mse": error, "n": n} for name, rho, error, n in evaluation.columns()]
+    """The table (setting, rho, mse, n; with provenance and context for JSON) and the per-video predictions;
+    for an unfinished run every row also says how far training got (`unfinished_training`)."""
+    state = unfinished_training(run)
+    what = f"evaluation of run {run.directory}{describe_unfinished(state)}"
+    rows = [{"setting": name, "rho": rho, "mse": error, "n": n, **state} for name, rho, error, n in evaluation.columns()]
     context = {
         "run": str(run.directory.resolve()),
         "model": run.model_name,
         "labels": str(labels_path.resolve()),
         "rows": split,
         "num_videos": len(evaluation.video_ids),
-        "checkpoint": {k: run.best.get(k) for k in ("epoch", "val_rho", "val_mse")},
+        "checkpoint": run.checkpoint,
         "selected_on": run.info.get("selected_on", "validation"),
         "test_used_for_selection": bool(run.info.get("test_used_for_selection", False)),  # True: imported checkpoints
         "videos_also_in_training": overlap,
         **evaluation.to_dict(),
     }
     names = [s.name for s in evaluation.settings]
-    predictions = [{"video_id": video_id, "true": evaluation.true[i], **{n: evaluation.predictions[n][i] for n in names}}
-                   for i, video_id in enumerate(evaluation.video_ids)]
+    predictions = [{"video_id": video_id, "true": evaluation.true[i], **{n: evaluation.predictions[n][i] for n in names},
+                    **state} for i, video_id in enumerate(evaluation.video_ids)]
     return (Table(what, run.provenance, rows, context, rows_key="table"),
             Table(f"per-video predictions of run {run.directory}", run.provenance, predictions))
 
@@ -102,7 +122,9 @@ def describe_checkpoint(run: Run) -> str:
     best, splits = run.best, run.info.get("splits", {})
     planned, done = best.get("epochs_planned"), best.get("epochs_done")
     text = f"epoch {best.get('epoch')}" + (f" of {planned}" if planned else "")
-    if planned and done is not None and done < planned:
+    if run.writer is not None:
+        text += f" (TRAINING IN PROGRESS: {done} epochs done when read)"
+    elif planned and done is not None and done < planned:
         text += f" (stopped early, after epoch {done})"
     validation = len(splits.get("val", []))
     if not validation:
@@ -192,7 +214,8 @@ def evaluate_labels(
         f"evaluated on {len(samples)} videos of {labels_path}"
         + (", which played no part in training or choosing it" if held_out else ""))
     evaluation = run.evaluate(samples, batch_size=batch_size)
-    show(headline(f"{run.model_name} run {run.directory} on {labels_path.name}", run.provenance))
+    show(headline(f"{run.model_name} run {run.directory} on {labels_path.name}"
+                  f"{describe_unfinished(unfinished_training(run))}", run.provenance))
     show(format_table(evaluation))
     base = out or run.folder.evaluation(f"eval-{labels_path.stem}")
     csv_path, json_path = write_evaluation(base, run, evaluation, labels_path, split, overlap)

@@ -372,7 +372,6 @@ def _imported_record(
         config=None,  # not trained here: nothing to resume
         preset=preset.to_dict() if preset else None,
         imported=origin,
-        seed=None,
         selection=SELECTION,
         selected_on="test set (by the authors of the imported checkpoint)",
         test_used_for_selection=True,

@@ -28,15 +28,13 @@ the files the user names; import only files from a source you trust.
 
 from __future__ import annotations
 
-import csv
-import io
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 
 from manifests.cache import DONE, MISSING, CacheConfig, FeatureCache, ModalityRecord, VideoRecord, open_cache
-from manifests.files import atomic_write_bytes, escape_csv_cell
+from manifests.files import atomic_write_bytes, rows_to_csv
 
 RG_ACTIONS = ("Ball", "Clubs", "Hoop", "Ribbon")
 FISV_NAME = "FISV"
@@ -134,11 +132,8 @@ def _write_set(
 
 
 def _write_labels(path: Path, rows: list[tuple[str, float, str]]) -> None:
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")  # quotes an id holding a comma
-    writer.writerow(["video_id", "score", "split"])
-    writer.writerows([escape_csv_cell(v), repr(s), split] for v, s, split in rows)
-    atomic_write_bytes(path, text.getvalue().encode())
+    text = rows_to_csv([["video_id", "score", "split"], *([v, repr(s), split] for v, s, split in rows)])
+    atomic_write_bytes(path, text.encode())
 
 
 def _read_table(path: Path, columns: int, has_header: bool | None) -> list[tuple[int, list[str]]]:

@@ -100,7 +100,7 @@ def run_extraction_config(run: Run) -> ExtractionConfig:
     on a published feature set (an imported checkpoint), the recipe that remakes that set from raw video."""
     recorded, expected = run.extraction_config, run.feature_recipe
     if recorded.get("source") == "extract" and "extraction" in recorded:
-        config = ExtractionConfig.from_dict(recorded["extraction"])
+        config = ExtractionConfig.from_dict(recorded["extraction"], source=str(run.folder.extraction_json))
         if config.recipe == expected:
             return config
     if expected in RECIPES and expected != PROJECT:

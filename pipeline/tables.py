@@ -5,21 +5,19 @@ A stage describes its result as a `Table`: the rows, the provenance of the featu
 the file's suffix, so a new format is one function in FORMATS, and every format carries the
 provenance the same way: a `note` headline first in JSON and Markdown (random backbones shouting),
 the random_weights and config_hash columns on every CSV row. CSV cells a spreadsheet would run as a
-formula (a video named `=1+2.mp4`) are escaped with a leading single quote (manifests.files); JSON
-keeps every value exact.
+formula (a video named `=1+2.mp4`) are escaped with a leading single quote, and cells holding line
+breaks are quoted (manifests.files.rows_to_csv); JSON keeps every value exact.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from manifests.files import atomic_write_bytes, escape_csv_cell
+from manifests.files import atomic_write_bytes, rows_to_csv
 from pipeline.provenance import headline
 
 PROVENANCE = ("random_weights", "config_hash")
@@ -79,11 +77,7 @@ def _cell(value: Any) -> Any:
 def csv_text(table: Table) -> str:
     rows = flat_rows(table)
     columns = _columns(rows)
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")  # quotes cells such as {v,f}
-    writer.writerow([escape_csv_cell(c) for c in columns])
-    writer.writerows([escape_csv_cell(_cell(row.get(c))) for c in columns] for row in rows)  # video ids: any text
-    return text.getvalue()
+    return rows_to_csv([columns, *([_cell(row.get(c)) for c in columns] for row in rows)])  # video ids: any text
 
 
 def json_safe(value: Any) -> Any:

@@ -510,7 +510,6 @@ def run_record(config: TrainConfig, preset: Preset | None, bundle: TrainData, mo
         config=config.to_dict(),
         preset=preset.to_dict() if preset else None,
         imported=None,
-        seed=config.seed,
         selection=SELECTION if val else "no validation split: the last epoch",
         selected_on="validation" if val else "none (last epoch)",
         test_used_for_selection=False,

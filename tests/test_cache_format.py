@@ -193,6 +193,32 @@ def test_manifest_cells_a_spreadsheet_would_run_are_escaped_and_read_back_exactl
     assert sorted(r.video_id for r in cache.records()) == sorted(ids)
 
 
+def test_manifest_cells_holding_line_breaks_stay_one_cell(tmp_path):
+    r"""A video named with a carriage return and an error message over lines keep their rows in manifest.csv
+    (pandas and the csv module); unknown numbers are empty cells. Break tried: rows_to_csv writing with
+    csv's "\n" terminator splits the rows."""
+    import csv
+
+    import pandas as pd
+
+    from manifests.cache import DONE, FAILED, ModalityRecord, VideoRecord
+
+    extraction = ExtractionConfig(modalities=("rgb",), backbones={"rgb": "vst"}, weights="random")
+    cache = open_cache(tmp_path, CacheConfig(
+        source="extract", config_hash=extraction.config_hash(), modalities=["rgb"], random_weights=True,
+        extractors={"rgb": {"name": "vst", "version": "1", "feature_dim": 8}}, extraction=extraction.to_dict()))
+    ids = ["a\rb", "c\r\nd", "plain"]
+    for video_id in ids:
+        cache.write_record(VideoRecord(video_id=video_id, path=f"/v/{video_id}.mp4", status=FAILED,
+                                       error="decoder said:\r\nbad frame\rstop", modalities={"rgb": ModalityRecord(DONE, [3, 8])}))
+    with open(cache.write_manifest(), newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted(row["video_id"] for row in rows) == sorted(ids)
+    assert {row["error"] for row in rows} == {"decoder said:\r\nbad frame\rstop"} and {row["fps"] for row in rows} == {""}
+    table = pd.read_csv(cache.root / "manifest.csv")
+    assert sorted(table["video_id"]) == sorted(ids) and table["fps"].isna().all()
+
+
 # --------------------------------------------------------------------------- the hash and the schema
 
 

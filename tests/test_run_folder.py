@@ -22,6 +22,7 @@ from pipeline.inference import load_run
 from pipeline.labels import read_labels
 from pipeline.metrics import fisher_z_mean, mean_mse, mse, spearman_rho
 from pipeline.samples import ClipSpec, sample_set, write_clip
+from pipeline.score import run_extraction_config
 from pipeline.train_config import TrainConfig
 from tests.fixture_numbers import assert_close_to_fixture
 
@@ -77,9 +78,12 @@ def test_pipeline_evaluate_reads_an_older_run_and_writes_the_same_tables(tmp_pat
     assert rows.loc["Average", "mse"] == pytest.approx(mean_mse(rows.loc[incomplete, "mse"]), rel=1e-12)
 
     written, recorded = (json.loads((folder / "evaluation.json").read_text()) for folder in (tmp_path, EXPECTED))
-    for key in ("checkpoint", "random_weights", "config_hash", "videos_also_in_training", "num_videos", "model",
+    for key in ("random_weights", "config_hash", "videos_also_in_training", "num_videos", "model",
                 "rows", "selected_on", "test_used_for_selection"):
         assert written[key] == recorded[key], key
+    # the checkpoint as recorded, with how far training got (added since the fixture was written)
+    assert written["checkpoint"] == {**recorded["checkpoint"], "epochs_done": 3, "epochs_planned": 3,
+                                     "training_in_progress": False, "writer": None}
     for key in ("table", "settings"):  # the CSV's numbers, and every other field as stored
         assert [{k: v for k, v in e.items() if k not in ("rho", "mse")} for e in written[key]] == \
             [{k: v for k, v in e.items() if k not in ("rho", "mse")} for e in recorded[key]], key
@@ -108,6 +112,28 @@ def test_pipeline_score_reads_an_older_run_and_gives_the_same_score(tmp_path):
     # written to 4 decimals: another CPU's last bits may round to the neighbouring 4th decimal, no further
     # (the score scaled by 1 + 2e-5, 12.1256 -> 12.1258, fails)
     pd.testing.assert_frame_equal(written[numbers], recorded[numbers], check_exact=False, rtol=0, atol=1.01e-4)
+
+
+def test_score_names_the_onnxruntime_key_a_retired_layout_recorded_and_what_to_do(tmp_path, capsys):
+    """An extraction recorded by 534dd3a..10579f8 (`onnxruntime_modalities`, layout 1) is not read
+    (CHANGELOG.md): `score`, which re-extracts through it, says so in one line naming the file, the key and
+    what to do; done ([] is torch: the key deleted), the run's extraction and folder name are today's.
+    Breaks tried: score reading it without its source (no file named); no RETIRED_KEYS entry (the plain
+    unknown-key line, no advice)."""
+    run = tmp_path / "run"
+    shutil.copytree(RUN, run)
+    recorded = json.loads((run / RunDir.EXTRACTION).read_text())
+    old = {**recorded["extraction"], "attention": "fused", "memory_format": "channels_last", "cpu_linear": "onednn",
+           "onnxruntime_modalities": [], "schema_version": 1}  # what `pipeline extract` of 534dd3a recorded
+    (run / RunDir.EXTRACTION).write_text(json.dumps({**recorded, "extraction": old}))
+    assert main(["score", str(FIXTURE / "clip.mp4"), "--run", str(run), "--device", "cpu", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"{run / RunDir.EXTRACTION}: key 'onnxruntime_modalities'" in err and "delete the key" in err, err
+    assert "--flow-runtime onnxruntime" in err, err
+    del old["onnxruntime_modalities"]
+    (run / RunDir.EXTRACTION).write_text(json.dumps({**recorded, "extraction": old}))
+    assert run_extraction_config(load_run(run, "cpu")).config_hash() == recorded["config_hash"]
 
 
 def test_an_older_run_records_a_train_config_that_opens_and_unknown_keys_are_named():

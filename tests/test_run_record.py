@@ -30,8 +30,9 @@ def test_the_fixture_runs_schema_1_record_upgrades_keeping_every_value():
     assert "schema_version" not in recorded
     record = RunDir(RUN).read_record()
     written = record.to_dict()
-    assert written["schema_version"] == RunRecord.SCHEMA_VERSION == 2
-    assert {k: written[k] for k in recorded} == recorded  # nothing the file held changed
+    assert written["schema_version"] == RunRecord.SCHEMA_VERSION == 3
+    assert {k: written[k] for k in recorded if k != "seed"} == {k: v for k, v in recorded.items() if k != "seed"}
+    assert "seed" not in written and written["config"]["seed"] == recorded["seed"] == 0  # its one record
     # the fields a trained schema-1 record lacks, with what they were for that run
     assert {k: written[k] for k in set(written) - set(recorded) - {"schema_version"}} == {
         "imported": None, "test_used_for_selection": False, "feature_recipe": None}
@@ -54,14 +55,16 @@ def test_the_record_round_trips_through_its_writer_and_reader(tmp_path):
     folder.write_record(record)
     assert folder.read_record() == record
     assert RunRecord.from_dict(json.loads(folder.run_json.read_text())) == record
-    assert json.loads(folder.run_json.read_text())["schema_version"] == 2
+    assert json.loads(folder.run_json.read_text())["schema_version"] == 3
 
 
-def test_a_schema_2_record_refuses_unknown_and_missing_keys(tmp_path):
+def test_a_schema_3_record_refuses_unknown_and_missing_keys(tmp_path):
     written = RunDir(RUN).read_record().to_dict()
     with pytest.raises(ConfigError, match=r"RunRecord in x/run\.json: unknown key 'clip_nums'"):
         RunRecord.from_dict({**written, "clip_nums": 3}, "x/run.json")
-    del written["clip_num"]  # schema 2 records every field: a lost one is an error, not a default
+    with pytest.raises(ConfigError, match=r"RunRecord in x/run\.json: unknown key 'seed'"):
+        RunRecord.from_dict({**written, "seed": 0}, "x/run.json")  # config["seed"] is its one record
+    del written["clip_num"]  # schema 3 records every field: a lost one is an error, not a default
     with pytest.raises(ConfigError, match=r"RunRecord in x/run\.json: .*'clip_num'"):
         RunRecord.from_dict(written, "x/run.json")
 
@@ -125,3 +128,20 @@ def test_the_chosen_epoch_is_the_weights_header_not_best_json(tmp_path):
     best = load_run(run, "cpu").best
     assert (best["epoch"], best["val_mse"]) == (3, 48.21166188696296)
     assert best["epochs_planned"] == 3 and len(best["val_settings"]["settings"]) == 7  # best.json's own part
+
+
+def test_a_schema_2_record_with_two_seeds_resumes_and_evaluates_and_a_new_one_holds_one(tmp_path, capsys):
+    """Schema 2 wrote the seed twice (`seed` beside config["seed"]); a run folder of it still resumes and
+    evaluates, its record read with the one seed, and a new run.json holds only config["seed"]. Break
+    tried: upgrade keeping `seed` (the resume fails on the unknown key)."""
+    run = tmp_path / "run"
+    train = ["train", "--features", str(CACHE), "--labels", str(LABELS), "--out", str(run), "--epochs", "2",
+             "--hidden", "8", "--seed", "4", "--quiet", "--device", "cpu"]
+    assert main([*train, "--stop-after-epochs", "1"]) == 0
+    written = json.loads((run / RunDir.RUN).read_text())
+    assert "seed" not in written and written["config"]["seed"] == 4
+    (run / RunDir.RUN).write_text(json.dumps({**written, "schema_version": 2, "seed": 4}))  # as schema 2 wrote it
+    assert main(["train", "--out", str(run), "--resume", "--quiet"]) == 0
+    assert main(["evaluate", "--run", str(run), "--labels", str(LABELS), "--split", "all",
+                 "--out", str(tmp_path / "evaluation"), "--device", "cpu"]) == 0
+    assert RunDir(run).read_record().config["seed"] == 4 and RunDir(run).is_finished()

@@ -61,6 +61,23 @@ def test_markdown_and_unknown_formats(tmp_path):
         write_table(_table(), tmp_path / "t.txt")
 
 
+LINE_BREAKS = ["a\rb", "a\r\nb", "a\nb", "ends\r", "x,\ry"]
+
+
+def test_csv_cells_holding_line_breaks_stay_one_cell_for_pandas_and_the_csv_module(tmp_path):
+    r"""A video named "a\rb.mp4", an error message over several lines: quoted, so the row stays one row.
+    Break tried: rows_to_csv writing with csv's "\n" terminator (a lone "\r" left bare) splits the rows."""
+    rows = [{"clip": clip, "score": 1.5, "error": f"cannot decode {clip}"} for clip in LINE_BREAKS]
+    path = write_table(Table("scores of run R", RANDOM, rows), tmp_path / "t.csv")
+    with open(path, newline="") as handle:
+        header, *body = list(csv.reader(handle))
+    assert header == ["clip", "score", "error", "random_weights", "config_hash"]
+    assert [row[0] for row in body] == LINE_BREAKS and [row[2] for row in body] == [r["error"] for r in rows]
+    table = pd.read_csv(path)
+    assert table["clip"].tolist() == LINE_BREAKS and table["score"].tolist() == [1.5] * len(rows)
+    assert path.read_bytes().startswith(b"clip,score,error,random_weights,config_hash\n\"a\rb\",1.5,")
+
+
 def test_the_demo_shows_the_counts_and_failed_clips_not_every_clip():
     printed = ("video_id status  T  rgb flow   audio error\n"
                "  clip00   done  2 done done    done      \n"

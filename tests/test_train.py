@@ -423,7 +423,7 @@ def test_cli_preset_run_records_the_reference_seed_and_no_input_encoding(tmp_pat
     assert code == 0
     info = json.loads((run_dir / "run.json").read_text())
     config, sources = info["config"], info["config"]["sources"]
-    assert info["seed"] == config["seed"] == 3 and sources["seed"] == "preset fisv/PCS"
+    assert "seed" not in info and config["seed"] == 3 and sources["seed"] == "preset fisv/PCS"  # one record of it
     assert info["preset"]["seed"] == 3 and info["preset"]["position_encoding"] is False
     assert (config["epochs"], sources["epochs"], sources["lr"], sources["val_fraction"]) == (1, "flag", "preset fisv/PCS", "default")
     assert sources["model.hidden"] == "flag" and sources["model.position_encoding"] == "preset fisv/PCS"
@@ -492,6 +492,54 @@ def test_checkpoint_description_says_how_far_training_got_and_how_much_validatio
     config = tiny_config(made, labels, tmp_path / "no-val", epochs=1, val_fraction=0.0)
     train(config, **QUIET)
     assert describe_checkpoint(load_run(tmp_path / "no-val", "cpu")) == "epoch 1 of 1, the last epoch (no validation split)"
+
+
+def test_evaluating_an_unfinished_run_says_so_in_every_output(tmp_path, small, capsys):
+    """A run stopped after 1 of 3 epochs, then one a live `train` holds: the printed table's headline, the
+    stderr line, every CSV row and the JSON say how far training got; once finished, none of it.
+    Breaks tried: unfinished_training returning {} (no column, no words); describe_checkpoint without
+    the writer check (an in-progress run said "stopped early")."""
+    import pandas as pd
+
+    from manifests.claims import RunLock
+
+    made, labels = small
+    run = tmp_path / "run"
+    config = tiny_config(made, labels, run, epochs=3)
+    train(config, stop_after_epochs=1, **QUIET)
+
+    def evaluate(name: str) -> tuple[str, str, pd.DataFrame, pd.DataFrame, dict]:
+        capsys.readouterr()
+        assert main(["evaluate", "--run", str(run), "--labels", str(labels), "--out", str(tmp_path / name),
+                     "--device", "cpu"]) == 0
+        out, err = capsys.readouterr()
+        return (out.splitlines()[0], err, pd.read_csv(tmp_path / f"{name}.csv"),
+                pd.read_csv(tmp_path / f"{name}.predictions.csv"), json.loads((tmp_path / f"{name}.json").read_text()))
+
+    headline, err, table, predictions, written = evaluate("stopped")
+    assert "(TRAINING UNFINISHED: 1 of 3 epochs done)" in headline and "epoch 1 of 3 (stopped early, after epoch 1)" in err
+    for rows in (table, predictions):
+        assert set(rows["epochs_done"]) == {1} and set(rows["epochs_planned"]) == {3}
+        assert not rows["training_in_progress"].any()
+    assert "TRAINING UNFINISHED: 1 of 3 epochs done" in written["note"]
+    assert {k: written["checkpoint"][k] for k in ("epoch", "epochs_done", "epochs_planned", "training_in_progress")} == \
+        {"epoch": 1, "epochs_done": 1, "epochs_planned": 3, "training_in_progress": False}
+
+    lock = RunLock(run, "pipeline train --resume")  # a live `train` writing the run (this very pid)
+    assert lock.acquire() is None
+    try:
+        headline, err, table, _, written = evaluate("busy")
+    finally:
+        lock.release()
+    assert "(TRAINING IN PROGRESS: 1 of 3 epochs done)" in headline and "stopped early" not in err
+    assert "epoch 1 of 3 (TRAINING IN PROGRESS: 1 epochs done when read)" in err
+    assert table["training_in_progress"].all() and written["checkpoint"]["training_in_progress"] is True
+
+    train(config, resume=True, **QUIET)
+    headline, err, table, predictions, written = evaluate("finished")
+    assert "TRAINING" not in headline + err + written["note"] and "stopped early" not in err
+    assert "epochs_done" not in table and "epochs_done" not in predictions
+    assert (written["checkpoint"]["epochs_done"], written["checkpoint"]["epochs_planned"]) == (3, 3)
 
 
 def test_dropout_masks_are_recorded_and_a_version_2_run_resumes_with_torchs_masks(tmp_path, small):

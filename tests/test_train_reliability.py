@@ -75,7 +75,7 @@ def test_two_train_processes_on_one_run_folder(tmp_path, small):
             assert second.returncode == 2, second.stderr
             assert f"in use by another `pipeline train`: pid {first.pid} on host" in second.stderr
             assert len(second.stderr.strip().splitlines()) == 1
-        assert json.loads((run_dir / "run.json").read_text())["seed"] == 0
+        assert json.loads((run_dir / "run.json").read_text())["config"]["seed"] == 0
     finally:
         first.send_signal(signal.SIGINT)
         first.wait(timeout=60)
