@@ -7,8 +7,8 @@ softmax and a matmul, each pass over the (windows, heads, 392, 392) scores in me
 "fused" is F.scaled_dot_product_attention with the same additive mask; "matmul" is two batched matmuls
 per window with the softmax between (extractors/rgb_vst.py). This times each at the shapes of Swin-B's
 stages 1-3 for one 32-frame segment at 224x224 and prints the largest difference from float64 of the
-same inputs. Then the whole Video Swin-B extractor (random weights, one segment) with each attention:
-time, speed against "fused" in the same precision, and the largest difference of the 1024-d features
+same inputs. Then the whole Video Swin-B extractor (random weights, one segment) with each attention, calls
+taking turns: median time, speed against "fused" in the same precision, and the largest difference of the 1024-d features
 from fp32 with "fused", relative to their largest value. bf16 runs where the CPU has it natively.
 """
 
@@ -110,12 +110,14 @@ def stages(precisions: list[str]) -> list[dict]:
     return rows
 
 
-def whole_network(precisions: list[str], repeats: int = 2) -> list[dict]:
-    """The extractor on one segment with each attention and precision, the same random weights."""
+def whole_network(precisions: list[str], repeats: int = 3) -> list[dict]:
+    """The extractor on one segment with each attention and precision, the same random weights; the
+    attentions of one precision take turns call by call (a load that comes and goes hits them alike), and
+    each is timed by its median call."""
     frames = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (1, 32, 256, 455, 3), dtype=np.uint8))
     state, expected, rows = None, None, []
     for precision in precisions:
-        fused_s = None
+        extractors = {}
         for attention in ("fused", "matmul", "reference"):
             config = ExtractionConfig(modalities=("rgb",), backbones={"rgb": "vst"}, weights="random",
                                       arch_size="full", precision=precision,
@@ -124,20 +126,29 @@ def whole_network(precisions: list[str], repeats: int = 2) -> list[dict]:
             if state is None:
                 state = {name: value.clone() for name, value in extractor.model.state_dict().items()}
             extractor.model.load_state_dict(state)
-            seconds, features = timed(lambda: extractor.embed(frames), repeats)
-            if expected is None:  # the first precision (fp32 when asked) with the fused attention
-                expected = features
-            fused_s = fused_s or seconds
-            relative = ((features - expected).abs().max() / expected.abs().max()).item()
+            extractors[attention] = extractor
+        features = {attention: extractor.embed(frames) for attention, extractor in extractors.items()}  # warm-up
+        times: dict[str, list[float]] = {attention: [] for attention in extractors}
+        for _ in range(repeats):
+            for attention, extractor in extractors.items():
+                started = time.perf_counter()
+                extractor.embed(frames)
+                times[attention].append(time.perf_counter() - started)
+        expected = features["fused"] if expected is None else expected  # the first precision's fused attention
+        fused_s = float(np.median(times["fused"]))
+        for attention, extractor in extractors.items():
+            seconds = float(np.median(times[attention]))
+            relative = ((features[attention] - expected).abs().max() / expected.abs().max()).item()
             # what the blocks keep between calls (FusedWindowAttention3d.attention_mask)
             masks = [m.__dict__["_cached_mask"][1] for m in extractor.model.modules() if "_cached_mask" in m.__dict__]
             mask_mib = sum(mask.numel() * mask.element_size() for mask in masks) / 2**20
-            rows.append({"precision": precision, "attention": attention, "seconds": seconds,
+            rows.append({"precision": precision, "attention": attention, "seconds": seconds, "times": times[attention],
                          "speedup_over_fused": fused_s / seconds,
                          f"relative_difference_from_{precisions[0]}_fused": relative, "cached_mask_mib": mask_mib})
             print(f"Video Swin-B, one 32-frame segment, {precision}, attention {attention}: {seconds:.2f} s "
                   f"({fused_s / seconds:.2f}x fused); largest feature difference from {precisions[0]} fused "
                   f"{relative:.1e} of the largest feature; blocks keep {mask_mib:.0f} MiB of masks")
+        del extractors, features
     return rows
 
 
