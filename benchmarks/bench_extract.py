@@ -309,7 +309,9 @@ def main() -> None:
         print(f"end to end: {precisions[1]} runs {speedup:.2f}x the rate of {precisions[0]}")
     if args.json:
         single = summary[precisions[0]] if len(precisions) == 1 else {"by_precision": summary}
-        args.json.write_text(json.dumps({"device": name, **record, "config": config.to_dict(), "precisions": precisions,
+        # each precision's own config: a CPU's bf16 takes other settings by default (settings_from_values)
+        args.json.write_text(json.dumps({"device": name, **record, "config": configs[precisions[0]].to_dict(),
+                                         "configs": {p: configs[p].to_dict() for p in precisions}, "precisions": precisions,
                                          "video_seconds": video_seconds, "covered_seconds": covered,
                                          "segments": segments,
                                          "command": " ".join(["python", *sys.argv]),
