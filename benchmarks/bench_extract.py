@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -146,9 +147,12 @@ def git_commit() -> str:
 
 def run_record() -> dict[str, str]:
     """What every results file records about its run: the commit measured, the CPU with its family
-    (hosts of one name differ 2x in speed) and the UTC date."""
+    (hosts of one name differ 2x in speed), the UTC date, and torch's huge-pages switch when the
+    environment sets it (it moved full-size extraction by 20% on one host)."""
+    thp = os.environ.get("THP_MEM_ALLOC_ENABLE")
     return {"commit": git_commit(), "cpu": cpu_model(),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            **({"THP_MEM_ALLOC_ENABLE": thp} if thp is not None else {})}
 
 
 def covered_seconds(plan: SegmentPlan) -> float:
