@@ -171,7 +171,7 @@ class MatmulWindowAttention3d(FusedWindowAttention3d):
         out = q.new_empty(q.shape)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         for window in range(len(q)):
-            # the scale is applied to the matmul's float accumulator, not to a rounded q
+            # alpha scales the product inside the matmul call: no rounded, scaled copy of q
             scores = torch.baddbmm(mask[window if len(mask) > 1 else 0], q[window], k[window].transpose(-2, -1),
                                    alpha=scale)
             weights = F.dropout(scores.softmax(-1), p=dropout, training=self.training)
