@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_extract import run_record  # noqa: E402
 from extractors.base import WeightsSource  # noqa: E402
 from extractors.config import ExtractionConfig  # noqa: E402
-from extractors.rgb_vst import MatmulWindowAttention3d, VideoSwinExtractor  # noqa: E402
+from extractors.rgb_vst import VideoSwinExtractor, windowed_attention  # noqa: E402
 from extractors.settings import settings_from_values  # noqa: E402
 from pipeline.devices import native_bf16  # noqa: E402
 
@@ -72,16 +72,13 @@ def main() -> None:
 
 def attention_ways(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> dict:
     """Each `attention` setting's computation of one clip's windows, as the extractor runs it."""
-    matmul = MatmulWindowAttention3d.__new__(MatmulWindowAttention3d)  # only attend() is used: no weights needed
-    matmul.training, matmul.attention_dropout = False, 0.0
-
     def reference() -> torch.Tensor:
-        scores = (q * HEAD_DIM**-0.5) @ k.transpose(-2, -1)
+        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
         return (scores + mask).softmax(-1) @ v
 
     return {"reference": reference,
             "fused": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask.expand(*q.shape[:2], -1, -1)),
-            "matmul": lambda: matmul.attend(q, k, v, mask)}
+            "matmul": lambda: windowed_attention(q, k, v, mask)}
 
 
 @torch.inference_mode()

@@ -148,7 +148,7 @@ def git_commit() -> str:
 def run_record() -> dict[str, str]:
     """What every results file records about its run: the commit measured, the CPU with its family
     (hosts of one name differ 2x in speed), the UTC date, and torch's huge-pages switch when the
-    environment sets it (it moved full-size extraction by 20% on one host)."""
+    environment sets it (it moved full-size extraction by 11-34% on one host)."""
     thp = os.environ.get("THP_MEM_ALLOC_ENABLE")
     return {"commit": git_commit(), "cpu": cpu_model(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

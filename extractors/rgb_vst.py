@@ -159,24 +159,29 @@ class FusedWindowAttention3d(ShiftedWindowAttention3d):
         return mask
 
 
+def windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                       dropout: float = 0.0) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v, one window at a time: q, k, v (windows, heads, tokens, head_dim),
+    mask (1 or windows, heads, tokens, tokens). Each window's (heads, tokens, tokens) scores stay in cache
+    between its two batched matmuls and its softmax; the matmuls run in q's dtype, scores included."""
+    scale = q.shape[-1] ** -0.5
+    out = q.new_empty(q.shape)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    for window in range(len(q)):
+        # alpha scales the product inside the matmul call: no rounded, scaled copy of q
+        scores = torch.baddbmm(mask[window if len(mask) > 1 else 0], q[window], k[window].transpose(-2, -1),
+                               alpha=scale)
+        weights = F.dropout(scores.softmax(-1), p=dropout, training=dropout > 0)
+        torch.bmm(weights, v[window], out=out[window])
+    return out
+
+
 class MatmulWindowAttention3d(FusedWindowAttention3d):
-    """FusedWindowAttention3d with each window's attention as two batched matmuls (`attention="matmul"`):
-    softmax(q k^T * scale + mask) v over the window's heads, one window per call, so the (heads, tokens,
-    tokens) scores stay in cache between the matmuls and the softmax. The matmuls run in the dtype q
-    comes in (bf16 under the extractor's autocast), scores included."""
+    """FusedWindowAttention3d with each window's attention as two batched matmuls (`attention="matmul"`,
+    `windowed_attention`); bf16 under the extractor's autocast."""
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        scale = q.shape[-1] ** -0.5
-        dropout = self.attention_dropout if self.training else 0.0
-        out = q.new_empty(q.shape)
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        for window in range(len(q)):
-            # alpha scales the product inside the matmul call: no rounded, scaled copy of q
-            scores = torch.baddbmm(mask[window if len(mask) > 1 else 0], q[window], k[window].transpose(-2, -1),
-                                   alpha=scale)
-            weights = F.dropout(scores.softmax(-1), p=dropout, training=self.training)
-            torch.bmm(weights, v[window], out=out[window])
-        return out
+        return windowed_attention(q, k, v, mask, self.attention_dropout if self.training else 0.0)
 
 
 WINDOW_ATTENTION = {"fused": FusedWindowAttention3d, "matmul": MatmulWindowAttention3d}

@@ -89,23 +89,22 @@ def settings_from_values(modality: str, name: str, values: dict[str, Any], preci
     A setting not in `values` takes its `cpu_bf16` value for bf16 on a CPU: the value is then recorded
     and hashed like any other, so a cache says how it was made and keeps its name whatever the defaults."""
     cls = settings_class(modality, name)
-    fields = dataclasses.fields(cls)
-    chosen = {f.name: values[f.name] for f in fields if f.name in values}
-    if precision == "bf16" and device_type == "cpu":
-        chosen = {**{f.name: f.metadata["cpu_bf16"] for f in fields if f.metadata.get("cpu_bf16") is not None},
-                  **chosen}
-    return cls(**chosen)
+    return cls(**{f.name: values[f.name] if f.name in values else default_in(f, precision, device_type)
+                  for f in dataclasses.fields(cls)})
+
+
+def default_in(f: dataclasses.Field, precision: str, device_type: str) -> Any:
+    """A settings field's default for features computed in `precision` on `device_type`."""
+    cpu_bf16 = f.metadata.get("cpu_bf16")
+    return cpu_bf16 if cpu_bf16 is not None and precision == "bf16" and device_type == "cpu" else f.default
 
 
 def settings_in_precision(settings: BackboneSettings, precision: str, device_type: str) -> BackboneSettings:
     """`settings` for the same features computed in `precision` on `device_type`: a setting at the value one
     precision takes by default (its default, or its `cpu_bf16` value) takes the other's; any other value stays."""
-    changes = {}
-    for f in dataclasses.fields(settings):
-        cpu_bf16 = f.metadata.get("cpu_bf16")
-        if cpu_bf16 is not None and getattr(settings, f.name) in (f.default, cpu_bf16):
-            changes[f.name] = cpu_bf16 if precision == "bf16" and device_type == "cpu" else f.default
-    return dataclasses.replace(settings, **changes)
+    return dataclasses.replace(settings, **{
+        f.name: default_in(f, precision, device_type) for f in dataclasses.fields(settings)
+        if f.metadata.get("cpu_bf16") is not None and getattr(settings, f.name) in (f.default, f.metadata["cpu_bf16"])})
 
 
 def setting_fields() -> dict[str, tuple[dataclasses.Field, list[tuple[str, str]]]]:
