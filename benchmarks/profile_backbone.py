@@ -60,7 +60,7 @@ def main() -> None:
     defaults = {"rgb": "vst", "flow": "farneback", "audio": "ast"}
     name = args.backbone or defaults[args.modality]
     config = ExtractionConfig(modalities=(args.modality,), backbones={args.modality: name},
-                              weights=args.backbones, arch_size=args.arch_size, precision=args.precision)
+                              weights=args.backbones, arch_size=args.arch_size).in_precision(args.precision, "cpu")
     extractor = build_extractors(config, torch.device("cpu"), WeightsSource())[args.modality]
     if extractor.input_kind == "frames":
         shape = dummy_frames(config.frames_per_clip, config.decode_short_side).shape[1:]  # the decode size
