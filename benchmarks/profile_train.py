@@ -58,6 +58,13 @@ PHASES = ("data", "forward", "loss", "backward", "optimizer", "bookkeeping")
 ARITHMETIC = ("addmm", "mm", "bmm", "matmul", "convolution", "linear", "baddbmm", "einsum")
 
 
+def is_arithmetic(operator: str) -> bool:
+    """A matmul or convolution (forward or backward), named as the profiler ("aten::mm") or PartTimer
+    ("aten.mm") names it."""
+    name = operator.replace("::", ".").split(".")[-1].lstrip("_")
+    return name.startswith(ARITHMETIC) or "convolution" in name
+
+
 def synthetic_samples(count: int, clips: int, seed: int = 0) -> list[data.Sample]:
     """Videos of the RG feature sizes, somewhat longer than clip_num so that crops are drawn."""
     rng = np.random.default_rng(seed)
@@ -177,8 +184,7 @@ def profile_steps(implementation: str, batch_size: int, clips: int, warmup: int,
     events = [e for e in profiler.key_averages(group_by_input_shape=shapes) if e.key.startswith("aten::")]
     events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
     operators_us = sum(e.self_cpu_time_total for e in events)
-    arithmetic_us = sum(e.self_cpu_time_total for e in events
-                        if e.key.split("::")[-1].lstrip("_").startswith(ARITHMETIC) or "convolution" in e.key)
+    arithmetic_us = sum(e.self_cpu_time_total for e in events if is_arithmetic(e.key))
     split = phase_split(profiler)
     # the regions of the extra step (steps + 1) are counted too: scale per step by the regions seen
     per_step = steps + 1
@@ -321,10 +327,14 @@ def part_breakdown(precision: str, batch_size: int, clips: int, warmup: int, ste
         operators[name]["calls"] += timer.calls[key] / steps
     total_ms = sum(v["ms"] for v in operators.values())
     total_gflop = sum(v["gflop"] for v in operators.values())
+    # At their own measured rates the matmuls and convolutions alone take this long: no change to the
+    # other operators can make the step faster than that.
+    arithmetic_ms = sum(v["ms"] for o, v in operators.items() if is_arithmetic(o))
     return {
         "precision": precision, "batch_size": batch_size, "clips": clips, "steps": steps,
         "threads": torch.get_num_threads(), "torch": torch.__version__, **run_record(),
         "step_ms_timed_per_operator": 1000 * wall, "operators_ms": total_ms, "gflop_per_step": total_gflop,
+        "arithmetic_ms": arithmetic_ms,
         "parts": {p: dict(v) for p, v in sorted(parts.items(), key=lambda kv: -sum(x for k, x in kv[1].items()
                                                                                    if k.endswith("_ms")))},
         "operators": {o: dict(v) for o, v in sorted(operators.items(), key=lambda kv: -kv[1]["ms"])},
@@ -337,6 +347,8 @@ def print_parts(report: dict, rows: int) -> None:
           f"{report['threads']} threads, torch {report['torch']}, commit {report['commit']}: "
           f"{total_gflop:.1f} GFLOP, operators {total_ms:.0f} ms of a {report['step_ms_timed_per_operator']:.0f} ms "
           "step (each operator timed alone)")
+    print(f"matmuls and convolutions: {report['arithmetic_ms']:.0f} ms ({report['gflop_per_step'] / report['arithmetic_ms'] * 1e3:.0f} "
+          "GFLOP/s): the step at these rates with every other operator free")
     print(f"{'part':28s} {'fwd ms':>8s} {'bwd ms':>8s} {'time':>6s} {'fwd GFLOP':>9s} {'bwd GFLOP':>9s} {'FLOPs':>6s} "
           f"{'GFLOP/s':>8s}")
     for part, row in report["parts"].items():
