@@ -7,7 +7,9 @@ Breaks that made the layering tests fail: `from pipeline.train import _run_info`
 (private name); a new pipeline/new_stage.py (no place); score.py importing extract_writer (a loop
 part); data.py importing train, demo.py importing cli (stages); a pipeline/extraction/ package whose
 module does `from ..train import _run_info` (a stage and a private name), while the same package with
-only `from ..videos import VideoSource` passes."""
+only `from ..videos import VideoSource` passes. Since the CLI is a package: pipeline/cli/score.py left out
+of CLI (no place); cli/score.py importing cli/extract.py (another command's module); cli/train.py importing
+the evaluate stage, or reading `training._run_info` (private name); demo.py importing pipeline.cli (the CLI)."""
 
 from __future__ import annotations
 
@@ -37,8 +39,22 @@ STAGES: dict[str, set[str]] = {
     "extraction.on_ray": {"extraction.entry"},
     "reproduce": {"train", "evaluate"},
     "demo": {"score"},
-    "cli": {"train", "evaluate", "extraction.entry", "importers", "import_checkpoint", "score", "extraction.on_ray",
-            "reproduce", "demo"},
+}
+# The CLI (pipeline/cli/): the package lists the commands, each command's module wires the stages listed for
+# it, common.py holds what several commands share. No other module imports the CLI, and no command's
+# module imports another's.
+CLI: dict[str, set[str]] = {
+    "cli": set(),
+    "cli.__main__": set(),
+    "cli.common": set(),
+    "cli.extract": {"extraction.entry", "extraction.on_ray"},
+    "cli.train": {"train"},
+    "cli.evaluate": {"evaluate"},
+    "cli.import_features": {"importers"},
+    "cli.import_checkpoint": {"import_checkpoint"},
+    "cli.reproduce": {"reproduce"},
+    "cli.score": {"score"},
+    "cli.demo": {"demo"},
 }
 # Below the stages: importable by any module, importing no stage.
 SHARED = {"", "data", "devices", "inference", "labels", "metrics", "presets", "progress", "provenance", "ray_session",
@@ -54,7 +70,9 @@ def extraction_part(module: str) -> bool:
 
 
 def place(module: str) -> str | None:
-    """The place of `module`: "stage", "shared", "extraction" (a loop part) or None (none given)."""
+    """The place of `module`: "cli", "stage", "shared", "extraction" (a loop part) or None (none given)."""
+    if module in CLI:
+        return "cli"
     if module in STAGES:
         return "stage"
     if module in SHARED:
@@ -139,15 +157,17 @@ def private(name: str) -> bool:
 def test_every_pipeline_module_has_a_place():
     modules = pipeline_modules()
     unplaced = sorted(f"pipeline/{modules[m].relative_to(ROOT / 'pipeline')}" for m in modules if place(m) is None)
-    assert not unplaced, f"give {unplaced} a place in tests/test_inference.py: a stage (STAGES) or shared (SHARED)"
-    stale = sorted((set(STAGES) | SHARED) - set(modules))
-    assert not stale, f"STAGES / SHARED name modules that pipeline/ no longer has: {stale}"
-    assert set().union(*STAGES.values()) <= set(STAGES)
+    assert not unplaced, \
+        f"give {unplaced} a place in tests/test_inference.py: the CLI (CLI), a stage (STAGES) or shared (SHARED)"
+    stale = sorted((set(CLI) | set(STAGES) | SHARED) - set(modules))
+    assert not stale, f"CLI / STAGES / SHARED name modules that pipeline/ no longer has: {stale}"
+    assert set().union(*STAGES.values(), *CLI.values()) <= set(STAGES)
 
 
 def test_stages_depend_only_downward():
-    """A stage imports only the stages listed for it; the extraction loop's parts are extract's alone;
-    shared modules and the loop's parts import no stage."""
+    """A stage or a CLI module imports only the stages listed for it; the extraction loop's parts are
+    extract's alone; shared modules and the loop's parts import no stage; only the CLI imports the CLI,
+    where a command's module imports from it only the package and common.py."""
     modules = pipeline_modules()
     for module, path in modules.items():
         where = path.relative_to(ROOT)
@@ -155,8 +175,13 @@ def test_stages_depend_only_downward():
         unknown = sorted(t for t in used if t not in modules)
         assert not unknown, f"{where} imports pipeline modules that do not exist: {unknown}"
         stages = {t for t in used if place(t) == "stage"}
-        may_use = STAGES.get(module, set())
+        may_use = CLI[module] if module in CLI else STAGES.get(module, set())
         assert stages <= may_use, f"{where} imports the stages {sorted(stages - may_use)}"
+        cli = sorted(t for t in used if place(t) == "cli")
+        assert not cli or module in CLI, f"{where} imports the CLI {cli}"
+        commands = [t for t in cli if t not in {"cli", "cli.common"}]
+        assert module == "cli" or not commands, \
+            f"{where} imports the command modules {commands}: what commands share goes in pipeline/cli/common.py"
         parts = sorted(t for t in used if place(t) == "extraction")
         if parts:
             assert extraction_part(module), \

@@ -564,7 +564,7 @@ def test_dropout_masks_are_recorded_and_a_version_2_run_resumes_with_torchs_mask
 
 
 def test_the_train_flags_offer_the_choices_the_config_checks():
-    """cli.py spells the choices out (building the parser must not import torch); they must stay these."""
+    """pipeline/cli/train.py spells the choices out (building the parser imports no torch); they must stay these."""
     from pipeline.cli import build_parser
     from pipeline.train_config import DROPOUT_MASKS, OPTIMIZERS, OPTIMIZER_IMPLEMENTATIONS, PRECISIONS
 
