@@ -453,7 +453,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     from manifests.cache import CacheError
     from pipeline import data
-    from pipeline import train as training
+    from pipeline.stages import train as training
     from pipeline import train_config
     from pipeline.labels import LabelError
 
@@ -516,7 +516,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from pipeline.evaluate import EvaluateError, evaluate_labels
+    from pipeline.stages.evaluate import EvaluateError, evaluate_labels
 
     try:
         evaluate_labels(args.run, args.labels, features=args.features, split=args.split, out=args.out,
@@ -556,7 +556,7 @@ def _add_import_features(sub: argparse._SubParsersAction) -> None:
 
 def _run_import_features(args: argparse.Namespace) -> int:
     from manifests.cache import CacheError
-    from pipeline import importers
+    from pipeline.stages import importers
 
     try:
         if args.format == "pamfn":
@@ -616,7 +616,7 @@ def _add_import_checkpoint(sub: argparse._SubParsersAction) -> None:
 
 def _run_import_checkpoint(args: argparse.Namespace) -> int:
     from manifests.cache import CacheError
-    from pipeline.import_checkpoint import CheckpointImportError, import_reference_checkpoint
+    from pipeline.stages.import_checkpoint import CheckpointImportError, import_reference_checkpoint
     from pipeline.presets import get_preset
 
     try:
@@ -680,7 +680,7 @@ def _run_reproduce(args: argparse.Namespace) -> int:
     from manifests.cache import CacheError
     from pipeline.labels import LabelError
     from pipeline.ray_session import RaySetupError
-    from pipeline.reproduce import ReproduceError, reproduce
+    from pipeline.stages.reproduce import ReproduceError, reproduce
     from pipeline.train_config import model_options_from_flags
 
     if args.seeds < 1:
@@ -749,7 +749,7 @@ def _run_score(args: argparse.Namespace) -> int:
     from manifests.cache import CacheError
     from pipeline.devices import resolve_device
     from pipeline.inference import RunError
-    from pipeline.score import (WAIT_FOR_OTHERS_S, ScoreError, collect_clips, format_scores, score_clips,
+    from pipeline.stages.score import (WAIT_FOR_OTHERS_S, ScoreError, collect_clips, format_scores, score_clips,
                                 scores_table, write_scores)
     from pipeline.tables import FORMATS
 
@@ -780,7 +780,7 @@ def _run_score(args: argparse.Namespace) -> int:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    from pipeline.demo import DemoSettings
+    from pipeline.stages.demo import DemoSettings
 
     defaults = DemoSettings()
     parser = sub.add_parser(
@@ -808,7 +808,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from pipeline.demo import DemoSettings, run_demo
+    from pipeline.stages.demo import DemoSettings, run_demo
 
     if args.train_clips < 4 or args.val_clips < 2 or args.test_clips < 3 or args.steps < 1 or args.training_seeds < 1:
         raise UsageError("the demo needs --train-clips >= 4, --val-clips >= 2, --test-clips >= 3, --steps >= 1 "

@@ -1,7 +1,7 @@
 """pipeline/inference.py, the layer below the stages: a run's predictions agree across its entry points,
 and the stages depend only downward (no stage imports another's internals, the demo not the CLI).
 
-Breaks that made the layering tests fail: `from pipeline.train import _run_info` in import_checkpoint.py
+Breaks that made the layering tests fail: `from pipeline.stages.train import _run_info` in import_checkpoint.py
 (imports a stage, imports a private name); `from pipeline.extract import _return_free_heap` in score.py
 (private name); `training._run_info` read in cli.py after `from pipeline import train as training`
 (private name); a new pipeline/new_stage.py (no place); score.py importing extract_writer (a loop
@@ -28,21 +28,22 @@ FIXTURE = ROOT / "tests" / "fixtures" / "rundir"
 # pipeline/__init__.py) has one place, and a new module fails until it is given one here.
 # A stage may import the public names of the stages listed for it (their entry points), never the CLI.
 STAGES: dict[str, set[str]] = {
-    "train": set(),
-    "evaluate": set(),
+    "stages.train": set(),
+    "stages.evaluate": set(),
     "extraction.entry": set(),  # extract's public entry point (extract_into); the package's other modules are its loop
-    "importers": set(),
-    "import_checkpoint": set(),
-    "score": {"extraction.entry"},
+    "stages.importers": set(),
+    "stages.import_checkpoint": set(),
+    "stages.score": {"extraction.entry"},
     "extraction.on_ray": {"extraction.entry"},
-    "reproduce": {"train", "evaluate"},
-    "demo": {"score"},
-    "cli": {"train", "evaluate", "extraction.entry", "importers", "import_checkpoint", "score", "extraction.on_ray",
-            "reproduce", "demo"},
+    "stages.reproduce": {"stages.train", "stages.evaluate"},
+    "stages.demo": {"stages.score"},
+    "cli": {"stages.train", "stages.evaluate", "extraction.entry", "stages.importers", "stages.import_checkpoint",
+            "stages.score", "extraction.on_ray", "stages.reproduce", "stages.demo"},
 }
-# Below the stages: importable by any module, importing no stage.
-SHARED = {"", "data", "devices", "inference", "labels", "metrics", "presets", "progress", "provenance", "ray_session",
-          "samples", "tables", "train_config", "train_state", "videos"}
+# Below the stages: importable by any module, importing no stage. "" and "stages" are the packages'
+# __init__.py files (pipeline/, pipeline/stages/), which import nothing so that loading one stage loads only it.
+SHARED = {"", "stages", "data", "devices", "inference", "labels", "metrics", "presets", "progress", "provenance",
+          "ray_session", "samples", "tables", "train_config", "train_state", "videos"}
 # Folders in layer order: each may import only from the folders before it (README's folder table).
 LAYERS = ("manifests", ("extractors", "models"), "pipeline")
 
@@ -173,21 +174,25 @@ def test_no_module_imports_another_modules_private_names():
 def test_module_discovery_reads_subpackages_and_relative_imports(tmp_path):
     files = {
         "pipeline/__init__.py": "",
-        "pipeline/train.py": "def _run_info(): pass\n",
+        "pipeline/stages/__init__.py": "",
+        "pipeline/stages/train.py": "def _run_info(): pass\n",
         "pipeline/extraction/__init__.py": "from .batcher import Batcher\n",
-        "pipeline/extraction/batcher.py": "from ..train import _run_info\nfrom . import events\n",
-        "pipeline/extraction/events.py": "import pipeline.train\npipeline.train._run_info()\n",
-        "pipeline/score.py": "from pipeline import extraction as loop\ndef f():\n    loop.batcher._x()\n",
+        "pipeline/extraction/batcher.py": "from ..stages.train import _run_info\nfrom . import events\n",
+        "pipeline/extraction/events.py": "import pipeline.stages.train\npipeline.stages.train._run_info()\n",
+        "pipeline/stages/score.py": "from .train import _run_info\nfrom pipeline import extraction as loop\n"
+                                    "def f():\n    loop.batcher._x()\n",
     }
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
     modules = pipeline_modules(tmp_path)
-    assert set(modules) == {"", "train", "extraction", "extraction.batcher", "extraction.events", "score"}
+    assert set(modules) == {"", "stages", "stages.train", "extraction", "extraction.batcher", "extraction.events",
+                            "stages.score"}
     assert imports_of("extraction", modules) == {("extraction.batcher", "Batcher")}
-    assert imports_of("extraction.batcher", modules) == {("train", "_run_info"), ("extraction.events", "*")}
-    assert imports_of("extraction.events", modules) == {("train", "*"), ("train", "_run_info")}
-    assert imports_of("score", modules) == {("extraction", "*"), ("extraction.batcher", "_x")}
+    assert imports_of("extraction.batcher", modules) == {("stages.train", "_run_info"), ("extraction.events", "*")}
+    assert imports_of("extraction.events", modules) == {("stages.train", "*"), ("stages.train", "_run_info")}
+    assert imports_of("stages.score", modules) == {("stages.train", "_run_info"), ("extraction", "*"),
+                                                   ("extraction.batcher", "_x")}
     assert place("extraction.batcher") == "extraction" and place("extraction") == "extraction"
 
 
