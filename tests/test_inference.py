@@ -7,7 +7,10 @@ Breaks that made the layering tests fail: `from pipeline.stages.train import _ru
 (private name); a new pipeline/new_stage.py (no place); score.py importing extract_writer (a loop
 part); data.py importing train, demo.py importing cli (stages); a pipeline/extraction/ package whose
 module does `from ..train import _run_info` (a stage and a private name), while the same package with
-only `from ..videos import VideoSource` passes."""
+only `from ..videos import VideoSource` passes. Since the stages moved into pipeline/stages/: a new
+pipeline/stages/new_stage.py (no place); `from pipeline.stages.score import _stale_seconds` in
+stages/demo.py (private name); data.py importing pipeline.stages.train (a stage); "videos" listed as a
+stage, and pipeline/videos.py moved to stages/ as a shared module (the folders must show the layers)."""
 
 from __future__ import annotations
 
@@ -144,6 +147,12 @@ def test_every_pipeline_module_has_a_place():
     stale = sorted((set(STAGES) | SHARED) - set(modules))
     assert not stale, f"STAGES / SHARED name modules that pipeline/ no longer has: {stale}"
     assert set().union(*STAGES.values()) <= set(STAGES)
+    # The folders show the layers: stages in pipeline/stages/ (extract's in pipeline/extraction/ with its loop),
+    # shared modules directly in pipeline/.
+    elsewhere = sorted(m for m in STAGES if m.split(".")[0] not in {"cli", "stages", "extraction"})
+    assert not elsewhere, f"stages belong in pipeline/stages/: {elsewhere}"
+    nested = sorted(m for m in SHARED if "." in m)
+    assert not nested, f"shared modules belong directly in pipeline/: {nested}"
 
 
 def test_stages_depend_only_downward():
