@@ -37,7 +37,7 @@ from benchmarks.bench_extract import run_record  # noqa: E402
 from pipeline import data  # noqa: E402
 from pipeline.inference import load_run, predict  # noqa: E402
 from pipeline.metrics import fisher_z_mean, mean_mse, mse, spearman_rho  # noqa: E402
-from pipeline.train import train  # noqa: E402
+from pipeline.stages.train import train  # noqa: E402
 from pipeline.train_config import resolve_config  # noqa: E402
 from tests.synthetic import write_labels, write_synthetic_cache  # noqa: E402
 

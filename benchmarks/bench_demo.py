@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_extract import cpu_model, run_record  # noqa: E402
 from pipeline.cli import main as pipeline_main  # noqa: E402
-from pipeline.demo import DemoSettings, run_demo  # noqa: E402
+from pipeline.stages.demo import DemoSettings, run_demo  # noqa: E402
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ from manifests.run import RunDir  # noqa: E402
 from pipeline.cli import main as pipeline_main  # noqa: E402
 from pipeline.devices import resolve_device  # noqa: E402
 from pipeline.samples import ClipSpec, sample_set, write_clip  # noqa: E402
-from pipeline.score import score_clips  # noqa: E402
+from pipeline.stages.score import score_clips  # noqa: E402
 
 
 def build_run(work: Path, arch_size: str, device: str, precision: str) -> Path:

@@ -32,14 +32,14 @@ a shared machine.
 
 --precision (default fp32) is the arithmetic of every step but the reference's: bf16 runs the forward
 pass under torch.autocast and the loss in float32, as `pipeline train --precision bf16` does
-(`pipeline.train.forward_and_loss`). The "loop" variant is the reference code and always runs in fp32,
+(`pipeline.stages.train.forward_and_loss`). The "loop" variant is the reference code and always runs in fp32,
 so with --precision bf16 the paired speed-up of "batched" is bf16 against the fp32 reference.
 
 "mcmoe-adam" times the batched MCMoE step with each implementation of Adam's update
-(`pipeline.train.OPTIMIZER_IMPLEMENTATIONS`), and the update alone, paired the same way
+(`pipeline.stages.train.OPTIMIZER_IMPLEMENTATIONS`), and the update alone, paired the same way
 (`time_adam_alone`); its check trains a few steps with each and compares the weights with torch's
 default (bit-identical for foreach, float rounding for fused). "mcmoe-dropout" times it with each way
-of drawing the dropout masks (`pipeline.train.DROPOUT_MASKS`); its check compares the fraction of
+of drawing the dropout masks (`pipeline.stages.train.DROPOUT_MASKS`); its check compares the fraction of
 elements each keeps. Every MCMoE step draws its masks as `pipeline train` does by default.
 
 On a machine shared with other work single epochs swing by several times, so the speed-up comes from
@@ -86,7 +86,7 @@ from models.tiny_llm import build_tiny_tokenizer, save_tiny_llm  # noqa: E402
 from pipeline.data import draw_training_masks  # noqa: E402
 from models.layers import use_uniform_dropout  # noqa: E402
 from pipeline.devices import native_bf16  # noqa: E402
-from pipeline.train import build_optimizer, forward_and_loss  # noqa: E402
+from pipeline.stages.train import build_optimizer, forward_and_loss  # noqa: E402
 from pipeline.train_config import DROPOUT_MASKS, OPTIMIZER_IMPLEMENTATIONS, PRECISIONS, TrainConfig  # noqa: E402
 from tests.reference_mcmoe import check_mcmoe_loop_matches, mcmoe_loop_forward  # noqa: E402
 

@@ -34,8 +34,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_extract import run_record  # noqa: E402
-from pipeline.evaluate import evaluate_labels  # noqa: E402
-from pipeline.train import train  # noqa: E402
+from pipeline.stages.evaluate import evaluate_labels  # noqa: E402
+from pipeline.stages.train import train  # noqa: E402
 from pipeline.train_config import resolve_config  # noqa: E402
 from tests.synthetic import write_labels, write_synthetic_cache  # noqa: E402
 

@@ -37,7 +37,7 @@ from benchmarks.bench_extract import run_record  # noqa: E402
 from manifests.cache import CONFIG_NAME, feature_precision  # noqa: E402
 from pipeline import data  # noqa: E402
 from pipeline.cli import main as pipeline  # noqa: E402
-from pipeline.demo import DemoSettings, extract_command, make_dataset, train_command  # noqa: E402
+from pipeline.stages.demo import DemoSettings, extract_command, make_dataset, train_command  # noqa: E402
 from pipeline.inference import load_run  # noqa: E402
 from pipeline.labels import read_labels  # noqa: E402
 

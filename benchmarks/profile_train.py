@@ -6,7 +6,7 @@
 
 The step is `pipeline train`'s, on synthetic samples of the RG shapes: a batch from
 `data.training_batches` (shuffle, random crops, collate), `data.draw_training_masks`, forward, loss,
-backward, the optimiser `pipeline.train.build_optimizer` makes, and the per-step bookkeeping of the
+backward, the optimiser `pipeline.stages.train.build_optimizer` makes, and the per-step bookkeeping of the
 loop (the loss terms read as floats). Each phase is a `record_function` region. After --warmup
 unprofiled steps, --steps steps run under torch.profiler (CPU, record_shapes).
 
@@ -51,7 +51,7 @@ from models.mcmoe import mcmoe  # noqa: E402
 from pipeline import data  # noqa: E402
 from pipeline.inference import call_model  # noqa: E402
 from models.layers import use_uniform_dropout  # noqa: E402
-from pipeline.train import build_optimizer, forward_and_loss  # noqa: E402
+from pipeline.stages.train import build_optimizer, forward_and_loss  # noqa: E402
 from pipeline.train_config import DROPOUT_MASKS, OPTIMIZER_IMPLEMENTATIONS, PRECISIONS, TrainConfig  # noqa: E402
 
 PHASES = ("data", "forward", "loss", "backward", "optimizer", "bookkeeping")

@@ -31,7 +31,7 @@ from benchmarks.bench_extract import run_record  # noqa: E402
 from manifests.cache import FeatureCache  # noqa: E402
 from pipeline.cli import main as pipeline_main  # noqa: E402
 from pipeline.data import load_samples  # noqa: E402
-from pipeline.demo import DemoSettings, extract_command, make_dataset  # noqa: E402
+from pipeline.stages.demo import DemoSettings, extract_command, make_dataset  # noqa: E402
 from pipeline.labels import read_labels  # noqa: E402
 from pipeline.metrics import fisher_z_mean, spearman_rho  # noqa: E402
 

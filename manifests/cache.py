@@ -115,7 +115,7 @@ class CacheConfig(RecordedConfig):
     @classmethod
     def imported(cls, format: str, dataset: str, subset: str | None, protocol: str, modalities: list[str],
                  extractors: dict[str, dict[str, Any]]) -> "CacheConfig":
-        """The config of a published feature set (pipeline/importers.py); random_weights is False."""
+        """The config of a published feature set (pipeline/stages/importers.py); random_weights is False."""
         config = cls(source=f"import:{format}", config_hash="", modalities=list(modalities), extractors=extractors,
                      format=format, dataset=dataset, subset=subset, protocol=protocol, created_at=_now())
         # json's default separators, in which every imported set's folder name is spelled (see feature_hash).

@@ -15,7 +15,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from pipeline.cli import main
-from pipeline.demo import DemoResult, DemoSettings, extract_command, run_demo
+from pipeline.stages.demo import DemoResult, DemoSettings, extract_command, run_demo
 from pipeline.samples import ClipSpec
 
 REDUCED_SEED = 0
@@ -54,7 +54,7 @@ class LearningRun:
         """`pipeline score`'s stage on labelled clips (found in the training cache by fingerprint)."""
         import torch
 
-        from pipeline.score import score_clips
+        from pipeline.stages.score import score_clips
 
         clips = [self.out / "videos" / f"{spec.name}.mp4" for spec in specs]
         return score_clips(clips, self.out / "runs" / "mcmoe", device=torch.device("cpu"), progress=False)

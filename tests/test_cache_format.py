@@ -18,7 +18,7 @@ from manifests.cache import CacheConfig, CacheError, FeatureCache, config_differ
 from manifests.config import ConfigError
 from manifests.hashing import hashed_fields
 from pipeline.cli import main
-from pipeline.importers import import_pamfn, import_skating_mixer
+from pipeline.stages.importers import import_pamfn, import_skating_mixer
 from tests.fixture_numbers import assert_features_close
 from tests.fixtures.cache.make_fixtures import TINY, pamfn, skating_mixer
 

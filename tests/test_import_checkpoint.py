@@ -24,7 +24,7 @@ from models.mcmoe import MCMoE
 from pipeline import data
 from pipeline.cli import main
 from pipeline.inference import load_run
-from pipeline.score import run_extraction_config
+from pipeline.stages.score import run_extraction_config
 from tests.synthetic import write_labels, write_synthetic_cache
 
 LETTERS = ("v", "a", "f")  # the reference's order

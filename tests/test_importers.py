@@ -12,9 +12,9 @@ from manifests.cache import DONE, MISSING, FeatureCache
 from pipeline import data
 from pipeline.cli import main
 from pipeline.inference import load_run
-from pipeline.importers import FeatureImportError, import_pamfn, import_skating_mixer
+from pipeline.stages.importers import FeatureImportError, import_pamfn, import_skating_mixer
 from pipeline.labels import check_against_cache, read_labels
-from pipeline.train import train
+from pipeline.stages.train import train
 from pipeline.train_config import resolve_config
 
 DIMS = {"rgb": 8, "flow": 6, "audio": 4}

@@ -1,7 +1,7 @@
 """pipeline/inference.py, the layer below the stages: a run's predictions agree across its entry points,
 and the stages depend only downward (no stage imports another's internals, the demo not the CLI).
 
-Breaks that made the layering tests fail: `from pipeline.train import _run_info` in import_checkpoint.py
+Breaks that made the layering tests fail: `from pipeline.stages.train import _run_info` in import_checkpoint.py
 (imports a stage, imports a private name); `from pipeline.extract import _return_free_heap` in score.py
 (private name); `training._run_info` read in cli.py after `from pipeline import train as training`
 (private name); a new pipeline/new_stage.py (no place); score.py importing extract_writer (a loop
@@ -9,7 +9,11 @@ part); data.py importing train, demo.py importing cli (stages); a pipeline/extra
 module does `from ..train import _run_info` (a stage and a private name), while the same package with
 only `from ..videos import VideoSource` passes. Since the CLI is a package: pipeline/cli/score.py left out
 of CLI (no place); cli/score.py importing cli/extract.py (another command's module); cli/train.py importing
-the evaluate stage, or reading `training._run_info` (private name); demo.py importing pipeline.cli (the CLI)."""
+the evaluate stage, or reading `training._run_info` (private name); demo.py importing pipeline.cli (the CLI).
+Since the stages moved into pipeline/stages/: a new pipeline/stages/new_stage.py (no place);
+`from pipeline.stages.score import _stale_seconds` in stages/demo.py (private name); data.py importing
+pipeline.stages.train (a stage); "videos" listed as a stage, and pipeline/videos.py moved to stages/ as a
+shared module (the folders must show the layers)."""
 
 from __future__ import annotations
 
@@ -30,15 +34,15 @@ FIXTURE = ROOT / "tests" / "fixtures" / "rundir"
 # pipeline/__init__.py) has one place, and a new module fails until it is given one here.
 # A stage may import the public names of the stages listed for it (their entry points), never the CLI.
 STAGES: dict[str, set[str]] = {
-    "train": set(),
-    "evaluate": set(),
+    "stages.train": set(),
+    "stages.evaluate": set(),
     "extraction.entry": set(),  # extract's public entry point (extract_into); the package's other modules are its loop
-    "importers": set(),
-    "import_checkpoint": set(),
-    "score": {"extraction.entry"},
+    "stages.importers": set(),
+    "stages.import_checkpoint": set(),
+    "stages.score": {"extraction.entry"},
     "extraction.on_ray": {"extraction.entry"},
-    "reproduce": {"train", "evaluate"},
-    "demo": {"score"},
+    "stages.reproduce": {"stages.train", "stages.evaluate"},
+    "stages.demo": {"stages.score"},
 }
 # The CLI (pipeline/cli/): the package lists the commands, each command's module wires the stages listed for
 # it, common.py holds what several commands share. No other module imports the CLI, and no command's
@@ -48,17 +52,18 @@ CLI: dict[str, set[str]] = {
     "cli.__main__": set(),
     "cli.common": set(),
     "cli.extract": {"extraction.entry", "extraction.on_ray"},
-    "cli.train": {"train"},
-    "cli.evaluate": {"evaluate"},
-    "cli.import_features": {"importers"},
-    "cli.import_checkpoint": {"import_checkpoint"},
-    "cli.reproduce": {"reproduce"},
-    "cli.score": {"score"},
-    "cli.demo": {"demo"},
+    "cli.train": {"stages.train"},
+    "cli.evaluate": {"stages.evaluate"},
+    "cli.import_features": {"stages.importers"},
+    "cli.import_checkpoint": {"stages.import_checkpoint"},
+    "cli.reproduce": {"stages.reproduce"},
+    "cli.score": {"stages.score"},
+    "cli.demo": {"stages.demo"},
 }
-# Below the stages: importable by any module, importing no stage.
-SHARED = {"", "data", "devices", "inference", "labels", "metrics", "presets", "progress", "provenance", "ray_session",
-          "samples", "tables", "train_config", "train_state", "videos"}
+# Below the stages: importable by any module, importing no stage. "" and "stages" are the packages'
+# __init__.py files (pipeline/, pipeline/stages/), which import nothing so that loading one stage loads only it.
+SHARED = {"", "stages", "data", "devices", "inference", "labels", "metrics", "presets", "progress", "provenance",
+          "ray_session", "samples", "tables", "train_config", "train_state", "videos"}
 # Folders in layer order: each may import only from the folders before it (README's folder table).
 LAYERS = ("manifests", ("extractors", "models"), "pipeline")
 
@@ -162,6 +167,13 @@ def test_every_pipeline_module_has_a_place():
     stale = sorted((set(CLI) | set(STAGES) | SHARED) - set(modules))
     assert not stale, f"CLI / STAGES / SHARED name modules that pipeline/ no longer has: {stale}"
     assert set().union(*STAGES.values(), *CLI.values()) <= set(STAGES)
+    # The folders show the layers: the CLI in pipeline/cli/, stages in pipeline/stages/ (extract's in
+    # pipeline/extraction/ with its loop), shared modules directly in pipeline/.
+    assert all(m == "cli" or m.startswith("cli.") for m in CLI), f"the CLI belongs in pipeline/cli/: {sorted(CLI)}"
+    elsewhere = sorted(m for m in STAGES if m.split(".")[0] not in {"stages", "extraction"})
+    assert not elsewhere, f"stages belong in pipeline/stages/: {elsewhere}"
+    nested = sorted(m for m in SHARED if "." in m)
+    assert not nested, f"shared modules belong directly in pipeline/: {nested}"
 
 
 def test_stages_depend_only_downward():
@@ -198,21 +210,25 @@ def test_no_module_imports_another_modules_private_names():
 def test_module_discovery_reads_subpackages_and_relative_imports(tmp_path):
     files = {
         "pipeline/__init__.py": "",
-        "pipeline/train.py": "def _run_info(): pass\n",
+        "pipeline/stages/__init__.py": "",
+        "pipeline/stages/train.py": "def _run_info(): pass\n",
         "pipeline/extraction/__init__.py": "from .batcher import Batcher\n",
-        "pipeline/extraction/batcher.py": "from ..train import _run_info\nfrom . import events\n",
-        "pipeline/extraction/events.py": "import pipeline.train\npipeline.train._run_info()\n",
-        "pipeline/score.py": "from pipeline import extraction as loop\ndef f():\n    loop.batcher._x()\n",
+        "pipeline/extraction/batcher.py": "from ..stages.train import _run_info\nfrom . import events\n",
+        "pipeline/extraction/events.py": "import pipeline.stages.train\npipeline.stages.train._run_info()\n",
+        "pipeline/stages/score.py": "from .train import _run_info\nfrom pipeline import extraction as loop\n"
+                                    "def f():\n    loop.batcher._x()\n",
     }
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
     modules = pipeline_modules(tmp_path)
-    assert set(modules) == {"", "train", "extraction", "extraction.batcher", "extraction.events", "score"}
+    assert set(modules) == {"", "stages", "stages.train", "extraction", "extraction.batcher", "extraction.events",
+                            "stages.score"}
     assert imports_of("extraction", modules) == {("extraction.batcher", "Batcher")}
-    assert imports_of("extraction.batcher", modules) == {("train", "_run_info"), ("extraction.events", "*")}
-    assert imports_of("extraction.events", modules) == {("train", "*"), ("train", "_run_info")}
-    assert imports_of("score", modules) == {("extraction", "*"), ("extraction.batcher", "_x")}
+    assert imports_of("extraction.batcher", modules) == {("stages.train", "_run_info"), ("extraction.events", "*")}
+    assert imports_of("extraction.events", modules) == {("stages.train", "*"), ("stages.train", "_run_info")}
+    assert imports_of("stages.score", modules) == {("stages.train", "_run_info"), ("extraction", "*"),
+                                                   ("extraction.batcher", "_x")}
     assert place("extraction.batcher") == "extraction" and place("extraction") == "extraction"
 
 

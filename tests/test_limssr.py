@@ -17,7 +17,7 @@ from models.checkpoint import load_model, save_model
 from models.limssr import LIMSSRConfig, build_limssr, build_prompt
 from models.tiny_llm import save_tiny_llm
 from pipeline.inference import load_run
-from pipeline.train import train
+from pipeline.stages.train import train
 from pipeline.train_config import resolve_config
 from tests.synthetic import write_labels, write_synthetic_cache
 

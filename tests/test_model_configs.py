@@ -18,7 +18,7 @@ from models import REGISTRY, ModelConfig, config_class
 from pipeline import data
 from pipeline.inference import call_model, load_run
 from pipeline.presets import PRESETS, Preset, get_preset
-from pipeline.train import train
+from pipeline.stages.train import train
 from pipeline.train_config import MODEL_FLAGS, TRAINING_KEYS, TrainConfig, model_options_from_flags, resolve_config
 from tests.synthetic import write_labels, write_synthetic_cache
 

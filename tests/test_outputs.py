@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.reproduce import reproduce
+from pipeline.stages.reproduce import reproduce
 from tests.synthetic import write_labels, write_synthetic_cache
 
 TINY_MODEL = ["--hidden", "16", "--model-option", "encoder_layers=1", "--model-option", "decoder_layers=1",

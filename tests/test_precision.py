@@ -179,7 +179,7 @@ def test_a_bf16_run_scores_where_bf16_is_not_native_in_fp32_with_a_note(extracte
                  "--precision", "bf16"]) == 0
     assert main(["train", "--features", str(cache), "--labels", str(extracted_clips.labels), "--out", str(tmp_path / "run"),
                  "--epochs", "1", "--batch-size", "4", "--hidden", "32", "--device", "cpu", "--quiet"]) == 0
-    for module in ("pipeline.score", "pipeline.extraction.entry"):
+    for module in ("pipeline.stages.score", "pipeline.extraction.entry"):
         monkeypatch.setattr(f"{module}.native_bf16", lambda device: False)
     capsys.readouterr()
     out_csv = tmp_path / "scores.csv"

@@ -19,8 +19,8 @@ from pipeline.cli import main
 from pipeline.extraction.loop import extract_videos
 from pipeline.presets import get_preset
 from pipeline.extraction.on_ray import ExtractionWorker, WorkerSetupError, extract_on_ray, plan_workers
-from pipeline.reproduce import ReproduceError, find_inputs, plan_runs, reproduce
-from pipeline.train import train
+from pipeline.stages.reproduce import ReproduceError, find_inputs, plan_runs, reproduce
+from pipeline.stages.train import train
 from pipeline.train_config import TrainConfig
 from pipeline.videos import discover_videos
 from tests.conftest import tiny_config

@@ -22,7 +22,7 @@ from pipeline.inference import load_run
 from pipeline.labels import read_labels
 from pipeline.metrics import fisher_z_mean, mean_mse, mse, spearman_rho
 from pipeline.samples import ClipSpec, sample_set, write_clip
-from pipeline.score import run_extraction_config
+from pipeline.stages.score import run_extraction_config
 from pipeline.train_config import TrainConfig
 from tests.fixture_numbers import assert_close_to_fixture
 

@@ -17,11 +17,11 @@ import pytest
 from manifests.cache import DONE, FeatureCache
 from manifests.claims import Claims, RunLock, this_process
 from models.checkpoint import load_tensors
-from pipeline import score as score_module
+from pipeline.stages import score as score_module
 from pipeline.cli import main
 from pipeline.extraction.entry import cache_folder
 from pipeline.inference import load_run
-from pipeline.score import run_extraction_config
+from pipeline.stages.score import run_extraction_config
 from pipeline.videos import file_fingerprint
 
 TINY_TRAIN = ["--epochs", "2", "--batch-size", "4", "--hidden", "32", "--device", "cpu", "--quiet"]

@@ -14,7 +14,7 @@ import math
 import pandas as pd
 import pytest
 
-from pipeline.demo import extract_report
+from pipeline.stages.demo import extract_report
 from pipeline.tables import FORMATS, Table, write_table
 
 RANDOM = {"random_weights": True, "config_hash": "abc123"}

@@ -21,7 +21,7 @@ from pipeline.cli import main
 from pipeline.inference import load_run
 from pipeline.metrics import fisher_z_mean, mean_mse
 from pipeline.presets import PRESETS, get_preset
-from pipeline.train import NonFiniteLossError, forward_and_loss, lr_at, prepare_data, train
+from pipeline.stages.train import NonFiniteLossError, forward_and_loss, lr_at, prepare_data, train
 from pipeline.train_config import TrainError, resolve_config
 from tests.synthetic import write_labels, write_synthetic_cache
 
@@ -472,7 +472,7 @@ def test_mcmoe_learns_and_beats_the_baseline_with_a_modality_missing(tmp_path):
 def test_checkpoint_description_says_how_far_training_got_and_how_much_validation_chose_it(tmp_path, small):
     """12 videos at val fraction 0.25: 3 validation videos, too few to trust, and said so; a run stopped
     after 1 of 4 epochs says so; a run with a validation split never claims it had none."""
-    from pipeline.evaluate import describe_checkpoint
+    from pipeline.stages.evaluate import describe_checkpoint
 
     made, labels = small
     messages: list[str] = []
@@ -589,7 +589,7 @@ def needs_native_bf16() -> None:
 
 def watch_training_dtypes(monkeypatch) -> list[torch.dtype]:
     """The dtype of the STEM's first feed-forward output in every training forward pass of `train`."""
-    from pipeline import train as training
+    from pipeline.stages import train as training
 
     seen: list[torch.dtype] = []
     build = training.build_training_model
@@ -656,7 +656,7 @@ def test_a_run_recorded_before_precision_resumes_in_fp32(tmp_path, small, monkey
 
 
 def test_bf16_is_refused_in_one_line_where_the_cpu_lacks_it(tmp_path, small, monkeypatch):
-    from pipeline import train as training
+    from pipeline.stages import train as training
 
     made, labels = small
     monkeypatch.setattr(training, "native_bf16", lambda device: False)

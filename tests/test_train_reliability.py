@@ -15,10 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import pipeline.train as train_module
+import pipeline.stages.train as train_module
 from manifests.cache import CacheError
 from pipeline.cli import main
-from pipeline.train import train
+from pipeline.stages.train import train
 from pipeline.train_config import TrainError
 from tests.synthetic import write_labels, write_synthetic_cache
 from tests.test_train import tiny_config

@@ -22,7 +22,7 @@ from manifests.cache import CacheError, file_sha256, weights_difference
 from pipeline.cli import main
 from pipeline.extraction.entry import extract_into
 from pipeline.inference import RunError, check_same_features
-from pipeline.score import ScoreError, check_run_weights
+from pipeline.stages.score import ScoreError, check_run_weights
 from pipeline.videos import VideoSource
 from tests.conftest import tiny_config
 

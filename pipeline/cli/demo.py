@@ -1,4 +1,4 @@
-"""`pipeline demo`: sample clips through every stage (pipeline/demo.py), which runs each command through `main`."""
+"""`pipeline demo`: sample clips through every stage (pipeline/stages/demo.py), which runs each command through `main`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from .common import UsageError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from pipeline.demo import DemoSettings
+    from pipeline.stages.demo import DemoSettings
 
     defaults = DemoSettings()
     parser = sub.add_parser(
@@ -37,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.demo import DemoSettings, run_demo
+    from pipeline.stages.demo import DemoSettings, run_demo
 
     from . import main  # here, not at the top: the package imports this module
 

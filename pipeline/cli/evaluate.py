@@ -1,4 +1,4 @@
-"""`pipeline evaluate`: a run's Table 1 row on labelled videos (pipeline/evaluate.py)."""
+"""`pipeline evaluate`: a run's Table 1 row on labelled videos (pipeline/stages/evaluate.py)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.evaluate import EvaluateError, evaluate_labels
+    from pipeline.stages.evaluate import EvaluateError, evaluate_labels
 
     try:
         evaluate_labels(args.run, args.labels, features=args.features, split=args.split, out=args.out,

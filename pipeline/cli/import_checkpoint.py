@@ -1,4 +1,4 @@
-"""`pipeline import-checkpoint`: the MCMoE authors' weights -> a run folder (pipeline/import_checkpoint.py)."""
+"""`pipeline import-checkpoint`: the MCMoE authors' weights -> a run folder (pipeline/stages/import_checkpoint.py)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from manifests.cache import CacheError
-    from pipeline.import_checkpoint import CheckpointImportError, import_reference_checkpoint
+    from pipeline.stages.import_checkpoint import CheckpointImportError, import_reference_checkpoint
     from pipeline.presets import get_preset
 
     try:

@@ -1,4 +1,4 @@
-"""`pipeline import-features`: the published feature sets -> feature caches + labels (pipeline/importers.py)."""
+"""`pipeline import-features`: the published feature sets -> feature caches + labels (pipeline/stages/importers.py)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from manifests.cache import CacheError
-    from pipeline import importers
+    from pipeline.stages import importers
 
     try:
         if args.format == "pamfn":

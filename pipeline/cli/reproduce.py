@@ -1,4 +1,4 @@
-"""`pipeline reproduce`: a benchmark's Table 1 block, every action x seed (pipeline/reproduce.py)."""
+"""`pipeline reproduce`: a benchmark's Table 1 block, every action x seed (pipeline/stages/reproduce.py)."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from manifests.cache import CacheError
     from pipeline.labels import LabelError
     from pipeline.ray_session import RaySetupError
-    from pipeline.reproduce import ReproduceError, reproduce
+    from pipeline.stages.reproduce import ReproduceError, reproduce
     from pipeline.train_config import model_options_from_flags
 
     if args.seeds < 1:

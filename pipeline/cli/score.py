@@ -1,4 +1,4 @@
-"""`pipeline score`: new clips -> scores with a trained run (pipeline/score.py)."""
+"""`pipeline score`: new clips -> scores with a trained run (pipeline/stages/score.py)."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from manifests.cache import CacheError
     from pipeline.devices import resolve_device
     from pipeline.inference import RunError
-    from pipeline.score import (WAIT_FOR_OTHERS_S, ScoreError, collect_clips, format_scores, score_clips,
+    from pipeline.stages.score import (WAIT_FOR_OTHERS_S, ScoreError, collect_clips, format_scores, score_clips,
                                 scores_table, write_scores)
     from pipeline.tables import FORMATS
 

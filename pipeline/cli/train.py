@@ -1,4 +1,4 @@
-"""`pipeline train`: a run folder from a feature cache and labels (pipeline/train.py; how the flags
+"""`pipeline train`: a run folder from a feature cache and labels (pipeline/stages/train.py; how the flags
 resolve into a TrainConfig: train_config.py)."""
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from manifests.cache import CacheError
     from pipeline import data
-    from pipeline import train as training
+    from pipeline.stages import train as training
     from pipeline import train_config
     from pipeline.labels import LabelError
 

@@ -133,7 +133,7 @@ class DemoResult:
     code: int  # the exit code of `pipeline demo`
     comparison: Comparison | None = None
     labelled: list[ClipSpec] = field(default_factory=list)  # in train, val, test order
-    unseen: list = field(default_factory=list)  # (ClipSpec, pipeline.score.ClipScore) of the unseen clips
+    unseen: list = field(default_factory=list)  # (ClipSpec, pipeline.stages.score.ClipScore) of the unseen clips
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of each stage
 
 
@@ -404,7 +404,7 @@ def plot_comparison(path: Path, evaluations: dict, title: str) -> None:
 def score_unseen(out: Path, unseen: list[ClipSpec], device: str, progress: bool) -> list:
     """Score the unseen clips with the MCMoE run, as `pipeline score` does: [(spec, ClipScore)]."""
     from pipeline.devices import resolve_device
-    from pipeline.score import score_clips, write_scores
+    from pipeline.stages.score import score_clips, write_scores
 
     clips = [out / "new" / f"{spec.name}.mp4" for spec in unseen]
     run_dir = out / "runs" / "mcmoe"

@@ -199,7 +199,7 @@ def is_evaluated(run_dir: Path) -> bool:
 
 def evaluate_run(run_dir: Path, labels_path: Path, device: str = "auto", log: Callable[[str], None] = lambda m: None) -> Path:
     """The run's chosen checkpoint on the test rows of its labels: evaluation/test.{csv,json,predictions.csv}."""
-    from pipeline.evaluate import evaluate_labels
+    from pipeline.stages.evaluate import evaluate_labels
 
     result = evaluate_labels(run_dir, labels_path, split="test", out=RunDir(run_dir).evaluation("test"), device=device,
                              say=log, show=log)
@@ -212,7 +212,7 @@ def train_and_evaluate(spec: RunSpec, device: str = "auto", threads: int | None 
     A problem of this run (bad labels, a non-finite loss, ...) comes back as the outcome's error
     rather than an exception, so the other runs and the table go on."""
     from pipeline.inference import RunError
-    from pipeline.train import train
+    from pipeline.stages.train import train
     from pipeline.train_config import TrainConfig, TrainError
 
     if threads is not None:
