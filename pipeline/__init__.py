@@ -1,4 +1,4 @@
-"""The CLI (cli.py), the stages it wires (stages/; extract's in extraction/ with its loop) and the modules
+"""The CLI (cli/), the stages it wires (stages/; extract's in extraction/ with its loop) and the modules
 shared below them (directly in pipeline/); README.md's layer table.
 
 torch's own choice of memory pages is kept: asking it for transparent huge pages
