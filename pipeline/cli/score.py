@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.devices import resolve_device
     from pipeline.inference import RunError
     from pipeline.stages.score import (WAIT_FOR_OTHERS_S, ScoreError, collect_clips, format_scores, score_clips,
-                                scores_table, write_scores)
+                                       scores_table, write_scores)
     from pipeline.tables import FORMATS
 
     if args.out is not None and args.out.suffix.lower() not in FORMATS:
