@@ -1,9 +1,11 @@
 """Shared fixtures: short generated clips on disk, a tiny random-weight extraction config, labelled
-clips extracted with it, and a tiny offline LLM folder for LIMSSR."""
+clips extracted with it, and a tiny offline LLM folder for LIMSSR; fsync skipped for the files tests
+write."""
 
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,24 @@ from pipeline.samples import ClipSpec, sample_set, score_of, write_clip
 
 # One thread: tiny models gain nothing from more, and oversubscribed cores slow them down many-fold.
 torch.set_num_threads(1)
+
+REAL_FSYNC = os.fsync
+
+
+def checked_no_sync(fd: int) -> None:
+    os.fstat(fd)  # a bad descriptor still fails, as fsync would
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_fsync():
+    """Files written in a test's temporary folder are thrown away: syncing each to disk only waits on
+    it (a training test writes its resume state every epoch: 3 s of test_train's 41 s MCMoE test on a
+    quiet disk, 10 s of 62 s profiled on a busy one).
+    tests/test_outputs.py::test_an_atomic_write_is_synced_before_the_rename runs the real fsync.
+    Processes the tests start (CLI subprocesses, Ray workers) still sync."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "fsync", checked_no_sync)
+        yield
 
 
 def tiny_config(**overrides) -> ExtractionConfig:

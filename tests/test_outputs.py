@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -153,6 +154,27 @@ def test_full_disk_during_a_checkpoint_write_is_one_line_and_resumable(tmp_path,
     monkeypatch.setattr(models.checkpoint, "save_file", real_save)
     assert main(["train", "--out", str(run), "--resume", "--quiet"]) == 0
     assert len((run / "train_log.csv").read_text().splitlines()) == 3  # header + 2 epochs
+
+
+def test_an_atomic_write_is_synced_before_the_rename(tmp_path, monkeypatch):
+    """The suite skips fsync (tests/conftest.py no_fsync); here the real one runs, once, on the whole
+    temporary file, before it takes the target's name."""
+    import os
+
+    from manifests.files import atomic_write_json
+    from tests.conftest import REAL_FSYNC
+
+    target, synced = tmp_path / "out.json", []
+
+    def fsync(fd: int) -> None:
+        synced.append((Path(os.readlink(f"/proc/self/fd/{fd}")), os.fstat(fd).st_size, target.exists()))
+        REAL_FSYNC(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    atomic_write_json(target, {"written": list(range(100))})
+    [(path, size, renamed)] = synced
+    assert path.parent == tmp_path and path.name.startswith(".out.json.") and path.name.endswith(".tmp")
+    assert size == target.stat().st_size and not renamed
 
 
 def test_full_disk_while_writing_an_evaluation(random_run, tmp_path, capsys, monkeypatch):

@@ -133,19 +133,22 @@ class CrashOnWideWorker(ExtractionWorker):
         return super().extract(sources)
 
 
-def test_a_video_that_keeps_losing_its_worker_is_reported_failed_with_the_reason(ray_instance, clip_folder, tmp_path):
-    from pipeline.extraction.on_ray import MAX_RETRIES
+def test_a_video_that_keeps_losing_its_worker_is_reported_failed_with_the_reason(ray_instance, clip_folder, tmp_path,
+                                                                               monkeypatch):
+    from pipeline.extraction import on_ray
 
+    # every loss costs a restart of the actor (4 s here): the rule is the same at 1 retry as at the default 3
+    monkeypatch.setattr(on_ray, "MAX_RETRIES", 1)
     folder = tmp_path / "videos"
     folder.mkdir()
     for name in ("wide.mov", "good.mp4"):
         shutil.copy(clip_folder / name, folder / name)
     config = tiny_config(modalities=("rgb",), backbones={"rgb": "vst"})
     result = extract_on_ray(discover_videos(folder), tmp_path / "out", config, workers=1, videos_per_task=1,
-                            worker_class=CrashOnWideWorker, max_restarts=MAX_RETRIES + 1, progress=False)
-    assert result.workers_lost == MAX_RETRIES + 1 and result.retried == ["wide"] and not result.unfinished
+                            worker_class=CrashOnWideWorker, max_restarts=on_ray.MAX_RETRIES + 1, progress=False)
+    assert result.workers_lost == on_ray.MAX_RETRIES + 1 and result.retried == ["wide"] and not result.unfinished
     (failed,) = result.summary.failed
-    assert failed.video_id == "wide" and f"lost {MAX_RETRIES + 1} times" in failed.error
+    assert failed.video_id == "wide" and f"lost {on_ray.MAX_RETRIES + 1} times" in failed.error
     assert [r.video_id for r in result.summary.records if r.status == "done"] == ["good"]
     assert result.cache.read_record("wide") is None  # not recorded: a rerun tries it again
 
