@@ -73,6 +73,17 @@ MATMUL_SHAPES = {"vst stage 1 mlp": (50176, 128, 512), "vst stage 3 mlp": (3136,
                  "ast mlp": (1214, 768, 3072), "square 2048": (2048, 2048, 2048)}
 
 
+# The operators that do a backbone's or a model's arithmetic (matmuls, convolutions; forward or backward).
+ARITHMETIC = ("addmm", "mm", "bmm", "matmul", "convolution", "linear", "baddbmm", "einsum")
+
+
+def is_arithmetic(operator: str) -> bool:
+    """A matmul or convolution, named as torch's profiler ("aten::mm", "mkldnn::_linear_pointwise") or a
+    dispatch-mode timer ("aten.mm") names it."""
+    name = operator.replace("::", ".").split(".")[-1].lstrip("_")
+    return name.startswith(ARITHMETIC) or "convolution" in name
+
+
 @torch.inference_mode()
 def matmul_rates(device: torch.device, dtype: torch.dtype | None = None) -> dict[str, float]:
     """GFLOP/s of torch matmuls at MATMUL_SHAPES in `dtype` (default: fp32 on a CPU, bf16 on a GPU), on

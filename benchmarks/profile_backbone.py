@@ -32,14 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from benchmarks.bench_extract import matmul_rates, run_record  # noqa: E402
+from benchmarks.bench_extract import is_arithmetic, matmul_rates, run_record  # noqa: E402
 from extractors.base import WeightsSource, build_extractors  # noqa: E402
 from extractors.config import ExtractionConfig  # noqa: E402
 from extractors.transforms import dummy_frames  # noqa: E402
 
 # The kernels torch may run for an operator the FLOP counter names.
 KERNELS = {"aten::convolution": ("convolution", "slow_conv")}
-ARITHMETIC = ("addmm", "mm", "bmm", "matmul", "convolution", "linear", "baddbmm")
 
 
 def main() -> None:
@@ -78,8 +77,7 @@ def main() -> None:
     seconds = time.perf_counter() - started
     events = sorted(profiler.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events)
-    arithmetic = sum(e.self_cpu_time_total for e in events if e.key.split("::")[-1].lstrip("_").startswith(ARITHMETIC)
-                     or "convolution" in e.key)
+    arithmetic = sum(e.self_cpu_time_total for e in events if is_arithmetic(e.key))
     record = {**run_record(), "threads": torch.get_num_threads(), "command": " ".join(["python", *sys.argv]),
               "modality": args.modality, "backbone": name, "arch_size": config.arch_size, "weights": config.weights,
               "segments": args.segments, "precision": args.precision, "profiled_s": seconds, "arithmetic_share_of_operators": arithmetic / total,

@@ -45,7 +45,7 @@ from torch.utils.flop_counter import flop_registry
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_extract import run_record  # noqa: E402
+from benchmarks.bench_extract import is_arithmetic, run_record  # noqa: E402
 from benchmarks.bench_train import RG_CLIPS, RG_DIMS  # noqa: E402
 from models.mcmoe import mcmoe  # noqa: E402
 from pipeline import data  # noqa: E402
@@ -55,14 +55,6 @@ from pipeline.stages.train import build_optimizer, forward_and_loss  # noqa: E40
 from pipeline.train_config import DROPOUT_MASKS, OPTIMIZER_IMPLEMENTATIONS, PRECISIONS, TrainConfig  # noqa: E402
 
 PHASES = ("data", "forward", "loss", "backward", "optimizer", "bookkeeping")
-ARITHMETIC = ("addmm", "mm", "bmm", "matmul", "convolution", "linear", "baddbmm", "einsum")
-
-
-def is_arithmetic(operator: str) -> bool:
-    """A matmul or convolution (forward or backward), named as the profiler ("aten::mm") or PartTimer
-    ("aten.mm") names it."""
-    name = operator.replace("::", ".").split(".")[-1].lstrip("_")
-    return name.startswith(ARITHMETIC) or "convolution" in name
 
 
 def synthetic_samples(count: int, clips: int, seed: int = 0) -> list[data.Sample]:
